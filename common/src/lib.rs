@@ -1,0 +1,11 @@
+//! Small types shared by every Elea crate: ids, POSIX error numbers and time stamps.
+//!
+//! This crate has no I/O and few dependencies so that every layer can use it.
+
+pub mod errno;
+pub mod ids;
+pub mod time;
+
+pub use errno::Errno;
+pub use ids::{GroupId, Ino, NodeId, SessionId, SliceId, VolumeId};
+pub use time::Timespec;

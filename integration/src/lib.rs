@@ -1,0 +1,1 @@
+//! Multi-process cluster harness; the tests live in tests/.

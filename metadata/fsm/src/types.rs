@@ -1,0 +1,376 @@
+//! The state machine's commands, queries, replies and change events.
+//!
+//! These types are the contract between the pure state machine ([`crate::StateMachine`]), the
+//! Raft layer that orders commands, the gRPC service that carries them (postcard-encoded inside
+//! protobuf `bytes`) and the client library. Adding a variant at the end of an enum is a
+//! compatible change; reordering or removing one is not (postcard encodes the variant index).
+
+use elea_common::{Errno, Ino, SessionId, SliceId, Timespec, VolumeId};
+use serde::{Deserialize, Serialize};
+
+/// File type bits of `mode` (`S_IFMT` and friends, Linux values).
+pub mod mode {
+    pub const S_IFMT: u32 = 0o170000;
+    pub const S_IFSOCK: u32 = 0o140000;
+    pub const S_IFLNK: u32 = 0o120000;
+    pub const S_IFREG: u32 = 0o100000;
+    pub const S_IFBLK: u32 = 0o060000;
+    pub const S_IFDIR: u32 = 0o040000;
+    pub const S_IFCHR: u32 = 0o020000;
+    pub const S_IFIFO: u32 = 0o010000;
+    pub const S_ISUID: u32 = 0o4000;
+    pub const S_ISGID: u32 = 0o2000;
+    pub const S_ISVTX: u32 = 0o1000;
+    /// Permission and set-id bits: everything but the type.
+    pub const PERM_MASK: u32 = 0o7777;
+}
+
+/// `renameat2` flags.
+pub mod rename_flags {
+    pub const RENAME_NOREPLACE: u32 = 1;
+    pub const RENAME_EXCHANGE: u32 = 2;
+}
+
+/// `setxattr` flags.
+pub mod xattr_flags {
+    pub const XATTR_CREATE: u32 = 1;
+    pub const XATTR_REPLACE: u32 = 2;
+}
+
+/// `fallocate` mode bits (Linux values).
+pub mod fallocate_flags {
+    pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+    pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+    pub const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
+}
+
+/// Limits enforced on every request (errors: `ENAMETOOLONG`, `E2BIG`, `ERANGE`, `EFBIG`).
+pub mod limits {
+    /// Longest file name in bytes.
+    pub const NAME_MAX: usize = 255;
+    /// Longest symlink target in bytes.
+    pub const SYMLINK_MAX: usize = 4096;
+    /// Longest xattr name in bytes.
+    pub const XATTR_NAME_MAX: usize = 255;
+    /// Largest xattr value in bytes.
+    pub const XATTR_VALUE_MAX: usize = 65536;
+    /// Most bytes of xattr names and values one inode may hold.
+    pub const XATTR_TOTAL_MAX: usize = 1 << 20;
+    /// Largest file size.
+    pub const FILE_SIZE_MAX: u64 = 1 << 60;
+    /// Most hard links to one inode.
+    pub const LINK_MAX: u32 = 65000;
+    /// Most entries one readdir call returns.
+    pub const READDIR_MAX: u32 = 4096;
+    /// Longest volume name.
+    pub const VOLUME_NAME_MAX: usize = 128;
+}
+
+/// The type of an inode, derived from the `S_IFMT` bits of its mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileType {
+    Regular,
+    Directory,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl FileType {
+    /// The type encoded in `mode`, or `None` when the type bits are not a valid type.
+    pub fn from_mode(m: u32) -> Option<Self> {
+        Some(match m & mode::S_IFMT {
+            mode::S_IFREG => Self::Regular,
+            mode::S_IFDIR => Self::Directory,
+            mode::S_IFLNK => Self::Symlink,
+            mode::S_IFIFO => Self::Fifo,
+            mode::S_IFSOCK => Self::Socket,
+            mode::S_IFCHR => Self::CharDevice,
+            mode::S_IFBLK => Self::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    /// The `S_IFMT` bits of this type.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Self::Regular => mode::S_IFREG,
+            Self::Directory => mode::S_IFDIR,
+            Self::Symlink => mode::S_IFLNK,
+            Self::Fifo => mode::S_IFIFO,
+            Self::Socket => mode::S_IFSOCK,
+            Self::CharDevice => mode::S_IFCHR,
+            Self::BlockDevice => mode::S_IFBLK,
+        }
+    }
+}
+
+/// All POSIX attributes of an inode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    /// Type and permission bits (`S_IFMT | 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    /// Device number for character and block devices, else 0.
+    pub rdev: u64,
+    /// Bumped when an inode number is reused; (ino, generation) names one file forever.
+    pub generation: u64,
+    /// Inode flags (reserved, 0 today).
+    pub flags: u32,
+}
+
+impl Attr {
+    pub fn file_type(&self) -> Option<FileType> {
+        FileType::from_mode(self.mode)
+    }
+}
+
+/// How to set a time stamp in `setattr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSet {
+    /// The command's time stamp (`UTIME_NOW`).
+    Now,
+    At(Timespec),
+}
+
+/// Any subset of attributes to change. `None` leaves an attribute alone (`UTIME_OMIT`).
+/// Changing anything sets ctime to the command's time. Setting `size` truncates or extends.
+/// The state machine does not check permissions (the gateway does); it does clear the set-id
+/// bits as the kernel would when `clear_suid` is set (chown by an unprivileged caller).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    /// Permission bits only; the type bits are ignored.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    /// Clear S_ISUID, and S_ISGID when group-execute is set, as part of this change.
+    pub clear_suid: bool,
+}
+
+/// One write within a chunk: bytes `[offset, offset+len)` of the chunk come from slice `id`
+/// (starting at byte `slice_offset` of the slice's data). `id == 0` is a hole (zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    pub id: SliceId,
+    /// Offset of this piece within the chunk.
+    pub offset: u32,
+    /// Length of this piece.
+    pub len: u32,
+    /// Total length of the slice's data as written (its blocks cover this many bytes).
+    pub slice_len: u32,
+    /// Where this piece starts within the slice's data.
+    pub slice_offset: u32,
+}
+
+/// Kind of a POSIX record lock or flock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockKind {
+    Read,
+    Write,
+    Unlock,
+}
+
+/// A byte-range lock as `F_GETLK` reports it. `end` is inclusive; `u64::MAX` means to EOF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub kind: LockKind,
+    pub start: u64,
+    pub end: u64,
+    /// The owner's process id as the gateway reported it (for `l_pid`).
+    pub pid: u32,
+    pub session: SessionId,
+    pub owner: u64,
+}
+
+/// A directory entry as readdir returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    pub kind: FileType,
+    /// Resume cursor: passing it to the next `ReadDir` continues right after this entry.
+    pub cookie: u64,
+    /// Present when the query asked for attributes (`plus`).
+    pub attr: Option<Attr>,
+}
+
+/// Per-volume counters for `statfs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFs {
+    pub used_bytes: u64,
+    pub used_inodes: u64,
+    /// Quota; `u64::MAX` when unlimited.
+    pub total_bytes: u64,
+    pub total_inodes: u64,
+}
+
+/// A volume as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    pub created: Timespec,
+    pub inodes: u64,
+    pub used_bytes: u64,
+    /// The volume's change sequence: bumped by every applied change to it.
+    pub change_seq: u64,
+}
+
+/// A state-changing operation. Applied in Raft log order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create a volume with an empty root directory (0o755, uid/gid 0). `EEXIST` if the name is taken.
+    CreateVolume { name: String },
+    /// Create a non-directory node (regular, fifo, socket, char, block) named `name` in `parent`.
+    /// `mode` carries the type bits. With `exclusive == false` an existing entry is returned
+    /// with `created: false` instead of `EEXIST` (open with O_CREAT but not O_EXCL).
+    /// `ino` is a number from the caller's allocated range, or `None` to let the state machine
+    /// pick one. With `session` set, the new (or existing) file is also opened for it.
+    Mknod {
+        vol: VolumeId,
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u64,
+        exclusive: bool,
+        ino: Option<Ino>,
+        session: Option<SessionId>,
+    },
+    Mkdir { vol: VolumeId, parent: Ino, name: Vec<u8>, mode: u32, uid: u32, gid: u32, ino: Option<Ino> },
+    Symlink { vol: VolumeId, parent: Ino, name: Vec<u8>, target: Vec<u8>, uid: u32, gid: u32, ino: Option<Ino> },
+    /// Add a hard link `new_parent/new_name` to `ino` (`EPERM` for directories).
+    Link { vol: VolumeId, ino: Ino, new_parent: Ino, new_name: Vec<u8> },
+    Unlink { vol: VolumeId, parent: Ino, name: Vec<u8> },
+    Rmdir { vol: VolumeId, parent: Ino, name: Vec<u8> },
+    /// `renameat2` with [`rename_flags`].
+    Rename { vol: VolumeId, parent: Ino, name: Vec<u8>, new_parent: Ino, new_name: Vec<u8>, flags: u32 },
+    SetAttr { vol: VolumeId, ino: Ino, set: SetAttr },
+    /// [`xattr_flags`]: `XATTR_CREATE` fails with `EEXIST`, `XATTR_REPLACE` with `ENODATA`.
+    SetXattr { vol: VolumeId, ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: u32 },
+    RemoveXattr { vol: VolumeId, ino: Ino, name: Vec<u8> },
+    /// Record a write: `slice` covers bytes of chunk `chunk` (newest wins). The file size grows
+    /// to cover the write; mtime and ctime become the command's time.
+    WriteSlice { vol: VolumeId, ino: Ino, chunk: u64, slice: Slice },
+    /// [`fallocate_flags`]. Plain mode extends the size (unless KEEP_SIZE); PUNCH_HOLE (with
+    /// KEEP_SIZE) and ZERO_RANGE record holes over the range.
+    Fallocate { vol: VolumeId, ino: Ino, offset: u64, len: u64, mode: u32 },
+    /// Start a session with a lease of `ttl_ms`; replies [`Reply::Session`].
+    OpenSession { name: String, ttl_ms: u64 },
+    /// Renew a session's lease (`ESTALE` when it has expired or is unknown).
+    Heartbeat { session: SessionId },
+    /// End a session, releasing its open files and locks.
+    CloseSession { session: SessionId },
+    /// Expire every session whose lease ended before the command's time (issued by the leader).
+    ExpireSessions,
+    /// Take an open reference on `ino` for `session`.
+    Open { vol: VolumeId, ino: Ino, session: SessionId },
+    /// Drop one open reference; an unlinked inode is freed on its last close anywhere.
+    Release { vol: VolumeId, ino: Ino, session: SessionId },
+    /// `F_SETLK`: set or clear a record lock. A conflict replies `EAGAIN`; a caller that wants
+    /// `F_SETLKW` retries when the inode's lock state changes (a watch event) and gets
+    /// `EDEADLK` when waiting would deadlock.
+    SetLk { vol: VolumeId, ino: Ino, session: SessionId, owner: u64, pid: u32, kind: LockKind, start: u64, end: u64, wait: bool },
+    /// `flock`: shared (Read), exclusive (Write) or unlock; conflicts reply `EAGAIN`.
+    Flock { vol: VolumeId, ino: Ino, session: SessionId, owner: u64, kind: LockKind },
+    /// Reserve `count` inode numbers of a volume for the caller; replies [`Reply::Range`].
+    AllocInodes { vol: VolumeId, count: u64 },
+    /// Reserve `count` slice ids (cluster-wide); replies [`Reply::Range`].
+    AllocSlices { count: u64 },
+}
+
+/// A read-only question, answered from applied state after a linearizable read barrier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    ListVolumes,
+    VolumeByName { name: String },
+    Lookup { vol: VolumeId, parent: Ino, name: Vec<u8> },
+    GetAttr { vol: VolumeId, ino: Ino },
+    /// Entries after `cookie` (0 = from the start, "." and ".." included first), at most
+    /// `limit` of them. The cursor stays correct while the directory changes: an entry present
+    /// for the whole listing is returned exactly once; no entry is returned twice.
+    ReadDir { vol: VolumeId, ino: Ino, cookie: u64, limit: u32, plus: bool },
+    ReadLink { vol: VolumeId, ino: Ino },
+    GetXattr { vol: VolumeId, ino: Ino, name: Vec<u8> },
+    ListXattr { vol: VolumeId, ino: Ino },
+    StatFs { vol: VolumeId },
+    /// The slice list of one chunk, oldest first (later slices shadow earlier ones).
+    ReadChunk { vol: VolumeId, ino: Ino, chunk: u64 },
+    /// `F_GETLK`: the first lock that conflicts with the described one, if any.
+    GetLk { vol: VolumeId, ino: Ino, session: SessionId, owner: u64, kind: LockKind, start: u64, end: u64 },
+    /// Open references of a session (for tests and diagnostics).
+    SessionInfo { session: SessionId },
+}
+
+/// What an [`Op`] or [`Query`] produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Ok,
+    Volume(VolumeInfo),
+    Volumes(Vec<VolumeInfo>),
+    Attr(Attr),
+    /// A created or found entry; `created` is false when `Mknod` found an existing file.
+    Entry { attr: Attr, created: bool },
+    /// Unlink/rmdir/rename-over result: the inode that lost a link, its remaining links, and
+    /// whether it was freed now (false while a session still has it open).
+    Removed { ino: Ino, nlink: u32, freed: bool },
+    Dir { entries: Vec<DirEntry>, eof: bool },
+    Data(Vec<u8>),
+    Names(Vec<Vec<u8>>),
+    StatFs(StatFs),
+    Slices(Vec<Slice>),
+    Lock(Option<LockInfo>),
+    Session { id: SessionId, expires: Timespec },
+    /// `[start, start+count)`.
+    Range { start: u64, count: u64 },
+    SessionInfo { open: Vec<(VolumeId, Ino, u32)>, expires: Timespec },
+}
+
+/// The result of applying an op or answering a query.
+pub type OpResult = Result<Reply, Errno>;
+
+/// A command as it sits in the Raft log: the op plus what makes it deterministic and safe
+/// to retry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Random id of the client process; 0 = no de-duplication.
+    pub client: u64,
+    /// Per-client request number, starting at 1. A (client, seq) pair that was already applied
+    /// is not applied again: the stored result is returned.
+    pub seq: u64,
+    /// Every seq below this one has been answered to the client; their results may be dropped.
+    pub acked_below: u64,
+    /// Stamped by the leader when proposing: the time every "now" in this op means.
+    pub time: Timespec,
+    pub op: Op,
+}
+
+/// What changed, for the watch stream: gateways drop the cached inode or entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Attributes, data (slices), xattrs or locks of this inode changed.
+    Inode(Ino),
+    /// The entry `name` in directory `parent` was added, removed or replaced.
+    Entry { parent: Ino, name: Vec<u8> },
+}
+
+/// Changes to one volume made by one command, stamped with the volume's new change sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeSet {
+    pub vol: VolumeId,
+    pub seq: u64,
+    pub changes: Vec<Change>,
+}

@@ -1,0 +1,1 @@
+//! Elea metadata service.
