@@ -7,5 +7,7 @@ pub mod ids;
 pub mod time;
 
 pub use errno::Errno;
-pub use ids::{GroupId, Ino, NodeId, SessionId, SliceId, VolumeId};
+pub use ids::{
+    BLOCK_SIZE, CHUNK_SIZE, DEFAULT_GROUP, GroupId, Ino, NodeId, ROOT_INO, SessionId, SliceId, VolumeId,
+};
 pub use time::Timespec;

@@ -17,10 +17,7 @@ impl Timespec {
     /// Now, from the system clock (a clock before 1970 reads as the epoch).
     pub fn now() -> Self {
         match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => Self {
-                sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                nsec: d.subsec_nanos(),
-            },
+            Ok(d) => Self { sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nsec: d.subsec_nanos() },
             Err(_) => Self::default(),
         }
     }

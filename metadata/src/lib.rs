@@ -1,1 +1,21 @@
-//! Elea metadata service.
+//! Elea's metadata service: Raft groups (raft-rs) replicating the pure namespace state machine
+//! ([`elea_fsm`]), durable storage (redb), the gRPC service (tonic) and the client library.
+//!
+//! Layers, from the bottom: [`raft::storage`] (durable log), [`raft::core`] (deterministic
+//! Raft + state machine, no I/O besides storage), [`raft::node`] (the thread that drives a
+//! core), [`raft::transport`] (peer messages), [`service`] (gRPC), [`server`] (start-up),
+//! [`client`] (what gateways and the CLI use), [`watch`] (change fan-out).
+
+pub mod client;
+pub mod raft;
+pub mod server;
+pub mod service;
+pub mod watch;
+
+/// Generated gRPC types.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("elea.meta.v1");
+}
+
+pub use elea_fsm as fsm;

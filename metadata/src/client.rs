@@ -1,0 +1,494 @@
+//! The metadata client library: leader discovery, redirects, timeouts and safe retries.
+//!
+//! Every command carries this client's random id and a per-client sequence number; a retried
+//! command reuses its number, and the state machine answers a duplicate with the result it
+//! stored the first time. So a create that timed out and is retried is applied once and never
+//! reports a false `EEXIST`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use elea_common::ids::DEFAULT_GROUP;
+use elea_common::{Errno, GroupId, Ino, NodeId, Timespec, VolumeId};
+use elea_fsm::{Attr, Change, Command, Op, OpResult, Query, Reply, SetAttr, VolumeInfo};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+use crate::proto::meta_client::MetaClient as RawClient;
+use crate::proto::{self, change_membership_request::Kind};
+use crate::raft::core::validate_addr;
+use crate::service::{LEADER_ADDR_KEY, MAX_REQUEST};
+
+/// Client tuning.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub group: GroupId,
+    /// Limit for one attempt.
+    pub attempt_timeout: Duration,
+    /// Limit for a call including its retries.
+    pub deadline: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            group: DEFAULT_GROUP,
+            attempt_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A failed call.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The operation itself failed (the namespace said no).
+    #[error("{0}")]
+    Fs(Errno),
+    /// No node could complete the call before the deadline.
+    #[error("metadata service unavailable: {0}")]
+    Unavailable(String),
+    /// The request was refused as malformed or not allowed; retrying will not help.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// A reply could not be understood.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The errno a file system front end reports for this error.
+    pub fn errno(&self) -> Errno {
+        match self {
+            Self::Fs(e) => *e,
+            Self::Unavailable(_) => Errno::ETIMEDOUT,
+            Self::Rejected(_) => Errno::EINVAL,
+            Self::Protocol(_) => Errno::EIO,
+        }
+    }
+}
+
+impl From<Errno> for ClientError {
+    fn from(e: Errno) -> Self {
+        Self::Fs(e)
+    }
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    addrs: Vec<String>,
+    leader: Mutex<Option<String>>,
+    conns: Mutex<HashMap<String, RawClient<Channel>>>,
+    client_id: u64,
+    next_seq: AtomicU64,
+    inflight: Mutex<BTreeSet<u64>>,
+}
+
+/// A handle to the metadata service; cheap to clone and share between tasks.
+#[derive(Clone)]
+pub struct MetaClient {
+    inner: Arc<Inner>,
+}
+
+/// Splits and checks `HOST:PORT,HOST:PORT`.
+pub fn parse_addrs(s: &str) -> Result<Vec<String>, ClientError> {
+    let addrs: Vec<String> =
+        s.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect();
+    if addrs.is_empty() {
+        return Err(ClientError::Rejected("no metadata address given".into()));
+    }
+    for a in &addrs {
+        validate_addr(a).map_err(|e| ClientError::Rejected(e.to_string()))?;
+    }
+    Ok(addrs)
+}
+
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
+enum Attempt<T> {
+    Done(T),
+    /// Try again, at this address if given.
+    Retry(Option<String>, String),
+    Fail(ClientError),
+}
+
+impl MetaClient {
+    /// A client for the nodes at `addrs`. Connections are made lazily.
+    pub fn connect(addrs: &[String], cfg: ClientConfig) -> Result<Self, ClientError> {
+        if addrs.is_empty() {
+            return Err(ClientError::Rejected("no metadata address given".into()));
+        }
+        for a in addrs {
+            validate_addr(a).map_err(|e| ClientError::Rejected(e.to_string()))?;
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                addrs: addrs.to_vec(),
+                leader: Mutex::new(None),
+                conns: Mutex::new(HashMap::new()),
+                client_id: random_u64(),
+                next_seq: AtomicU64::new(1),
+                inflight: Mutex::new(BTreeSet::new()),
+            }),
+        })
+    }
+
+    fn conn(&self, addr: &str) -> Result<RawClient<Channel>, ClientError> {
+        let mut conns = self.inner.conns.lock().map_err(|_| ClientError::Protocol("poisoned".into()))?;
+        if let Some(c) = conns.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ClientError::Rejected(e.to_string()))?
+            .connect_timeout(self.inner.cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        let c = RawClient::new(ep.connect_lazy())
+            .max_decoding_message_size(MAX_REQUEST * 2)
+            .max_encoding_message_size(MAX_REQUEST * 2);
+        conns.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn leader_hint(&self) -> Option<String> {
+        self.inner.leader.lock().ok()?.clone()
+    }
+
+    fn set_leader(&self, addr: Option<String>) {
+        if let Ok(mut l) = self.inner.leader.lock() {
+            *l = addr;
+        }
+    }
+
+    /// Classifies a failed attempt at `addr`.
+    fn on_status<T>(&self, addr: &str, s: tonic::Status) -> Attempt<T> {
+        use tonic::Code;
+        match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Aborted => {
+                let hint = s.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()).map(String::from);
+                if hint.is_none() {
+                    self.set_leader(None);
+                }
+                Attempt::Retry(hint, format!("{addr}: {}", s.message()))
+            }
+            Code::FailedPrecondition => {
+                // This node is not (or no longer) a member: try another.
+                self.set_leader(None);
+                Attempt::Retry(None, format!("{addr}: {}", s.message()))
+            }
+            _ => Attempt::Fail(ClientError::Rejected(format!("{addr}: {}", s.message()))),
+        }
+    }
+
+    /// Runs `f` against the leader (or whichever node is likely to be it), following redirects
+    /// and retrying with backoff until the deadline.
+    async fn with_retries<T, F, Fut>(&self, mut f: F) -> Result<T, ClientError>
+    where
+        F: FnMut(RawClient<Channel>, String) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.inner.cfg.deadline;
+        let n = self.inner.addrs.len();
+        let mut rotate = (self.inner.client_id as usize) % n;
+        let mut backoff = Duration::from_millis(20);
+        let mut next: Option<String> = self.leader_hint();
+        let mut last_error;
+        loop {
+            let addr = match next.take() {
+                Some(a) => a,
+                None => {
+                    rotate = (rotate + 1) % n;
+                    self.inner.addrs[rotate].clone()
+                }
+            };
+            let conn = self.conn(&addr)?;
+            let attempt = tokio::time::timeout(self.inner.cfg.attempt_timeout, f(conn, addr.clone())).await;
+            match attempt {
+                Ok(Attempt::Done(v)) => {
+                    self.set_leader(Some(addr));
+                    return Ok(v);
+                }
+                Ok(Attempt::Fail(e)) => return Err(e),
+                Ok(Attempt::Retry(hint, why)) => {
+                    last_error = why;
+                    if let Some(h) = hint
+                        && h != addr
+                        && validate_addr(&h).is_ok()
+                    {
+                        self.set_leader(Some(h.clone()));
+                        next = Some(h);
+                        continue;
+                    }
+                }
+                Err(_) => {
+                    self.set_leader(None);
+                    last_error = format!("{addr}: no answer within {:?}", self.inner.cfg.attempt_timeout);
+                }
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(ClientError::Unavailable(last_error));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Applies a state-changing op (linearizable, exactly once).
+    pub async fn op(&self, op: Op) -> Result<Reply, ClientError> {
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut f) = self.inner.inflight.lock() {
+            f.insert(seq);
+        }
+        let result = self.op_with_seq(seq, op).await;
+        if let Ok(mut f) = self.inner.inflight.lock() {
+            f.remove(&seq);
+        }
+        result?.map_err(ClientError::Fs)
+    }
+
+    async fn op_with_seq(&self, seq: u64, op: Op) -> Result<OpResult, ClientError> {
+        let group = self.inner.cfg.group;
+        let client = self.inner.client_id;
+        self.with_retries(|mut c, addr| {
+            let acked_below = self.inner.inflight.lock().ok().and_then(|f| f.first().copied()).unwrap_or(seq);
+            let cmd = Command { client, seq, acked_below, time: Timespec::default(), op: op.clone() };
+            async move {
+                let command = match postcard::to_allocvec(&cmd) {
+                    Ok(b) => b,
+                    Err(e) => return Attempt::Fail(ClientError::Rejected(e.to_string())),
+                };
+                match c.write(proto::WriteRequest { group_id: group, command, hops: 0 }).await {
+                    Ok(r) => match postcard::from_bytes::<OpResult>(&r.into_inner().result) {
+                        Ok(res) => Attempt::Done(res),
+                        Err(e) => Attempt::Fail(ClientError::Protocol(e.to_string())),
+                    },
+                    Err(s) => self.on_status(&addr, s),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Answers a query from the latest committed state (linearizable).
+    pub async fn query(&self, q: Query) -> Result<Reply, ClientError> {
+        let group = self.inner.cfg.group;
+        let query = postcard::to_allocvec(&q).map_err(|e| ClientError::Rejected(e.to_string()))?;
+        let res: OpResult = self
+            .with_retries(|mut c, addr| {
+                let query = query.clone();
+                async move {
+                    match c.read(proto::ReadRequest { group_id: group, query, hops: 0 }).await {
+                        Ok(r) => match postcard::from_bytes::<OpResult>(&r.into_inner().result) {
+                            Ok(res) => Attempt::Done(res),
+                            Err(e) => Attempt::Fail(ClientError::Protocol(e.to_string())),
+                        },
+                        Err(s) => self.on_status(&addr, s),
+                    }
+                }
+            })
+            .await?;
+        res.map_err(ClientError::Fs)
+    }
+
+    /// One node's status (no retries: an unreachable node is reported as such).
+    pub async fn status_of(&self, addr: &str) -> Result<proto::StatusReply, ClientError> {
+        let mut c = self.conn(addr)?;
+        let mut req = tonic::Request::new(proto::StatusRequest { group_id: self.inner.cfg.group });
+        req.set_timeout(Duration::from_secs(2));
+        match tokio::time::timeout(Duration::from_secs(3), c.status(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(ClientError::Unavailable(format!("{addr}: {}", s.message()))),
+            Err(_) => Err(ClientError::Unavailable(format!("{addr}: no answer"))),
+        }
+    }
+
+    /// Adds a voter or learner, or removes a node; returns the new member list.
+    pub async fn change_membership(
+        &self,
+        kind: Kind,
+        node_id: NodeId,
+        addr: &str,
+    ) -> Result<Vec<proto::Member>, ClientError> {
+        let group = self.inner.cfg.group;
+        self.with_retries(|mut c, at| {
+            let req = proto::ChangeMembershipRequest {
+                group_id: group,
+                kind: kind as i32,
+                node_id,
+                addr: addr.to_string(),
+                hops: 0,
+            };
+            async move {
+                match c.change_membership(req).await {
+                    Ok(r) => Attempt::Done(r.into_inner().members),
+                    Err(s) => self.on_status(&at, s),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Asks the leader to transfer leadership to `to` (returns once the request is accepted).
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ClientError> {
+        let group = self.inner.cfg.group;
+        self.with_retries(|mut c, at| async move {
+            match c.transfer_leader(proto::TransferLeaderRequest { group_id: group, to, hops: 0 }).await {
+                Ok(_) => Attempt::Done(()),
+                Err(s) => self.on_status(&at, s),
+            }
+        })
+        .await
+    }
+
+    /// Streams a volume's changes from one node (the first that answers). Each item is the
+    /// volume's change sequence and its changes, or `None` for "reset: drop all caches".
+    pub async fn watch(
+        &self,
+        vol: VolumeId,
+        from_seq: u64,
+    ) -> Result<impl tokio_stream::Stream<Item = Result<WatchItem, ClientError>> + use<>, ClientError> {
+        let group = self.inner.cfg.group;
+        let stream = self
+            .with_retries(|mut c, addr| async move {
+                match c.watch(proto::WatchRequest { group_id: group, volume_id: vol, from_seq }).await {
+                    Ok(r) => Attempt::Done(r.into_inner()),
+                    Err(s) => self.on_status(&addr, s),
+                }
+            })
+            .await?;
+        Ok(stream.map(|item| match item {
+            Ok(ev) if ev.reset => Ok(WatchItem::Reset),
+            Ok(ev) => postcard::from_bytes::<Vec<Change>>(&ev.changes)
+                .map(|changes| WatchItem::Changes { seq: ev.seq, changes })
+                .map_err(|e| ClientError::Protocol(e.to_string())),
+            Err(s) => Err(ClientError::Unavailable(s.message().to_string())),
+        }))
+    }
+
+    // Typed helpers.
+
+    pub async fn create_volume(&self, name: &str) -> Result<VolumeInfo, ClientError> {
+        match self.op(Op::CreateVolume { name: name.to_string() }).await? {
+            Reply::Volume(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ClientError> {
+        match self.query(Query::ListVolumes).await? {
+            Reply::Volumes(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<VolumeInfo, ClientError> {
+        match self.query(Query::VolumeByName { name: name.to_string() }).await? {
+            Reply::Volume(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn mkdir(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<Attr, ClientError> {
+        let op = Op::Mkdir { vol, parent, name: name.to_vec(), mode, uid: 0, gid: 0, ino: None };
+        attr_of(self.op(op).await?)
+    }
+
+    /// Creates a regular file (`O_CREAT|O_EXCL`).
+    pub async fn create(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<Attr, ClientError> {
+        let op = Op::Mknod {
+            vol,
+            parent,
+            name: name.to_vec(),
+            mode: elea_fsm::mode::S_IFREG | (mode & elea_fsm::mode::PERM_MASK),
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+            ino: None,
+            session: None,
+        };
+        attr_of(self.op(op).await?)
+    }
+
+    pub async fn lookup(&self, vol: VolumeId, parent: Ino, name: &[u8]) -> Result<Attr, ClientError> {
+        attr_of(self.query(Query::Lookup { vol, parent, name: name.to_vec() }).await?)
+    }
+
+    pub async fn getattr(&self, vol: VolumeId, ino: Ino) -> Result<Attr, ClientError> {
+        attr_of(self.query(Query::GetAttr { vol, ino }).await?)
+    }
+
+    pub async fn setattr(&self, vol: VolumeId, ino: Ino, set: SetAttr) -> Result<Attr, ClientError> {
+        attr_of(self.op(Op::SetAttr { vol, ino, set }).await?)
+    }
+
+    pub async fn rename(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<Reply, ClientError> {
+        let op =
+            Op::Rename { vol, parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
+        self.op(op).await
+    }
+
+    pub async fn unlink(&self, vol: VolumeId, parent: Ino, name: &[u8]) -> Result<Reply, ClientError> {
+        self.op(Op::Unlink { vol, parent, name: name.to_vec() }).await
+    }
+
+    pub async fn rmdir(&self, vol: VolumeId, parent: Ino, name: &[u8]) -> Result<Reply, ClientError> {
+        self.op(Op::Rmdir { vol, parent, name: name.to_vec() }).await
+    }
+}
+
+/// One item of a watch stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchItem {
+    Changes {
+        seq: u64,
+        changes: Vec<Change>,
+    },
+    /// Changes were missed: drop every cached inode and entry of the volume.
+    Reset,
+}
+
+fn unexpected(r: &Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {r:?}"))
+}
+
+fn attr_of(r: Reply) -> Result<Attr, ClientError> {
+    match r {
+        Reply::Attr(a) | Reply::Entry { attr: a, .. } => Ok(a),
+        other => Err(unexpected(&other)),
+    }
+}

@@ -1,0 +1,724 @@
+//! The Raft core of one group: a raft-rs `RawNode`, the state machine it drives, and the
+//! bookkeeping that turns applied entries into replies. Synchronous and deterministic: it never
+//! reads a clock, sleeps or does network I/O. A driver feeds it inputs (proposals, reads, peer
+//! messages, ticks, the current time) and takes its outputs (messages to send, replies, change
+//! sets). The node thread ([`super::node`]) is one driver; the simulated network in the tests is
+//! another.
+//!
+//! Ready handling follows raft-rs' documented order: send messages, install a snapshot, apply
+//! committed entries, persist entries and hard state (one durable write for everything in the
+//! Ready: group commit), send persisted messages, advance, then the light ready.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use elea_common::{GroupId, NodeId, Timespec};
+use elea_fsm::{ChangeSet, Command, OpResult, Query, StateMachine};
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+};
+use raft::{RawNode, ReadOnlyOption, StateRole};
+use serde::{Deserialize, Serialize};
+
+use super::storage::{GroupStorage, StoreError};
+
+/// Tuning of one group.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub node_id: NodeId,
+    pub group: GroupId,
+    /// Ticks without a leader before an election (randomized up to 2x by raft-rs).
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Take a snapshot after this many applied entries.
+    pub snapshot_every: u64,
+    /// Entries kept before the snapshot point, for followers that lag slightly.
+    pub compact_margin: u64,
+    /// Largest append message (bytes).
+    pub max_size_per_msg: u64,
+    pub max_inflight_msgs: usize,
+}
+
+impl CoreConfig {
+    pub fn new(node_id: NodeId, group: GroupId) -> Self {
+        Self {
+            node_id,
+            group,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            snapshot_every: 20_000,
+            compact_margin: 2_000,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+        }
+    }
+}
+
+/// A cluster member as the group knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub addr: String,
+    pub learner: bool,
+}
+
+/// Why a request did not complete. Every variant is safe to retry elsewhere or later except
+/// `Invalid` and `Removed`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("leadership changed before the request completed; retry")]
+    Dropped,
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("this node is not a member of the cluster")]
+    Removed,
+    #[error("storage failure: {0}")]
+    Store(String),
+}
+
+/// A membership change request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberChange {
+    AddVoter,
+    AddLearner,
+    Remove,
+}
+
+/// What the core produced; the driver routes each to whoever waits for it.
+#[derive(Debug)]
+pub enum Event {
+    /// A proposed command was applied at `index` (or failed).
+    Write {
+        token: u64,
+        result: Result<(OpResult, u64), CoreError>,
+    },
+    Read {
+        token: u64,
+        result: Result<OpResult, CoreError>,
+    },
+    Conf {
+        token: u64,
+        result: Result<Vec<Member>, CoreError>,
+    },
+    /// Applied changes, in order, for watchers.
+    Changes(Vec<ChangeSet>),
+    /// State was replaced by a snapshot: watchers must drop everything they cached.
+    Reset,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoreStatus {
+    pub node_id: NodeId,
+    pub group: GroupId,
+    pub role: &'static str,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub leader: Option<NodeId>,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub members: Vec<Member>,
+}
+
+/// Snapshot data: the member address book and the state machine.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    members: Vec<Member>,
+    state: Vec<u8>,
+}
+
+enum PendingKind {
+    Write,
+    Conf,
+}
+
+struct Pending {
+    term: u64,
+    token: u64,
+    kind: PendingKind,
+}
+
+/// One Raft group on this node.
+pub struct GroupCore {
+    cfg: CoreConfig,
+    raw: RawNode<GroupStorage>,
+    sm: StateMachine,
+    members: BTreeMap<NodeId, Member>,
+    applied: u64,
+    /// Proposals waiting for their entry to apply, by log index.
+    pending: BTreeMap<u64, Pending>,
+    /// Reads not yet covered by a ReadIndex request.
+    read_queue: Vec<(u64, Query)>,
+    /// Reads covered by an in-flight ReadIndex request, by its context.
+    reads_inflight: BTreeMap<u64, Vec<(u64, Query)>>,
+    /// Reads whose read index is known, waiting for apply to reach it.
+    reads_waiting: VecDeque<(u64, Vec<(u64, Query)>)>,
+    next_read_ctx: u64,
+    outbox: Vec<Message>,
+    events: Vec<Event>,
+    role: StateRole,
+    leader: Option<NodeId>,
+    removed: bool,
+    /// Bumped whenever the member book changes.
+    members_epoch: u64,
+}
+
+fn role_name(r: StateRole) -> &'static str {
+    match r {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "pre-candidate",
+    }
+}
+
+fn store_err(e: StoreError) -> CoreError {
+    CoreError::Store(e.to_string())
+}
+
+fn encode_members(members: &BTreeMap<NodeId, Member>) -> Vec<u8> {
+    postcard::to_allocvec(&members.values().cloned().collect::<Vec<_>>()).unwrap_or_default()
+}
+
+fn decode_members(bytes: &[u8]) -> Result<BTreeMap<NodeId, Member>, CoreError> {
+    let list: Vec<Member> =
+        postcard::from_bytes(bytes).map_err(|e| CoreError::Store(format!("member list: {e}")))?;
+    Ok(list.into_iter().map(|m| (m.id, m)).collect())
+}
+
+impl GroupCore {
+    /// Bootstraps a new cluster on a fresh storage: `initial` lists every initial voter.
+    pub fn bootstrap(storage: &mut GroupStorage, initial: &[Member]) -> Result<(), CoreError> {
+        let members: BTreeMap<NodeId, Member> = initial.iter().map(|m| (m.id, m.clone())).collect();
+        let data = SnapshotData {
+            members: members.values().cloned().collect(),
+            state: StateMachine::new().snapshot(),
+        };
+        let data = postcard::to_allocvec(&data).map_err(|e| CoreError::Invalid(e.to_string()))?;
+        storage
+            .bootstrap(members.keys().copied().collect(), &encode_members(&members), data)
+            .map_err(store_err)
+    }
+
+    /// Opens the group from its storage: restores the latest snapshot; raft-rs then replays
+    /// the committed entries after it.
+    pub fn open(cfg: CoreConfig, storage: GroupStorage) -> Result<Self, CoreError> {
+        let snap = storage.latest_snapshot().clone();
+        let snap_index = snap.get_metadata().index;
+        let (sm, mut members) = if snap_index > 0 {
+            let data: SnapshotData = postcard::from_bytes(&snap.data)
+                .map_err(|e| CoreError::Store(format!("snapshot data: {e}")))?;
+            let sm = StateMachine::restore(&data.state).map_err(|e| CoreError::Store(e.to_string()))?;
+            (sm, data.members.into_iter().map(|m| (m.id, m)).collect())
+        } else {
+            (StateMachine::new(), BTreeMap::new())
+        };
+        if let Some(blob) = storage.members_blob().map_err(store_err)? {
+            // The stored book is at least as new as the snapshot's (written with each conf change).
+            members = decode_members(&blob)?;
+        }
+        let raft_cfg = raft::Config {
+            id: cfg.node_id,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            applied: snap_index,
+            max_size_per_msg: cfg.max_size_per_msg,
+            max_inflight_msgs: cfg.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_cfg.validate().map_err(|e| CoreError::Invalid(e.to_string()))?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_cfg, storage, &logger).map_err(|e| CoreError::Store(e.to_string()))?;
+        Ok(Self {
+            cfg,
+            raw,
+            sm,
+            members,
+            applied: snap_index,
+            pending: BTreeMap::new(),
+            read_queue: Vec::new(),
+            reads_inflight: BTreeMap::new(),
+            reads_waiting: VecDeque::new(),
+            next_read_ctx: 1,
+            outbox: Vec::new(),
+            events: Vec::new(),
+            role: StateRole::Follower,
+            leader: None,
+            removed: false,
+            members_epoch: 0,
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.role == StateRole::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    /// Changes whenever the member book changes (to refresh copies of it).
+    pub fn members_epoch(&self) -> u64 {
+        self.members_epoch
+    }
+
+    /// The applied state (for tests and read-only diagnostics; clients use `read`).
+    pub fn state(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    fn not_leader(&self) -> CoreError {
+        if self.removed { CoreError::Removed } else { CoreError::NotLeader { leader: self.leader } }
+    }
+
+    /// Proposes a command; its `time` is set to `now`. The reply is an [`Event::Write`].
+    pub fn propose(&mut self, token: u64, mut cmd: Command, now: Timespec) {
+        if !self.is_leader() {
+            let e = self.not_leader();
+            self.events.push(Event::Write { token, result: Err(e) });
+            return;
+        }
+        cmd.time = now;
+        let data = match postcard::to_allocvec(&cmd) {
+            Ok(d) => d,
+            Err(e) => {
+                self.events.push(Event::Write { token, result: Err(CoreError::Invalid(e.to_string())) });
+                return;
+            }
+        };
+        match self.raw.propose(vec![], data) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                let term = self.raw.raft.term;
+                self.pending.insert(index, Pending { term, token, kind: PendingKind::Write });
+            }
+            Err(e) => {
+                let err = match e {
+                    raft::Error::ProposalDropped => CoreError::Dropped,
+                    other => CoreError::Busy(other.to_string()),
+                };
+                self.events.push(Event::Write { token, result: Err(err) });
+            }
+        }
+    }
+
+    /// Queues a linearizable read. The reply is an [`Event::Read`].
+    pub fn read(&mut self, token: u64, query: Query) {
+        if !self.is_leader() {
+            let e = self.not_leader();
+            self.events.push(Event::Read { token, result: Err(e) });
+            return;
+        }
+        self.read_queue.push((token, query));
+    }
+
+    /// Proposes a membership change. The reply is an [`Event::Conf`].
+    pub fn change_membership(&mut self, token: u64, change: MemberChange, id: NodeId, addr: String) {
+        let result = self.try_change_membership(token, change, id, addr);
+        if let Err(e) = result {
+            self.events.push(Event::Conf { token, result: Err(e) });
+        }
+    }
+
+    fn try_change_membership(
+        &mut self,
+        token: u64,
+        change: MemberChange,
+        id: NodeId,
+        addr: String,
+    ) -> Result<(), CoreError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        if id == 0 {
+            return Err(CoreError::Invalid("node id 0 is reserved".into()));
+        }
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        let is_voter = conf.voters.contains(&id);
+        let is_learner = conf.learners.contains(&id);
+        let change_type = match change {
+            MemberChange::AddVoter => {
+                if is_voter {
+                    return Err(CoreError::Invalid(format!("node {id} is already a voter")));
+                }
+                ConfChangeType::AddNode
+            }
+            MemberChange::AddLearner => {
+                if is_voter || is_learner {
+                    return Err(CoreError::Invalid(format!("node {id} is already a member")));
+                }
+                ConfChangeType::AddLearnerNode
+            }
+            MemberChange::Remove => {
+                if !is_voter && !is_learner {
+                    return Err(CoreError::Invalid(format!("node {id} is not a member")));
+                }
+                if is_voter && conf.voters.len() == 1 {
+                    return Err(CoreError::Invalid("cannot remove the last voter".into()));
+                }
+                ConfChangeType::RemoveNode
+            }
+        };
+        if change != MemberChange::Remove {
+            validate_addr(&addr)?;
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change_type);
+        cc.node_id = id;
+        let member = Member { id, addr, learner: change == MemberChange::AddLearner };
+        cc.context = postcard::to_allocvec(&member).map_err(|e| CoreError::Invalid(e.to_string()))?.into();
+        let before = self.raw.raft.raft_log.last_index();
+        self.raw.propose_conf_change(vec![], cc).map_err(|e| CoreError::Busy(e.to_string()))?;
+        let index = self.raw.raft.raft_log.last_index();
+        if index == before {
+            return Err(CoreError::Busy("proposal was dropped".into()));
+        }
+        let term = self.raw.raft.term;
+        self.pending.insert(index, Pending { term, token, kind: PendingKind::Conf });
+        Ok(())
+    }
+
+    /// Asks the leader to hand leadership to `to`.
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), CoreError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        if !self.raw.raft.prs().conf().to_conf_state().voters.contains(&to) {
+            return Err(CoreError::Invalid(format!("node {to} is not a voter")));
+        }
+        self.raw.transfer_leader(to);
+        Ok(())
+    }
+
+    /// Feeds a message from a peer. Messages for another node or of a local-only type are
+    /// dropped (a peer cannot make us crash).
+    pub fn step(&mut self, msg: Message) {
+        if msg.to != self.cfg.node_id || raft::raw_node::is_local_msg(msg.get_msg_type()) {
+            tracing::debug!(to = msg.to, "dropping misaddressed or local raft message");
+            return;
+        }
+        if let Err(e) = self.raw.step(msg) {
+            tracing::debug!(error = %e, "raft step");
+        }
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    pub fn report_unreachable(&mut self, id: NodeId) {
+        self.raw.report_unreachable(id);
+    }
+
+    pub fn report_snapshot(&mut self, id: NodeId, ok: bool) {
+        let status = if ok { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+        self.raw.report_snapshot(id, status);
+    }
+
+    pub fn take_messages(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    pub fn status(&self) -> CoreStatus {
+        let store = self.raw.store();
+        CoreStatus {
+            node_id: self.cfg.node_id,
+            group: self.cfg.group,
+            role: if self.removed { "removed" } else { role_name(self.role) },
+            term: self.raw.raft.term,
+            commit: self.raw.raft.raft_log.committed,
+            applied: self.applied,
+            leader: self.leader,
+            first_index: raft::Storage::first_index(store).unwrap_or(0),
+            last_index: self.raw.raft.raft_log.last_index(),
+            snapshot_index: store.latest_snapshot().get_metadata().index,
+            members: self.members.values().cloned().collect(),
+        }
+    }
+
+    /// Processes everything raft-rs has ready. Call after any input.
+    pub fn process(&mut self) -> Result<(), CoreError> {
+        if !self.read_queue.is_empty() && self.is_leader() {
+            let ctx = self.next_read_ctx;
+            self.next_read_ctx += 1;
+            let batch = std::mem::take(&mut self.read_queue);
+            self.reads_inflight.insert(ctx, batch);
+            self.raw.read_index(ctx.to_be_bytes().to_vec());
+        }
+        while self.raw.has_ready() {
+            self.handle_ready()?;
+        }
+        self.serve_reads();
+        self.maybe_snapshot()?;
+        Ok(())
+    }
+
+    fn handle_ready(&mut self) -> Result<(), CoreError> {
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            self.on_soft_state(ss.raft_state, ss.leader_id);
+        }
+        self.outbox.extend(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.install_snapshot(snap)?;
+        }
+        for rs in rd.take_read_states() {
+            self.on_read_state(rs.index, &rs.request_ctx);
+        }
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed)?;
+        let hs = rd.hs().cloned();
+        self.raw.mut_store().persist(rd.entries(), hs.as_ref()).map_err(store_err)?;
+        self.outbox.extend(rd.take_persisted_messages());
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
+        self.outbox.extend(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed)?;
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, role: StateRole, leader: u64) {
+        let was_leader = self.role == StateRole::Leader;
+        self.role = role;
+        self.leader = (leader != 0).then_some(leader);
+        if was_leader && role != StateRole::Leader {
+            // Proposals may or may not commit under the next leader; clients retry (safely:
+            // commands are de-duplicated by request id).
+            for (_, p) in std::mem::take(&mut self.pending) {
+                self.fail_pending(p, CoreError::Dropped);
+            }
+            let mut reads: Vec<(u64, Query)> = std::mem::take(&mut self.read_queue);
+            for (_, batch) in std::mem::take(&mut self.reads_inflight) {
+                reads.extend(batch);
+            }
+            for (_, batch) in std::mem::take(&mut self.reads_waiting) {
+                reads.extend(batch);
+            }
+            for (token, _) in reads {
+                self.events.push(Event::Read { token, result: Err(CoreError::Dropped) });
+            }
+        }
+    }
+
+    fn fail_pending(&mut self, p: Pending, e: CoreError) {
+        let ev = match p.kind {
+            PendingKind::Write => Event::Write { token: p.token, result: Err(e) },
+            PendingKind::Conf => Event::Conf { token: p.token, result: Err(e) },
+        };
+        self.events.push(ev);
+    }
+
+    fn on_read_state(&mut self, index: u64, ctx: &[u8]) {
+        let Ok(bytes) = <[u8; 8]>::try_from(ctx) else { return };
+        if let Some(batch) = self.reads_inflight.remove(&u64::from_be_bytes(bytes)) {
+            self.reads_waiting.push_back((index, batch));
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        while let Some((index, _)) = self.reads_waiting.front() {
+            if *index > self.applied {
+                break;
+            }
+            let Some((_, batch)) = self.reads_waiting.pop_front() else { break };
+            for (token, q) in batch {
+                let result = self.sm.query(&q);
+                self.events.push(Event::Read { token, result: Ok(result) });
+            }
+        }
+    }
+
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), CoreError> {
+        let index = snap.get_metadata().index;
+        let data: SnapshotData = postcard::from_bytes(&snap.data)
+            .map_err(|e| CoreError::Store(format!("received snapshot data: {e}")))?;
+        let sm = StateMachine::restore(&data.state).map_err(|e| CoreError::Store(e.to_string()))?;
+        let members: BTreeMap<NodeId, Member> = data.members.into_iter().map(|m| (m.id, m)).collect();
+        let cs = snap.get_metadata().get_conf_state().clone();
+        let store = self.raw.mut_store();
+        store.apply_snapshot(snap).map_err(store_err)?;
+        store.set_conf_state(cs, &encode_members(&members)).map_err(store_err)?;
+        self.sm = sm;
+        self.members = members;
+        self.members_epoch += 1;
+        self.applied = index;
+        self.events.push(Event::Reset);
+        tracing::info!(index, "installed snapshot");
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), CoreError> {
+        let mut changes = Vec::new();
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&e, &mut changes),
+                EntryType::EntryConfChange => self.apply_conf_change(&e)?,
+                EntryType::EntryConfChangeV2 => {
+                    tracing::warn!(index = e.index, "ignoring unsupported ConfChangeV2 entry");
+                }
+            }
+            self.applied = e.index;
+        }
+        if !changes.is_empty() {
+            self.events.push(Event::Changes(changes));
+        }
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, e: &Entry, changes: &mut Vec<ChangeSet>) {
+        let pending = self.pending.remove(&e.index);
+        if e.data.is_empty() {
+            // A new leader's empty entry, or a conf change raft-rs refused (another pending).
+            if let Some(p) = pending {
+                let err = CoreError::Busy("another membership change is in progress".into());
+                self.fail_pending(p, err);
+            }
+            return;
+        }
+        let result = match postcard::from_bytes::<Command>(&e.data) {
+            Ok(cmd) => {
+                let (result, mut cs) = self.sm.apply(&cmd);
+                changes.append(&mut cs);
+                Ok((result, e.index))
+            }
+            Err(err) => Err(CoreError::Invalid(format!("undecodable log entry {}: {err}", e.index))),
+        };
+        if let Some(p) = pending {
+            if p.term == e.term {
+                self.events.push(Event::Write { token: p.token, result });
+            } else {
+                self.fail_pending(p, CoreError::Dropped);
+            }
+        }
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<(), CoreError> {
+        let pending = self.pending.remove(&e.index);
+        let cc = match ConfChange::parse_from_bytes(&e.data) {
+            Ok(cc) => cc,
+            Err(err) => {
+                tracing::error!(index = e.index, error = %err, "undecodable conf change");
+                if let Some(p) = pending {
+                    self.fail_pending(p, CoreError::Invalid(err.to_string()));
+                }
+                return Ok(());
+            }
+        };
+        let cs: ConfState = match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(err) => {
+                if let Some(p) = pending {
+                    self.fail_pending(p, CoreError::Invalid(err.to_string()));
+                }
+                return Ok(());
+            }
+        };
+        match cc.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                if let Ok(m) = postcard::from_bytes::<Member>(&cc.context) {
+                    self.members.insert(cc.node_id, Member { id: cc.node_id, ..m });
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                self.members.remove(&cc.node_id);
+                if cc.node_id == self.cfg.node_id {
+                    self.removed = true;
+                }
+            }
+        }
+        for m in self.members.values_mut() {
+            m.learner = cs.learners.contains(&m.id);
+        }
+        self.members_epoch += 1;
+        let blob = encode_members(&self.members);
+        self.raw.mut_store().set_conf_state(cs, &blob).map_err(store_err)?;
+        if let Some(p) = pending {
+            let members = self.members.values().cloned().collect();
+            if p.term == e.term {
+                self.events.push(Event::Conf { token: p.token, result: Ok(members) });
+            } else {
+                self.fail_pending(p, CoreError::Dropped);
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), CoreError> {
+        let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
+        if self.applied < snap_index + self.cfg.snapshot_every {
+            return Ok(());
+        }
+        self.snapshot_now()
+    }
+
+    /// Takes a snapshot of the applied state now and compacts the log behind it.
+    pub fn snapshot_now(&mut self) -> Result<(), CoreError> {
+        let data =
+            SnapshotData { members: self.members.values().cloned().collect(), state: self.sm.snapshot() };
+        let data = postcard::to_allocvec(&data).map_err(|e| CoreError::Store(e.to_string()))?;
+        let index = self.applied;
+        let cs = self.raw.store().conf_state().clone();
+        let compact_below = (index + 1).saturating_sub(self.cfg.compact_margin);
+        self.raw.mut_store().save_snapshot(index, cs, data, compact_below).map_err(store_err)?;
+        tracing::info!(index, compact_below, "snapshot taken, log compacted");
+        Ok(())
+    }
+}
+
+/// Checks a `HOST:PORT` address.
+pub fn validate_addr(addr: &str) -> Result<(), CoreError> {
+    let ok = addr.len() <= 256
+        && addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if ok { Ok(()) } else { Err(CoreError::Invalid(format!("bad address {addr:?} (want HOST:PORT)"))) }
+}
+
+/// Decodes a protobuf-2 raft message from a peer.
+pub fn decode_message(bytes: &[u8]) -> Result<Message, CoreError> {
+    Message::parse_from_bytes(bytes).map_err(|e| CoreError::Invalid(format!("raft message: {e}")))
+}
+
+/// Encodes a raft message for the wire.
+pub fn encode_message(m: &Message) -> Result<Vec<u8>, CoreError> {
+    m.write_to_bytes().map_err(|e| CoreError::Invalid(format!("raft message: {e}")))
+}
+
+/// True for messages that carry a snapshot (their delivery is reported back to raft-rs).
+pub fn is_snapshot(m: &Message) -> bool {
+    m.get_msg_type() == MessageType::MsgSnapshot
+}

@@ -1,0 +1,277 @@
+//! The node driver: one OS thread per Raft group owns its [`GroupCore`] and runs the Ready
+//! loop. Requests arrive on a channel; proposals that arrive while the thread is busy (for
+//! example in an fsync) are taken together and share the next durable write.
+//!
+//! A dedicated thread rather than a tokio task: the loop blocks in fsync, and on a two-core
+//! machine a blocked runtime worker would stall the gRPC service.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use elea_common::{NodeId, Timespec};
+use elea_fsm::{Command, Op, OpResult, Query};
+use raft::prelude::Message;
+use tokio::sync::oneshot;
+
+use super::core::{CoreError, CoreStatus, Event, GroupCore, Member, MemberChange};
+use super::transport::Transport;
+use crate::watch::WatchHub;
+
+/// Driver settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// One Raft tick.
+    pub tick: Duration,
+    /// How often the leader expires sessions whose lease ended.
+    pub expire_every: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self { tick: Duration::from_millis(100), expire_every: Duration::from_secs(1) }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
+
+/// A request to the group thread.
+pub enum NodeMsg {
+    Write(Command, Reply<(OpResult, u64)>),
+    Read(Query, Reply<OpResult>),
+    Conf(MemberChange, NodeId, String, Reply<Vec<Member>>),
+    TransferLeader(NodeId, Reply<()>),
+    Status(oneshot::Sender<CoreStatus>),
+    /// Messages from a peer.
+    Raft(Vec<Message>),
+    Unreachable(NodeId),
+    SnapshotDone(NodeId, bool),
+    Stop,
+}
+
+/// A cheap, cloneable handle to a running group.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<NodeMsg>,
+    /// Member id -> address, refreshed by the thread after every membership change.
+    members: Arc<RwLock<HashMap<NodeId, String>>>,
+    pub hub: Arc<WatchHub>,
+}
+
+impl NodeHandle {
+    fn send(&self, msg: NodeMsg) -> Result<(), CoreError> {
+        self.tx.send(msg).map_err(|_| CoreError::Store("the raft group has stopped".into()))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> NodeMsg) -> Result<T, CoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| CoreError::Store("the raft group has stopped".into()))?
+    }
+
+    pub async fn write(&self, cmd: Command) -> Result<(OpResult, u64), CoreError> {
+        self.call(|r| NodeMsg::Write(cmd, r)).await
+    }
+
+    pub async fn read(&self, q: Query) -> Result<OpResult, CoreError> {
+        self.call(|r| NodeMsg::Read(q, r)).await
+    }
+
+    pub async fn change_membership(
+        &self,
+        change: MemberChange,
+        id: NodeId,
+        addr: String,
+    ) -> Result<Vec<Member>, CoreError> {
+        self.call(|r| NodeMsg::Conf(change, id, addr, r)).await
+    }
+
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), CoreError> {
+        self.call(|r| NodeMsg::TransferLeader(to, r)).await
+    }
+
+    pub async fn status(&self) -> Result<CoreStatus, CoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(NodeMsg::Status(tx))?;
+        rx.await.map_err(|_| CoreError::Store("the raft group has stopped".into()))
+    }
+
+    pub fn deliver(&self, msgs: Vec<Message>) -> Result<(), CoreError> {
+        self.send(NodeMsg::Raft(msgs))
+    }
+
+    pub fn report(&self, msg: NodeMsg) {
+        let _ = self.tx.send(msg);
+    }
+
+    pub fn addr_of(&self, id: NodeId) -> Option<String> {
+        self.members.read().ok()?.get(&id).cloned()
+    }
+
+    pub fn stop(&self) {
+        let _ = self.tx.send(NodeMsg::Stop);
+    }
+}
+
+enum Waiter {
+    Write(Reply<(OpResult, u64)>),
+    Read(Reply<OpResult>),
+    Conf(Reply<Vec<Member>>),
+}
+
+/// Starts the group thread. `transport` sends this node's outgoing messages.
+pub fn spawn(
+    core: GroupCore,
+    cfg: NodeConfig,
+    transport: Transport,
+) -> (NodeHandle, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let members = Arc::new(RwLock::new(HashMap::new()));
+    let hub = Arc::new(WatchHub::new());
+    let handle = NodeHandle { tx, members: members.clone(), hub: hub.clone() };
+    transport.attach(handle.clone());
+    let name = format!("raft-{}", core.node_id());
+    let join = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(core, cfg, rx, transport, members, hub))
+        .unwrap_or_else(|e| panic!("cannot start the raft thread: {e}"));
+    (handle, join)
+}
+
+fn run(
+    mut core: GroupCore,
+    cfg: NodeConfig,
+    rx: mpsc::Receiver<NodeMsg>,
+    transport: Transport,
+    members: Arc<RwLock<HashMap<NodeId, String>>>,
+    hub: Arc<WatchHub>,
+) {
+    let mut waiters: HashMap<u64, Waiter> = HashMap::new();
+    let mut next_token: u64 = 1;
+    let mut next_tick = Instant::now() + cfg.tick;
+    let mut next_expire = Instant::now() + cfg.expire_every;
+    let mut book_epoch = u64::MAX;
+    loop {
+        let timeout = next_tick.saturating_duration_since(Instant::now());
+        let first = match rx.recv_timeout(timeout) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let now = Timespec::now();
+        let mut batch: Vec<NodeMsg> = first.into_iter().collect();
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        for msg in batch {
+            match msg {
+                NodeMsg::Write(cmd, reply) => {
+                    let t = next_token;
+                    next_token += 1;
+                    waiters.insert(t, Waiter::Write(reply));
+                    core.propose(t, cmd, now);
+                }
+                NodeMsg::Read(q, reply) => {
+                    let t = next_token;
+                    next_token += 1;
+                    waiters.insert(t, Waiter::Read(reply));
+                    core.read(t, q);
+                }
+                NodeMsg::Conf(change, id, addr, reply) => {
+                    let t = next_token;
+                    next_token += 1;
+                    waiters.insert(t, Waiter::Conf(reply));
+                    core.change_membership(t, change, id, addr);
+                }
+                NodeMsg::TransferLeader(to, reply) => {
+                    let _ = reply.send(core.transfer_leader(to));
+                }
+                NodeMsg::Status(reply) => {
+                    let _ = reply.send(core.status());
+                }
+                NodeMsg::Raft(msgs) => {
+                    for m in msgs {
+                        core.step(m);
+                    }
+                }
+                NodeMsg::Unreachable(id) => core.report_unreachable(id),
+                NodeMsg::SnapshotDone(id, ok) => core.report_snapshot(id, ok),
+                NodeMsg::Stop => {
+                    tracing::info!("raft group stopping");
+                    return;
+                }
+            }
+        }
+        if Instant::now() >= next_tick {
+            core.tick();
+            next_tick += cfg.tick;
+            if next_tick < Instant::now() {
+                next_tick = Instant::now() + cfg.tick;
+            }
+        }
+        if core.is_leader() && Instant::now() >= next_expire {
+            next_expire = Instant::now() + cfg.expire_every;
+            let cmd = Command { client: 0, seq: 0, acked_below: 0, time: now, op: Op::ExpireSessions };
+            core.propose(0, cmd, now);
+        }
+        if let Err(e) = core.process() {
+            // A storage failure: stop rather than acknowledge anything not durable.
+            tracing::error!(error = %e, "raft group failed; stopping");
+            for (_, w) in waiters.drain() {
+                fail(w, e.clone());
+            }
+            return;
+        }
+        let msgs = core.take_messages();
+        if !msgs.is_empty() {
+            transport.send(msgs);
+        }
+        for ev in core.take_events() {
+            match ev {
+                Event::Write { token, result } => {
+                    if let Some(Waiter::Write(r)) = waiters.remove(&token) {
+                        let _ = r.send(result);
+                    }
+                }
+                Event::Read { token, result } => {
+                    if let Some(Waiter::Read(r)) = waiters.remove(&token) {
+                        let _ = r.send(result);
+                    }
+                }
+                Event::Conf { token, result } => {
+                    if let Some(Waiter::Conf(r)) = waiters.remove(&token) {
+                        let _ = r.send(result);
+                    }
+                }
+                Event::Changes(sets) => hub.publish(sets),
+                Event::Reset => hub.reset(),
+            }
+        }
+        // Refresh the shared address book when membership changed.
+        if core.members_epoch() != book_epoch {
+            book_epoch = core.members_epoch();
+            if let Ok(mut book) = members.write() {
+                book.clear();
+                book.extend(core.members().map(|m| (m.id, m.addr.clone())));
+            }
+        }
+    }
+}
+
+fn fail(w: Waiter, e: CoreError) {
+    match w {
+        Waiter::Write(r) => {
+            let _ = r.send(Err(e));
+        }
+        Waiter::Read(r) => {
+            let _ = r.send(Err(e));
+        }
+        Waiter::Conf(r) => {
+            let _ = r.send(Err(e));
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! Durable Raft storage for one group: the log, the hard state, the configuration and the
+//! latest snapshot, kept in redb and mirrored in memory.
+//!
+//! Every key starts with the group id, so many groups can share one database file. The whole
+//! un-compacted log is also held in memory (compaction keeps it short), so `raft::Storage`
+//! reads never touch the disk; the disk is written once per Ready, in one transaction with
+//! one fsync, whatever number of entries and proposals it carries (group commit).
+
+use std::sync::Arc;
+
+use elea_common::GroupId;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+
+/// (group, index) -> protobuf-encoded `Entry`.
+const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("raft_log");
+/// (group, key) -> protobuf-encoded value; keys below.
+const STATE: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("raft_state");
+
+const KEY_HARD_STATE: &str = "hard_state";
+const KEY_CONF_STATE: &str = "conf_state";
+const KEY_SNAPSHOT: &str = "snapshot";
+const KEY_MEMBERS: &str = "members";
+
+/// A storage failure. Any of these stops the group: the node refuses to go on rather than
+/// risk acknowledging what is not durable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("raft storage: {0}")]
+    Db(String),
+    #[error("raft storage is corrupt: {0}")]
+    Corrupt(String),
+    #[error("raft storage: {0}")]
+    Invalid(String),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl From<StoreError> for raft::Error {
+    fn from(e: StoreError) -> Self {
+        raft::Error::Store(StorageError::Other(Box::new(e)))
+    }
+}
+
+fn decode<M: protobuf::Message>(what: &str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::parse_from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn encode<M: protobuf::Message>(m: &M) -> Result<Vec<u8>, StoreError> {
+    m.write_to_bytes().map_err(|e| StoreError::Invalid(format!("encode: {e}")))
+}
+
+/// Opens (or creates) the database file that holds every group's Raft state on this node.
+pub fn open_db(path: &std::path::Path) -> Result<Arc<Database>, StoreError> {
+    let db = Database::create(path)?;
+    let tx = db.begin_write()?;
+    tx.open_table(LOG)?;
+    tx.open_table(STATE)?;
+    tx.commit()?;
+    Ok(Arc::new(db))
+}
+
+/// An in-memory database, for deterministic simulation tests.
+pub fn memory_db() -> Result<Arc<Database>, StoreError> {
+    let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+    let tx = db.begin_write()?;
+    tx.open_table(LOG)?;
+    tx.open_table(STATE)?;
+    tx.commit()?;
+    Ok(Arc::new(db))
+}
+
+/// One group's Raft storage. Implements [`raft::Storage`] from memory; the mutating methods
+/// write through to redb durably before returning.
+pub struct GroupStorage {
+    group: GroupId,
+    db: Arc<Database>,
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Latest snapshot (metadata and data); index 0 when there is none.
+    snapshot: Snapshot,
+    /// Contiguous entries after the compaction point.
+    entries: Vec<Entry>,
+}
+
+impl GroupStorage {
+    /// Loads a group's state from `db` (empty when the group was never written).
+    pub fn open(db: Arc<Database>, group: GroupId) -> Result<Self, StoreError> {
+        let tx = db.begin_read()?;
+        let state = tx.open_table(STATE)?;
+        let get = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(state.get((group, key))?.map(|v| v.value().to_vec()))
+        };
+        let hard_state = match get(KEY_HARD_STATE)? {
+            Some(b) => decode("hard state", &b)?,
+            None => HardState::default(),
+        };
+        let conf_state = match get(KEY_CONF_STATE)? {
+            Some(b) => decode("conf state", &b)?,
+            None => ConfState::default(),
+        };
+        let snapshot: Snapshot = match get(KEY_SNAPSHOT)? {
+            Some(b) => decode("snapshot", &b)?,
+            None => Snapshot::default(),
+        };
+        let log = tx.open_table(LOG)?;
+        let mut entries = Vec::new();
+        for item in log.range((group, 0)..=(group, u64::MAX))? {
+            let (k, v) = item?;
+            let e: Entry = decode("log entry", v.value())?;
+            let (_, index) = k.value();
+            if e.index != index {
+                return Err(StoreError::Corrupt(format!("entry at key {index} has index {}", e.index)));
+            }
+            if let Some(last) = entries.last().map(|l: &Entry| l.index)
+                && index != last + 1
+            {
+                return Err(StoreError::Corrupt(format!("log gap between {last} and {index}")));
+            }
+            entries.push(e);
+        }
+        Ok(Self { group, db, hard_state, conf_state, snapshot, entries })
+    }
+
+    /// True when nothing was ever stored for this group.
+    pub fn is_fresh(&self) -> bool {
+        self.hard_state == HardState::default()
+            && self.conf_state == ConfState::default()
+            && self.entries.is_empty()
+            && self.snapshot.get_metadata().index == 0
+    }
+
+    /// Starts a new cluster (durably): every initial voter writes the same snapshot at index
+    /// 1 (term 1) holding the voters, the member address book and the initial state. The log
+    /// therefore starts at 2, so a node that joins later always catches up from a snapshot and
+    /// learns the initial configuration from it. Only valid on a fresh group.
+    pub fn bootstrap(&mut self, voters: Vec<u64>, members: &[u8], data: Vec<u8>) -> Result<(), StoreError> {
+        if !self.is_fresh() {
+            return Err(StoreError::Invalid("bootstrap of a group that has state".into()));
+        }
+        let cs = ConfState::from((voters, vec![]));
+        let mut snap = Snapshot::default();
+        snap.set_data(data.into());
+        snap.mut_metadata().index = 1;
+        snap.mut_metadata().term = 1;
+        snap.mut_metadata().set_conf_state(cs.clone());
+        let hs = HardState { term: 1, commit: 1, ..Default::default() };
+        let group = self.group;
+        self.write(|_, state| {
+            state.insert((group, KEY_CONF_STATE), encode(&cs)?.as_slice())?;
+            state.insert((group, KEY_MEMBERS), members)?;
+            state.insert((group, KEY_SNAPSHOT), encode(&snap)?.as_slice())?;
+            state.insert((group, KEY_HARD_STATE), encode(&hs)?.as_slice())?;
+            Ok(())
+        })?;
+        self.conf_state = cs;
+        self.hard_state = hs;
+        self.snapshot = snap;
+        Ok(())
+    }
+
+    /// The member address book last stored with [`GroupStorage::set_conf_state`] or
+    /// [`GroupStorage::bootstrap`].
+    pub fn members_blob(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let state = tx.open_table(STATE)?;
+        Ok(state.get((self.group, KEY_MEMBERS))?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// The latest snapshot (index 0 when none).
+    pub fn latest_snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    fn first(&self) -> u64 {
+        match self.entries.first() {
+            Some(e) => e.index,
+            None => self.snapshot.get_metadata().index + 1,
+        }
+    }
+
+    fn last(&self) -> u64 {
+        match self.entries.last() {
+            Some(e) => e.index,
+            None => self.snapshot.get_metadata().index,
+        }
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(
+            &mut redb::Table<'_, (u64, u64), &'static [u8]>,
+            &mut redb::Table<'_, (u64, &'static str), &'static [u8]>,
+        ) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate).map_err(|e| StoreError::Db(e.to_string()))?;
+        {
+            let mut log = tx.open_table(LOG)?;
+            let mut state = tx.open_table(STATE)?;
+            f(&mut log, &mut state)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Durably appends `entries` (replacing any conflicting suffix) and records `hs`, in one
+    /// transaction with one fsync.
+    pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StoreError> {
+        if entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        if let Some(first) = entries.first() {
+            if first.index < self.first() {
+                return Err(StoreError::Invalid(format!(
+                    "append at {} below the first index {}",
+                    first.index,
+                    self.first()
+                )));
+            }
+            if first.index > self.last() + 1 {
+                return Err(StoreError::Invalid(format!(
+                    "append at {} leaves a gap after {}",
+                    first.index,
+                    self.last()
+                )));
+            }
+        }
+        let group = self.group;
+        let last = self.last();
+        self.write(|log, state| {
+            if let Some(first) = entries.first()
+                && first.index <= last
+            {
+                for i in first.index..=last {
+                    log.remove((group, i))?;
+                }
+            }
+            for e in entries {
+                log.insert((group, e.index), encode(e)?.as_slice())?;
+            }
+            if let Some(hs) = hs {
+                state.insert((group, KEY_HARD_STATE), encode(hs)?.as_slice())?;
+            }
+            Ok(())
+        })?;
+        if let Some(first) = entries.first() {
+            let keep = usize::try_from(first.index - self.first()).unwrap_or(usize::MAX);
+            self.entries.truncate(keep);
+            self.entries.extend_from_slice(entries);
+        }
+        if let Some(hs) = hs {
+            self.hard_state = hs.clone();
+        }
+        Ok(())
+    }
+
+    /// Records a new commit index in memory; it reaches the disk with the next write. (A
+    /// restarted node re-learns the commit index from the leader; nothing depends on it being
+    /// durable.)
+    pub fn set_commit(&mut self, commit: u64) {
+        if commit > self.hard_state.commit {
+            self.hard_state.commit = commit;
+        }
+    }
+
+    /// Durably records the configuration after a conf change was applied, with the member
+    /// address book (opaque bytes owned by the caller).
+    pub fn set_conf_state(&mut self, cs: ConfState, members: &[u8]) -> Result<(), StoreError> {
+        let group = self.group;
+        self.write(|_, state| {
+            state.insert((group, KEY_CONF_STATE), encode(&cs)?.as_slice())?;
+            state.insert((group, KEY_MEMBERS), members)?;
+            Ok(())
+        })?;
+        self.conf_state = cs;
+        Ok(())
+    }
+
+    /// Installs a snapshot received from the leader: the log is replaced by it (durably).
+    pub fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), StoreError> {
+        let meta = snap.get_metadata();
+        if meta.index < self.snapshot.get_metadata().index {
+            return Err(StoreError::Invalid(format!(
+                "snapshot at {} is older than ours at {}",
+                meta.index,
+                self.snapshot.get_metadata().index
+            )));
+        }
+        let mut hs = self.hard_state.clone();
+        hs.term = hs.term.max(meta.term);
+        hs.commit = meta.index;
+        let cs = meta.get_conf_state().clone();
+        let group = self.group;
+        self.write(|log, state| {
+            log.retain_in((group, 0)..=(group, u64::MAX), |_, _| false)?;
+            state.insert((group, KEY_SNAPSHOT), encode(&snap)?.as_slice())?;
+            state.insert((group, KEY_HARD_STATE), encode(&hs)?.as_slice())?;
+            state.insert((group, KEY_CONF_STATE), encode(&cs)?.as_slice())?;
+            Ok(())
+        })?;
+        self.entries.clear();
+        self.hard_state = hs;
+        self.conf_state = cs;
+        self.snapshot = snap;
+        Ok(())
+    }
+
+    /// Durably stores a snapshot of applied state at `index` (which must be in the log) and
+    /// drops log entries before `compact_below` (at most `index + 1`).
+    pub fn save_snapshot(
+        &mut self,
+        index: u64,
+        conf_state: ConfState,
+        data: Vec<u8>,
+        compact_below: u64,
+    ) -> Result<(), StoreError> {
+        let term = self.term_of(index)?;
+        let compact_below = compact_below.min(index + 1).max(self.first());
+        let mut snap = Snapshot::default();
+        snap.set_data(data.into());
+        let meta = snap.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(conf_state);
+        let group = self.group;
+        let first = self.first();
+        self.write(|log, state| {
+            state.insert((group, KEY_SNAPSHOT), encode(&snap)?.as_slice())?;
+            for i in first..compact_below {
+                log.remove((group, i))?;
+            }
+            Ok(())
+        })?;
+        let drop = usize::try_from(compact_below - first).unwrap_or(0).min(self.entries.len());
+        self.entries.drain(..drop);
+        self.snapshot = snap;
+        Ok(())
+    }
+
+    fn term_of(&self, idx: u64) -> Result<u64, StoreError> {
+        if idx == self.snapshot.get_metadata().index {
+            return Ok(self.snapshot.get_metadata().term);
+        }
+        let first = self.first();
+        if idx < first || idx > self.last() {
+            return Err(StoreError::Invalid(format!("no entry at {idx}")));
+        }
+        Ok(self.entries[usize::try_from(idx - first).unwrap_or(0)].term)
+    }
+
+    /// The entry at `idx`, if it is in the (un-compacted) log.
+    pub fn entry(&self, idx: u64) -> Option<&Entry> {
+        let first = self.first();
+        if idx < first {
+            return None;
+        }
+        self.entries.get(usize::try_from(idx - first).ok()?)
+    }
+}
+
+impl raft::Storage for GroupStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let first = self.first();
+        if low < first {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last() + 1 || low > high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let lo = usize::try_from(low - first).unwrap_or(usize::MAX);
+        let hi = usize::try_from(high - first).unwrap_or(usize::MAX);
+        let mut ents = self.entries.get(lo..hi).map(<[Entry]>::to_vec).unwrap_or_default();
+        raft::util::limit_size(&mut ents, max_size.into());
+        Ok(ents)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.snapshot.get_metadata().index {
+            return Ok(self.snapshot.get_metadata().term);
+        }
+        let first = self.first();
+        if idx < first {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entries[usize::try_from(idx - first).unwrap_or(0)].term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.snapshot.get_metadata().index < request_index {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        Ok(self.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage as _;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry { index, term, data: vec![index as u8; 8].into(), ..Default::default() }
+    }
+
+    #[test]
+    fn append_truncate_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("raft.redb")).unwrap();
+        let mut s = GroupStorage::open(db.clone(), 7).unwrap();
+        assert!(s.is_fresh());
+        s.bootstrap(vec![1, 2, 3], b"m", vec![]).unwrap();
+        assert_eq!(s.first_index().unwrap(), 2);
+        let hs = HardState { term: 2, vote: 1, ..Default::default() };
+        s.persist(&(2..=5).map(|i| entry(i, 1)).collect::<Vec<_>>(), Some(&hs)).unwrap();
+        // A conflicting suffix replaces entries 4 and 5.
+        s.persist(&[entry(4, 2)], None).unwrap();
+        assert_eq!(s.last_index().unwrap(), 4);
+        assert_eq!(s.term(4).unwrap(), 2);
+        assert!(s.persist(&[entry(9, 2)], None).is_err(), "a gap is refused");
+        drop(s);
+        let s = GroupStorage::open(db.clone(), 7).unwrap();
+        assert_eq!(s.last_index().unwrap(), 4);
+        assert_eq!(s.term(4).unwrap(), 2);
+        assert_eq!(s.hard_state().vote, 1);
+        assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
+        assert_eq!(s.members_blob().unwrap().as_deref(), Some(&b"m"[..]));
+        // Another group in the same file is independent.
+        assert!(GroupStorage::open(db, 8).unwrap().is_fresh());
+    }
+
+    #[test]
+    fn snapshot_and_compaction() {
+        let db = memory_db().unwrap();
+        let mut s = GroupStorage::open(db.clone(), 1).unwrap();
+        s.bootstrap(vec![1], b"", vec![]).unwrap();
+        s.persist(&(2..=10).map(|i| entry(i, 3)).collect::<Vec<_>>(), None).unwrap();
+        s.save_snapshot(8, s.conf_state().clone(), b"state".to_vec(), 6).unwrap();
+        assert_eq!(s.first_index().unwrap(), 6);
+        assert!(matches!(
+            s.entries(5, 7, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(s.entries(6, 11, None, GetEntriesContext::empty(false)).unwrap().len(), 5);
+        assert_eq!(s.snapshot(0, 2).unwrap().get_metadata().index, 8);
+        let s2 = GroupStorage::open(db, 1).unwrap();
+        assert_eq!(s2.first_index().unwrap(), 6);
+        assert_eq!(s2.last_index().unwrap(), 10);
+        assert_eq!(&s2.latest_snapshot().data[..], b"state");
+
+        // Installing a newer snapshot replaces the log.
+        let mut s3 = s2;
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 20;
+        snap.mut_metadata().term = 4;
+        snap.mut_metadata().set_conf_state(ConfState::from((vec![1, 2], vec![])));
+        s3.apply_snapshot(snap).unwrap();
+        assert_eq!(s3.first_index().unwrap(), 21);
+        assert_eq!(s3.last_index().unwrap(), 20);
+        assert_eq!(s3.term(20).unwrap(), 4);
+        assert_eq!(s3.hard_state().commit, 20);
+    }
+}

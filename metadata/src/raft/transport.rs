@@ -1,0 +1,158 @@
+//! Peer transport: sends this node's Raft messages to other nodes over gRPC.
+//!
+//! One tokio task per peer keeps per-peer order, batches whatever is queued into one RPC, and
+//! reports failures back to raft-rs (unreachable peers, failed snapshots) so it backs off.
+//! Addresses come from the replicated member book, or for a node that is not yet in our book
+//! (a joining node talking to us first) from the address it sent with its own messages.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use elea_common::{GroupId, NodeId};
+use raft::prelude::Message;
+use tokio::sync::mpsc;
+
+use super::core::{encode_message, is_snapshot};
+use super::node::{NodeHandle, NodeMsg};
+use crate::proto::RaftBatch;
+use crate::proto::raft_peer_client::RaftPeerClient;
+
+/// Largest Raft RPC (snapshots travel in one message).
+pub const MAX_RAFT_MESSAGE: usize = 1 << 30;
+
+struct Inner {
+    id: NodeId,
+    addr: String,
+    group: GroupId,
+    peers: Mutex<HashMap<NodeId, mpsc::UnboundedSender<Message>>>,
+    learned: RwLock<HashMap<NodeId, String>>,
+    node: OnceLock<NodeHandle>,
+    rt: tokio::runtime::Handle,
+}
+
+/// Cloneable; see the module docs.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+impl Transport {
+    /// Must be created inside a tokio runtime (the peer tasks run on it).
+    pub fn new(id: NodeId, addr: String, group: GroupId) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                id,
+                addr,
+                group,
+                peers: Mutex::new(HashMap::new()),
+                learned: RwLock::new(HashMap::new()),
+                node: OnceLock::new(),
+                rt: tokio::runtime::Handle::current(),
+            }),
+        }
+    }
+
+    pub(crate) fn attach(&self, node: NodeHandle) {
+        let _ = self.inner.node.set(node);
+    }
+
+    /// Remembers where a peer that messaged us listens.
+    pub fn learn(&self, id: NodeId, addr: &str) {
+        if id == self.inner.id || super::core::validate_addr(addr).is_err() {
+            return;
+        }
+        if let Ok(mut l) = self.inner.learned.write()
+            && l.get(&id).map(String::as_str) != Some(addr)
+        {
+            l.insert(id, addr.to_string());
+        }
+    }
+
+    /// Queues messages for their peers. Never blocks.
+    pub fn send(&self, msgs: Vec<Message>) {
+        let Ok(mut peers) = self.inner.peers.lock() else { return };
+        for m in msgs {
+            let to = m.to;
+            if to == self.inner.id || to == 0 {
+                continue;
+            }
+            let tx = peers.entry(to).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.inner.rt.spawn(peer_loop(self.inner.clone(), to, rx));
+                tx
+            });
+            if tx.send(m).is_err() {
+                peers.remove(&to);
+            }
+        }
+    }
+}
+
+fn addr_of(inner: &Inner, id: NodeId) -> Option<String> {
+    inner.node.get().and_then(|n| n.addr_of(id)).or_else(|| inner.learned.read().ok()?.get(&id).cloned())
+}
+
+async fn peer_loop(inner: Arc<Inner>, to: NodeId, mut rx: mpsc::UnboundedReceiver<Message>) {
+    let mut client: Option<(String, RaftPeerClient<tonic::transport::Channel>)> = None;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let node = inner.node.get();
+        let has_snapshot = batch.iter().any(is_snapshot);
+        let Some(addr) = addr_of(&inner, to) else {
+            if let Some(n) = node {
+                n.report(NodeMsg::Unreachable(to));
+                if has_snapshot {
+                    n.report(NodeMsg::SnapshotDone(to, false));
+                }
+            }
+            continue;
+        };
+        if client.as_ref().is_none_or(|(a, _)| *a != addr) {
+            client = connect(&addr).map(|c| (addr.clone(), c));
+        }
+        let Some((_, c)) = client.as_mut() else { continue };
+        let messages: Vec<Vec<u8>> = batch.iter().filter_map(|m| encode_message(m).ok()).collect();
+        let req =
+            RaftBatch { group_id: inner.group, from: inner.id, from_addr: inner.addr.clone(), to, messages };
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(if has_snapshot { Duration::from_secs(120) } else { Duration::from_secs(3) });
+        match c.send(request).await {
+            Ok(_) => {
+                if has_snapshot && let Some(n) = node {
+                    n.report(NodeMsg::SnapshotDone(to, true));
+                }
+            }
+            Err(status) => {
+                tracing::debug!(peer = to, %addr, error = %status.message(), "raft send failed");
+                client = None;
+                // Drop what queued up meanwhile: raft-rs resends what matters.
+                while rx.try_recv().is_ok() {}
+                if let Some(n) = node {
+                    n.report(NodeMsg::Unreachable(to));
+                    if has_snapshot {
+                        n.report(NodeMsg::SnapshotDone(to, false));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn connect(addr: &str) -> Option<RaftPeerClient<tonic::transport::Channel>> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true);
+    Some(
+        RaftPeerClient::new(ep.connect_lazy())
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE),
+    )
+}

@@ -1,0 +1,192 @@
+//! Starting a metadata node: open its storage, bootstrap or rejoin, start the group thread and
+//! serve gRPC on an already-bound listener until a shutdown future resolves.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use elea_common::ids::DEFAULT_GROUP;
+use elea_common::{GroupId, NodeId};
+use tokio::net::TcpListener;
+
+use crate::proto::meta_server::MetaServer;
+use crate::proto::raft_peer_server::RaftPeerServer;
+use crate::raft::core::{CoreConfig, GroupCore, Member, validate_addr};
+use crate::raft::node::{self, NodeConfig};
+use crate::raft::storage::{GroupStorage, open_db};
+use crate::raft::transport::{MAX_RAFT_MESSAGE, Transport};
+use crate::service::{MAX_REQUEST, MetaService};
+
+/// Everything `elea meta` needs.
+#[derive(Debug, Clone)]
+pub struct MetaNodeConfig {
+    pub node_id: NodeId,
+    /// The address peers and clients reach this node at (`HOST:PORT`).
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    /// Initial voters of a new cluster (must include this node). Ignored when the data dir
+    /// already holds state.
+    pub initial_cluster: Vec<Member>,
+    /// Addresses of an existing cluster this (new, empty) node joins after `cluster add`.
+    pub join: Vec<String>,
+    pub group: GroupId,
+    pub snapshot_every: u64,
+    pub compact_margin: u64,
+    pub node: NodeConfig,
+}
+
+impl MetaNodeConfig {
+    pub fn new(node_id: NodeId, advertise: String, data_dir: PathBuf) -> Self {
+        let core = CoreConfig::new(node_id, DEFAULT_GROUP);
+        Self {
+            node_id,
+            advertise,
+            data_dir,
+            initial_cluster: Vec::new(),
+            join: Vec::new(),
+            group: DEFAULT_GROUP,
+            snapshot_every: core.snapshot_every,
+            compact_margin: core.compact_margin,
+            node: NodeConfig::default(),
+        }
+    }
+}
+
+/// A start-up failure: bad configuration or unusable storage.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Parses `1=HOST:PORT,2=HOST:PORT`.
+pub fn parse_initial_cluster(s: &str) -> Result<Vec<Member>, ServeError> {
+    let mut out: Vec<Member> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) =
+            part.split_once('=').ok_or_else(|| ServeError::Config(format!("{part:?}: want ID=HOST:PORT")))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| ServeError::Config(format!("{part:?}: node id must be a positive integer")))?;
+        if id == 0 {
+            return Err(ServeError::Config("node id 0 is reserved".into()));
+        }
+        validate_addr(addr).map_err(|e| ServeError::Config(e.to_string()))?;
+        if out.iter().any(|m| m.id == id) {
+            return Err(ServeError::Config(format!("node id {id} appears twice")));
+        }
+        out.push(Member { id, addr: addr.to_string(), learner: false });
+    }
+    if out.is_empty() {
+        return Err(ServeError::Config("the initial cluster is empty".into()));
+    }
+    Ok(out)
+}
+
+/// Runs a metadata node until `shutdown` resolves.
+pub async fn serve(
+    cfg: MetaNodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    if cfg.node_id == 0 {
+        return Err(ServeError::Config("node id 0 is reserved".into()));
+    }
+    validate_addr(&cfg.advertise).map_err(|e| ServeError::Config(e.to_string()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| ServeError::Storage(format!("{}: {e}", cfg.data_dir.display())))?;
+    let db = open_db(&cfg.data_dir.join("raft.redb")).map_err(|e| ServeError::Storage(e.to_string()))?;
+    let mut storage = GroupStorage::open(db, cfg.group).map_err(|e| ServeError::Storage(e.to_string()))?;
+    let transport = Transport::new(cfg.node_id, cfg.advertise.clone(), cfg.group);
+    if storage.is_fresh() {
+        if !cfg.join.is_empty() {
+            tracing::info!(join = ?cfg.join, "empty data dir: joining an existing cluster");
+            learn_from_cluster(&cfg, &transport).await?;
+        } else if cfg.initial_cluster.is_empty() {
+            return Err(ServeError::Config("empty data dir: give --initial-cluster or --join".into()));
+        } else {
+            match cfg.initial_cluster.iter().find(|m| m.id == cfg.node_id) {
+                Some(me) if me.addr == cfg.advertise => {}
+                Some(me) => {
+                    return Err(ServeError::Config(format!(
+                        "--initial-cluster lists node {} at {} but it listens at {}",
+                        cfg.node_id, me.addr, cfg.advertise
+                    )));
+                }
+                None => {
+                    return Err(ServeError::Config(format!(
+                        "--initial-cluster does not include this node ({})",
+                        cfg.node_id
+                    )));
+                }
+            }
+            GroupCore::bootstrap(&mut storage, &cfg.initial_cluster)
+                .map_err(|e| ServeError::Storage(e.to_string()))?;
+            tracing::info!(voters = cfg.initial_cluster.len(), "bootstrapped a new cluster");
+        }
+    } else {
+        tracing::info!(dir = %cfg.data_dir.display(), "rejoining with existing state");
+    }
+    let mut core_cfg = CoreConfig::new(cfg.node_id, cfg.group);
+    core_cfg.snapshot_every = cfg.snapshot_every;
+    core_cfg.compact_margin = cfg.compact_margin;
+    let core = GroupCore::open(core_cfg, storage).map_err(|e| ServeError::Storage(e.to_string()))?;
+    let (handle, join) = node::spawn(core, cfg.node.clone(), transport.clone());
+    let svc = std::sync::Arc::new(MetaService::new(
+        handle.clone(),
+        transport,
+        cfg.node_id,
+        cfg.advertise.clone(),
+        cfg.group,
+    ));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .add_service(
+            MetaServer::from_arc(svc.clone())
+                .max_decoding_message_size(MAX_REQUEST * 2)
+                .max_encoding_message_size(MAX_REQUEST * 2),
+        )
+        .add_service(
+            RaftPeerServer::from_arc(svc)
+                .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    handle.stop();
+    let _ = tokio::task::spawn_blocking(move || join.join()).await;
+    result.map_err(ServeError::from)
+}
+
+/// A joining node asks the cluster for its member book (so it can answer the leader) and
+/// checks that it was added first.
+async fn learn_from_cluster(cfg: &MetaNodeConfig, transport: &Transport) -> Result<(), ServeError> {
+    let client = crate::client::MetaClient::connect(&cfg.join, crate::client::ClientConfig::default())
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        for addr in &cfg.join {
+            let Ok(s) = client.status_of(addr).await else { continue };
+            if !s.members.iter().any(|m| m.node_id == cfg.node_id) {
+                return Err(ServeError::Config(format!(
+                    "node {} is not a member of the cluster at {addr}; add it first with \
+                     `elea cluster add --node-id {} --addr {}`",
+                    cfg.node_id, cfg.node_id, cfg.advertise
+                )));
+            }
+            for m in &s.members {
+                transport.learn(m.node_id, &m.addr);
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ServeError::Config(format!("no node of {:?} answered", cfg.join)));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

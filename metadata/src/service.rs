@@ -1,0 +1,308 @@
+//! The gRPC service: decodes requests, hands them to the group thread, encodes replies, and
+//! converts [`CoreError`] to `tonic::Status` in one place. Followers forward writes, reads and
+//! admin calls to the leader (one hop at most); every "not the leader" status carries the
+//! leader's id and address in the `elea-leader-id` / `elea-leader-addr` metadata so clients
+//! go straight there next time.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use elea_common::{GroupId, NodeId};
+use elea_fsm::{Command, Query};
+use tokio_stream::Stream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::proto::meta_client::MetaClient as RawMetaClient;
+use crate::proto::{self, change_membership_request::Kind};
+use crate::raft::core::{CoreError, CoreStatus, Member, MemberChange, decode_message};
+use crate::raft::node::NodeHandle;
+use crate::raft::transport::Transport;
+use crate::watch::HubEvent;
+
+/// Largest encoded command or query accepted.
+pub const MAX_REQUEST: usize = 2 << 20;
+/// How long a request may wait for the group (commit and apply).
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const LEADER_ID_KEY: &str = "elea-leader-id";
+pub const LEADER_ADDR_KEY: &str = "elea-leader-addr";
+
+pub struct MetaService {
+    node: NodeHandle,
+    transport: Transport,
+    id: NodeId,
+    addr: String,
+    group: GroupId,
+    forward: Mutex<HashMap<String, RawMetaClient<Channel>>>,
+}
+
+impl MetaService {
+    pub fn new(node: NodeHandle, transport: Transport, id: NodeId, addr: String, group: GroupId) -> Self {
+        Self { node, transport, id, addr, group, forward: Mutex::new(HashMap::new()) }
+    }
+
+    fn check_group(&self, group: GroupId) -> Result<(), Status> {
+        if group == self.group {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!(
+                "unknown raft group {group}: node {} serves group {}",
+                self.id, self.group
+            )))
+        }
+    }
+
+    fn to_status(&self, e: CoreError) -> Status {
+        match e {
+            CoreError::NotLeader { leader: Some(l) } => {
+                let addr = self.node.addr_of(l).unwrap_or_default();
+                let mut s = Status::unavailable(format!(
+                    "node {} is not the leader; the leader is node {l} at {addr}",
+                    self.id
+                ));
+                if let Ok(v) = l.to_string().parse() {
+                    s.metadata_mut().insert(LEADER_ID_KEY, v);
+                }
+                if let Ok(v) = addr.parse() {
+                    s.metadata_mut().insert(LEADER_ADDR_KEY, v);
+                }
+                s
+            }
+            CoreError::NotLeader { leader: None } => Status::unavailable("no leader is elected yet; retry"),
+            CoreError::Dropped => {
+                Status::unavailable("leadership changed before the request completed; retry")
+            }
+            CoreError::Busy(m) => Status::unavailable(m),
+            CoreError::Invalid(m) => Status::invalid_argument(m),
+            CoreError::Removed => {
+                Status::failed_precondition(format!("node {} is not a member of the cluster", self.id))
+            }
+            CoreError::Store(m) => Status::internal(m),
+        }
+    }
+
+    /// The leader to forward to, when this node knows it and is not it.
+    fn forward_target(&self, e: &CoreError, hops: u32) -> Option<RawMetaClient<Channel>> {
+        let CoreError::NotLeader { leader: Some(l) } = e else { return None };
+        if hops > 0 || *l == self.id {
+            return None;
+        }
+        let addr = self.node.addr_of(*l)?;
+        let mut map = self.forward.lock().ok()?;
+        if let Some(c) = map.get(&addr) {
+            return Some(c.clone());
+        }
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        let c = RawMetaClient::new(ep.connect_lazy())
+            .max_decoding_message_size(MAX_REQUEST * 2)
+            .max_encoding_message_size(MAX_REQUEST * 2);
+        map.insert(addr, c.clone());
+        Some(c)
+    }
+}
+
+fn members_to_proto(ms: Vec<Member>) -> Vec<proto::Member> {
+    ms.into_iter().map(|m| proto::Member { node_id: m.id, addr: m.addr, learner: m.learner }).collect()
+}
+
+fn status_reply(s: CoreStatus, addr: &str) -> proto::StatusReply {
+    proto::StatusReply {
+        node_id: s.node_id,
+        addr: addr.to_string(),
+        group_id: s.group,
+        role: s.role.to_string(),
+        term: s.term,
+        commit_index: s.commit,
+        applied_index: s.applied,
+        leader_id: s.leader.unwrap_or(0),
+        members: members_to_proto(s.members),
+        first_index: s.first_index,
+        last_index: s.last_index,
+        snapshot_index: s.snapshot_index,
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::meta_server::Meta for MetaService {
+    async fn write(&self, req: Request<proto::WriteRequest>) -> Result<Response<proto::WriteReply>, Status> {
+        let req = req.into_inner();
+        self.check_group(req.group_id)?;
+        if req.command.len() > MAX_REQUEST {
+            return Err(Status::invalid_argument(format!(
+                "command of {} bytes exceeds {MAX_REQUEST}",
+                req.command.len()
+            )));
+        }
+        let cmd: Command = postcard::from_bytes(&req.command)
+            .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+        match tokio::time::timeout(APPLY_TIMEOUT, self.node.write(cmd)).await {
+            Ok(Ok((result, index))) => {
+                let result = postcard::to_allocvec(&result).map_err(|e| Status::internal(e.to_string()))?;
+                Ok(Response::new(proto::WriteReply { result, index }))
+            }
+            Ok(Err(e)) => match self.forward_target(&e, req.hops) {
+                Some(mut c) => c.write(proto::WriteRequest { hops: req.hops + 1, ..req }).await,
+                None => Err(self.to_status(e)),
+            },
+            Err(_) => Err(Status::deadline_exceeded("the command was not applied in time; retry")),
+        }
+    }
+
+    async fn read(&self, req: Request<proto::ReadRequest>) -> Result<Response<proto::ReadReply>, Status> {
+        let req = req.into_inner();
+        self.check_group(req.group_id)?;
+        if req.query.len() > MAX_REQUEST {
+            return Err(Status::invalid_argument("query too large"));
+        }
+        let q: Query = postcard::from_bytes(&req.query)
+            .map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
+        match tokio::time::timeout(APPLY_TIMEOUT, self.node.read(q)).await {
+            Ok(Ok(result)) => {
+                let result = postcard::to_allocvec(&result).map_err(|e| Status::internal(e.to_string()))?;
+                Ok(Response::new(proto::ReadReply { result }))
+            }
+            Ok(Err(e)) => match self.forward_target(&e, req.hops) {
+                Some(mut c) => c.read(proto::ReadRequest { hops: req.hops + 1, ..req }).await,
+                None => Err(self.to_status(e)),
+            },
+            Err(_) => Err(Status::deadline_exceeded("the read did not complete in time; retry")),
+        }
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let req = req.into_inner();
+        self.check_group(req.group_id)?;
+        let vol = req.volume_id;
+        let sub = self.node.hub.subscribe(vol, req.from_seq);
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let event = |set: &elea_fsm::ChangeSet| proto::WatchEvent {
+                volume_id: set.vol,
+                seq: set.seq,
+                changes: postcard::to_allocvec(&set.changes).unwrap_or_default(),
+                reset: false,
+            };
+            let reset = proto::WatchEvent { volume_id: vol, seq: 0, changes: Vec::new(), reset: true };
+            if sub.reset && tx.send(Ok(reset.clone())).await.is_err() {
+                return;
+            }
+            for set in &sub.backlog {
+                if tx.send(Ok(event(set))).await.is_err() {
+                    return;
+                }
+            }
+            let mut rx = sub.rx;
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(HubEvent::Changes(set)) if set.vol == vol => event(&set),
+                    Ok(HubEvent::Changes(_)) => continue,
+                    Ok(HubEvent::Reset) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        reset.clone()
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn status(
+        &self,
+        req: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
+        let req = req.into_inner();
+        if req.group_id != 0 {
+            self.check_group(req.group_id)?;
+        }
+        let s = self.node.status().await.map_err(|e| self.to_status(e))?;
+        Ok(Response::new(status_reply(s, &self.addr)))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<proto::ChangeMembershipRequest>,
+    ) -> Result<Response<proto::ChangeMembershipReply>, Status> {
+        let req = req.into_inner();
+        self.check_group(req.group_id)?;
+        let change = match Kind::try_from(req.kind) {
+            Ok(Kind::AddVoter) => MemberChange::AddVoter,
+            Ok(Kind::AddLearner) => MemberChange::AddLearner,
+            Ok(Kind::Remove) => MemberChange::Remove,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!("unknown membership change kind {}", req.kind)));
+            }
+        };
+        match tokio::time::timeout(
+            APPLY_TIMEOUT,
+            self.node.change_membership(change, req.node_id, req.addr.clone()),
+        )
+        .await
+        {
+            Ok(Ok(members)) => {
+                Ok(Response::new(proto::ChangeMembershipReply { members: members_to_proto(members) }))
+            }
+            Ok(Err(e)) => match self.forward_target(&e, req.hops) {
+                Some(mut c) => {
+                    c.change_membership(proto::ChangeMembershipRequest { hops: req.hops + 1, ..req }).await
+                }
+                None => Err(self.to_status(e)),
+            },
+            Err(_) => Err(Status::deadline_exceeded("the membership change was not applied in time")),
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<proto::TransferLeaderRequest>,
+    ) -> Result<Response<proto::TransferLeaderReply>, Status> {
+        let req = req.into_inner();
+        self.check_group(req.group_id)?;
+        match self.node.transfer_leader(req.to).await {
+            Ok(()) => Ok(Response::new(proto::TransferLeaderReply {})),
+            Err(e) => match self.forward_target(&e, req.hops) {
+                Some(mut c) => {
+                    c.transfer_leader(proto::TransferLeaderRequest { hops: req.hops + 1, ..req }).await
+                }
+                None => Err(self.to_status(e)),
+            },
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::raft_peer_server::RaftPeer for MetaService {
+    async fn send(&self, req: Request<proto::RaftBatch>) -> Result<Response<proto::RaftAck>, Status> {
+        let req = req.into_inner();
+        self.check_group(req.group_id)?;
+        if req.to != self.id {
+            return Err(Status::failed_precondition(format!(
+                "raft message for node {} reached node {}",
+                req.to, self.id
+            )));
+        }
+        let mut msgs = Vec::with_capacity(req.messages.len());
+        for b in &req.messages {
+            let m = decode_message(b).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if m.from != req.from {
+                return Err(Status::invalid_argument("raft message sender does not match the batch"));
+            }
+            msgs.push(m);
+        }
+        self.transport.learn(req.from, &req.from_addr);
+        self.node.deliver(msgs).map_err(|e| self.to_status(e))?;
+        Ok(Response::new(proto::RaftAck {}))
+    }
+}
