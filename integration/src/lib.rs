@@ -1,1 +1,203 @@
-//! Multi-process cluster harness; the tests live in tests/.
+//! Multi-process cluster harness: starts real `elea meta` processes on loopback ports, kills
+//! them with SIGKILL, restarts them on their data directories, and waits for cluster states.
+//! The tests live in `tests/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use elea_metadata::client::{ClientConfig, MetaClient};
+use elea_metadata::proto::StatusReply;
+
+/// The `elea` binary under test: `$ELEA_BIN`, or the one next to this test executable's
+/// target directory (`cargo build -p elea` builds it; `cargo test --workspace` does too).
+pub fn elea_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ELEA_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("elea");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p elea` first (or set ELEA_BIN)", bin.display());
+    bin
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// One `elea meta` process.
+pub struct MetaProc {
+    pub id: u64,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl MetaProc {
+    /// Starts `elea meta --node-id ID --listen ADDR --data-dir DIR <extra>`.
+    pub fn start(id: u64, addr: &str, dir: &Path, extra: &[String]) -> Self {
+        let mut p = Self {
+            id,
+            addr: addr.to_string(),
+            dir: dir.to_path_buf(),
+            args: extra.to_vec(),
+            child: None,
+            log: dir.with_extension("log"),
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(elea_bin())
+            .arg("meta")
+            .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn elea meta");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again on the same data directory and flags.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last lines of this node's log (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for MetaProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A cluster of metadata processes in a temporary directory.
+pub struct Cluster {
+    pub nodes: Vec<MetaProc>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` voters (ids 1..=n) with `extra` flags for every node.
+    pub fn start(n: u64, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addrs: Vec<String> = (1..=n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let ic =
+            addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        let mut args: Vec<String> = vec!["--initial-cluster".into(), ic];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let nodes = (1..=n)
+            .map(|id| {
+                let i = usize::try_from(id - 1).unwrap_or(0);
+                MetaProc::start(id, &addrs[i], &dir.path().join(format!("n{id}")), &args)
+            })
+            .collect();
+        Self { nodes, dir }
+    }
+
+    /// Comma-separated addresses of every node (running or not).
+    pub fn addrs(&self) -> String {
+        self.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn client(&self) -> MetaClient {
+        let addrs: Vec<String> = self.nodes.iter().map(|n| n.addr.clone()).collect();
+        MetaClient::connect(&addrs, ClientConfig::default()).expect("client")
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut MetaProc {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("no such node")
+    }
+
+    /// Every node's log tail, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- node {} ---\n{}", n.id, n.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Status of every reachable address.
+pub async fn statuses(c: &MetaClient, addrs: &[String]) -> Vec<StatusReply> {
+    let mut out = Vec::new();
+    for a in addrs {
+        if let Ok(s) = c.status_of(a).await {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// Waits until some node among `addrs` reports being the leader; returns its status.
+pub async fn wait_leader(c: &MetaClient, addrs: &[String], timeout: Duration) -> Option<StatusReply> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(s) = statuses(c, addrs).await.into_iter().find(|s| s.role == "leader") {
+            return Some(s);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Waits until `pred` holds for the status of the node at `addr`.
+pub async fn wait_status(
+    c: &MetaClient,
+    addr: &str,
+    timeout: Duration,
+    pred: impl Fn(&StatusReply) -> bool,
+) -> Option<StatusReply> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(s) = c.status_of(addr).await
+            && pred(&s)
+        {
+            return Some(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Runs the `elea` CLI with arguments; returns (success, stdout, stderr).
+pub fn elea_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(elea_bin()).args(args).stdin(Stdio::null()).output().expect("run elea");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

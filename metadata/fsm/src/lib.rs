@@ -5,11 +5,32 @@
 //! the command's leader-stamped time, so every replica that applies the same log reaches the
 //! same state, byte for byte ([`StateMachine::snapshot`] is deterministic).
 
+mod changes;
+mod chunks;
+mod dedup;
+mod locks;
+mod namespace;
+mod sessions;
+mod state;
+// The contract is formatted by hand (one-line variants); keep rustfmt off it.
 pub mod types;
 
 pub use types::*;
 
-use elea_common::Errno;
+pub use namespace::{ALLOC_MAX, check_name};
+pub use sessions::{CLIENT_IDLE_MS, SESSION_NAME_MAX, SESSION_TTL_MAX_MS};
+
+use elea_common::SliceId;
+use serde::{Deserialize, Serialize};
+
+use changes::Changes;
+use dedup::Dedup;
+use state::State;
+
+/// First bytes of every snapshot.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"ELEAFSM\0";
+/// Snapshot format this build writes and reads.
+pub const SNAPSHOT_VERSION: u32 = 1;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -21,10 +42,23 @@ pub enum SnapshotError {
     Version(u32),
 }
 
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    magic: [u8; 8],
+    version: u32,
+    state: &'a State,
+}
+
+#[derive(Deserialize)]
+struct SnapshotHeader {
+    magic: [u8; 8],
+    version: u32,
+}
+
 /// The replicated namespace. See the crate docs.
 #[derive(Debug, Default, Clone)]
 pub struct StateMachine {
-    // Implementation to come: volumes, inodes, entries, sessions, locks, dedup table.
+    st: State,
 }
 
 impl StateMachine {
@@ -35,24 +69,143 @@ impl StateMachine {
     /// Apply one command. Never panics on any input; invalid ops return an errno and leave
     /// the state unchanged.
     pub fn apply(&mut self, cmd: &Command) -> (OpResult, Vec<ChangeSet>) {
-        let _ = cmd;
-        (Err(Errno::ENOSYS), Vec::new())
+        let now = self.st.clock.max(cmd.time);
+        if cmd.client != 0 {
+            match self.st.dedup_check(cmd.client, cmd.seq, cmd.acked_below, now) {
+                Err(e) => return (Err(e), Vec::new()),
+                Ok(Dedup::Hit(r)) => return (r, Vec::new()),
+                Ok(Dedup::Apply) => {}
+            }
+        }
+        let mut ch = Changes::default();
+        let res = self.exec(&cmd.op, now, &mut ch);
+        if cmd.client != 0 {
+            self.st.dedup_record(cmd.client, cmd.seq, &res);
+        }
+        if res.is_ok() || cmd.client != 0 {
+            self.st.clock = now;
+        }
+        let sets = if res.is_ok() { ch.commit(&mut self.st) } else { Vec::new() };
+        (res, sets)
+    }
+
+    fn exec(&mut self, op: &Op, now: elea_common::Timespec, ch: &mut Changes) -> OpResult {
+        let st = &mut self.st;
+        match op {
+            Op::CreateVolume { name } => st.create_volume(name, now, ch),
+            Op::Mknod { vol, parent, name, mode, uid, gid, rdev, exclusive, ino, session } => {
+                st.mknod(*vol, *parent, name, *mode, *uid, *gid, *rdev, *exclusive, *ino, *session, now, ch)
+            }
+            Op::Mkdir { vol, parent, name, mode, uid, gid, ino } => {
+                st.mkdir(*vol, *parent, name, *mode, *uid, *gid, *ino, now, ch)
+            }
+            Op::Symlink { vol, parent, name, target, uid, gid, ino } => {
+                st.symlink(*vol, *parent, name, target, *uid, *gid, *ino, now, ch)
+            }
+            Op::Link { vol, ino, new_parent, new_name } => {
+                st.link(*vol, *ino, *new_parent, new_name, now, ch)
+            }
+            Op::Unlink { vol, parent, name } => st.unlink(*vol, *parent, name, now, ch),
+            Op::Rmdir { vol, parent, name } => st.rmdir(*vol, *parent, name, now, ch),
+            Op::Rename { vol, parent, name, new_parent, new_name, flags } => {
+                st.rename(*vol, *parent, name, *new_parent, new_name, *flags, now, ch)
+            }
+            Op::SetAttr { vol, ino, set } => st.set_attr(*vol, *ino, set, now, ch),
+            Op::SetXattr { vol, ino, name, value, flags } => {
+                st.set_xattr(*vol, *ino, name, value, *flags, now, ch)
+            }
+            Op::RemoveXattr { vol, ino, name } => st.remove_xattr(*vol, *ino, name, now, ch),
+            Op::WriteSlice { vol, ino, chunk, slice } => st.write_slice(*vol, *ino, *chunk, slice, now, ch),
+            Op::Fallocate { vol, ino, offset, len, mode } => {
+                st.fallocate(*vol, *ino, *offset, *len, *mode, now, ch)
+            }
+            Op::OpenSession { name, ttl_ms } => st.open_session(name, *ttl_ms, now),
+            Op::Heartbeat { session } => st.heartbeat(*session, now),
+            Op::CloseSession { session } => st.close_session(*session, now, ch),
+            Op::ExpireSessions => st.expire_sessions(now, ch),
+            Op::Open { vol, ino, session } => st.open(*vol, *ino, *session, now),
+            Op::Release { vol, ino, session } => st.release(*vol, *ino, *session, now, ch),
+            Op::SetLk { vol, ino, session, owner, pid, kind, start, end, wait } => {
+                st.set_lk(*vol, *ino, *session, *owner, *pid, *kind, *start, *end, *wait, now, ch)
+            }
+            Op::Flock { vol, ino, session, owner, kind } => {
+                st.flock(*vol, *ino, *session, *owner, *kind, now, ch)
+            }
+            Op::AllocInodes { vol, count } => st.alloc_inodes(*vol, *count),
+            Op::AllocSlices { count } => st.alloc_slices(*count),
+        }
     }
 
     /// Answer a query from the current state.
     pub fn query(&self, q: &Query) -> OpResult {
-        let _ = q;
-        Err(Errno::ENOSYS)
+        let st = &self.st;
+        match q {
+            Query::ListVolumes => st.list_volumes(),
+            Query::VolumeByName { name } => st.volume_by_name(name),
+            Query::Lookup { vol, parent, name } => st.lookup(*vol, *parent, name),
+            Query::GetAttr { vol, ino } => st.get_attr(*vol, *ino),
+            Query::ReadDir { vol, ino, cookie, limit, plus } => {
+                st.read_dir(*vol, *ino, *cookie, *limit, *plus)
+            }
+            Query::ReadLink { vol, ino } => st.read_link(*vol, *ino),
+            Query::GetXattr { vol, ino, name } => st.get_xattr(*vol, *ino, name),
+            Query::ListXattr { vol, ino } => st.list_xattr(*vol, *ino),
+            Query::StatFs { vol } => st.stat_fs(*vol),
+            Query::ReadChunk { vol, ino, chunk } => st.read_chunk(*vol, *ino, *chunk),
+            Query::GetLk { vol, ino, session, owner, kind, start, end } => {
+                st.get_lk(*vol, *ino, *session, *owner, *kind, *start, *end)
+            }
+            Query::SessionInfo { session } => st.session_info(*session),
+        }
+    }
+
+    /// Slice ids no chunk references any more: their data may be deleted by a collector.
+    pub fn pending_deletes(&self) -> impl Iterator<Item = SliceId> + '_ {
+        self.st.slices.to_delete.iter().copied()
+    }
+
+    /// The latest command time the state has seen (the clock every query uses).
+    pub fn clock(&self) -> elea_common::Timespec {
+        self.st.clock
     }
 
     /// Serialize the whole state (deterministic bytes).
     pub fn snapshot(&self) -> Vec<u8> {
-        Vec::new()
+        let out = SnapshotOut { magic: SNAPSHOT_MAGIC, version: SNAPSHOT_VERSION, state: &self.st };
+        // Serializing plain data into a growable buffer cannot fail.
+        postcard::to_stdvec(&out).unwrap_or_default()
     }
 
     /// Rebuild a state machine from [`StateMachine::snapshot`] bytes.
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let _ = bytes;
-        Ok(Self::default())
+        let (h, rest) = postcard::take_from_bytes::<SnapshotHeader>(bytes)
+            .map_err(|e| SnapshotError::Corrupt(format!("header: {e}")))?;
+        if h.magic != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::Corrupt("bad magic".into()));
+        }
+        if h.version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version(h.version));
+        }
+        let (st, rest) = postcard::take_from_bytes::<State>(rest)
+            .map_err(|e| SnapshotError::Corrupt(format!("state: {e}")))?;
+        if !rest.is_empty() {
+            return Err(SnapshotError::Corrupt(format!("{} trailing bytes", rest.len())));
+        }
+        Ok(Self { st })
     }
+
+    /// A deterministic 64-bit hash (FNV-1a) of the snapshot bytes, to compare replicas.
+    pub fn fingerprint(&self) -> u64 {
+        fnv1a(&self.snapshot())
+    }
+}
+
+/// 64-bit FNV-1a.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }

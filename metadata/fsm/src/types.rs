@@ -232,7 +232,9 @@ pub struct VolumeInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Create a volume with an empty root directory (0o755, uid/gid 0). `EEXIST` if the name is taken.
-    CreateVolume { name: String },
+    CreateVolume {
+        name: String,
+    },
     /// Create a non-directory node (regular, fifo, socket, char, block) named `name` in `parent`.
     /// `mode` carries the type bits. With `exclusive == false` an existing entry is returned
     /// with `created: false` instead of `EEXIST` (open with O_CREAT but not O_EXCL).
@@ -250,69 +252,207 @@ pub enum Op {
         ino: Option<Ino>,
         session: Option<SessionId>,
     },
-    Mkdir { vol: VolumeId, parent: Ino, name: Vec<u8>, mode: u32, uid: u32, gid: u32, ino: Option<Ino> },
-    Symlink { vol: VolumeId, parent: Ino, name: Vec<u8>, target: Vec<u8>, uid: u32, gid: u32, ino: Option<Ino> },
+    Mkdir {
+        vol: VolumeId,
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        ino: Option<Ino>,
+    },
+    Symlink {
+        vol: VolumeId,
+        parent: Ino,
+        name: Vec<u8>,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+        ino: Option<Ino>,
+    },
     /// Add a hard link `new_parent/new_name` to `ino` (`EPERM` for directories).
-    Link { vol: VolumeId, ino: Ino, new_parent: Ino, new_name: Vec<u8> },
-    Unlink { vol: VolumeId, parent: Ino, name: Vec<u8> },
-    Rmdir { vol: VolumeId, parent: Ino, name: Vec<u8> },
+    Link {
+        vol: VolumeId,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        vol: VolumeId,
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        vol: VolumeId,
+        parent: Ino,
+        name: Vec<u8>,
+    },
     /// `renameat2` with [`rename_flags`].
-    Rename { vol: VolumeId, parent: Ino, name: Vec<u8>, new_parent: Ino, new_name: Vec<u8>, flags: u32 },
-    SetAttr { vol: VolumeId, ino: Ino, set: SetAttr },
+    Rename {
+        vol: VolumeId,
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    SetAttr {
+        vol: VolumeId,
+        ino: Ino,
+        set: SetAttr,
+    },
     /// [`xattr_flags`]: `XATTR_CREATE` fails with `EEXIST`, `XATTR_REPLACE` with `ENODATA`.
-    SetXattr { vol: VolumeId, ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: u32 },
-    RemoveXattr { vol: VolumeId, ino: Ino, name: Vec<u8> },
+    SetXattr {
+        vol: VolumeId,
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: u32,
+    },
+    RemoveXattr {
+        vol: VolumeId,
+        ino: Ino,
+        name: Vec<u8>,
+    },
     /// Record a write: `slice` covers bytes of chunk `chunk` (newest wins). The file size grows
     /// to cover the write; mtime and ctime become the command's time.
-    WriteSlice { vol: VolumeId, ino: Ino, chunk: u64, slice: Slice },
+    WriteSlice {
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        slice: Slice,
+    },
     /// [`fallocate_flags`]. Plain mode extends the size (unless KEEP_SIZE); PUNCH_HOLE (with
     /// KEEP_SIZE) and ZERO_RANGE record holes over the range.
-    Fallocate { vol: VolumeId, ino: Ino, offset: u64, len: u64, mode: u32 },
+    Fallocate {
+        vol: VolumeId,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        mode: u32,
+    },
     /// Start a session with a lease of `ttl_ms`; replies [`Reply::Session`].
-    OpenSession { name: String, ttl_ms: u64 },
+    OpenSession {
+        name: String,
+        ttl_ms: u64,
+    },
     /// Renew a session's lease (`ESTALE` when it has expired or is unknown).
-    Heartbeat { session: SessionId },
+    Heartbeat {
+        session: SessionId,
+    },
     /// End a session, releasing its open files and locks.
-    CloseSession { session: SessionId },
+    CloseSession {
+        session: SessionId,
+    },
     /// Expire every session whose lease ended before the command's time (issued by the leader).
     ExpireSessions,
     /// Take an open reference on `ino` for `session`.
-    Open { vol: VolumeId, ino: Ino, session: SessionId },
+    Open {
+        vol: VolumeId,
+        ino: Ino,
+        session: SessionId,
+    },
     /// Drop one open reference; an unlinked inode is freed on its last close anywhere.
-    Release { vol: VolumeId, ino: Ino, session: SessionId },
+    Release {
+        vol: VolumeId,
+        ino: Ino,
+        session: SessionId,
+    },
     /// `F_SETLK`: set or clear a record lock. A conflict replies `EAGAIN`; a caller that wants
     /// `F_SETLKW` retries when the inode's lock state changes (a watch event) and gets
     /// `EDEADLK` when waiting would deadlock.
-    SetLk { vol: VolumeId, ino: Ino, session: SessionId, owner: u64, pid: u32, kind: LockKind, start: u64, end: u64, wait: bool },
+    SetLk {
+        vol: VolumeId,
+        ino: Ino,
+        session: SessionId,
+        owner: u64,
+        pid: u32,
+        kind: LockKind,
+        start: u64,
+        end: u64,
+        wait: bool,
+    },
     /// `flock`: shared (Read), exclusive (Write) or unlock; conflicts reply `EAGAIN`.
-    Flock { vol: VolumeId, ino: Ino, session: SessionId, owner: u64, kind: LockKind },
+    Flock {
+        vol: VolumeId,
+        ino: Ino,
+        session: SessionId,
+        owner: u64,
+        kind: LockKind,
+    },
     /// Reserve `count` inode numbers of a volume for the caller; replies [`Reply::Range`].
-    AllocInodes { vol: VolumeId, count: u64 },
+    AllocInodes {
+        vol: VolumeId,
+        count: u64,
+    },
     /// Reserve `count` slice ids (cluster-wide); replies [`Reply::Range`].
-    AllocSlices { count: u64 },
+    AllocSlices {
+        count: u64,
+    },
 }
 
 /// A read-only question, answered from applied state after a linearizable read barrier.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Query {
     ListVolumes,
-    VolumeByName { name: String },
-    Lookup { vol: VolumeId, parent: Ino, name: Vec<u8> },
-    GetAttr { vol: VolumeId, ino: Ino },
+    VolumeByName {
+        name: String,
+    },
+    Lookup {
+        vol: VolumeId,
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        vol: VolumeId,
+        ino: Ino,
+    },
     /// Entries after `cookie` (0 = from the start, "." and ".." included first), at most
     /// `limit` of them. The cursor stays correct while the directory changes: an entry present
     /// for the whole listing is returned exactly once; no entry is returned twice.
-    ReadDir { vol: VolumeId, ino: Ino, cookie: u64, limit: u32, plus: bool },
-    ReadLink { vol: VolumeId, ino: Ino },
-    GetXattr { vol: VolumeId, ino: Ino, name: Vec<u8> },
-    ListXattr { vol: VolumeId, ino: Ino },
-    StatFs { vol: VolumeId },
+    ReadDir {
+        vol: VolumeId,
+        ino: Ino,
+        cookie: u64,
+        limit: u32,
+        plus: bool,
+    },
+    ReadLink {
+        vol: VolumeId,
+        ino: Ino,
+    },
+    GetXattr {
+        vol: VolumeId,
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        vol: VolumeId,
+        ino: Ino,
+    },
+    StatFs {
+        vol: VolumeId,
+    },
     /// The slice list of one chunk, oldest first (later slices shadow earlier ones).
-    ReadChunk { vol: VolumeId, ino: Ino, chunk: u64 },
+    ReadChunk {
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+    },
     /// `F_GETLK`: the first lock that conflicts with the described one, if any.
-    GetLk { vol: VolumeId, ino: Ino, session: SessionId, owner: u64, kind: LockKind, start: u64, end: u64 },
+    GetLk {
+        vol: VolumeId,
+        ino: Ino,
+        session: SessionId,
+        owner: u64,
+        kind: LockKind,
+        start: u64,
+        end: u64,
+    },
     /// Open references of a session (for tests and diagnostics).
-    SessionInfo { session: SessionId },
+    SessionInfo {
+        session: SessionId,
+    },
 }
 
 /// What an [`Op`] or [`Query`] produced.
@@ -323,20 +463,39 @@ pub enum Reply {
     Volumes(Vec<VolumeInfo>),
     Attr(Attr),
     /// A created or found entry; `created` is false when `Mknod` found an existing file.
-    Entry { attr: Attr, created: bool },
+    Entry {
+        attr: Attr,
+        created: bool,
+    },
     /// Unlink/rmdir/rename-over result: the inode that lost a link, its remaining links, and
     /// whether it was freed now (false while a session still has it open).
-    Removed { ino: Ino, nlink: u32, freed: bool },
-    Dir { entries: Vec<DirEntry>, eof: bool },
+    Removed {
+        ino: Ino,
+        nlink: u32,
+        freed: bool,
+    },
+    Dir {
+        entries: Vec<DirEntry>,
+        eof: bool,
+    },
     Data(Vec<u8>),
     Names(Vec<Vec<u8>>),
     StatFs(StatFs),
     Slices(Vec<Slice>),
     Lock(Option<LockInfo>),
-    Session { id: SessionId, expires: Timespec },
+    Session {
+        id: SessionId,
+        expires: Timespec,
+    },
     /// `[start, start+count)`.
-    Range { start: u64, count: u64 },
-    SessionInfo { open: Vec<(VolumeId, Ino, u32)>, expires: Timespec },
+    Range {
+        start: u64,
+        count: u64,
+    },
+    SessionInfo {
+        open: Vec<(VolumeId, Ino, u32)>,
+        expires: Timespec,
+    },
 }
 
 /// The result of applying an op or answering a query.

@@ -30,6 +30,12 @@ pub struct CoreConfig {
     /// Ticks without a leader before an election (randomized up to 2x by raft-rs).
     pub election_tick: usize,
     pub heartbeat_tick: usize,
+    /// Bounds of the randomized election timeout, `[min, max)` ticks; 0 = raft-rs' defaults
+    /// (`election_tick` and `2 * election_tick`). raft-rs draws the timeout from `thread_rng`,
+    /// so a deterministic driver (the simulation tests) sets `max = min + 1` and randomizes
+    /// `min` itself from its seed.
+    pub min_election_tick: usize,
+    pub max_election_tick: usize,
     /// Take a snapshot after this many applied entries.
     pub snapshot_every: u64,
     /// Entries kept before the snapshot point, for followers that lag slightly.
@@ -46,6 +52,8 @@ impl CoreConfig {
             group,
             election_tick: 10,
             heartbeat_tick: 2,
+            min_election_tick: 0,
+            max_election_tick: 0,
             snapshot_every: 20_000,
             compact_margin: 2_000,
             max_size_per_msg: 1 << 20,
@@ -228,6 +236,8 @@ impl GroupCore {
             id: cfg.node_id,
             election_tick: cfg.election_tick,
             heartbeat_tick: cfg.heartbeat_tick,
+            min_election_tick: cfg.min_election_tick,
+            max_election_tick: cfg.max_election_tick,
             applied: snap_index,
             max_size_per_msg: cfg.max_size_per_msg,
             max_inflight_msgs: cfg.max_inflight_msgs,

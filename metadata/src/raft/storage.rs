@@ -236,6 +236,16 @@ impl GroupStorage {
         if entries.is_empty() && hs.is_none() {
             return Ok(());
         }
+        // Only term and vote must be durable before we answer anyone; a commit index moves
+        // forward in memory and reaches the disk with the next write (raft-rs' `must_sync`).
+        if entries.is_empty()
+            && let Some(hs) = hs
+            && hs.term == self.hard_state.term
+            && hs.vote == self.hard_state.vote
+        {
+            self.set_commit(hs.commit);
+            return Ok(());
+        }
         if let Some(first) = entries.first() {
             if first.index < self.first() {
                 return Err(StoreError::Invalid(format!(

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit/property/simulation tests and the
+# multi-process cluster tests. This is what CI runs (.ci/run calls it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_cmd() { command -v "$1" >/dev/null 2>&1; }
+if ! need_cmd cargo; then
+  echo "cargo is required (https://rustup.rs)" >&2
+  exit 1
+fi
+# rustfmt and clippy come with the default rustup profile; add them when missing.
+if need_cmd rustup; then
+  cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+  cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (binaries used by the multi-process tests)"
+cargo build --workspace --bins --locked
+echo "== cargo test"
+cargo test --workspace --locked
