@@ -8,12 +8,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use elea_common::ids::DEFAULT_GROUP;
 use elea_common::{Errno, GroupId, Ino, NodeId, Timespec, VolumeId};
 use elea_fsm::{Attr, Change, Command, Op, OpResult, Query, Reply, SetAttr, VolumeInfo};
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
@@ -31,6 +32,9 @@ pub struct ClientConfig {
     /// Limit for a call including its retries.
     pub deadline: Duration,
     pub connect_timeout: Duration,
+    /// Coalesce concurrent requests into batch RPCs (at most this many batches in flight;
+    /// 0 = one RPC per request).
+    pub batch_inflight: usize,
 }
 
 impl Default for ClientConfig {
@@ -40,6 +44,7 @@ impl Default for ClientConfig {
             attempt_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
+            batch_inflight: 4,
         }
     }
 }
@@ -88,6 +93,61 @@ struct Inner {
     client_id: u64,
     next_seq: AtomicU64,
     inflight: Mutex<BTreeSet<u64>>,
+    writes: OnceLock<mpsc::UnboundedSender<WriteJob>>,
+    reads: OnceLock<mpsc::UnboundedSender<ReadJob>>,
+}
+
+type Answer = oneshot::Sender<Result<OpResult, ClientError>>;
+
+struct WriteJob {
+    seq: u64,
+    op: Op,
+    reply: Answer,
+}
+
+struct ReadJob {
+    query: Vec<u8>,
+    reply: Answer,
+}
+
+/// Sends one batch of jobs and answers each of them.
+type SendBatch<T> = fn(MetaClient, Vec<T>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Most requests one batch RPC carries.
+const BATCH_MAX: usize = 1024;
+
+/// Takes whatever is queued behind `first` (up to [`BATCH_MAX`]).
+fn drain<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+    let mut jobs = vec![first];
+    while jobs.len() < BATCH_MAX {
+        match rx.try_recv() {
+            Ok(j) => jobs.push(j),
+            Err(_) => break,
+        }
+    }
+    jobs
+}
+
+/// The batching loop: a batch leaves as soon as a sending slot is free, so an idle client
+/// sends every request at once and a busy one sends fewer, larger RPCs.
+async fn batch_loop<T: Send + 'static>(
+    inner: Weak<Inner>,
+    mut rx: mpsc::UnboundedReceiver<T>,
+    slots: usize,
+    send: SendBatch<T>,
+) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(slots.max(1)));
+    loop {
+        let Ok(permit) = sem.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
+        let jobs = drain(first, &mut rx);
+        let Some(inner) = inner.upgrade() else { return };
+        let client = MetaClient { inner };
+        tokio::spawn(async move {
+            send(client, jobs).await;
+            drop(permit);
+        });
+    }
 }
 
 /// A handle to the metadata service; cheap to clone and share between tasks.
@@ -143,6 +203,8 @@ impl MetaClient {
                 client_id: random_u64(),
                 next_seq: AtomicU64::new(1),
                 inflight: Mutex::new(BTreeSet::new()),
+                writes: OnceLock::new(),
+                reads: OnceLock::new(),
             }),
         })
     }
@@ -253,11 +315,146 @@ impl MetaClient {
         if let Ok(mut f) = self.inner.inflight.lock() {
             f.insert(seq);
         }
-        let result = self.op_with_seq(seq, op).await;
+        let result = if self.inner.cfg.batch_inflight > 0 {
+            let (tx, rx) = oneshot::channel();
+            let queued = self.write_queue().send(WriteJob { seq, op: op.clone(), reply: tx }).is_ok();
+            match rx.await {
+                Ok(r) if queued => r,
+                _ => self.op_with_seq(seq, op).await,
+            }
+        } else {
+            self.op_with_seq(seq, op).await
+        };
         if let Ok(mut f) = self.inner.inflight.lock() {
             f.remove(&seq);
         }
         result?.map_err(ClientError::Fs)
+    }
+
+    fn write_queue(&self) -> &mpsc::UnboundedSender<WriteJob> {
+        self.inner.writes.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let weak = Arc::downgrade(&self.inner);
+            tokio::spawn(batch_loop(weak, rx, self.inner.cfg.batch_inflight, |c, jobs| {
+                Box::pin(async move { c.send_writes(jobs).await })
+            }));
+            tx
+        })
+    }
+
+    fn read_queue(&self) -> &mpsc::UnboundedSender<ReadJob> {
+        self.inner.reads.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let weak = Arc::downgrade(&self.inner);
+            tokio::spawn(batch_loop(weak, rx, self.inner.cfg.batch_inflight, |c, jobs| {
+                Box::pin(async move { c.send_reads(jobs).await })
+            }));
+            tx
+        })
+    }
+
+    async fn send_writes(&self, jobs: Vec<WriteJob>) {
+        if jobs.len() == 1 {
+            for j in jobs {
+                let r = self.op_with_seq(j.seq, j.op).await;
+                let _ = j.reply.send(r);
+            }
+            return;
+        }
+        let group = self.inner.cfg.group;
+        let client = self.inner.client_id;
+        let acked_below = self.inner.inflight.lock().ok().and_then(|f| f.first().copied()).unwrap_or(0);
+        let mut commands = Vec::with_capacity(jobs.len());
+        for j in &jobs {
+            let cmd =
+                Command { client, seq: j.seq, acked_below, time: Timespec::default(), op: j.op.clone() };
+            commands.push(postcard::to_allocvec(&cmd).unwrap_or_default());
+        }
+        let res = self
+            .with_retries(|mut c, addr| {
+                let commands = commands.clone();
+                async move {
+                    match c.write_batch(proto::WriteBatchRequest { group_id: group, commands, hops: 0 }).await
+                    {
+                        Ok(r) => Attempt::Done(r.into_inner().items),
+                        Err(s) => self.on_status(&addr, s),
+                    }
+                }
+            })
+            .await;
+        match res {
+            Ok(items) if items.len() == jobs.len() => {
+                for (j, item) in jobs.into_iter().zip(items) {
+                    if item.error.is_empty() {
+                        let r = postcard::from_bytes::<OpResult>(&item.result)
+                            .map_err(|e| ClientError::Protocol(e.to_string()));
+                        let _ = j.reply.send(r);
+                    } else {
+                        // Retry this one alone, with the same request id.
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            let r = me.op_with_seq(j.seq, j.op).await;
+                            let _ = j.reply.send(r);
+                        });
+                    }
+                }
+            }
+            Ok(items) => {
+                let e = ClientError::Protocol(format!("{} answers to {} commands", items.len(), jobs.len()));
+                for j in jobs {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    async fn send_reads(&self, jobs: Vec<ReadJob>) {
+        let group = self.inner.cfg.group;
+        let queries: Vec<Vec<u8>> = jobs.iter().map(|j| j.query.clone()).collect();
+        let res = self
+            .with_retries(|mut c, addr| {
+                let queries = queries.clone();
+                async move {
+                    match c.read_batch(proto::ReadBatchRequest { group_id: group, queries, hops: 0 }).await {
+                        Ok(r) => Attempt::Done(r.into_inner().items),
+                        Err(s) => self.on_status(&addr, s),
+                    }
+                }
+            })
+            .await;
+        match res {
+            Ok(items) if items.len() == jobs.len() => {
+                for (j, item) in jobs.into_iter().zip(items) {
+                    if item.error.is_empty() {
+                        let r = postcard::from_bytes::<OpResult>(&item.result)
+                            .map_err(|e| ClientError::Protocol(e.to_string()));
+                        let _ = j.reply.send(r);
+                    } else {
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            let r = me.read_one(j.query).await;
+                            let _ = j.reply.send(r);
+                        });
+                    }
+                }
+            }
+            Ok(items) => {
+                let e = ClientError::Protocol(format!("{} answers to {} queries", items.len(), jobs.len()));
+                for j in jobs {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 
     async fn op_with_seq(&self, seq: u64, op: Op) -> Result<OpResult, ClientError> {
@@ -285,23 +482,35 @@ impl MetaClient {
 
     /// Answers a query from the latest committed state (linearizable).
     pub async fn query(&self, q: Query) -> Result<Reply, ClientError> {
-        let group = self.inner.cfg.group;
         let query = postcard::to_allocvec(&q).map_err(|e| ClientError::Rejected(e.to_string()))?;
-        let res: OpResult = self
-            .with_retries(|mut c, addr| {
-                let query = query.clone();
-                async move {
-                    match c.read(proto::ReadRequest { group_id: group, query, hops: 0 }).await {
-                        Ok(r) => match postcard::from_bytes::<OpResult>(&r.into_inner().result) {
-                            Ok(res) => Attempt::Done(res),
-                            Err(e) => Attempt::Fail(ClientError::Protocol(e.to_string())),
-                        },
-                        Err(s) => self.on_status(&addr, s),
-                    }
+        let res = if self.inner.cfg.batch_inflight > 0 {
+            let (tx, rx) = oneshot::channel();
+            let queued = self.read_queue().send(ReadJob { query: query.clone(), reply: tx }).is_ok();
+            match rx.await {
+                Ok(r) if queued => r,
+                _ => self.read_one(query).await,
+            }
+        } else {
+            self.read_one(query).await
+        };
+        res?.map_err(ClientError::Fs)
+    }
+
+    async fn read_one(&self, query: Vec<u8>) -> Result<OpResult, ClientError> {
+        let group = self.inner.cfg.group;
+        self.with_retries(|mut c, addr| {
+            let query = query.clone();
+            async move {
+                match c.read(proto::ReadRequest { group_id: group, query, hops: 0 }).await {
+                    Ok(r) => match postcard::from_bytes::<OpResult>(&r.into_inner().result) {
+                        Ok(res) => Attempt::Done(res),
+                        Err(e) => Attempt::Fail(ClientError::Protocol(e.to_string())),
+                    },
+                    Err(s) => self.on_status(&addr, s),
                 }
-            })
-            .await?;
-        res.map_err(ClientError::Fs)
+            }
+        })
+        .await
     }
 
     /// One node's status (no retries: an unreachable node is reported as such).

@@ -107,6 +107,28 @@ impl MetaService {
     }
 }
 
+/// Most items one batch may carry.
+pub const MAX_BATCH: usize = 4096;
+
+fn check_batch(items: &[Vec<u8>]) -> Result<(), Status> {
+    if items.len() > MAX_BATCH {
+        return Err(Status::invalid_argument(format!("batch of {} items exceeds {MAX_BATCH}", items.len())));
+    }
+    if let Some(big) = items.iter().find(|b| b.len() > MAX_REQUEST) {
+        return Err(Status::invalid_argument(format!("item of {} bytes exceeds {MAX_REQUEST}", big.len())));
+    }
+    Ok(())
+}
+
+fn ok_item(result: &elea_fsm::OpResult) -> Result<proto::BatchItem, Status> {
+    let result = postcard::to_allocvec(result).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(proto::BatchItem { result, error: String::new() })
+}
+
+fn err_item(error: String) -> proto::BatchItem {
+    proto::BatchItem { result: Vec::new(), error }
+}
+
 fn members_to_proto(ms: Vec<Member>) -> Vec<proto::Member> {
     ms.into_iter().map(|m| proto::Member { node_id: m.id, addr: m.addr, learner: m.learner }).collect()
 }
@@ -175,6 +197,75 @@ impl proto::meta_server::Meta for MetaService {
             },
             Err(_) => Err(Status::deadline_exceeded("the read did not complete in time; retry")),
         }
+    }
+
+    async fn write_batch(
+        &self,
+        req: Request<proto::WriteBatchRequest>,
+    ) -> Result<Response<proto::BatchReply>, Status> {
+        let req = req.into_inner();
+        self.check_group(req.group_id)?;
+        check_batch(&req.commands)?;
+        let mut cmds = Vec::with_capacity(req.commands.len());
+        for b in &req.commands {
+            let cmd: Command = postcard::from_bytes(b)
+                .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+            cmds.push(cmd);
+        }
+        let waits = self.node.write_many(cmds);
+        let mut items = Vec::with_capacity(waits.len());
+        let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
+        for w in waits {
+            match tokio::time::timeout_at(deadline, w).await {
+                Ok(Ok((result, _))) => items.push(ok_item(&result)?),
+                Ok(Err(e)) if items.is_empty() && matches!(e, CoreError::NotLeader { .. }) => {
+                    // The whole batch went to a follower: forward it, or redirect the client.
+                    return match self.forward_target(&e, req.hops) {
+                        Some(mut c) => {
+                            c.write_batch(proto::WriteBatchRequest { hops: req.hops + 1, ..req }).await
+                        }
+                        None => Err(self.to_status(e)),
+                    };
+                }
+                Ok(Err(e)) => items.push(err_item(e.to_string())),
+                Err(_) => items.push(err_item("not applied in time".into())),
+            }
+        }
+        Ok(Response::new(proto::BatchReply { items }))
+    }
+
+    async fn read_batch(
+        &self,
+        req: Request<proto::ReadBatchRequest>,
+    ) -> Result<Response<proto::BatchReply>, Status> {
+        let req = req.into_inner();
+        self.check_group(req.group_id)?;
+        check_batch(&req.queries)?;
+        let mut qs = Vec::with_capacity(req.queries.len());
+        for b in &req.queries {
+            let q: Query = postcard::from_bytes(b)
+                .map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
+            qs.push(q);
+        }
+        let waits = self.node.read_many(qs);
+        let mut items = Vec::with_capacity(waits.len());
+        let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
+        for w in waits {
+            match tokio::time::timeout_at(deadline, w).await {
+                Ok(Ok(result)) => items.push(ok_item(&result)?),
+                Ok(Err(e)) if items.is_empty() && matches!(e, CoreError::NotLeader { .. }) => {
+                    return match self.forward_target(&e, req.hops) {
+                        Some(mut c) => {
+                            c.read_batch(proto::ReadBatchRequest { hops: req.hops + 1, ..req }).await
+                        }
+                        None => Err(self.to_status(e)),
+                    };
+                }
+                Ok(Err(e)) => items.push(err_item(e.to_string())),
+                Err(_) => items.push(err_item("not answered in time".into())),
+            }
+        }
+        Ok(Response::new(proto::BatchReply { items }))
     }
 
     type WatchStream = WatchStream;
@@ -285,7 +376,26 @@ impl proto::meta_server::Meta for MetaService {
 #[tonic::async_trait]
 impl proto::raft_peer_server::RaftPeer for MetaService {
     async fn send(&self, req: Request<proto::RaftBatch>) -> Result<Response<proto::RaftAck>, Status> {
-        let req = req.into_inner();
+        self.deliver_batch(req.into_inner())?;
+        Ok(Response::new(proto::RaftAck {}))
+    }
+
+    async fn stream(
+        &self,
+        req: Request<tonic::Streaming<proto::RaftBatch>>,
+    ) -> Result<Response<proto::RaftAck>, Status> {
+        let mut stream = req.into_inner();
+        while let Some(batch) = stream.message().await? {
+            self.deliver_batch(batch)?;
+        }
+        Ok(Response::new(proto::RaftAck {}))
+    }
+}
+
+impl MetaService {
+    /// Checks a peer's batch and hands its messages to the group. A bad batch is refused
+    /// whole (nothing of it is delivered).
+    fn deliver_batch(&self, req: proto::RaftBatch) -> Result<(), Status> {
         self.check_group(req.group_id)?;
         if req.to != self.id {
             return Err(Status::failed_precondition(format!(
@@ -302,7 +412,6 @@ impl proto::raft_peer_server::RaftPeer for MetaService {
             msgs.push(m);
         }
         self.transport.learn(req.from, &req.from_addr);
-        self.node.deliver(msgs).map_err(|e| self.to_status(e))?;
-        Ok(Response::new(proto::RaftAck {}))
+        self.node.deliver(msgs).map_err(|e| self.to_status(e))
     }
 }

@@ -474,19 +474,29 @@ impl GroupCore {
 
     /// Processes everything raft-rs has ready. Call after any input.
     pub fn process(&mut self) -> Result<(), CoreError> {
-        if !self.read_queue.is_empty() && self.is_leader() {
-            let ctx = self.next_read_ctx;
-            self.next_read_ctx += 1;
-            let batch = std::mem::take(&mut self.read_queue);
-            self.reads_inflight.insert(ctx, batch);
-            self.raw.read_index(ctx.to_be_bytes().to_vec());
-        }
+        self.start_reads();
         while self.raw.has_ready() {
             self.handle_ready()?;
+            // The Ready may have committed the new leader's first entry: queued reads can go.
+            self.start_reads();
         }
         self.serve_reads();
         self.maybe_snapshot()?;
         Ok(())
+    }
+
+    /// Starts a ReadIndex round for the queued reads. Not before the leader has committed an
+    /// entry of its term: raft-rs silently drops such a request, and its reads would never be
+    /// answered.
+    fn start_reads(&mut self) {
+        if self.read_queue.is_empty() || !self.is_leader() || !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        let batch = std::mem::take(&mut self.read_queue);
+        self.reads_inflight.insert(ctx, batch);
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
     }
 
     fn handle_ready(&mut self) -> Result<(), CoreError> {
@@ -667,6 +677,13 @@ impl GroupCore {
                 self.members.remove(&cc.node_id);
                 if cc.node_id == self.cfg.node_id {
                     self.removed = true;
+                    // raft-rs lets a removed leader go on leading, and then panics when it
+                    // persists its next entry (its own progress is gone). Step down (same
+                    // term, no leader): the remaining voters elect a new one.
+                    if self.raw.raft.state == StateRole::Leader {
+                        let term = self.raw.raft.term;
+                        self.raw.raft.become_follower(term, raft::INVALID_ID);
+                    }
                 }
             }
         }

@@ -47,7 +47,25 @@ pub enum NodeMsg {
     Raft(Vec<Message>),
     Unreachable(NodeId),
     SnapshotDone(NodeId, bool),
+    /// Several requests delivered with one channel operation.
+    Many(Vec<NodeMsg>),
     Stop,
+}
+
+/// An answer still to come from the group thread.
+pub struct Waiting<T>(oneshot::Receiver<Result<T, CoreError>>);
+
+impl<T> Future for Waiting<T> {
+    type Output = Result<T, CoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| Err(CoreError::Store("the raft group has stopped".into()))))
+    }
 }
 
 /// A cheap, cloneable handle to a running group.
@@ -76,6 +94,36 @@ impl NodeHandle {
 
     pub async fn read(&self, q: Query) -> Result<OpResult, CoreError> {
         self.call(|r| NodeMsg::Read(q, r)).await
+    }
+
+    /// Submits many commands in one message; each answer arrives on its own receiver.
+    pub fn write_many(&self, cmds: Vec<Command>) -> Vec<Waiting<(OpResult, u64)>> {
+        let mut msgs = Vec::with_capacity(cmds.len());
+        let waits = cmds
+            .into_iter()
+            .map(|c| {
+                let (tx, rx) = oneshot::channel();
+                msgs.push(NodeMsg::Write(c, tx));
+                Waiting(rx)
+            })
+            .collect();
+        let _ = self.send(NodeMsg::Many(msgs));
+        waits
+    }
+
+    /// Submits many queries in one message (they share one ReadIndex round).
+    pub fn read_many(&self, qs: Vec<Query>) -> Vec<Waiting<OpResult>> {
+        let mut msgs = Vec::with_capacity(qs.len());
+        let waits = qs
+            .into_iter()
+            .map(|q| {
+                let (tx, rx) = oneshot::channel();
+                msgs.push(NodeMsg::Read(q, tx));
+                Waiting(rx)
+            })
+            .collect();
+        let _ = self.send(NodeMsg::Many(msgs));
+        waits
     }
 
     pub async fn change_membership(
@@ -160,10 +208,17 @@ fn run(
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let now = Timespec::now();
-        let mut batch: Vec<NodeMsg> = first.into_iter().collect();
-        while batch.len() < 4096 {
+        let mut batch: Vec<NodeMsg> = Vec::new();
+        let push = |m: NodeMsg, batch: &mut Vec<NodeMsg>| match m {
+            NodeMsg::Many(ms) => batch.extend(ms),
+            m => batch.push(m),
+        };
+        if let Some(m) = first {
+            push(m, &mut batch);
+        }
+        while batch.len() < 8192 {
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => push(m, &mut batch),
                 Err(_) => break,
             }
         }
@@ -200,6 +255,7 @@ fn run(
                 }
                 NodeMsg::Unreachable(id) => core.report_unreachable(id),
                 NodeMsg::SnapshotDone(id, ok) => core.report_snapshot(id, ok),
+                NodeMsg::Many(_) => {}
                 NodeMsg::Stop => {
                     tracing::info!("raft group stopping");
                     return;

@@ -292,8 +292,8 @@ impl GroupStorage {
     }
 
     /// Records a new commit index in memory; it reaches the disk with the next write. (A
-    /// restarted node re-learns the commit index from the leader; nothing depends on it being
-    /// durable.)
+    /// restarted node re-learns the commit index from the leader; the only thing that depends
+    /// on it being durable is a snapshot, and [`GroupStorage::save_snapshot`] writes it.)
     pub fn set_commit(&mut self, commit: u64) {
         if commit > self.hard_state.commit {
             self.hard_state.commit = commit;
@@ -359,10 +359,16 @@ impl GroupStorage {
         meta.index = index;
         meta.term = term;
         meta.set_conf_state(conf_state);
+        // The durable commit index may lag (commit-only changes are not written, see
+        // `persist`), but never below the snapshot: raft-rs refuses to start when the stored
+        // commit index is below the first index or the applied index (the snapshot's).
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(index);
         let group = self.group;
         let first = self.first();
         self.write(|log, state| {
             state.insert((group, KEY_SNAPSHOT), encode(&snap)?.as_slice())?;
+            state.insert((group, KEY_HARD_STATE), encode(&hs)?.as_slice())?;
             for i in first..compact_below {
                 log.remove((group, i))?;
             }
@@ -370,6 +376,7 @@ impl GroupStorage {
         })?;
         let drop = usize::try_from(compact_below - first).unwrap_or(0).min(self.entries.len());
         self.entries.drain(..drop);
+        self.hard_state = hs;
         self.snapshot = snap;
         Ok(())
     }
@@ -484,6 +491,24 @@ mod tests {
         assert_eq!(s.members_blob().unwrap().as_deref(), Some(&b"m"[..]));
         // Another group in the same file is independent.
         assert!(GroupStorage::open(db, 8).unwrap().is_fresh());
+    }
+
+    #[test]
+    fn snapshot_makes_the_commit_index_durable() {
+        // A commit-only hard state change stays in memory; a snapshot that compacts past the
+        // durable commit index must record it, else raft-rs refuses to restart
+        // ("hs.commit is out of range").
+        let db = memory_db().unwrap();
+        let mut s = GroupStorage::open(db.clone(), 1).unwrap();
+        s.bootstrap(vec![1], b"", vec![]).unwrap();
+        let hs = HardState { term: 3, vote: 1, commit: 1, ..Default::default() };
+        s.persist(&(2..=10).map(|i| entry(i, 3)).collect::<Vec<_>>(), Some(&hs)).unwrap();
+        s.persist(&[], Some(&HardState { commit: 10, ..hs.clone() })).unwrap();
+        assert_eq!(GroupStorage::open(db.clone(), 1).unwrap().hard_state().commit, 1);
+        s.save_snapshot(10, s.conf_state().clone(), vec![], 11).unwrap();
+        let s2 = GroupStorage::open(db, 1).unwrap();
+        assert_eq!(s2.first_index().unwrap(), 11);
+        assert_eq!((s2.hard_state().term, s2.hard_state().vote, s2.hard_state().commit), (3, 1, 10));
     }
 
     #[test]

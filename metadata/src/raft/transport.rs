@@ -93,8 +93,17 @@ fn addr_of(inner: &Inner, id: NodeId) -> Option<String> {
     inner.node.get().and_then(|n| n.addr_of(id)).or_else(|| inner.learned.read().ok()?.get(&id).cloned())
 }
 
+type PeerClient = RaftPeerClient<tonic::transport::Channel>;
+
+/// An open stream to one peer; sending fails once the stream has ended.
+struct PeerStream {
+    addr: String,
+    tx: mpsc::Sender<RaftBatch>,
+}
+
 async fn peer_loop(inner: Arc<Inner>, to: NodeId, mut rx: mpsc::UnboundedReceiver<Message>) {
-    let mut client: Option<(String, RaftPeerClient<tonic::transport::Channel>)> = None;
+    let mut client: Option<(String, PeerClient)> = None;
+    let mut stream: Option<PeerStream> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < 1024 {
@@ -104,45 +113,68 @@ async fn peer_loop(inner: Arc<Inner>, to: NodeId, mut rx: mpsc::UnboundedReceive
             }
         }
         let node = inner.node.get();
-        let has_snapshot = batch.iter().any(is_snapshot);
-        let Some(addr) = addr_of(&inner, to) else {
+        let report = |snapshot: bool| {
             if let Some(n) = node {
                 n.report(NodeMsg::Unreachable(to));
-                if has_snapshot {
+                if snapshot {
                     n.report(NodeMsg::SnapshotDone(to, false));
                 }
             }
+        };
+        let has_snapshot = batch.iter().any(is_snapshot);
+        let Some(addr) = addr_of(&inner, to) else {
+            report(has_snapshot);
             continue;
         };
         if client.as_ref().is_none_or(|(a, _)| *a != addr) {
             client = connect(&addr).map(|c| (addr.clone(), c));
+            stream = None;
         }
         let Some((_, c)) = client.as_mut() else { continue };
         let messages: Vec<Vec<u8>> = batch.iter().filter_map(|m| encode_message(m).ok()).collect();
         let req =
             RaftBatch { group_id: inner.group, from: inner.id, from_addr: inner.addr.clone(), to, messages };
-        let mut request = tonic::Request::new(req);
-        request.set_timeout(if has_snapshot { Duration::from_secs(120) } else { Duration::from_secs(3) });
-        match c.send(request).await {
-            Ok(_) => {
-                if has_snapshot && let Some(n) = node {
-                    n.report(NodeMsg::SnapshotDone(to, true));
-                }
+        if has_snapshot {
+            // Snapshots go alone and are acknowledged, so raft-rs learns whether they arrived.
+            let mut request = tonic::Request::new(req);
+            request.set_timeout(Duration::from_secs(120));
+            let ok = c.send(request).await.is_ok();
+            if let Some(n) = node {
+                n.report(NodeMsg::SnapshotDone(to, ok));
             }
-            Err(status) => {
-                tracing::debug!(peer = to, %addr, error = %status.message(), "raft send failed");
-                client = None;
-                // Drop what queued up meanwhile: raft-rs resends what matters.
-                while rx.try_recv().is_ok() {}
-                if let Some(n) = node {
-                    n.report(NodeMsg::Unreachable(to));
-                    if has_snapshot {
-                        n.report(NodeMsg::SnapshotDone(to, false));
-                    }
-                }
+            if !ok {
+                report(false);
             }
+            continue;
+        }
+        if stream.as_ref().is_none_or(|s| s.addr != addr || s.tx.is_closed()) {
+            stream = Some(open_stream(c.clone(), addr.clone(), to));
+        }
+        let sent = match &stream {
+            Some(s) => s.tx.send(req).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            tracing::debug!(peer = to, %addr, "raft stream closed");
+            stream = None;
+            client = None;
+            // Drop what queued up meanwhile: raft-rs resends what matters.
+            while rx.try_recv().is_ok() {}
+            report(false);
         }
     }
+}
+
+/// Starts a streaming RPC to a peer; the stream ends (and `tx` closes) when the RPC fails.
+fn open_stream(mut c: PeerClient, addr: String, to: NodeId) -> PeerStream {
+    let (tx, rx) = mpsc::channel::<RaftBatch>(256);
+    tokio::spawn(async move {
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+        if let Err(status) = c.stream(outbound).await {
+            tracing::debug!(peer = to, error = %status.message(), "raft stream ended");
+        }
+    });
+    PeerStream { addr, tx }
 }
 
 fn connect(addr: &str) -> Option<RaftPeerClient<tonic::transport::Channel>> {
