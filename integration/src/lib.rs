@@ -78,6 +78,23 @@ impl MetaProc {
         }
     }
 
+    /// SIGTERM, then waits up to `timeout` for the process to exit; returns its exit status
+    /// (`None` if it is still running, in which case it is killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     /// Starts the process again on the same data directory and flags.
     pub fn restart(&mut self) {
         self.kill9();

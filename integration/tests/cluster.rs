@@ -260,3 +260,25 @@ async fn kill_all_at_once_and_restart_keeps_every_acknowledged_op() {
     assert_all_present(&c, vol.id, dir, &result.acked, &cl).await;
     println!("{} acknowledged creates survived kill -9 of every node", result.acked.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_node_cleanly_and_it_rejoins() {
+    let _g = SERIAL.lock().await;
+    let mut cl = Cluster::start(3, &[]);
+    let c = cl.client();
+    let addrs = addr_list(&cl);
+    let leader = wait_leader(&c, &addrs, Duration::from_secs(15)).await.expect("leader");
+    let vol = c.create_volume("term").await.expect("volume");
+    // Stop a follower with SIGTERM while its peers hold streams open to it.
+    let follower = cl.nodes.iter().map(|n| n.id).find(|id| *id != leader.node_id).expect("a follower");
+    let status = cl.node(follower).terminate(Duration::from_secs(10));
+    let status = status.unwrap_or_else(|| panic!("node {follower} ignored SIGTERM\n{}", cl.logs()));
+    assert!(status.success(), "node {follower} exited with {status}");
+    c.mkdir(vol.id, ROOT_INO, b"while-down", 0o755).await.expect("two of three still serve");
+    cl.node(follower).restart();
+    let addr = cl.node(follower).addr.clone();
+    let target = c.status_of(&leader.addr).await.expect("status").commit_index;
+    wait_status(&c, &addr, Duration::from_secs(15), |s| s.applied_index >= target)
+        .await
+        .unwrap_or_else(|| panic!("node {follower} did not rejoin\n{}", cl.logs()));
+}

@@ -16,6 +16,9 @@ use crate::raft::storage::{GroupStorage, open_db};
 use crate::raft::transport::{MAX_RAFT_MESSAGE, Transport};
 use crate::service::{MAX_REQUEST, MetaService};
 
+/// How long open connections may take to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Everything `elea meta` needs.
 #[derive(Debug, Clone)]
 pub struct MetaNodeConfig {
@@ -145,7 +148,16 @@ pub async fn serve(
         cfg.group,
     ));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    // Peers keep long-lived streams open, so a graceful shutdown would wait for ever: after
+    // the signal, open connections get SHUTDOWN_GRACE to finish, then the server is dropped.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut graceful = stop_rx.clone();
+    let mut forced = stop_rx;
+    let server = tonic::transport::Server::builder()
         .add_service(
             MetaServer::from_arc(svc.clone())
                 .max_decoding_message_size(MAX_REQUEST * 2)
@@ -156,11 +168,22 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = graceful.wait_for(|stop| *stop).await;
+        });
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::from),
+        _ = async move {
+            let _ = forced.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!("closing connections still open after {SHUTDOWN_GRACE:?}");
+            Ok(())
+        }
+    };
     handle.stop();
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
-    result.map_err(ServeError::from)
+    result
 }
 
 /// A joining node asks the cluster for its member book (so it can answer the leader) and
