@@ -138,6 +138,7 @@ pub async fn serve(
     let mut core_cfg = CoreConfig::new(cfg.node_id, cfg.group);
     core_cfg.snapshot_every = cfg.snapshot_every;
     core_cfg.compact_margin = cfg.compact_margin;
+    core_cfg.async_writes = true;
     let core = GroupCore::open(core_cfg, storage).map_err(|e| ServeError::Storage(e.to_string()))?;
     let (handle, join) = node::spawn(core, cfg.node.clone(), transport.clone());
     let svc = std::sync::Arc::new(MetaService::new(

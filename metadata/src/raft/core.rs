@@ -20,7 +20,7 @@ use raft::prelude::{
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use serde::{Deserialize, Serialize};
 
-use super::storage::{GroupStorage, StoreError};
+use super::storage::{DiskJob, GroupStorage, StoreError};
 
 /// Tuning of one group.
 #[derive(Debug, Clone)]
@@ -43,6 +43,9 @@ pub struct CoreConfig {
     /// Largest append message (bytes).
     pub max_size_per_msg: u64,
     pub max_inflight_msgs: usize,
+    /// Hand disk writes to the driver ([`GroupCore::take_writes`]) instead of doing them
+    /// inline: the driver's writer thread makes them durable while this core keeps going.
+    pub async_writes: bool,
 }
 
 impl CoreConfig {
@@ -58,6 +61,7 @@ impl CoreConfig {
             compact_margin: 2_000,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            async_writes: false,
         }
     }
 }
@@ -119,6 +123,16 @@ pub enum Event {
     Reset,
 }
 
+/// Work for the writer thread, in order.
+#[derive(Debug)]
+pub enum Write {
+    /// Make this durable.
+    Disk(DiskJob),
+    /// Once everything before is durable: send `msgs` and report Ready `number` persisted
+    /// ([`GroupCore::on_persisted`]).
+    Persisted { number: u64, msgs: Vec<Message> },
+}
+
 /// What `status` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct CoreStatus {
@@ -176,6 +190,10 @@ pub struct GroupCore {
     removed: bool,
     /// Bumped whenever the member book changes.
     members_epoch: u64,
+    /// Disk work for the driver (async writes only).
+    writes: Vec<Write>,
+    /// Index of the latest snapshot taken or installed.
+    snapshot_index: u64,
 }
 
 fn role_name(r: StateRole) -> &'static str {
@@ -266,11 +284,23 @@ impl GroupCore {
             leader: None,
             removed: false,
             members_epoch: 0,
+            writes: Vec::new(),
+            snapshot_index: snap_index,
         })
     }
 
     pub fn node_id(&self) -> NodeId {
         self.cfg.node_id
+    }
+
+    /// Another handle to this group's storage (for the writer thread).
+    pub fn storage(&self) -> GroupStorage {
+        self.raw.store().clone()
+    }
+
+    /// Whether disk writes go to the driver (see [`CoreConfig::async_writes`]).
+    pub fn async_writes(&self) -> bool {
+        self.cfg.async_writes
     }
 
     pub fn is_leader(&self) -> bool {
@@ -455,6 +485,37 @@ impl GroupCore {
         std::mem::take(&mut self.events)
     }
 
+    /// Disk work to hand to the writer, in order (async writes only).
+    pub fn take_writes(&mut self) -> Vec<Write> {
+        std::mem::take(&mut self.writes)
+    }
+
+    /// The writer made everything up to Ready `number` durable.
+    pub fn on_persisted(&mut self, number: u64) {
+        self.raw.on_persist_ready(number);
+        self.advance_apply_persisted();
+    }
+
+    /// Tells raft-rs how far we applied, but never past what is durable here: an installed
+    /// snapshot counts as applied at once, yet raft-rs only accepts it once it is persisted.
+    fn advance_apply_persisted(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let to = self.applied.min(log.persisted).min(log.committed);
+        if to > log.applied {
+            self.raw.advance_apply_to(to);
+        }
+    }
+
+    /// Runs or queues the disk half of a storage change.
+    fn disk(&mut self, job: DiskJob) -> Result<(), CoreError> {
+        if self.cfg.async_writes {
+            self.writes.push(Write::Disk(job));
+            Ok(())
+        } else {
+            self.raw.store().write(vec![job]).map_err(store_err)
+        }
+    }
+
     pub fn status(&self) -> CoreStatus {
         let store = self.raw.store();
         CoreStatus {
@@ -467,7 +528,7 @@ impl GroupCore {
             leader: self.leader,
             first_index: raft::Storage::first_index(store).unwrap_or(0),
             last_index: self.raw.raft.raft_log.last_index(),
-            snapshot_index: store.latest_snapshot().get_metadata().index,
+            snapshot_index: store.snapshot_index(),
             members: self.members.values().cloned().collect(),
         }
     }
@@ -515,7 +576,23 @@ impl GroupCore {
         let committed = rd.take_committed_entries();
         self.apply_entries(committed)?;
         let hs = rd.hs().cloned();
-        self.raw.mut_store().persist(rd.entries(), hs.as_ref()).map_err(store_err)?;
+        let job = self.raw.store().stage_append(rd.entries(), hs.as_ref()).map_err(store_err)?;
+        if self.cfg.async_writes {
+            // Entries are readable from storage now (raft-rs requires that before
+            // advance_append_async); the writer makes them durable, then sends the messages
+            // that must wait for durability and reports the Ready persisted.
+            if let Some(job) = job {
+                self.writes.push(Write::Disk(job));
+            }
+            let msgs = rd.take_persisted_messages();
+            self.writes.push(Write::Persisted { number: rd.number(), msgs });
+            self.raw.advance_append_async(rd);
+            self.advance_apply_persisted();
+            return Ok(());
+        }
+        if let Some(job) = job {
+            self.raw.store().write(vec![job]).map_err(store_err)?;
+        }
         self.outbox.extend(rd.take_persisted_messages());
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
@@ -586,9 +663,11 @@ impl GroupCore {
         let sm = StateMachine::restore(&data.state).map_err(|e| CoreError::Store(e.to_string()))?;
         let members: BTreeMap<NodeId, Member> = data.members.into_iter().map(|m| (m.id, m)).collect();
         let cs = snap.get_metadata().get_conf_state().clone();
-        let store = self.raw.mut_store();
-        store.apply_snapshot(snap).map_err(store_err)?;
-        store.set_conf_state(cs, &encode_members(&members)).map_err(store_err)?;
+        let job = self.raw.store().stage_install_snapshot(snap).map_err(store_err)?;
+        self.disk(job)?;
+        let job = self.raw.store().stage_conf_state(cs, &encode_members(&members));
+        self.disk(job)?;
+        self.snapshot_index = index;
         self.sm = sm;
         self.members = members;
         self.members_epoch += 1;
@@ -692,7 +771,8 @@ impl GroupCore {
         }
         self.members_epoch += 1;
         let blob = encode_members(&self.members);
-        self.raw.mut_store().set_conf_state(cs, &blob).map_err(store_err)?;
+        let job = self.raw.store().stage_conf_state(cs, &blob);
+        self.disk(job)?;
         if let Some(p) = pending {
             let members = self.members.values().cloned().collect();
             if p.term == e.term {
@@ -705,8 +785,7 @@ impl GroupCore {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), CoreError> {
-        let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
-        if self.applied < snap_index + self.cfg.snapshot_every {
+        if self.applied < self.snapshot_index + self.cfg.snapshot_every {
             return Ok(());
         }
         self.snapshot_now()
@@ -718,9 +797,11 @@ impl GroupCore {
             SnapshotData { members: self.members.values().cloned().collect(), state: self.sm.snapshot() };
         let data = postcard::to_allocvec(&data).map_err(|e| CoreError::Store(e.to_string()))?;
         let index = self.applied;
-        let cs = self.raw.store().conf_state().clone();
+        let cs = self.raw.raft.prs().conf().to_conf_state();
         let compact_below = (index + 1).saturating_sub(self.cfg.compact_margin);
-        self.raw.mut_store().save_snapshot(index, cs, data, compact_below).map_err(store_err)?;
+        let job = self.raw.store().stage_save_snapshot(index, cs, data, compact_below).map_err(store_err)?;
+        self.disk(job)?;
+        self.snapshot_index = index;
         tracing::info!(index, compact_below, "snapshot taken, log compacted");
         Ok(())
     }

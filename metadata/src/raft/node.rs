@@ -15,7 +15,8 @@ use elea_fsm::{Command, Op, OpResult, Query};
 use raft::prelude::Message;
 use tokio::sync::oneshot;
 
-use super::core::{CoreError, CoreStatus, Event, GroupCore, Member, MemberChange};
+use super::core::{CoreError, CoreStatus, Event, GroupCore, Member, MemberChange, Write};
+use super::storage::GroupStorage;
 use super::transport::Transport;
 use crate::watch::WatchHub;
 
@@ -49,6 +50,10 @@ pub enum NodeMsg {
     SnapshotDone(NodeId, bool),
     /// Several requests delivered with one channel operation.
     Many(Vec<NodeMsg>),
+    /// The writer made everything up to this Ready durable.
+    Persisted(u64),
+    /// The writer could not write: the group must stop.
+    WriterFailed(String),
     Stop,
 }
 
@@ -179,12 +184,67 @@ pub fn spawn(
     let hub = Arc::new(WatchHub::new());
     let handle = NodeHandle { tx, members: members.clone(), hub: hub.clone() };
     transport.attach(handle.clone());
+    let writer = core.async_writes().then(|| {
+        let (wtx, wrx) = mpsc::channel();
+        let (store, node_tx, t) = (core.storage(), handle.tx.clone(), transport.clone());
+        let name = format!("raft-writer-{}", core.node_id());
+        let join = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || write_loop(store, wrx, node_tx, t))
+            .unwrap_or_else(|e| panic!("cannot start the raft writer thread: {e}"));
+        (wtx, join)
+    });
     let name = format!("raft-{}", core.node_id());
     let join = std::thread::Builder::new()
         .name(name)
-        .spawn(move || run(core, cfg, rx, transport, members, hub))
+        .spawn(move || {
+            let (wtx, wjoin) = writer.map_or((None, None), |(tx, j)| (Some(tx), Some(j)));
+            run(core, cfg, rx, transport, members, hub, wtx);
+            // The writer finishes what it was given (dropping its channel ends its loop).
+            if let Some(j) = wjoin {
+                let _ = j.join();
+            }
+        })
         .unwrap_or_else(|e| panic!("cannot start the raft thread: {e}"));
     (handle, join)
+}
+
+/// The writer thread: makes the core's disk work durable in order, taking everything queued
+/// into one transaction (one fsync), then sends the messages that had to wait for it and
+/// tells the group thread how far it got.
+fn write_loop(
+    store: GroupStorage,
+    rx: mpsc::Receiver<Vec<Write>>,
+    node: mpsc::Sender<NodeMsg>,
+    transport: Transport,
+) {
+    while let Ok(mut items) = rx.recv() {
+        while let Ok(more) = rx.try_recv() {
+            items.extend(more);
+        }
+        let mut jobs = Vec::new();
+        let mut msgs = Vec::new();
+        let mut number = None;
+        for item in items {
+            match item {
+                Write::Disk(job) => jobs.push(job),
+                Write::Persisted { number: n, msgs: m } => {
+                    msgs.extend(m);
+                    number = Some(n);
+                }
+            }
+        }
+        if let Err(e) = store.write(jobs) {
+            let _ = node.send(NodeMsg::WriterFailed(e.to_string()));
+            return;
+        }
+        if !msgs.is_empty() {
+            transport.send(msgs);
+        }
+        if let Some(n) = number {
+            let _ = node.send(NodeMsg::Persisted(n));
+        }
+    }
 }
 
 fn run(
@@ -194,6 +254,7 @@ fn run(
     transport: Transport,
     members: Arc<RwLock<HashMap<NodeId, String>>>,
     hub: Arc<WatchHub>,
+    writer: Option<mpsc::Sender<Vec<Write>>>,
 ) {
     let mut waiters: HashMap<u64, Waiter> = HashMap::new();
     let mut next_token: u64 = 1;
@@ -256,6 +317,14 @@ fn run(
                 NodeMsg::Unreachable(id) => core.report_unreachable(id),
                 NodeMsg::SnapshotDone(id, ok) => core.report_snapshot(id, ok),
                 NodeMsg::Many(_) => {}
+                NodeMsg::Persisted(n) => core.on_persisted(n),
+                NodeMsg::WriterFailed(e) => {
+                    tracing::error!(error = %e, "raft log write failed; stopping");
+                    for (_, w) in waiters.drain() {
+                        fail(w, CoreError::Store(e.clone()));
+                    }
+                    return;
+                }
                 NodeMsg::Stop => {
                     tracing::info!("raft group stopping");
                     return;
@@ -285,6 +354,14 @@ fn run(
         let msgs = core.take_messages();
         if !msgs.is_empty() {
             transport.send(msgs);
+        }
+        let writes = core.take_writes();
+        if !writes.is_empty()
+            && let Some(w) = &writer
+            && w.send(writes).is_err()
+        {
+            tracing::error!("raft writer stopped; stopping");
+            return;
         }
         for ev in core.take_events() {
             match ev {
