@@ -217,13 +217,24 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     }));
     let meta = MetaAddr { meta: a.listen.clone() };
     let c = client(&meta)?;
-    // Wait for the one-voter group to elect itself, then make sure the default volume exists.
-    let vol = match c.volume("default").await {
-        Ok(v) => v,
-        Err(elea_metadata::client::ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => {
-            c.create_volume("default").await?
+    // Wait for the one-voter group to elect itself, then make sure the default volume exists;
+    // if the server fails to start, say why at once.
+    let ensure = async {
+        match c.volume("default").await {
+            Ok(v) => Ok(v),
+            Err(elea_metadata::client::ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => {
+                c.create_volume("default").await
+            }
+            Err(e) => Err(e),
         }
-        Err(e) => return Err(e.into()),
+    };
+    let mut server = server;
+    let vol = tokio::select! {
+        v = ensure => v?,
+        r = &mut server => {
+            r.context("server task")??;
+            bail!("the metadata service stopped during start-up");
+        }
     };
     println!("elea up: metadata service (one voter) at {} with data in {}", a.listen, meta_dir.display());
     println!("elea up: volume {:?} (id {}), {} inodes", vol.name, vol.id, vol.inodes);

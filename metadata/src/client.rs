@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use crate::proto::meta_client::MetaClient as RawClient;
 use crate::proto::{self, change_membership_request::Kind};
 use crate::raft::core::validate_addr;
-use crate::service::{LEADER_ADDR_KEY, MAX_REQUEST};
+use crate::service::{LEADER_ADDR_KEY, MAX_REQUEST, MAX_RESPONSE};
 
 /// Client tuning.
 #[derive(Debug, Clone)]
@@ -110,11 +110,47 @@ struct ReadJob {
     reply: Answer,
 }
 
+trait HasReply {
+    fn reply(self, r: Result<OpResult, ClientError>);
+}
+
+impl HasReply for WriteJob {
+    fn reply(self, r: Result<OpResult, ClientError>) {
+        let _ = self.reply.send(r);
+    }
+}
+
+impl HasReply for ReadJob {
+    fn reply(self, r: Result<OpResult, ClientError>) {
+        let _ = self.reply.send(r);
+    }
+}
+
 /// Sends one batch of jobs and answers each of them.
-type SendBatch<T> = fn(MetaClient, Vec<T>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+type SendBatch<T> = fn(MetaClient, T) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Most requests one batch RPC carries.
 const BATCH_MAX: usize = 1024;
+/// Most request bytes one batch RPC carries (far below the message size limit).
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Splits encoded items into runs of at most [`BATCH_BYTES`] (a single larger item goes alone).
+fn chunk_by_bytes(items: &[Vec<u8>]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, it) in items.iter().enumerate() {
+        if i > start && bytes + it.len() > BATCH_BYTES {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += it.len();
+    }
+    if start < items.len() {
+        out.push(start..items.len());
+    }
+    out
+}
 
 /// Takes whatever is queued behind `first` (up to [`BATCH_MAX`]).
 fn drain<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
@@ -134,7 +170,7 @@ async fn batch_loop<T: Send + 'static>(
     inner: Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<T>,
     slots: usize,
-    send: SendBatch<T>,
+    send: SendBatch<Vec<T>>,
 ) {
     let sem = Arc::new(tokio::sync::Semaphore::new(slots.max(1)));
     loop {
@@ -147,6 +183,22 @@ async fn batch_loop<T: Send + 'static>(
             send(client, jobs).await;
             drop(permit);
         });
+    }
+}
+
+/// A request number that is outstanding until dropped (also when the caller gives up), so
+/// `acked_below` never passes a request that may still be retried, and never stays pinned by
+/// one that was abandoned.
+struct SeqGuard<'a> {
+    inner: &'a Inner,
+    seq: u64,
+}
+
+impl Drop for SeqGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.inner.inflight.lock() {
+            f.remove(&self.seq);
+        }
     }
 }
 
@@ -220,7 +272,7 @@ impl MetaClient {
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
         let c = RawClient::new(ep.connect_lazy())
-            .max_decoding_message_size(MAX_REQUEST * 2)
+            .max_decoding_message_size(MAX_RESPONSE)
             .max_encoding_message_size(MAX_REQUEST * 2);
         conns.insert(addr.to_string(), c.clone());
         Ok(c)
@@ -311,10 +363,15 @@ impl MetaClient {
 
     /// Applies a state-changing op (linearizable, exactly once).
     pub async fn op(&self, op: Op) -> Result<Reply, ClientError> {
-        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut f) = self.inner.inflight.lock() {
+        // Allocate and register under one lock: otherwise a later request could report
+        // `acked_below` past this one before it is registered.
+        let guard = {
+            let mut f = self.inner.inflight.lock().map_err(|_| ClientError::Protocol("poisoned".into()))?;
+            let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
             f.insert(seq);
-        }
+            SeqGuard { inner: &self.inner, seq }
+        };
+        let seq = guard.seq;
         let result = if self.inner.cfg.batch_inflight > 0 {
             let (tx, rx) = oneshot::channel();
             let queued = self.write_queue().send(WriteJob { seq, op: op.clone(), reply: tx }).is_ok();
@@ -325,9 +382,7 @@ impl MetaClient {
         } else {
             self.op_with_seq(seq, op).await
         };
-        if let Ok(mut f) = self.inner.inflight.lock() {
-            f.remove(&seq);
-        }
+        drop(guard);
         result?.map_err(ClientError::Fs)
     }
 
@@ -361,100 +416,112 @@ impl MetaClient {
             }
             return;
         }
-        let group = self.inner.cfg.group;
         let client = self.inner.client_id;
         let acked_below = self.inner.inflight.lock().ok().and_then(|f| f.first().copied()).unwrap_or(0);
-        let mut commands = Vec::with_capacity(jobs.len());
-        for j in &jobs {
-            let cmd =
-                Command { client, seq: j.seq, acked_below, time: Timespec::default(), op: j.op.clone() };
-            commands.push(postcard::to_allocvec(&cmd).unwrap_or_default());
-        }
-        let res = self
-            .with_retries(|mut c, addr| {
-                let commands = commands.clone();
-                async move {
-                    match c.write_batch(proto::WriteBatchRequest { group_id: group, commands, hops: 0 }).await
-                    {
-                        Ok(r) => Attempt::Done(r.into_inner().items),
-                        Err(s) => self.on_status(&addr, s),
-                    }
-                }
+        let commands: Vec<Vec<u8>> = jobs
+            .iter()
+            .map(|j| {
+                let cmd =
+                    Command { client, seq: j.seq, acked_below, time: Timespec::default(), op: j.op.clone() };
+                postcard::to_allocvec(&cmd).unwrap_or_default()
+            })
+            .collect();
+        let mut jobs: Vec<Option<WriteJob>> = jobs.into_iter().map(Some).collect();
+        for range in chunk_by_bytes(&commands) {
+            let chunk: Vec<WriteJob> = jobs[range.clone()].iter_mut().filter_map(Option::take).collect();
+            let items = self.write_batch_rpc(commands[range].to_vec()).await;
+            self.answer(chunk, items, |me, j| {
+                Box::pin(async move {
+                    let r = me.op_with_seq(j.seq, j.op).await;
+                    let _ = j.reply.send(r);
+                })
             })
             .await;
-        match res {
+        }
+    }
+
+    async fn write_batch_rpc(&self, commands: Vec<Vec<u8>>) -> Result<Vec<proto::BatchItem>, ClientError> {
+        let group = self.inner.cfg.group;
+        self.with_retries(|mut c, addr| {
+            let commands = commands.clone();
+            async move {
+                match c.write_batch(proto::WriteBatchRequest { group_id: group, commands, hops: 0 }).await {
+                    Ok(r) => Attempt::Done(r.into_inner().items),
+                    Err(s) => self.on_status(&addr, s),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Answers each job of a batch from its item; an item that failed (or a batch the server
+    /// refused as a whole, e.g. too large) is retried alone by `retry`.
+    async fn answer<J: HasReply + Send + 'static>(
+        &self,
+        jobs: Vec<J>,
+        items: Result<Vec<proto::BatchItem>, ClientError>,
+        retry: SendBatch<J>,
+    ) {
+        match items {
             Ok(items) if items.len() == jobs.len() => {
                 for (j, item) in jobs.into_iter().zip(items) {
                     if item.error.is_empty() {
                         let r = postcard::from_bytes::<OpResult>(&item.result)
                             .map_err(|e| ClientError::Protocol(e.to_string()));
-                        let _ = j.reply.send(r);
+                        j.reply(r);
                     } else {
-                        // Retry this one alone, with the same request id.
-                        let me = self.clone();
-                        tokio::spawn(async move {
-                            let r = me.op_with_seq(j.seq, j.op).await;
-                            let _ = j.reply.send(r);
-                        });
+                        tokio::spawn(retry(self.clone(), j));
                     }
                 }
             }
             Ok(items) => {
-                let e = ClientError::Protocol(format!("{} answers to {} commands", items.len(), jobs.len()));
+                let e = ClientError::Protocol(format!("{} answers to {} requests", items.len(), jobs.len()));
                 for j in jobs {
-                    let _ = j.reply.send(Err(e.clone()));
+                    j.reply(Err(e.clone()));
+                }
+            }
+            Err(ClientError::Rejected(_)) => {
+                // The batch as a whole was refused (size limits): each request on its own.
+                for j in jobs {
+                    tokio::spawn(retry(self.clone(), j));
                 }
             }
             Err(e) => {
                 for j in jobs {
-                    let _ = j.reply.send(Err(e.clone()));
+                    j.reply(Err(e.clone()));
                 }
             }
         }
     }
 
     async fn send_reads(&self, jobs: Vec<ReadJob>) {
-        let group = self.inner.cfg.group;
         let queries: Vec<Vec<u8>> = jobs.iter().map(|j| j.query.clone()).collect();
-        let res = self
-            .with_retries(|mut c, addr| {
-                let queries = queries.clone();
-                async move {
-                    match c.read_batch(proto::ReadBatchRequest { group_id: group, queries, hops: 0 }).await {
-                        Ok(r) => Attempt::Done(r.into_inner().items),
-                        Err(s) => self.on_status(&addr, s),
-                    }
-                }
+        let mut jobs: Vec<Option<ReadJob>> = jobs.into_iter().map(Some).collect();
+        for range in chunk_by_bytes(&queries) {
+            let chunk: Vec<ReadJob> = jobs[range.clone()].iter_mut().filter_map(Option::take).collect();
+            let items = self.read_batch_rpc(queries[range].to_vec()).await;
+            self.answer(chunk, items, |me, j| {
+                Box::pin(async move {
+                    let r = me.read_one(j.query).await;
+                    let _ = j.reply.send(r);
+                })
             })
             .await;
-        match res {
-            Ok(items) if items.len() == jobs.len() => {
-                for (j, item) in jobs.into_iter().zip(items) {
-                    if item.error.is_empty() {
-                        let r = postcard::from_bytes::<OpResult>(&item.result)
-                            .map_err(|e| ClientError::Protocol(e.to_string()));
-                        let _ = j.reply.send(r);
-                    } else {
-                        let me = self.clone();
-                        tokio::spawn(async move {
-                            let r = me.read_one(j.query).await;
-                            let _ = j.reply.send(r);
-                        });
-                    }
-                }
-            }
-            Ok(items) => {
-                let e = ClientError::Protocol(format!("{} answers to {} queries", items.len(), jobs.len()));
-                for j in jobs {
-                    let _ = j.reply.send(Err(e.clone()));
-                }
-            }
-            Err(e) => {
-                for j in jobs {
-                    let _ = j.reply.send(Err(e.clone()));
-                }
-            }
         }
+    }
+
+    async fn read_batch_rpc(&self, queries: Vec<Vec<u8>>) -> Result<Vec<proto::BatchItem>, ClientError> {
+        let group = self.inner.cfg.group;
+        self.with_retries(|mut c, addr| {
+            let queries = queries.clone();
+            async move {
+                match c.read_batch(proto::ReadBatchRequest { group_id: group, queries, hops: 0 }).await {
+                    Ok(r) => Attempt::Done(r.into_inner().items),
+                    Err(s) => self.on_status(&addr, s),
+                }
+            }
+        })
+        .await
     }
 
     async fn op_with_seq(&self, seq: u64, op: Op) -> Result<OpResult, ClientError> {

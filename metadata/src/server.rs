@@ -14,7 +14,7 @@ use crate::raft::core::{CoreConfig, GroupCore, Member, validate_addr};
 use crate::raft::node::{self, NodeConfig};
 use crate::raft::storage::{GroupStorage, open_db};
 use crate::raft::transport::{MAX_RAFT_MESSAGE, Transport};
-use crate::service::{MAX_REQUEST, MetaService};
+use crate::service::{MAX_REQUEST, MAX_RESPONSE, MetaService};
 
 /// How long open connections may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -140,7 +140,7 @@ pub async fn serve(
     core_cfg.compact_margin = cfg.compact_margin;
     core_cfg.async_writes = true;
     let core = GroupCore::open(core_cfg, storage).map_err(|e| ServeError::Storage(e.to_string()))?;
-    let (handle, join) = node::spawn(core, cfg.node.clone(), transport.clone());
+    let (handle, join, mut ended) = node::spawn(core, cfg.node.clone(), transport.clone());
     let svc = std::sync::Arc::new(MetaService::new(
         handle.clone(),
         transport,
@@ -162,7 +162,7 @@ pub async fn serve(
         .add_service(
             MetaServer::from_arc(svc.clone())
                 .max_decoding_message_size(MAX_REQUEST * 2)
-                .max_encoding_message_size(MAX_REQUEST * 2),
+                .max_encoding_message_size(MAX_RESPONSE),
         )
         .add_service(
             RaftPeerServer::from_arc(svc)
@@ -181,6 +181,9 @@ pub async fn serve(
             tracing::info!("closing connections still open after {SHUTDOWN_GRACE:?}");
             Ok(())
         }
+        // The group died (storage failure): stop serving rather than linger as a node that
+        // answers but can do nothing; clients fail over to the others.
+        _ = &mut ended => Err(ServeError::Storage("the raft group stopped after a fatal error (see the log)".into())),
     };
     handle.stop();
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
@@ -192,25 +195,33 @@ pub async fn serve(
 async fn learn_from_cluster(cfg: &MetaNodeConfig, transport: &Transport) -> Result<(), ServeError> {
     let client = crate::client::MetaClient::connect(&cfg.join, crate::client::ClientConfig::default())
         .map_err(|e| ServeError::Config(e.to_string()))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let start = tokio::time::Instant::now();
     loop {
+        let mut answered = None;
         for addr in &cfg.join {
             let Ok(s) = client.status_of(addr).await else { continue };
-            if !s.members.iter().any(|m| m.node_id == cfg.node_id) {
+            if s.members.iter().any(|m| m.node_id == cfg.node_id) {
+                for m in &s.members {
+                    transport.learn(m.node_id, &m.addr);
+                }
+                return Ok(());
+            }
+            answered = Some(addr.clone());
+        }
+        // A follower may not have applied the addition yet: ask again for a few seconds.
+        let waited = start.elapsed();
+        match answered {
+            Some(addr) if waited > Duration::from_secs(5) => {
                 return Err(ServeError::Config(format!(
                     "node {} is not a member of the cluster at {addr}; add it first with \
                      `elea cluster add --node-id {} --addr {}`",
                     cfg.node_id, cfg.node_id, cfg.advertise
                 )));
             }
-            for m in &s.members {
-                transport.learn(m.node_id, &m.addr);
+            None if waited > Duration::from_secs(30) => {
+                return Err(ServeError::Config(format!("no node of {:?} answered", cfg.join)));
             }
-            return Ok(());
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
-        if tokio::time::Instant::now() > deadline {
-            return Err(ServeError::Config(format!("no node of {:?} answered", cfg.join)));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -24,6 +24,8 @@ use crate::watch::HubEvent;
 
 /// Largest encoded command or query accepted.
 pub const MAX_REQUEST: usize = 2 << 20;
+/// Largest reply (a batch of reads can carry many large values).
+pub const MAX_RESPONSE: usize = 64 << 20;
 /// How long a request may wait for the group (commit and apply).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -100,7 +102,7 @@ impl MetaService {
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
         let c = RawMetaClient::new(ep.connect_lazy())
-            .max_decoding_message_size(MAX_REQUEST * 2)
+            .max_decoding_message_size(MAX_RESPONSE)
             .max_encoding_message_size(MAX_REQUEST * 2);
         map.insert(addr, c.clone());
         Some(c)
@@ -294,7 +296,12 @@ impl proto::meta_server::Meta for MetaService {
             }
             let mut rx = sub.rx;
             loop {
-                let ev = match rx.recv().await {
+                let next = tokio::select! {
+                    // The client went away: end now, even on a quiet volume.
+                    () = tx.closed() => return,
+                    next = rx.recv() => next,
+                };
+                let ev = match next {
                     Ok(HubEvent::Changes(set)) if set.vol == vol => event(&set),
                     Ok(HubEvent::Changes(_)) => continue,
                     Ok(HubEvent::Reset) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {

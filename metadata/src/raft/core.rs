@@ -124,6 +124,9 @@ pub enum Event {
 }
 
 /// Work for the writer thread, in order.
+// Items are moved from the core to the writer once each, never kept in bulk: boxing the large
+// variant would only add an allocation per write.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Write {
     /// Make this durable.
@@ -194,6 +197,8 @@ pub struct GroupCore {
     writes: Vec<Write>,
     /// Index of the latest snapshot taken or installed.
     snapshot_index: u64,
+    /// Take a snapshot at the next opportunity (a member was added).
+    snapshot_wanted: bool,
 }
 
 fn role_name(r: StateRole) -> &'static str {
@@ -286,6 +291,7 @@ impl GroupCore {
             members_epoch: 0,
             writes: Vec::new(),
             snapshot_index: snap_index,
+            snapshot_wanted: false,
         })
     }
 
@@ -303,8 +309,10 @@ impl GroupCore {
         self.cfg.async_writes
     }
 
+    /// Whether raft-rs considers this node the leader right now (not as of the last Ready:
+    /// a message stepped in the same batch may have deposed it).
     pub fn is_leader(&self) -> bool {
-        self.role == StateRole::Leader
+        self.raw.raft.state == StateRole::Leader && !self.removed
     }
 
     pub fn leader(&self) -> Option<NodeId> {
@@ -348,11 +356,19 @@ impl GroupCore {
                 return;
             }
         };
+        let before = self.raw.raft.raft_log.last_index();
         match self.raw.propose(vec![], data) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 let term = self.raw.raft.term;
-                self.pending.insert(index, Pending { term, token, kind: PendingKind::Write });
+                if index == before {
+                    // raft-rs forwarded or dropped it without appending here.
+                    self.events.push(Event::Write { token, result: Err(CoreError::Dropped) });
+                } else if let Some(old) =
+                    self.pending.insert(index, Pending { term, token, kind: PendingKind::Write })
+                {
+                    self.fail_pending(old, CoreError::Dropped);
+                }
             }
             Err(e) => {
                 let err = match e {
@@ -398,10 +414,23 @@ impl GroupCore {
         let conf = self.raw.raft.prs().conf().to_conf_state();
         let is_voter = conf.voters.contains(&id);
         let is_learner = conf.learners.contains(&id);
+        // Asking again for what already holds (same role and address) succeeds, so a client
+        // that retries after its first attempt committed is not told it failed.
+        let same_addr = self.members.get(&id).is_some_and(|m| m.addr == addr);
+        if same_addr
+            && ((change == MemberChange::AddVoter && is_voter)
+                || (change == MemberChange::AddLearner && is_learner))
+        {
+            let members = self.members.values().cloned().collect();
+            self.events.push(Event::Conf { token, result: Ok(members) });
+            return Ok(());
+        }
         let change_type = match change {
             MemberChange::AddVoter => {
                 if is_voter {
-                    return Err(CoreError::Invalid(format!("node {id} is already a voter")));
+                    return Err(CoreError::Invalid(format!(
+                        "node {id} is already a voter at another address"
+                    )));
                 }
                 ConfChangeType::AddNode
             }
@@ -436,7 +465,9 @@ impl GroupCore {
             return Err(CoreError::Busy("proposal was dropped".into()));
         }
         let term = self.raw.raft.term;
-        self.pending.insert(index, Pending { term, token, kind: PendingKind::Conf });
+        if let Some(old) = self.pending.insert(index, Pending { term, token, kind: PendingKind::Conf }) {
+            self.fail_pending(old, CoreError::Dropped);
+        }
         Ok(())
     }
 
@@ -557,7 +588,11 @@ impl GroupCore {
         self.next_read_ctx += 1;
         let batch = std::mem::take(&mut self.read_queue);
         self.reads_inflight.insert(ctx, batch);
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        // The context names this node too: a leader ignores a request whose context it already
+        // has pending, and a forwarded one from another node must never collide with ours.
+        let mut rctx = self.cfg.node_id.to_be_bytes().to_vec();
+        rctx.extend_from_slice(&ctx.to_be_bytes());
+        self.raw.read_index(rctx);
     }
 
     fn handle_ready(&mut self) -> Result<(), CoreError> {
@@ -637,8 +672,15 @@ impl GroupCore {
     }
 
     fn on_read_state(&mut self, index: u64, ctx: &[u8]) {
-        let Ok(bytes) = <[u8; 8]>::try_from(ctx) else { return };
-        if let Some(batch) = self.reads_inflight.remove(&u64::from_be_bytes(bytes)) {
+        let Ok(bytes) = <[u8; 16]>::try_from(ctx) else { return };
+        let (node, counter) = bytes.split_at(8);
+        let (Ok(node), Ok(counter)) = (<[u8; 8]>::try_from(node), <[u8; 8]>::try_from(counter)) else {
+            return;
+        };
+        if u64::from_be_bytes(node) != self.cfg.node_id {
+            return;
+        }
+        if let Some(batch) = self.reads_inflight.remove(&u64::from_be_bytes(counter)) {
             self.reads_waiting.push_back((index, batch));
         }
     }
@@ -662,10 +704,8 @@ impl GroupCore {
             .map_err(|e| CoreError::Store(format!("received snapshot data: {e}")))?;
         let sm = StateMachine::restore(&data.state).map_err(|e| CoreError::Store(e.to_string()))?;
         let members: BTreeMap<NodeId, Member> = data.members.into_iter().map(|m| (m.id, m)).collect();
-        let cs = snap.get_metadata().get_conf_state().clone();
-        let job = self.raw.store().stage_install_snapshot(snap).map_err(store_err)?;
-        self.disk(job)?;
-        let job = self.raw.store().stage_conf_state(cs, &encode_members(&members));
+        let job =
+            self.raw.store().stage_install_snapshot(snap, &encode_members(&members)).map_err(store_err)?;
         self.disk(job)?;
         self.snapshot_index = index;
         self.sm = sm;
@@ -751,6 +791,9 @@ impl GroupCore {
                 if let Ok(m) = postcard::from_bytes::<Member>(&cc.context) {
                     self.members.insert(cc.node_id, Member { id: cc.node_id, ..m });
                 }
+                // A new node starts from a snapshot, and raft-rs on it ignores one whose
+                // configuration does not include it: take a fresh one right away.
+                self.snapshot_wanted = true;
             }
             ConfChangeType::RemoveNode => {
                 self.members.remove(&cc.node_id);
@@ -785,9 +828,10 @@ impl GroupCore {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), CoreError> {
-        if self.applied < self.snapshot_index + self.cfg.snapshot_every {
+        if !self.snapshot_wanted && self.applied < self.snapshot_index + self.cfg.snapshot_every {
             return Ok(());
         }
+        self.snapshot_wanted = false;
         self.snapshot_now()
     }
 

@@ -173,12 +173,14 @@ enum Waiter {
     Conf(Reply<Vec<Member>>),
 }
 
-/// Starts the group thread. `transport` sends this node's outgoing messages.
+/// Starts the group thread. The returned receiver resolves when the thread has ended, for
+/// whatever reason (a stop request or a fatal storage error).
 pub fn spawn(
     core: GroupCore,
     cfg: NodeConfig,
     transport: Transport,
-) -> (NodeHandle, std::thread::JoinHandle<()>) {
+) -> (NodeHandle, std::thread::JoinHandle<()>, oneshot::Receiver<()>) {
+    let (ended_tx, ended_rx) = oneshot::channel();
     let (tx, rx) = mpsc::channel();
     let members = Arc::new(RwLock::new(HashMap::new()));
     let hub = Arc::new(WatchHub::new());
@@ -204,9 +206,10 @@ pub fn spawn(
             if let Some(j) = wjoin {
                 let _ = j.join();
             }
+            let _ = ended_tx.send(());
         })
         .unwrap_or_else(|e| panic!("cannot start the raft thread: {e}"));
-    (handle, join)
+    (handle, join, ended_rx)
 }
 
 /// The writer thread: makes the core's disk work durable in order, taking everything queued

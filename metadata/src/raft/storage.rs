@@ -114,7 +114,7 @@ struct DiskState {
 pub enum DiskJob {
     Append { entries: Vec<Entry>, hs: Option<HardState> },
     ConfState { cs: ConfState, members: Vec<u8> },
-    InstallSnapshot { snap: Snapshot, hs: HardState, cs: ConfState },
+    InstallSnapshot { snap: Snapshot, hs: HardState, cs: ConfState, members: Vec<u8> },
     SaveSnapshot { snap: Snapshot, hs: HardState, compact_below: u64 },
 }
 
@@ -395,13 +395,14 @@ impl GroupStorage {
     }
 
     /// Installs a snapshot received from the leader: the log is replaced by it (durably).
-    pub fn apply_snapshot(&self, snap: Snapshot) -> Result<(), StoreError> {
-        let job = self.stage_install_snapshot(snap)?;
+    pub fn apply_snapshot(&self, snap: Snapshot, members: &[u8]) -> Result<(), StoreError> {
+        let job = self.stage_install_snapshot(snap, members)?;
         self.write(vec![job])
     }
 
-    /// Memory half of [`GroupStorage::apply_snapshot`].
-    pub fn stage_install_snapshot(&self, snap: Snapshot) -> Result<DiskJob, StoreError> {
+    /// Memory half of [`GroupStorage::apply_snapshot`]. The member book is written in the same
+    /// transaction, so a crash cannot leave one older than the snapshot.
+    pub fn stage_install_snapshot(&self, snap: Snapshot, members: &[u8]) -> Result<DiskJob, StoreError> {
         let mut m = self.wr();
         let meta = snap.get_metadata();
         let ours = m.snapshot.get_metadata().index;
@@ -420,7 +421,7 @@ impl GroupStorage {
         m.scheduled_term_vote = (hs.term, hs.vote);
         m.conf_state = cs.clone();
         m.snapshot = snap.clone();
-        Ok(DiskJob::InstallSnapshot { snap, hs, cs })
+        Ok(DiskJob::InstallSnapshot { snap, hs, cs, members: members.to_vec() })
     }
 
     /// Durably stores a snapshot of applied state at `index` (which must be in the log) and
@@ -497,11 +498,12 @@ impl GroupStorage {
                         state.insert((group, KEY_CONF_STATE), encode(&cs)?.as_slice())?;
                         state.insert((group, KEY_MEMBERS), members.as_slice())?;
                     }
-                    DiskJob::InstallSnapshot { snap, hs, cs } => {
+                    DiskJob::InstallSnapshot { snap, hs, cs, members } => {
                         log.retain_in((group, 0)..=(group, u64::MAX), |_, _| false)?;
                         state.insert((group, KEY_SNAPSHOT), encode(&snap)?.as_slice())?;
                         state.insert((group, KEY_HARD_STATE), encode(&hs)?.as_slice())?;
                         state.insert((group, KEY_CONF_STATE), encode(&cs)?.as_slice())?;
+                        state.insert((group, KEY_MEMBERS), members.as_slice())?;
                         last = snap.get_metadata().index;
                     }
                     DiskJob::SaveSnapshot { snap, hs, compact_below } => {
@@ -656,7 +658,7 @@ mod tests {
         snap.mut_metadata().index = 20;
         snap.mut_metadata().term = 4;
         snap.mut_metadata().set_conf_state(ConfState::from((vec![1, 2], vec![])));
-        s3.apply_snapshot(snap).unwrap();
+        s3.apply_snapshot(snap, b"").unwrap();
         assert_eq!(s3.first_index().unwrap(), 21);
         assert_eq!(s3.last_index().unwrap(), 20);
         assert_eq!(s3.term(20).unwrap(), 4);

@@ -150,8 +150,10 @@ async fn peer_loop(inner: Arc<Inner>, to: NodeId, mut rx: mpsc::UnboundedReceive
         if stream.as_ref().is_none_or(|s| s.addr != addr || s.tx.is_closed()) {
             stream = Some(open_stream(c.clone(), addr.clone(), to));
         }
+        // Never wait on a peer: if its stream is backed up (or dead), drop the batch and tell
+        // raft-rs, which resends what matters.
         let sent = match &stream {
-            Some(s) => s.tx.send(req).await.is_ok(),
+            Some(s) => s.tx.try_send(req).is_ok(),
             None => false,
         };
         if !sent {
@@ -181,7 +183,11 @@ fn connect(addr: &str) -> Option<RaftPeerClient<tonic::transport::Channel>> {
     let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .ok()?
         .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Detect a peer that silently stopped answering (no RST, e.g. a partition).
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
     Some(
         RaftPeerClient::new(ep.connect_lazy())
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
