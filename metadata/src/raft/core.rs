@@ -490,13 +490,33 @@ impl GroupCore {
             tracing::debug!(to = msg.to, "dropping misaddressed or local raft message");
             return;
         }
+        if msg.get_msg_type() == MessageType::MsgTimeoutNow && self.snapshot_unpersisted() {
+            // A leader transfer would campaign now (see `snapshot_unpersisted`); the leader
+            // gives the transfer up after an election timeout.
+            tracing::debug!("ignoring a leader transfer while a snapshot is not yet durable");
+            return;
+        }
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(error = %e, "raft step");
         }
     }
 
     pub fn tick(&mut self) {
-        self.raw.tick();
+        // No election clock while an installed snapshot is not durable (see
+        // `snapshot_unpersisted`): this only delays a campaign by the write's latency.
+        if !self.snapshot_unpersisted() {
+            self.raw.tick();
+        }
+    }
+
+    /// Async writes: a snapshot installed from the leader is not yet durable. raft-rs moves its
+    /// applied index to the snapshot only once it is persisted, while the storage already starts
+    /// after it; a campaign in between reads the entries from raft-rs' applied index on (to look
+    /// for pending conf changes), finds them compacted, and panics. (Only a follower installs a
+    /// snapshot, so holding its election clock holds nothing else.) Never true in sync mode:
+    /// the snapshot is persisted and applied within the same Ready.
+    fn snapshot_unpersisted(&self) -> bool {
+        self.cfg.async_writes && self.raw.raft.raft_log.applied < self.snapshot_index
     }
 
     pub fn report_unreachable(&mut self, id: NodeId) {
