@@ -320,6 +320,7 @@ impl MetaClient {
         let mut rotate = (self.inner.client_id as usize) % n;
         let mut backoff = Duration::from_millis(20);
         let mut next: Option<String> = self.leader_hint();
+        let mut redirects = 0;
         let mut last_error;
         loop {
             let addr = match next.take() {
@@ -339,14 +340,19 @@ impl MetaClient {
                 Ok(Attempt::Fail(e)) => return Err(e),
                 Ok(Attempt::Retry(hint, why)) => {
                     last_error = why;
+                    // Follow a redirect at once, but not for ever: two nodes that name each
+                    // other (a stale view on both) fall through to the backoff and deadline.
                     if let Some(h) = hint
                         && h != addr
                         && validate_addr(&h).is_ok()
+                        && redirects < 3
                     {
+                        redirects += 1;
                         self.set_leader(Some(h.clone()));
                         next = Some(h);
                         continue;
                     }
+                    redirects = 0;
                 }
                 Err(_) => {
                     self.set_leader(None);
