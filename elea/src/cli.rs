@@ -223,7 +223,7 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         match c.volume("default").await {
             Ok(v) => Ok(v),
             Err(elea_metadata::client::ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => {
-                c.create_volume("default").await
+                c.create_volume("default", elea_fsm::VolumeConfig { replicas: 1, ..Default::default() }).await
             }
             Err(e) => Err(e),
         }
@@ -398,7 +398,7 @@ async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
     match v {
         VolumeCmd::Create { name, meta } => {
             let vol = client(&meta)?
-                .create_volume(&name)
+                .create_volume(&name, elea_fsm::VolumeConfig::default())
                 .await
                 .with_context(|| format!("creating volume {name:?}"))?;
             println!("created volume {:?} (id {})", vol.name, vol.id);

@@ -18,7 +18,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let c = cl.client();
     let addr = cl.nodes[0].addr.clone();
     wait_leader(&c, std::slice::from_ref(&addr), Duration::from_secs(15)).await.expect("leader");
-    let vol = c.create_volume("bad").await.expect("volume");
+    let vol = c.create_volume("bad", Default::default()).await.expect("volume");
     let mut raw = Raw::connect(format!("http://{addr}")).await.expect("connect");
 
     // Garbage instead of a command.
@@ -110,7 +110,7 @@ async fn a_retried_command_is_applied_once() {
     let c = cl.client();
     let addr = cl.nodes[0].addr.clone();
     wait_leader(&c, std::slice::from_ref(&addr), Duration::from_secs(15)).await.expect("leader");
-    let vol = c.create_volume("retry").await.expect("volume");
+    let vol = c.create_volume("retry", Default::default()).await.expect("volume");
     let mut raw = Raw::connect(format!("http://{addr}")).await.expect("connect");
     let cmd = Command {
         client: 4242,
@@ -150,7 +150,7 @@ async fn watch_streams_changes_with_sequence_numbers() {
     let c = cl.client();
     let addr = cl.nodes[0].addr.clone();
     wait_leader(&c, std::slice::from_ref(&addr), Duration::from_secs(15)).await.expect("leader");
-    let vol = c.create_volume("watch").await.expect("volume");
+    let vol = c.create_volume("watch", Default::default()).await.expect("volume");
     let mut stream = Box::pin(c.watch(vol.id, 0).await.expect("watch"));
     let d = c.mkdir(vol.id, ROOT_INO, b"w", 0o755).await.expect("mkdir");
     let item =

@@ -113,7 +113,7 @@ async fn leader_killed_under_load_loses_nothing_and_catches_up_by_snapshot() {
     let leader = wait_leader(&c, &addrs, Duration::from_secs(15))
         .await
         .unwrap_or_else(|| panic!("no leader\n{}", cl.logs()));
-    let vol = c.create_volume("kill-leader").await.expect("volume");
+    let vol = c.create_volume("kill-leader", Default::default()).await.expect("volume");
     let load = start_load(&c, vol.id, ROOT_INO, 4, "a");
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -167,7 +167,7 @@ async fn add_and_remove_nodes_under_load() {
     let c = cl.client();
     let addrs = addr_list(&cl);
     wait_leader(&c, &addrs, Duration::from_secs(15)).await.expect("leader");
-    let vol = c.create_volume("membership").await.expect("volume");
+    let vol = c.create_volume("membership", Default::default()).await.expect("volume");
     let load = start_load(&c, vol.id, ROOT_INO, 3, "m");
     tokio::time::sleep(Duration::from_millis(800)).await;
 
@@ -240,7 +240,7 @@ async fn kill_all_at_once_and_restart_keeps_every_acknowledged_op() {
     let c = cl.client();
     let addrs = addr_list(&cl);
     wait_leader(&c, &addrs, Duration::from_secs(15)).await.expect("leader");
-    let vol = c.create_volume("kill-all").await.expect("volume");
+    let vol = c.create_volume("kill-all", Default::default()).await.expect("volume");
     let dir = c.mkdir(vol.id, ROOT_INO, b"d", 0o755).await.expect("mkdir").ino;
     let load = start_load(&c, vol.id, dir, 4, "k");
     tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -268,7 +268,7 @@ async fn sigterm_stops_a_node_cleanly_and_it_rejoins() {
     let c = cl.client();
     let addrs = addr_list(&cl);
     let leader = wait_leader(&c, &addrs, Duration::from_secs(15)).await.expect("leader");
-    let vol = c.create_volume("term").await.expect("volume");
+    let vol = c.create_volume("term", Default::default()).await.expect("volume");
     // Stop a follower with SIGTERM while its peers hold streams open to it.
     let follower = cl.nodes.iter().map(|n| n.id).find(|id| *id != leader.node_id).expect("a follower");
     let status = cl.node(follower).terminate(Duration::from_secs(10));
@@ -292,7 +292,7 @@ async fn a_node_added_to_an_idle_cluster_with_default_settings_catches_up() {
     let c = cl.client();
     let addrs = addr_list(&cl);
     wait_leader(&c, &addrs, Duration::from_secs(15)).await.expect("leader");
-    let vol = c.create_volume("idle").await.expect("volume");
+    let vol = c.create_volume("idle", Default::default()).await.expect("volume");
     c.mkdir(vol.id, ROOT_INO, b"before-join", 0o755).await.expect("mkdir");
     let addr4 = format!("127.0.0.1:{}", free_port());
     let (ok, out, err) =

@@ -12,8 +12,11 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use elea_common::ids::DEFAULT_GROUP;
-use elea_common::{Errno, GroupId, Ino, NodeId, Timespec, VolumeId};
-use elea_fsm::{Attr, Change, Command, Op, OpResult, Query, Reply, SetAttr, VolumeInfo};
+use elea_common::{Errno, GroupId, Ino, NodeId, SliceId, Timespec, VolumeId};
+use elea_fsm::{
+    Attr, CacheNodeInfo, Change, Command, Op, OpResult, Query, Reply, SetAttr, SliceLoc, StagedBlock, VolumeConfig,
+    VolumeInfo,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
@@ -663,8 +666,8 @@ impl MetaClient {
 
     // Typed helpers.
 
-    pub async fn create_volume(&self, name: &str) -> Result<VolumeInfo, ClientError> {
-        match self.op(Op::CreateVolume { name: name.to_string() }).await? {
+    pub async fn create_volume(&self, name: &str, config: VolumeConfig) -> Result<VolumeInfo, ClientError> {
+        match self.op(Op::CreateVolume { name: name.to_string(), config }).await? {
             Reply::Volume(v) => Ok(v),
             other => Err(unexpected(&other)),
         }
@@ -750,6 +753,75 @@ impl MetaClient {
 
     pub async fn rmdir(&self, vol: VolumeId, parent: Ino, name: &[u8]) -> Result<Reply, ClientError> {
         self.op(Op::Rmdir { vol, parent, name: name.to_vec() }).await
+    }
+
+    /// A volume by id (from the volume list).
+    pub async fn volume_by_id(&self, vol: VolumeId) -> Result<VolumeInfo, ClientError> {
+        self.list_volumes()
+            .await?
+            .into_iter()
+            .find(|v| v.id == vol)
+            .ok_or(ClientError::Fs(Errno::ENODEV))
+    }
+
+    /// Reserves `count` slice ids; returns the first.
+    pub async fn alloc_slices(&self, count: u64) -> Result<u64, ClientError> {
+        match self.op(Op::AllocSlices { count }).await? {
+            Reply::Range { start, .. } => Ok(start),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn cache_nodes(&self) -> Result<Vec<CacheNodeInfo>, ClientError> {
+        match self.query(Query::CacheNodes).await? {
+            Reply::CacheNodes(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Locations of slices (any number: asked in pages).
+    pub async fn slice_locs(&self, ids: &[SliceId]) -> Result<Vec<(SliceId, Option<SliceLoc>)>, ClientError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for part in ids.chunks(elea_fsm::limits::BATCH_MAX) {
+            match self.query(Query::SliceLocs { ids: part.to_vec() }).await? {
+                Reply::SliceLocs(l) => out.extend(l),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every staged block of a live slice (all pages).
+    pub async fn staged_blocks(&self) -> Result<Vec<StagedBlock>, ClientError> {
+        let mut out: Vec<StagedBlock> = Vec::new();
+        let mut after = (0, 0);
+        loop {
+            match self.query(Query::StagedBlocks { after, limit: elea_fsm::limits::BATCH_MAX as u32 }).await? {
+                Reply::Blocks { blocks, more } => {
+                    if let Some(b) = blocks.last() {
+                        after = (b.slice, b.index);
+                    }
+                    out.extend(blocks);
+                    if !more {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// One page of deleted slices after `after`.
+    #[allow(clippy::type_complexity)]
+    pub async fn pending_deletes(
+        &self,
+        after: SliceId,
+        limit: u32,
+    ) -> Result<(Vec<(SliceId, Timespec, Option<SliceLoc>)>, bool), ClientError> {
+        match self.query(Query::PendingDeletes { after, limit }).await? {
+            Reply::Deletes { slices, more } => Ok((slices, more)),
+            other => Err(unexpected(&other)),
+        }
     }
 }
 

@@ -976,7 +976,7 @@ impl Workload {
     fn create_volume(sim: &mut Sim) {
         let mut wl = Workload::none();
         let mut c = Client::new(99, 1);
-        let op = Op::CreateVolume { name: "vol".into() };
+        let op = Op::CreateVolume { name: "vol".into(), config: Default::default() };
         c.start(0, Req::Write(op), sim.now);
         for _ in 0..3000 {
             let ev = sim.step();

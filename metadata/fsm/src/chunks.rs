@@ -123,6 +123,7 @@ impl State {
         ino: Ino,
         chunk: u64,
         slice: &Slice,
+        staged: &[Vec<u64>],
         now: Timespec,
         ch: &mut Changes,
     ) -> OpResult {
@@ -141,6 +142,8 @@ impl State {
             .and_then(|b| b.checked_add(off + len))
             .filter(|e| *e <= limits::FILE_SIZE_MAX)
             .ok_or(Errno::EFBIG)?;
+        self.check_staged(vol, slice, staged)?;
+        self.record_loc(vol, slice, staged, now);
         let State { volumes, slices, .. } = self;
         let v = volumes.get_mut(&vol).ok_or(Errno::ENODEV)?;
         let list = v.chunks.entry((ino, chunk)).or_default();

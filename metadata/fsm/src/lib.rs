@@ -7,6 +7,7 @@
 
 mod changes;
 mod chunks;
+mod data;
 mod dedup;
 mod locks;
 mod namespace;
@@ -17,6 +18,7 @@ pub mod types;
 
 pub use types::*;
 
+pub use data::{block_len, blocks_of, millis_between};
 pub use namespace::{ALLOC_MAX, check_name};
 pub use sessions::{CLIENT_IDLE_MS, SESSION_NAME_MAX, SESSION_TTL_MAX_MS};
 
@@ -30,7 +32,7 @@ use state::State;
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"ELEAFSM\0";
 /// Snapshot format this build writes and reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,7 @@ impl StateMachine {
             }
         }
         let mut ch = Changes::default();
+        self.st.slices.now = now;
         let res = self.exec(&cmd.op, now, &mut ch);
         if cmd.client != 0 {
             self.st.dedup_record(cmd.client, cmd.seq, &res);
@@ -92,7 +95,7 @@ impl StateMachine {
     fn exec(&mut self, op: &Op, now: elea_common::Timespec, ch: &mut Changes) -> OpResult {
         let st = &mut self.st;
         match op {
-            Op::CreateVolume { name } => st.create_volume(name, now, ch),
+            Op::CreateVolume { name, config } => st.create_volume(name, config, now, ch),
             Op::Mknod { vol, parent, name, mode, uid, gid, rdev, exclusive, ino, session } => {
                 st.mknod(*vol, *parent, name, *mode, *uid, *gid, *rdev, *exclusive, *ino, *session, now, ch)
             }
@@ -115,7 +118,9 @@ impl StateMachine {
                 st.set_xattr(*vol, *ino, name, value, *flags, now, ch)
             }
             Op::RemoveXattr { vol, ino, name } => st.remove_xattr(*vol, *ino, name, now, ch),
-            Op::WriteSlice { vol, ino, chunk, slice } => st.write_slice(*vol, *ino, *chunk, slice, now, ch),
+            Op::WriteSlice { vol, ino, chunk, slice, staged } => {
+                st.write_slice(*vol, *ino, *chunk, slice, staged, now, ch)
+            }
             Op::Fallocate { vol, ino, offset, len, mode } => {
                 st.fallocate(*vol, *ino, *offset, *len, *mode, now, ch)
             }
@@ -133,6 +138,13 @@ impl StateMachine {
             }
             Op::AllocInodes { vol, count } => st.alloc_inodes(*vol, *count),
             Op::AllocSlices { count } => st.alloc_slices(*count),
+            Op::RegisterCacheNode { id, site, addr, incarnation } => {
+                st.register_cache_node(*id, site, addr, *incarnation, now)
+            }
+            Op::CacheHeartbeat { id, incarnation, stats } => st.cache_heartbeat(*id, *incarnation, stats, now),
+            Op::MarkTiered { store, blocks } => st.mark_tiered(*store, blocks),
+            Op::ReplaceReplica { slice, index, old, new } => st.replace_replica(*slice, *index, *old, *new),
+            Op::ForgetSlices { ids } => st.forget_slices(ids),
         }
     }
 
@@ -156,12 +168,16 @@ impl StateMachine {
                 st.get_lk(*vol, *ino, *session, *owner, *kind, *start, *end)
             }
             Query::SessionInfo { session } => st.session_info(*session),
+            Query::CacheNodes => st.cache_nodes(),
+            Query::SliceLocs { ids } => st.slice_locs(ids),
+            Query::StagedBlocks { after, limit } => st.staged_blocks(*after, *limit),
+            Query::PendingDeletes { after, limit } => st.pending_deletes(*after, *limit),
         }
     }
 
     /// Slice ids no chunk references any more: their data may be deleted by a collector.
     pub fn pending_deletes(&self) -> impl Iterator<Item = SliceId> + '_ {
-        self.st.slices.to_delete.iter().copied()
+        self.st.slices.to_delete.keys().copied()
     }
 
     /// The latest command time the state has seen (the clock every query uses).

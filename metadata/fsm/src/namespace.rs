@@ -11,7 +11,7 @@ use elea_common::{Errno, Ino, Timespec, VolumeId};
 use crate::changes::Changes;
 use crate::state::{FIRST_COOKIE, Inode, State, Volume};
 use crate::types::{
-    Attr, DirEntry, FileType, OpResult, Reply, SetAttr, StatFs, TimeSet, VolumeInfo, limits, mode,
+    Attr, DirEntry, FileType, OpResult, Reply, SetAttr, StatFs, TimeSet, VolumeConfig, VolumeInfo, limits, mode,
     rename_flags, xattr_flags,
 };
 
@@ -170,6 +170,7 @@ impl Volume {
             inodes: self.inodes.len() as u64,
             used_bytes: self.used_bytes,
             change_seq: self.change_seq,
+            config: self.config.clone(),
         }
     }
 }
@@ -183,8 +184,15 @@ impl State {
         self.volumes.get_mut(&vol).ok_or(Errno::ENODEV)
     }
 
-    pub(crate) fn create_volume(&mut self, name: &str, now: Timespec, ch: &mut Changes) -> OpResult {
+    pub(crate) fn create_volume(
+        &mut self,
+        name: &str,
+        config: &VolumeConfig,
+        now: Timespec,
+        ch: &mut Changes,
+    ) -> OpResult {
         check_volume_name(name)?;
+        crate::data::check_config(config)?;
         if self.volume_names.contains_key(name) {
             return Err(Errno::EEXIST);
         }
@@ -201,8 +209,14 @@ impl State {
             next_cookie: FIRST_COOKIE,
             ..Inode::default()
         };
-        let mut v =
-            Volume { name: name.to_string(), created: now, next_ino: 2, generation: 1, ..Volume::default() };
+        let mut v = Volume {
+            name: name.to_string(),
+            config: config.clone(),
+            created: now,
+            next_ino: 2,
+            generation: 1,
+            ..Volume::default()
+        };
         v.inodes.insert(ROOT_INO, root);
         let info = v.info(id);
         self.volumes.insert(id, v);

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use elea_common::{Errno, Ino, SessionId, SliceId, Timespec, VolumeId};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Attr, FileType, LockKind, OpResult, Slice, mode};
+use crate::types::{Attr, CacheStats, FileType, LockKind, OpResult, Slice, SliceLoc, VolumeConfig, mode};
 
 /// A lock owner: the session and the owner id the gateway gave (a process or open file).
 pub(crate) type LockOwner = (SessionId, u64);
@@ -35,15 +35,34 @@ pub(crate) struct State {
     pub waits: BTreeMap<LockOwner, Waiting>,
     /// De-duplication table per client id.
     pub clients: BTreeMap<u64, Client>,
+    /// The cache node registry.
+    pub cache_nodes: BTreeMap<u64, CacheNode>,
 }
 
-/// Reference counts of slice ids and the ids no piece references any more.
+/// A registered cache node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct CacheNode {
+    pub site: String,
+    pub addr: String,
+    pub incarnation: u64,
+    pub registered: Timespec,
+    pub last_seen: Timespec,
+    pub stats: CacheStats,
+}
+
+/// Reference counts of slice ids, where their blocks live, and the ids no piece references
+/// any more.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct SliceTable {
     /// Number of chunk pieces referencing each slice id (ids with no piece are absent).
     pub refs: BTreeMap<SliceId, u64>,
-    /// Slice ids whose last piece went away: their data may be deleted.
-    pub to_delete: BTreeSet<SliceId>,
+    /// Slice ids whose last piece went away, with the time: their data may be deleted.
+    pub to_delete: BTreeMap<SliceId, Timespec>,
+    /// Block locations of committed slices, until garbage collection forgets them.
+    pub locs: BTreeMap<SliceId, SliceLoc>,
+    /// The time of the command being applied (set before every apply; not replicated state).
+    #[serde(skip)]
+    pub now: Timespec,
 }
 
 impl SliceTable {
@@ -55,6 +74,9 @@ impl SliceTable {
         let n = self.refs.entry(id).or_insert(0);
         *n = n.saturating_add(1);
         self.to_delete.remove(&id);
+        if let Some(l) = self.locs.get_mut(&id) {
+            l.deleted = None;
+        }
     }
 
     /// One piece referencing `id` went away; the last one queues the slice for deletion.
@@ -66,7 +88,10 @@ impl SliceTable {
             Some(n) if *n > 1 => *n -= 1,
             _ => {
                 self.refs.remove(&id);
-                self.to_delete.insert(id);
+                self.to_delete.insert(id, self.now);
+                if let Some(l) = self.locs.get_mut(&id) {
+                    l.deleted = Some(self.now);
+                }
             }
         }
     }
@@ -76,6 +101,7 @@ impl SliceTable {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Volume {
     pub name: String,
+    pub config: VolumeConfig,
     pub created: Timespec,
     /// The next inode number `AllocInodes` or an implicit create hands out.
     pub next_ino: Ino,

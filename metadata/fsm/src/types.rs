@@ -64,6 +64,20 @@ pub mod limits {
     pub const READDIR_MAX: u32 = 4096;
     /// Longest volume name.
     pub const VOLUME_NAME_MAX: usize = 128;
+    /// Most object stores one volume may list.
+    pub const STORES_MAX: usize = 8;
+    /// Longest object store URL.
+    pub const STORE_URL_MAX: usize = 1024;
+    /// Highest replication factor.
+    pub const REPLICAS_MAX: u8 = 5;
+    /// Longest site name and cache node address.
+    pub const SITE_NAME_MAX: usize = 64;
+    pub const NODE_ADDR_MAX: usize = 256;
+    /// Most blocks or slices one data-path op or query may name.
+    pub const BATCH_MAX: usize = 4096;
+    /// A cache node that has not sent a heartbeat for this long is dead: its staged blocks
+    /// are re-replicated elsewhere.
+    pub const CACHE_DEAD_AFTER_MS: u64 = 10_000;
 }
 
 /// The type of an inode, derived from the `S_IFMT` bits of its mode.
@@ -226,6 +240,99 @@ pub struct VolumeInfo {
     pub used_bytes: u64,
     /// The volume's change sequence: bumped by every applied change to it.
     pub change_seq: u64,
+    pub config: VolumeConfig,
+}
+
+/// How a volume's blocks are compressed when they are written to an object store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockCodec {
+    None,
+    /// zstd at this level (1..=22).
+    Zstd(i32),
+}
+
+/// A volume's data placement and tiering policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    /// Object store URLs. Tiering writes to the first; [`BlockLoc::tiered`] indexes this list,
+    /// so it only ever grows. Empty: blocks stay staged on flash and are never tiered.
+    pub stores: Vec<String>,
+    /// Copies of every staged block, each on a different cache node of the writer's site.
+    pub replicas: u8,
+    /// Staged blocks older than this are tiered.
+    pub tier_after_ms: u64,
+    pub compression: BlockCodec,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        Self { stores: Vec::new(), replicas: 2, tier_after_ms: 300_000, compression: BlockCodec::Zstd(3) }
+    }
+}
+
+/// Counters a cache node reports with each heartbeat (for `elea status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStats {
+    pub staged_bytes: u64,
+    pub staged_blocks: u64,
+    pub staging_capacity: u64,
+    /// Age of the oldest staged block, in milliseconds.
+    pub oldest_staged_ms: u64,
+    pub read_hits: u64,
+    pub read_misses: u64,
+    /// Staged blocks this node is primary for that still wait to be tiered.
+    pub tier_backlog_blocks: u64,
+    pub tier_backlog_bytes: u64,
+}
+
+/// A cache node as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheNodeInfo {
+    pub id: u64,
+    pub site: String,
+    /// Block service address (`host:port`).
+    pub addr: String,
+    /// Random per data directory: a node that comes back with another one lost its blocks.
+    pub incarnation: u64,
+    pub registered: Timespec,
+    pub last_seen: Timespec,
+    /// Whether it sent a heartbeat within [`limits::CACHE_DEAD_AFTER_MS`] of the state's clock.
+    pub alive: bool,
+    pub stats: CacheStats,
+}
+
+/// Where one block of a slice lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockLoc {
+    /// Cache nodes holding a staged copy (placement order; empty once tiered).
+    pub nodes: Vec<u64>,
+    /// Index into the volume's `stores` when the block is in an object store.
+    pub tiered: Option<u16>,
+}
+
+/// Where a slice's blocks live. Block `i` covers bytes `[i*BLOCK_SIZE, ..)` of the slice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceLoc {
+    pub vol: VolumeId,
+    /// Length of the slice's data.
+    pub len: u32,
+    /// When the slice was committed.
+    pub created: Timespec,
+    /// When its last reference went away (it waits for garbage collection).
+    pub deleted: Option<Timespec>,
+    pub blocks: Vec<BlockLoc>,
+}
+
+/// One staged (not yet tiered) block, as the tiering and re-replication workers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedBlock {
+    pub vol: VolumeId,
+    pub slice: SliceId,
+    pub index: u32,
+    /// Length of this block.
+    pub len: u32,
+    pub created: Timespec,
+    pub nodes: Vec<u64>,
 }
 
 /// A state-changing operation. Applied in Raft log order.
@@ -234,6 +341,7 @@ pub enum Op {
     /// Create a volume with an empty root directory (0o755, uid/gid 0). `EEXIST` if the name is taken.
     CreateVolume {
         name: String,
+        config: VolumeConfig,
     },
     /// Create a non-directory node (regular, fifo, socket, char, block) named `name` in `parent`.
     /// `mode` carries the type bits. With `exclusive == false` an existing entry is returned
@@ -315,12 +423,15 @@ pub enum Op {
         name: Vec<u8>,
     },
     /// Record a write: `slice` covers bytes of chunk `chunk` (newest wins). The file size grows
-    /// to cover the write; mtime and ctime become the command's time.
+    /// to cover the write; mtime and ctime become the command's time. `staged` names the cache
+    /// nodes holding each block of a newly written slice (one list per block of `slice_len`);
+    /// it is recorded the first time the slice id is seen, and may be empty (no location).
     WriteSlice {
         vol: VolumeId,
         ino: Ino,
         chunk: u64,
         slice: Slice,
+        staged: Vec<Vec<u64>>,
     },
     /// [`fallocate_flags`]. Plain mode extends the size (unless KEEP_SIZE); PUNCH_HOLE (with
     /// KEEP_SIZE) and ZERO_RANGE record holes over the range.
@@ -389,6 +500,40 @@ pub enum Op {
     AllocSlices {
         count: u64,
     },
+    /// A cache node joins (or rejoins) the registry. A known node with a new `incarnation`
+    /// lost its disk: it is dropped from every staged block, which re-replication then repairs.
+    RegisterCacheNode {
+        id: u64,
+        site: String,
+        addr: String,
+        incarnation: u64,
+    },
+    /// A cache node is alive; `ESTALE` when it is unknown or has another incarnation (it must
+    /// register again).
+    CacheHeartbeat {
+        id: u64,
+        incarnation: u64,
+        stats: CacheStats,
+    },
+    /// Blocks now live in store `store` of their volume: their staged copies may be freed.
+    /// Blocks of forgotten slices are skipped; every named block must be committed.
+    MarkTiered {
+        store: u16,
+        blocks: Vec<(SliceId, u32)>,
+    },
+    /// Re-replication: `new` now holds a staged copy of the block, replacing `old` (when it
+    /// is listed) or adding a copy. A tiered or forgotten block is left alone.
+    ReplaceReplica {
+        slice: SliceId,
+        index: u32,
+        old: Option<u64>,
+        new: u64,
+    },
+    /// Garbage collection removed these deleted slices' blocks everywhere: forget them.
+    /// Slices that are live again are left alone.
+    ForgetSlices {
+        ids: Vec<SliceId>,
+    },
 }
 
 /// A read-only question, answered from applied state after a linearizable read barrier.
@@ -453,6 +598,22 @@ pub enum Query {
     SessionInfo {
         session: SessionId,
     },
+    /// Every registered cache node, with liveness at the state's clock.
+    CacheNodes,
+    /// Locations of these slices (`None` for a slice with no recorded location).
+    SliceLocs {
+        ids: Vec<SliceId>,
+    },
+    /// Staged blocks of live slices after `(slice, index)` in id order, at most `limit`.
+    StagedBlocks {
+        after: (SliceId, u32),
+        limit: u32,
+    },
+    /// Deleted slices waiting for garbage collection, after slice id `after`, at most `limit`.
+    PendingDeletes {
+        after: SliceId,
+        limit: u32,
+    },
 }
 
 /// What an [`Op`] or [`Query`] produced.
@@ -495,6 +656,19 @@ pub enum Reply {
     SessionInfo {
         open: Vec<(VolumeId, Ino, u32)>,
         expires: Timespec,
+    },
+    CacheNodes(Vec<CacheNodeInfo>),
+    SliceLocs(Vec<(SliceId, Option<SliceLoc>)>),
+    /// A page of blocks; `more` is false at the end.
+    Blocks {
+        blocks: Vec<StagedBlock>,
+        more: bool,
+    },
+    /// A page of deleted slices with the time they were deleted and their location (when one
+    /// was recorded); `more` is false at the end.
+    Deletes {
+        slices: Vec<(SliceId, Timespec, Option<SliceLoc>)>,
+        more: bool,
     },
 }
 

@@ -631,7 +631,7 @@ fn check_step(sm: &StateMachine, m: &Model) -> Result<(), TestCaseError> {
 
 fn new_sm() -> StateMachine {
     let mut sm = StateMachine::new();
-    let (r, _) = sm.apply(&cmd(0, Op::CreateVolume { name: "v".into() }));
+    let (r, _) = sm.apply(&cmd(0, Op::CreateVolume { name: "v".into(), config: Default::default() }));
     assert!(r.is_ok());
     sm
 }

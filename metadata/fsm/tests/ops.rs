@@ -14,11 +14,11 @@ const CHUNK: u64 = 64 << 20;
 fn create_volume_and_list() {
     let mut h = H::new();
     assert_eq!(h.vol, 1);
-    assert_eq!(h.err(Op::CreateVolume { name: "vol".into() }), Errno::EEXIST);
+    assert_eq!(h.err(Op::CreateVolume { name: "vol".into(), config: Default::default() }), Errno::EEXIST);
     for bad in ["", "a b", "a/b", "é", &"x".repeat(129)] {
-        assert_eq!(h.err(Op::CreateVolume { name: bad.into() }), Errno::EINVAL, "{bad:?}");
+        assert_eq!(h.err(Op::CreateVolume { name: bad.into(), config: Default::default() }), Errno::EINVAL, "{bad:?}");
     }
-    let r = h.ok(Op::CreateVolume { name: "Other-1.x_y".into() });
+    let r = h.ok(Op::CreateVolume { name: "Other-1.x_y".into(), config: Default::default() });
     let Reply::Volume(v2) = r else { panic!() };
     assert_eq!(v2.id, 2);
     let Ok(Reply::Volumes(list)) = h.q(Query::ListVolumes) else { panic!() };
@@ -599,7 +599,7 @@ fn write_slice_validation_and_size() {
     let vol = h.vol;
     let f = h.file(ROOT, "f");
     let d = h.mkdir(ROOT, "d");
-    let w = |ino, c, s| Op::WriteSlice { vol, ino, chunk: c, slice: s };
+    let w = |ino, c, s| Op::WriteSlice { vol, ino, chunk: c, slice: s, staged: vec![] };
     assert_eq!(h.err(w(d, 0, slice(1, 0, 10))), Errno::EISDIR);
     assert_eq!(h.err(w(f, 0, slice(0, 0, 10))), Errno::EINVAL);
     assert_eq!(h.err(w(f, 0, slice(1, 0, 0))), Errno::EINVAL);
@@ -625,7 +625,7 @@ fn overwrite_trims_and_counts_refs() {
     let mut h = H::new();
     let vol = h.vol;
     let f = h.file(ROOT, "f");
-    let w = |s| Op::WriteSlice { vol, ino: f, chunk: 0, slice: s };
+    let w = |s| Op::WriteSlice { vol, ino: f, chunk: 0, slice: s, staged: vec![] };
     h.ok(w(slice(1, 0, 100)));
     h.ok(w(slice(2, 40, 20)));
     assert_eq!(
@@ -657,7 +657,7 @@ fn truncate_drops_and_trims() {
     let mut h = H::new();
     let vol = h.vol;
     let f = h.file(ROOT, "f");
-    let w = |c, s| Op::WriteSlice { vol, ino: f, chunk: c, slice: s };
+    let w = |c, s| Op::WriteSlice { vol, ino: f, chunk: c, slice: s, staged: vec![] };
     h.ok(w(0, slice(1, 0, 1000)));
     h.ok(w(1, slice(2, 0, 1000)));
     h.ok(w(2, slice(3, 0, 1000)));
@@ -686,8 +686,8 @@ fn shared_slice_freed_only_with_last_piece() {
     let vol = h.vol;
     let f = h.file(ROOT, "f");
     let g = h.file(ROOT, "g");
-    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(7, 0, 100) });
-    h.ok(Op::WriteSlice { vol, ino: g, chunk: 0, slice: slice(7, 0, 100) });
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(7, 0, 100), staged: vec![] });
+    h.ok(Op::WriteSlice { vol, ino: g, chunk: 0, slice: slice(7, 0, 100), staged: vec![] });
     h.ok(Op::Unlink { vol, parent: ROOT, name: "f".into() });
     assert_eq!(h.sm.pending_deletes().count(), 0);
     h.ok(Op::Unlink { vol, parent: ROOT, name: "g".into() });
@@ -725,7 +725,7 @@ fn fallocate_modes() {
     assert_eq!(h.attr(f).size, 0);
     h.ok(fa(f, 0, 100, 0));
     assert_eq!(h.attr(f).size, 100);
-    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(1, 0, 100) });
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(1, 0, 100), staged: vec![] });
     h.ok(fa(f, 10, 1000, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE));
     assert_eq!(h.attr(f).size, 100);
     assert_eq!(
@@ -855,7 +855,7 @@ fn orphan_lifetime_across_sessions() {
     let s1 = h.session(100_000);
     let s2 = h.session(5_000);
     let f = h.file(ROOT, "f");
-    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(9, 0, 10) });
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(9, 0, 10), staged: vec![] });
     h.ok(Op::Open { vol, ino: f, session: s1 });
     h.ok(Op::Open { vol, ino: f, session: s1 });
     h.ok(Op::Open { vol, ino: f, session: s2 });
@@ -865,7 +865,7 @@ fn orphan_lifetime_across_sessions() {
     assert_eq!(r, Reply::Removed { ino: f, nlink: 0, freed: false });
     assert_eq!(h.attr(f).nlink, 0);
     // Writes to an open orphan still work.
-    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(10, 0, 20) });
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(10, 0, 20), staged: vec![] });
     h.ok(Op::Release { vol, ino: f, session: s1 });
     h.ok(Op::Release { vol, ino: f, session: s1 });
     assert_eq!(h.err(Op::Release { vol, ino: f, session: s1 }), Errno::EBADF);
@@ -1142,7 +1142,7 @@ fn snapshot_round_trip_and_corruption() {
     let f = h.file(a, "f");
     let s = h.session(100_000);
     h.ok(Op::Open { vol, ino: f, session: s });
-    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(3, 0, 10) });
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: slice(3, 0, 10), staged: vec![] });
     h.ok(Op::SetXattr { vol, ino: f, name: b"user.x".to_vec(), value: b"y".to_vec(), flags: 0 });
     h.ok(setlk(&h, s, 1, LockKind::Write, 0, 10, false));
     let c = Command { client: 5, seq: 1, acked_below: 0, time: h.now(), op: Op::AllocSlices { count: 2 } };
@@ -1164,8 +1164,8 @@ fn snapshot_round_trip_and_corruption() {
     bad[0] ^= 0xff;
     assert!(matches!(StateMachine::restore(&bad), Err(SnapshotError::Corrupt(_))));
     let mut v2 = bytes.clone();
-    v2[8] = 2;
-    assert!(matches!(StateMachine::restore(&v2), Err(SnapshotError::Version(2))));
+    v2[8] = 9;
+    assert!(matches!(StateMachine::restore(&v2), Err(SnapshotError::Version(9))));
     assert!(matches!(StateMachine::restore(&bytes[..bytes.len() - 1]), Err(SnapshotError::Corrupt(_))));
     let mut long = bytes.clone();
     long.push(0);

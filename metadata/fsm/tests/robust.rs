@@ -82,7 +82,12 @@ fn op() -> impl Strategy<Value = Op> {
                     len,
                     slice_len: slice_len.max(len),
                     slice_offset: slice_offset % 3
-                }
+                },
+                staged: match chunk % 3 {
+                    0 => vec![],
+                    1 => vec![vec![1]],
+                    _ => vec![vec![1, 2]; (slice_len.max(len) as usize).div_ceil(4 << 20)],
+                },
             }
         ),
         (
@@ -128,6 +133,22 @@ fn op() -> impl Strategy<Value = Op> {
         (ino(), name()).prop_map(|(ino, name)| Op::RemoveXattr { vol: 1, ino, name }),
         num().prop_map(|count| Op::AllocInodes { vol: 1, count }),
         num().prop_map(|count| Op::AllocSlices { count }),
+        (0u64..4, 0u64..3).prop_map(|(id, inc)| Op::RegisterCacheNode {
+            id,
+            site: "s1".into(),
+            addr: "127.0.0.1:1".into(),
+            incarnation: inc
+        }),
+        (0u64..4, 0u64..3).prop_map(|(id, incarnation)| Op::CacheHeartbeat {
+            id,
+            incarnation,
+            stats: CacheStats::default()
+        }),
+        (0u16..2, prop::collection::vec((0u64..6, 0u32..3), 0..4))
+            .prop_map(|(store, blocks)| Op::MarkTiered { store, blocks }),
+        (0u64..6, 0u32..3, prop::option::of(0u64..4), 0u64..4)
+            .prop_map(|(slice, index, old, new)| Op::ReplaceReplica { slice, index, old, new }),
+        prop::collection::vec(0u64..6, 0..3).prop_map(|ids| Op::ForgetSlices { ids }),
     ]
 }
 
@@ -149,6 +170,10 @@ fn queries(sm: &StateMachine) {
     }
     let _ = sm.query(&Query::SessionInfo { session: 1 });
     let _ = sm.query(&Query::StatFs { vol: 1 });
+    let _ = sm.query(&Query::CacheNodes);
+    let _ = sm.query(&Query::SliceLocs { ids: (0..6).collect() });
+    let _ = sm.query(&Query::StagedBlocks { after: (0, 0), limit: 2 });
+    let _ = sm.query(&Query::PendingDeletes { after: 0, limit: 2 });
 }
 
 proptest! {
@@ -157,7 +182,7 @@ proptest! {
     #[test]
     fn random_ops_are_safe(ops in prop::collection::vec((op(), 0i64..20, 0u64..3), 30..150)) {
         let mut sm = StateMachine::new();
-        let (r, _) = sm.apply(&Command { client: 0, seq: 0, acked_below: 0, time: Timespec::new(100, 0), op: Op::CreateVolume { name: "v".into() } });
+        let (r, _) = sm.apply(&Command { client: 0, seq: 0, acked_below: 0, time: Timespec::new(100, 0), op: Op::CreateVolume { name: "v".into(), config: VolumeConfig { stores: vec!["memory://".into()], ..Default::default() } } });
         prop_assert!(r.is_ok());
         let mut t = 100;
         let mut copy: Option<StateMachine> = None;

@@ -17,7 +17,7 @@ pub struct H {
 impl H {
     pub fn new() -> Self {
         let mut h = H { sm: StateMachine::new(), t: 1000, vol: 0 };
-        match h.ok(Op::CreateVolume { name: "vol".into() }) {
+        match h.ok(Op::CreateVolume { name: "vol".into(), config: Default::default() }) {
             Reply::Volume(v) => h.vol = v.id,
             r => panic!("unexpected {r:?}"),
         }

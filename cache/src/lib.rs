@@ -1,0 +1,1 @@
+//! Cache node of one site.

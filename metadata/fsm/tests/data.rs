@@ -1,0 +1,209 @@
+//! The data path's metadata: volume policies, the cache node registry, slice locations,
+//! tiering, re-replication and the garbage collection list.
+
+mod common;
+
+use common::*;
+use elea_common::Errno;
+use elea_fsm::*;
+
+const MIB: u32 = 1 << 20;
+
+fn piece(id: u64, len: u32) -> Slice {
+    Slice { id, offset: 0, len, slice_len: len, slice_offset: 0 }
+}
+
+/// A harness with a tiered volume ("t", one store) and cache nodes 1..=3 registered.
+fn setup() -> (H, u64) {
+    let mut h = H::new();
+    let cfg = VolumeConfig { stores: vec!["memory://".into()], replicas: 2, ..VolumeConfig::default() };
+    let Reply::Volume(v) = h.ok(Op::CreateVolume { name: "t".into(), config: cfg.clone() }) else { panic!() };
+    assert_eq!(v.config, cfg);
+    h.vol = v.id;
+    for id in 1..=3 {
+        h.ok(Op::RegisterCacheNode { id, site: "a".into(), addr: format!("127.0.0.1:{id}"), incarnation: 7 });
+    }
+    (h, v.id)
+}
+
+fn locs(h: &H, ids: &[u64]) -> Vec<Option<SliceLoc>> {
+    match h.q(Query::SliceLocs { ids: ids.to_vec() }) {
+        Ok(Reply::SliceLocs(v)) => v.into_iter().map(|(_, l)| l).collect(),
+        r => panic!("{r:?}"),
+    }
+}
+
+fn staged(h: &H) -> Vec<StagedBlock> {
+    match h.q(Query::StagedBlocks { after: (0, 0), limit: 100 }) {
+        Ok(Reply::Blocks { blocks, more: false }) => blocks,
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn volume_config_is_validated() {
+    let mut h = H::new();
+    let bad = [
+        VolumeConfig { replicas: 0, ..VolumeConfig::default() },
+        VolumeConfig { replicas: 6, ..VolumeConfig::default() },
+        VolumeConfig { stores: vec![String::new()], ..VolumeConfig::default() },
+        VolumeConfig { stores: vec!["memory://".into(), "memory://".into()], ..VolumeConfig::default() },
+        VolumeConfig { stores: vec!["x".repeat(2000)], ..VolumeConfig::default() },
+        VolumeConfig { compression: BlockCodec::Zstd(0), ..VolumeConfig::default() },
+        VolumeConfig { compression: BlockCodec::Zstd(23), ..VolumeConfig::default() },
+    ];
+    for config in bad {
+        assert_eq!(h.err(Op::CreateVolume { name: "x".into(), config }), Errno::EINVAL);
+    }
+    let config = VolumeConfig { compression: BlockCodec::None, replicas: 1, ..VolumeConfig::default() };
+    h.ok(Op::CreateVolume { name: "x".into(), config: config.clone() });
+    let Ok(Reply::Volume(v)) = h.q(Query::VolumeByName { name: "x".into() }) else { panic!() };
+    assert_eq!(v.config, config);
+}
+
+#[test]
+fn registry_liveness_and_incarnations() {
+    let (mut h, _) = setup();
+    assert_eq!(
+        h.err(Op::RegisterCacheNode { id: 0, site: "a".into(), addr: "x:1".into(), incarnation: 1 }),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        h.err(Op::RegisterCacheNode { id: 9, site: "a/b".into(), addr: "x:1".into(), incarnation: 1 }),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        h.err(Op::RegisterCacheNode { id: 9, site: "a".into(), addr: String::new(), incarnation: 1 }),
+        Errno::EINVAL
+    );
+    let stats = CacheStats { staged_bytes: 5, ..CacheStats::default() };
+    assert_eq!(h.err(Op::CacheHeartbeat { id: 9, incarnation: 7, stats: stats.clone() }), Errno::ESTALE);
+    assert_eq!(h.err(Op::CacheHeartbeat { id: 1, incarnation: 8, stats: stats.clone() }), Errno::ESTALE);
+    h.ok(Op::CacheHeartbeat { id: 1, incarnation: 7, stats: stats.clone() });
+    let Ok(Reply::CacheNodes(n)) = h.q(Query::CacheNodes) else { panic!() };
+    assert_eq!(n.len(), 3);
+    assert!(n.iter().all(|n| n.alive));
+    assert_eq!(n[0].stats, stats);
+    // Time passes with only node 1 heartbeating: 2 and 3 are declared dead.
+    h.t += 11;
+    h.ok(Op::CacheHeartbeat { id: 1, incarnation: 7, stats });
+    let Ok(Reply::CacheNodes(n)) = h.q(Query::CacheNodes) else { panic!() };
+    assert_eq!(n.iter().map(|n| n.alive).collect::<Vec<_>>(), vec![true, false, false]);
+}
+
+#[test]
+fn write_records_locations_once() {
+    let (mut h, vol) = setup();
+    let f = h.file(ROOT, "f");
+    let w = |s: Slice, staged: Vec<Vec<u64>>| Op::WriteSlice { vol, ino: f, chunk: 0, slice: s, staged };
+    let f0 = h.file(ROOT, "g");
+    // Wrong block count, unknown node, duplicate node, empty list, too many replicas.
+    assert_eq!(h.err(w(piece(5, 9 * MIB), vec![vec![1]; 2])), Errno::EINVAL);
+    assert_eq!(h.err(w(piece(5, 9 * MIB), vec![vec![1], vec![2], vec![4]])), Errno::EINVAL);
+    assert_eq!(h.err(w(piece(5, 9 * MIB), vec![vec![1], vec![2], vec![3, 3]])), Errno::EINVAL);
+    assert_eq!(h.err(w(piece(5, 9 * MIB), vec![vec![1], vec![], vec![3]])), Errno::EINVAL);
+    assert_eq!(h.err(w(piece(5, MIB), vec![vec![1, 2, 3, 1, 2, 3]])), Errno::EINVAL);
+    h.ok(w(piece(5, 9 * MIB), vec![vec![1, 2], vec![2, 3], vec![3, 1]]));
+    let t0 = h.now();
+    let l = locs(&h, &[5, 6]);
+    assert_eq!(l[1], None);
+    let l = l[0].clone().unwrap();
+    assert_eq!((l.vol, l.len, l.created, l.deleted), (vol, 9 * MIB, t0, None));
+    assert_eq!(l.blocks[2], BlockLoc { nodes: vec![3, 1], tiered: None });
+    let b = staged(&h);
+    assert_eq!(b.iter().map(|b| (b.slice, b.index, b.len)).collect::<Vec<_>>(), vec![
+        (5, 0, 4 * MIB),
+        (5, 1, 4 * MIB),
+        (5, 2, MIB)
+    ]);
+    // The same slice referenced again (a copy) keeps its first location.
+    let copy = Op::WriteSlice { vol, ino: f0, chunk: 0, slice: piece(5, 9 * MIB), staged: vec![] };
+    h.ok(copy);
+    assert_eq!(locs(&h, &[5])[0].as_ref().unwrap().created, t0);
+    // Another volume cannot claim it.
+    h.vol = 1;
+    let f2 = h.file(ROOT, "other");
+    h.vol = vol;
+    assert_eq!(
+        h.err(Op::WriteSlice { vol: 1, ino: f2, chunk: 0, slice: piece(5, MIB), staged: vec![vec![1]] }),
+        Errno::EINVAL
+    );
+    // Paging through staged blocks.
+    let Ok(Reply::Blocks { blocks, more: true }) = h.q(Query::StagedBlocks { after: (0, 0), limit: 2 }) else {
+        panic!()
+    };
+    assert_eq!(blocks.len(), 2);
+    let Ok(Reply::Blocks { blocks, more: false }) = h.q(Query::StagedBlocks { after: (5, 1), limit: 2 }) else {
+        panic!()
+    };
+    assert_eq!(blocks.iter().map(|b| b.index).collect::<Vec<_>>(), vec![2]);
+}
+
+#[test]
+fn tiering_and_replica_replacement() {
+    let (mut h, vol) = setup();
+    let f = h.file(ROOT, "f");
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: piece(5, 5 * MIB), staged: vec![vec![1, 2], vec![2, 3]] });
+    assert_eq!(h.err(Op::MarkTiered { store: 1, blocks: vec![(5, 0)] }), Errno::EINVAL);
+    assert_eq!(h.err(Op::MarkTiered { store: 0, blocks: vec![(5, 2)] }), Errno::EINVAL);
+    assert_eq!(h.err(Op::MarkTiered { store: 0, blocks: vec![] }), Errno::EINVAL);
+    // Unknown slices are skipped.
+    h.ok(Op::MarkTiered { store: 0, blocks: vec![(5, 0), (99, 0)] });
+    let l = locs(&h, &[5])[0].clone().unwrap();
+    assert_eq!(l.blocks[0], BlockLoc { nodes: vec![], tiered: Some(0) });
+    assert_eq!(staged(&h).iter().map(|b| b.index).collect::<Vec<_>>(), vec![1]);
+    // Replace a dead replica, add one, and a no-op on a tiered block.
+    assert_eq!(h.err(Op::ReplaceReplica { slice: 5, index: 1, old: Some(2), new: 9 }), Errno::EINVAL);
+    assert_eq!(h.err(Op::ReplaceReplica { slice: 5, index: 7, old: Some(2), new: 1 }), Errno::EINVAL);
+    h.ok(Op::ReplaceReplica { slice: 5, index: 1, old: Some(2), new: 1 });
+    assert_eq!(locs(&h, &[5])[0].as_ref().unwrap().blocks[1].nodes, vec![1, 3]);
+    h.ok(Op::ReplaceReplica { slice: 5, index: 1, old: None, new: 2 });
+    h.ok(Op::ReplaceReplica { slice: 5, index: 1, old: Some(1), new: 2 });
+    assert_eq!(locs(&h, &[5])[0].as_ref().unwrap().blocks[1].nodes, vec![3, 2]);
+    h.ok(Op::ReplaceReplica { slice: 5, index: 0, old: None, new: 2 });
+    assert_eq!(locs(&h, &[5])[0].as_ref().unwrap().blocks[0].nodes, Vec::<u64>::new());
+    h.ok(Op::ReplaceReplica { slice: 77, index: 0, old: None, new: 2 });
+}
+
+#[test]
+fn new_incarnation_drops_the_nodes_copies() {
+    let (mut h, vol) = setup();
+    let f = h.file(ROOT, "f");
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: piece(5, 5 * MIB), staged: vec![vec![1, 2], vec![2, 3]] });
+    // Same incarnation: nothing lost.
+    h.ok(Op::RegisterCacheNode { id: 2, site: "a".into(), addr: "127.0.0.1:2".into(), incarnation: 7 });
+    assert_eq!(staged(&h)[0].nodes, vec![1, 2]);
+    h.ok(Op::RegisterCacheNode { id: 2, site: "a".into(), addr: "127.0.0.1:2".into(), incarnation: 8 });
+    let b = staged(&h);
+    assert_eq!((b[0].nodes.clone(), b[1].nodes.clone()), (vec![1], vec![3]));
+}
+
+#[test]
+fn deletes_wait_for_gc_then_are_forgotten() {
+    let (mut h, vol) = setup();
+    let f = h.file(ROOT, "f");
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: piece(5, MIB), staged: vec![vec![1, 2]] });
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 1, slice: piece(6, MIB), staged: vec![vec![1, 2]] });
+    // Overwrite slice 5 entirely: it becomes garbage, 6 stays.
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: piece(7, MIB), staged: vec![vec![2, 3]] });
+    let t_del = h.now();
+    let Ok(Reply::Deletes { slices, more: false }) = h.q(Query::PendingDeletes { after: 0, limit: 10 }) else {
+        panic!()
+    };
+    assert_eq!(slices.len(), 1);
+    assert_eq!((slices[0].0, slices[0].1), (5, t_del));
+    assert_eq!(slices[0].2.as_ref().unwrap().deleted, Some(t_del));
+    // Deleted slices are neither tiered nor re-replicated.
+    assert!(staged(&h).iter().all(|b| b.slice != 5));
+    // Forget only what is really deleted.
+    h.ok(Op::ForgetSlices { ids: vec![5, 6] });
+    assert_eq!(locs(&h, &[5, 6]).iter().map(Option::is_some).collect::<Vec<_>>(), vec![false, true]);
+    let Ok(Reply::Deletes { slices, .. }) = h.q(Query::PendingDeletes { after: 0, limit: 10 }) else { panic!() };
+    assert!(slices.is_empty());
+    // Unlinking the file queues the rest.
+    h.ok(Op::Unlink { vol, parent: ROOT, name: b"f".to_vec() });
+    let Ok(Reply::Deletes { slices, more }) = h.q(Query::PendingDeletes { after: 0, limit: 1 }) else { panic!() };
+    assert_eq!((slices.iter().map(|s| s.0).collect::<Vec<_>>(), more), (vec![6], true));
+    let Ok(Reply::Deletes { slices, more }) = h.q(Query::PendingDeletes { after: 6, limit: 1 }) else { panic!() };
+    assert_eq!((slices.iter().map(|s| s.0).collect::<Vec<_>>(), more), (vec![7], false));
+}

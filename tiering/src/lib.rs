@@ -1,0 +1,1 @@
+//! Object store layer: store URLs, the block codec and the object key layout.
