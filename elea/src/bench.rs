@@ -72,9 +72,10 @@ pub async fn run_meta_bench(a: MetaBenchArgs) -> anyhow::Result<()> {
     let vol_name = a.volume.clone().unwrap_or_else(|| format!("bench-{stamp}"));
     let vol = match c.volume(&vol_name).await {
         Ok(v) => v,
-        Err(ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => {
-            c.create_volume(&vol_name, elea_fsm::VolumeConfig::default()).await.context("creating the benchmark volume")?
-        }
+        Err(ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => c
+            .create_volume(&vol_name, elea_fsm::VolumeConfig::default())
+            .await
+            .context("creating the benchmark volume")?,
         Err(e) => return Err(e).context("looking up the benchmark volume"),
     };
     let top =

@@ -10,6 +10,8 @@ use elea_metadata::proto::change_membership_request::Kind;
 use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
 use serde_json::json;
 
+use crate::units::{parse_duration, parse_size};
+
 #[derive(Parser, Debug)]
 #[command(name = "elea", version, about = "Elea: a strongly consistent, tiered POSIX file system")]
 pub struct Cli {
@@ -21,8 +23,13 @@ pub struct Cli {
 pub enum Command {
     /// Run a metadata server (one Raft voter or learner).
     Meta(MetaArgs),
-    /// Start the embedded default: today a one-node metadata service with a default volume.
+    /// Run a cache node of one site: replicated flash staging, read cache, tiering.
+    Cache(CacheArgs),
+    /// Start the embedded default: a one-voter metadata service, one cache node and a
+    /// local-directory object store, with a default volume.
     Up(UpArgs),
+    /// Tier a volume's staged blocks to its object store now.
+    Tier(TierArgs),
     /// Show every metadata node's view of the cluster.
     Status(StatusArgs),
     /// Change the metadata cluster's membership.
@@ -38,7 +45,7 @@ pub enum Command {
 
 impl Command {
     pub fn is_server(&self) -> bool {
-        matches!(self, Self::Meta(_) | Self::Up(_))
+        matches!(self, Self::Meta(_) | Self::Up(_) | Self::Cache(_))
     }
 }
 
@@ -80,6 +87,45 @@ pub struct MetaArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CacheArgs {
+    /// This node's id (a positive integer, unique among cache nodes).
+    #[arg(long)]
+    pub node_id: u64,
+    /// The site (environment) this node serves.
+    #[arg(long)]
+    pub site: String,
+    /// Block service address, HOST:PORT.
+    #[arg(long)]
+    pub listen: String,
+    /// Address others reach this node at, when it differs from --listen.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Where staging and the read cache live.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub meta: MetaAddr,
+    /// Staging capacity; writers wait when it is full.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub staging_size: u64,
+    /// Read cache in memory.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub cache_mem: u64,
+    /// Read cache on disk (0 = memory only; otherwise at least 64M).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub cache_disk: u64,
+    /// How long a deleted file's blocks are kept before garbage collection removes them.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub gc_delay: Duration,
+    /// How often staged blocks are checked against metadata (stale copies dropped).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+    /// Grace before a staged copy metadata does not list here is dropped.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub stale_grace: Duration,
+}
+
+#[derive(Args, Debug)]
 pub struct UpArgs {
     /// Where Elea keeps its state.
     #[arg(long, default_value = "./elea-data")]
@@ -87,6 +133,26 @@ pub struct UpArgs {
     /// Address of the embedded metadata service.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub listen: String,
+    /// Address of the embedded cache node's block service.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    pub cache_listen: String,
+    /// Object store for the default volume (default: a directory under the data dir).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Staging capacity of the embedded cache node.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pub staging_size: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct TierArgs {
+    #[command(flatten)]
+    pub meta: MetaAddr,
+    #[arg(long)]
+    pub volume: String,
+    /// Wait until no block of the volume is staged any more.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Args, Debug)]
@@ -134,6 +200,20 @@ pub enum VolumeCmd {
         name: String,
         #[command(flatten)]
         meta: MetaAddr,
+        /// Object store URL (repeatable; tiering writes to the first): file:///path,
+        /// s3://bucket/prefix?endpoint=http://HOST:PORT&region=R, gs://bucket/prefix,
+        /// az://container/prefix, memory://NAME. Credentials come from the environment.
+        #[arg(long)]
+        store: Vec<String>,
+        /// Copies of every staged block, each on a different cache node.
+        #[arg(long, default_value_t = 2)]
+        replicas: u8,
+        /// Staged blocks older than this are tiered.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        tier_after: Duration,
+        /// Compression of tiered blocks: zstd:LEVEL or none.
+        #[arg(long, default_value = "zstd:3")]
+        compression: String,
     },
     /// List volumes.
     List {
@@ -148,6 +228,8 @@ pub enum VolumeCmd {
 pub enum BenchCmd {
     /// Metadata benchmark through the client library: mkdir, create, stat, rename, unlink.
     Meta(crate::bench::MetaBenchArgs),
+    /// Data benchmark through the data client: write, hot read, tier, cold read.
+    Data(crate::databench::DataBenchArgs),
 }
 
 pub fn client(meta: &MetaAddr) -> anyhow::Result<MetaClient> {
@@ -174,11 +256,14 @@ async fn shutdown_signal() {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Meta(a) => run_meta(a).await,
+        Command::Cache(a) => run_cache(a).await,
         Command::Up(a) => run_up(a).await,
+        Command::Tier(a) => tier(a).await,
         Command::Status(a) => status(a).await,
         Command::Cluster(c) => cluster(c).await,
         Command::Volume(v) => volume(v).await,
         Command::Bench(BenchCmd::Meta(a)) => crate::bench::run_meta_bench(a).await,
+        Command::Bench(BenchCmd::Data(a)) => crate::databench::run_data_bench(a).await,
     }
 }
 
@@ -205,16 +290,33 @@ async fn run_meta(a: MetaArgs) -> anyhow::Result<()> {
 }
 
 async fn run_up(a: UpArgs) -> anyhow::Result<()> {
-    let meta_dir = a.data_dir.join("meta");
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&a.data_dir).with_context(|| format!("{}", a.data_dir.display()))?;
+    let meta_dir = data_dir.join("meta");
+    let cache_dir = data_dir.join("cache");
+    let store = match &a.store {
+        Some(s) => s.clone(),
+        None => {
+            let dir = data_dir.join("objects");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            format!("file://{}", dir.display())
+        }
+    };
+    elea_tiering::Store::open(&store, &elea_tiering::StoreConfig::default())
+        .with_context(|| format!("object store {store}"))?;
     let mut cfg = MetaNodeConfig::new(1, a.listen.clone(), meta_dir.clone());
     cfg.initial_cluster = parse_initial_cluster(&format!("1={}", a.listen))?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(cfg, listener, async move {
-        let _ = stop_rx.await;
-    }));
+    let cache_listener = tokio::net::TcpListener::bind(&a.cache_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.cache_listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut server = tokio::spawn(serve(cfg, listener, stopped(stop_rx.clone())));
     let meta = MetaAddr { meta: a.listen.clone() };
     let c = client(&meta)?;
     // Wait for the one-voter group to elect itself, then make sure the default volume exists;
@@ -223,12 +325,13 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         match c.volume("default").await {
             Ok(v) => Ok(v),
             Err(elea_metadata::client::ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => {
-                c.create_volume("default", elea_fsm::VolumeConfig { replicas: 1, ..Default::default() }).await
+                let config =
+                    elea_fsm::VolumeConfig { stores: vec![store.clone()], replicas: 1, ..Default::default() };
+                c.create_volume("default", config).await
             }
             Err(e) => Err(e),
         }
     };
-    let mut server = server;
     let vol = tokio::select! {
         v = ensure => v?,
         r = &mut server => {
@@ -236,13 +339,62 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
             bail!("the metadata service stopped during start-up");
         }
     };
+    let mut cache_cfg = elea_cache::CacheNodeConfig::new(
+        1,
+        "local",
+        &a.cache_listen,
+        cache_dir.clone(),
+        vec![a.listen.clone()],
+    );
+    cache_cfg.staging_size = a.staging_size;
+    let mut cache = tokio::spawn(elea_cache::serve(cache_cfg, cache_listener, stopped(stop_rx)));
+    // The cache node is up once it is in the registry.
+    let registered = async {
+        loop {
+            if let Ok(n) = c.cache_nodes().await
+                && n.iter().any(|n| n.id == 1 && n.alive)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = registered => {}
+        r = &mut cache => {
+            r.context("cache node task")??;
+            bail!("the cache node stopped during start-up");
+        }
+    }
     println!("elea up: metadata service (one voter) at {} with data in {}", a.listen, meta_dir.display());
-    println!("elea up: volume {:?} (id {}), {} inodes", vol.name, vol.id, vol.inodes);
-    println!("elea up: the FUSE mount and the cache node are not part of this release yet");
+    println!(
+        "elea up: cache node 1 (site \"local\") at {} with staging in {}",
+        a.cache_listen,
+        cache_dir.display()
+    );
+    println!(
+        "elea up: volume {:?} (id {}), {} inodes, stores {}",
+        vol.name,
+        vol.id,
+        vol.inodes,
+        vol.config.stores.join(",")
+    );
+    println!("elea up: the FUSE mount is not part of this release yet");
     print_status(&c, std::slice::from_ref(&a.listen), false).await?;
-    println!("elea up: running; Ctrl-C to stop (state is kept in {})", a.data_dir.display());
-    shutdown_signal().await;
-    let _ = stop_tx.send(());
+    println!("elea up: running; Ctrl-C to stop (state is kept in {})", data_dir.display());
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        r = &mut server => {
+            r.context("server task")??;
+            bail!("the metadata service stopped");
+        }
+        r = &mut cache => {
+            r.context("cache node task")??;
+            bail!("the cache node stopped");
+        }
+    }
+    let _ = stop_tx.send(true);
+    cache.await.context("cache node task")??;
     server.await.context("server task")??;
     Ok(())
 }
@@ -312,7 +464,11 @@ async fn print_status(c: &MetaClient, addrs: &[String], as_json: bool) -> anyhow
             .into_iter()
             .map(|(id, a, l)| json!({"node_id": id, "addr": a, "learner": l}))
             .collect();
-        println!("{}", json!({ "leader_id": leader, "nodes": nodes, "members": members }));
+        let cache = if any_up { print_cache_nodes(c, true).await.unwrap_or(json!([])) } else { json!([]) };
+        println!(
+            "{}",
+            json!({ "leader_id": leader, "nodes": nodes, "members": members, "cache_nodes": cache })
+        );
     } else {
         println!(
             "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:>6}  reachable",
@@ -335,6 +491,9 @@ async fn print_status(c: &MetaClient, addrs: &[String], as_json: bool) -> anyhow
                     "-"
                 ),
             }
+        }
+        if any_up && let Err(e) = print_cache_nodes(c, false).await {
+            println!("cache nodes: unknown ({e})");
         }
     }
     Ok(any_up)
@@ -396,9 +555,27 @@ fn print_members(members: &[elea_metadata::proto::Member]) {
 
 async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
     match v {
-        VolumeCmd::Create { name, meta } => {
+        VolumeCmd::Create { name, meta, store, replicas, tier_after, compression } => {
+            let compression = match compression.parse::<elea_tiering::Compression>() {
+                Ok(elea_tiering::Compression::None) => elea_fsm::BlockCodec::None,
+                Ok(elea_tiering::Compression::Zstd(l)) => elea_fsm::BlockCodec::Zstd(l),
+                Err(e) => bail!("--compression: {e}"),
+            };
+            if replicas == 0 || replicas > elea_fsm::limits::REPLICAS_MAX {
+                bail!("--replicas must be between 1 and {}", elea_fsm::limits::REPLICAS_MAX);
+            }
+            for url in &store {
+                elea_tiering::Store::open(url, &elea_tiering::StoreConfig::default())
+                    .with_context(|| format!("--store {url}"))?;
+            }
+            let config = elea_fsm::VolumeConfig {
+                stores: store,
+                replicas,
+                tier_after_ms: u64::try_from(tier_after.as_millis()).unwrap_or(u64::MAX),
+                compression,
+            };
             let vol = client(&meta)?
-                .create_volume(&name, elea_fsm::VolumeConfig::default())
+                .create_volume(&name, config)
                 .await
                 .with_context(|| format!("creating volume {name:?}"))?;
             println!("created volume {:?} (id {})", vol.name, vol.id);
@@ -410,17 +587,158 @@ async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                     .iter()
                     .map(|v| {
                         json!({"id": v.id, "name": v.name, "inodes": v.inodes, "used_bytes": v.used_bytes,
-                                    "change_seq": v.change_seq, "created": v.created.sec})
+                                    "change_seq": v.change_seq, "created": v.created.sec,
+                                    "stores": v.config.stores, "replicas": v.config.replicas,
+                                    "tier_after_ms": v.config.tier_after_ms,
+                                    "compression": codec_name(v.config.compression)})
                     })
                     .collect();
                 println!("{}", json!({ "volumes": list }));
             } else {
-                println!("{:>4}  {:<24} {:>10} {:>14}", "id", "name", "inodes", "used bytes");
+                println!(
+                    "{:>4}  {:<24} {:>10} {:>14} {:>3} {:>10} {:<8} stores",
+                    "id", "name", "inodes", "used bytes", "R", "tier after", "codec"
+                );
                 for v in vols {
-                    println!("{:>4}  {:<24} {:>10} {:>14}", v.id, v.name, v.inodes, v.used_bytes);
+                    println!(
+                        "{:>4}  {:<24} {:>10} {:>14} {:>3} {:>9}s {:<8} {}",
+                        v.id,
+                        v.name,
+                        v.inodes,
+                        v.used_bytes,
+                        v.config.replicas,
+                        v.config.tier_after_ms / 1000,
+                        codec_name(v.config.compression),
+                        v.config.stores.join(",")
+                    );
                 }
             }
         }
     }
     Ok(())
+}
+
+fn codec_name(c: elea_fsm::BlockCodec) -> String {
+    match c {
+        elea_fsm::BlockCodec::None => "none".into(),
+        elea_fsm::BlockCodec::Zstd(l) => format!("zstd:{l}"),
+    }
+}
+
+fn cache_config(a: &CacheArgs) -> anyhow::Result<elea_cache::CacheNodeConfig> {
+    let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.clone());
+    let mut cfg = elea_cache::CacheNodeConfig::new(
+        a.node_id,
+        &a.site,
+        &advertise,
+        a.data_dir.clone(),
+        parse_addrs(&a.meta.meta)?,
+    );
+    cfg.staging_size = a.staging_size;
+    cfg.cache_mem = a.cache_mem;
+    cfg.cache_disk = a.cache_disk;
+    cfg.gc_delay = a.gc_delay;
+    cfg.reconcile_interval = a.reconcile_interval;
+    cfg.stale_grace = a.stale_grace;
+    Ok(cfg)
+}
+
+async fn run_cache(a: CacheArgs) -> anyhow::Result<()> {
+    let cfg = cache_config(&a)?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    tracing::info!(node = a.node_id, site = %a.site, listen = %a.listen, dir = %a.data_dir.display(), "cache node starting");
+    elea_cache::serve(cfg, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Asks every live cache node to tier the volume now; with `wait`, returns once no block of
+/// the volume is staged any more.
+pub async fn tier_volume(c: &MetaClient, vol: &elea_fsm::VolumeInfo, wait: bool) -> anyhow::Result<()> {
+    if vol.config.stores.is_empty() {
+        bail!("volume {:?} has no object store: its blocks stay staged", vol.name);
+    }
+    let peers = elea_cache::client::BlockClients::default();
+    let mut last_print = std::time::Instant::now();
+    loop {
+        let nodes = c.cache_nodes().await?;
+        let alive: Vec<_> = nodes.iter().filter(|n| n.alive).collect();
+        if alive.is_empty() {
+            bail!("no cache node is alive");
+        }
+        for n in &alive {
+            if let Err(e) = peers.tier(&n.addr, vol.id).await {
+                tracing::warn!(node = n.id, error = %e, "asking a cache node to tier");
+            }
+        }
+        let left: Vec<_> = c.staged_blocks().await?.into_iter().filter(|b| b.vol == vol.id).collect();
+        if !wait || left.is_empty() {
+            if wait {
+                println!("volume {:?}: every block is tiered", vol.name);
+            } else {
+                println!("volume {:?}: tiering requested ({} blocks staged)", vol.name, left.len());
+            }
+            return Ok(());
+        }
+        if last_print.elapsed() > Duration::from_secs(5) {
+            let bytes: u64 = left.iter().map(|b| u64::from(b.len)).sum();
+            println!("volume {:?}: {} blocks ({} MiB) still staged", vol.name, left.len(), bytes >> 20);
+            last_print = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn tier(a: TierArgs) -> anyhow::Result<()> {
+    let c = client(&a.meta)?;
+    let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
+    tier_volume(&c, &vol, a.wait).await
+}
+
+/// Prints the cache node registry; returns it as JSON.
+async fn print_cache_nodes(c: &MetaClient, as_json: bool) -> anyhow::Result<serde_json::Value> {
+    let nodes = c.cache_nodes().await?;
+    let list: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let s = &n.stats;
+            let reads = s.read_hits + s.read_misses;
+            json!({
+                "node_id": n.id, "site": n.site, "addr": n.addr, "alive": n.alive,
+                "staged_bytes": s.staged_bytes, "staged_blocks": s.staged_blocks,
+                "staging_capacity": s.staging_capacity, "oldest_staged_ms": s.oldest_staged_ms,
+                "read_hits": s.read_hits, "read_misses": s.read_misses,
+                "read_hit_ratio": if reads == 0 { serde_json::Value::Null } else { json!(s.read_hits as f64 / reads as f64) },
+                "tier_backlog_blocks": s.tier_backlog_blocks, "tier_backlog_bytes": s.tier_backlog_bytes,
+            })
+        })
+        .collect();
+    if !as_json && !nodes.is_empty() {
+        println!();
+        println!(
+            "{:>5}  {:<10} {:<22} {:<5} {:>12} {:>10} {:>9} {:>14}",
+            "cache", "site", "address", "alive", "staged MiB", "oldest s", "hit %", "backlog blocks"
+        );
+        for n in &nodes {
+            let s = &n.stats;
+            let reads = s.read_hits + s.read_misses;
+            println!(
+                "{:>5}  {:<10} {:<22} {:<5} {:>12} {:>10} {:>9} {:>14}",
+                n.id,
+                n.site,
+                n.addr,
+                if n.alive { "yes" } else { "no" },
+                s.staged_bytes >> 20,
+                s.oldest_staged_ms / 1000,
+                if reads == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.1}", 100.0 * s.read_hits as f64 / reads as f64)
+                },
+                s.tier_backlog_blocks
+            );
+        }
+    }
+    Ok(json!(list))
 }

@@ -3,6 +3,8 @@
 
 mod bench;
 mod cli;
+mod databench;
+mod units;
 
 use std::process::ExitCode;
 

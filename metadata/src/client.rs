@@ -14,8 +14,8 @@ use std::time::Duration;
 use elea_common::ids::DEFAULT_GROUP;
 use elea_common::{Errno, GroupId, Ino, NodeId, SliceId, Timespec, VolumeId};
 use elea_fsm::{
-    Attr, CacheNodeInfo, Change, Command, Op, OpResult, Query, Reply, SetAttr, SliceLoc, StagedBlock, VolumeConfig,
-    VolumeInfo,
+    Attr, CacheNodeInfo, Change, Command, Op, OpResult, Query, Reply, SetAttr, SliceLoc, StagedBlock,
+    VolumeConfig, VolumeInfo,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
@@ -757,11 +757,7 @@ impl MetaClient {
 
     /// A volume by id (from the volume list).
     pub async fn volume_by_id(&self, vol: VolumeId) -> Result<VolumeInfo, ClientError> {
-        self.list_volumes()
-            .await?
-            .into_iter()
-            .find(|v| v.id == vol)
-            .ok_or(ClientError::Fs(Errno::ENODEV))
+        self.list_volumes().await?.into_iter().find(|v| v.id == vol).ok_or(ClientError::Fs(Errno::ENODEV))
     }
 
     /// Reserves `count` slice ids; returns the first.
@@ -796,7 +792,8 @@ impl MetaClient {
         let mut out: Vec<StagedBlock> = Vec::new();
         let mut after = (0, 0);
         loop {
-            match self.query(Query::StagedBlocks { after, limit: elea_fsm::limits::BATCH_MAX as u32 }).await? {
+            match self.query(Query::StagedBlocks { after, limit: elea_fsm::limits::BATCH_MAX as u32 }).await?
+            {
                 Reply::Blocks { blocks, more } => {
                     if let Some(b) = blocks.last() {
                         after = (b.slice, b.index);

@@ -117,6 +117,7 @@ impl State {
         Ok(i.size)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_slice(
         &mut self,
         vol: VolumeId,

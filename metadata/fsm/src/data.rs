@@ -125,7 +125,10 @@ impl State {
                 }
             }
         }
-        let n = self.cache_nodes.entry(id).or_insert_with(|| CacheNode { registered: now, ..CacheNode::default() });
+        let n = self
+            .cache_nodes
+            .entry(id)
+            .or_insert_with(|| CacheNode { registered: now, ..CacheNode::default() });
         if lost {
             n.registered = now;
             n.stats = CacheStats::default();
@@ -172,7 +175,13 @@ impl State {
         Ok(Reply::Ok)
     }
 
-    pub(crate) fn replace_replica(&mut self, slice: SliceId, index: u32, old: Option<u64>, new: u64) -> OpResult {
+    pub(crate) fn replace_replica(
+        &mut self,
+        slice: SliceId,
+        index: u32,
+        old: Option<u64>,
+        new: u64,
+    ) -> OpResult {
         if !self.cache_nodes.contains_key(&new) {
             return Err(Errno::EINVAL);
         }

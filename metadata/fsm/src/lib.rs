@@ -141,7 +141,9 @@ impl StateMachine {
             Op::RegisterCacheNode { id, site, addr, incarnation } => {
                 st.register_cache_node(*id, site, addr, *incarnation, now)
             }
-            Op::CacheHeartbeat { id, incarnation, stats } => st.cache_heartbeat(*id, *incarnation, stats, now),
+            Op::CacheHeartbeat { id, incarnation, stats } => {
+                st.cache_heartbeat(*id, *incarnation, stats, now)
+            }
             Op::MarkTiered { store, blocks } => st.mark_tiered(*store, blocks),
             Op::ReplaceReplica { slice, index, old, new } => st.replace_replica(*slice, *index, *old, *new),
             Op::ForgetSlices { ids } => st.forget_slices(ids),

@@ -11,8 +11,8 @@ use elea_common::{Errno, Ino, Timespec, VolumeId};
 use crate::changes::Changes;
 use crate::state::{FIRST_COOKIE, Inode, State, Volume};
 use crate::types::{
-    Attr, DirEntry, FileType, OpResult, Reply, SetAttr, StatFs, TimeSet, VolumeConfig, VolumeInfo, limits, mode,
-    rename_flags, xattr_flags,
+    Attr, DirEntry, FileType, OpResult, Reply, SetAttr, StatFs, TimeSet, VolumeConfig, VolumeInfo, limits,
+    mode, rename_flags, xattr_flags,
 };
 
 type R<T> = Result<T, Errno>;

@@ -111,11 +111,10 @@ fn write_records_locations_once() {
     assert_eq!((l.vol, l.len, l.created, l.deleted), (vol, 9 * MIB, t0, None));
     assert_eq!(l.blocks[2], BlockLoc { nodes: vec![3, 1], tiered: None });
     let b = staged(&h);
-    assert_eq!(b.iter().map(|b| (b.slice, b.index, b.len)).collect::<Vec<_>>(), vec![
-        (5, 0, 4 * MIB),
-        (5, 1, 4 * MIB),
-        (5, 2, MIB)
-    ]);
+    assert_eq!(
+        b.iter().map(|b| (b.slice, b.index, b.len)).collect::<Vec<_>>(),
+        vec![(5, 0, 4 * MIB), (5, 1, 4 * MIB), (5, 2, MIB)]
+    );
     // The same slice referenced again (a copy) keeps its first location.
     let copy = Op::WriteSlice { vol, ino: f0, chunk: 0, slice: piece(5, 9 * MIB), staged: vec![] };
     h.ok(copy);
@@ -129,11 +128,13 @@ fn write_records_locations_once() {
         Errno::EINVAL
     );
     // Paging through staged blocks.
-    let Ok(Reply::Blocks { blocks, more: true }) = h.q(Query::StagedBlocks { after: (0, 0), limit: 2 }) else {
+    let Ok(Reply::Blocks { blocks, more: true }) = h.q(Query::StagedBlocks { after: (0, 0), limit: 2 })
+    else {
         panic!()
     };
     assert_eq!(blocks.len(), 2);
-    let Ok(Reply::Blocks { blocks, more: false }) = h.q(Query::StagedBlocks { after: (5, 1), limit: 2 }) else {
+    let Ok(Reply::Blocks { blocks, more: false }) = h.q(Query::StagedBlocks { after: (5, 1), limit: 2 })
+    else {
         panic!()
     };
     assert_eq!(blocks.iter().map(|b| b.index).collect::<Vec<_>>(), vec![2]);
@@ -143,7 +144,13 @@ fn write_records_locations_once() {
 fn tiering_and_replica_replacement() {
     let (mut h, vol) = setup();
     let f = h.file(ROOT, "f");
-    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: piece(5, 5 * MIB), staged: vec![vec![1, 2], vec![2, 3]] });
+    h.ok(Op::WriteSlice {
+        vol,
+        ino: f,
+        chunk: 0,
+        slice: piece(5, 5 * MIB),
+        staged: vec![vec![1, 2], vec![2, 3]],
+    });
     assert_eq!(h.err(Op::MarkTiered { store: 1, blocks: vec![(5, 0)] }), Errno::EINVAL);
     assert_eq!(h.err(Op::MarkTiered { store: 0, blocks: vec![(5, 2)] }), Errno::EINVAL);
     assert_eq!(h.err(Op::MarkTiered { store: 0, blocks: vec![] }), Errno::EINVAL);
@@ -169,7 +176,13 @@ fn tiering_and_replica_replacement() {
 fn new_incarnation_drops_the_nodes_copies() {
     let (mut h, vol) = setup();
     let f = h.file(ROOT, "f");
-    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: piece(5, 5 * MIB), staged: vec![vec![1, 2], vec![2, 3]] });
+    h.ok(Op::WriteSlice {
+        vol,
+        ino: f,
+        chunk: 0,
+        slice: piece(5, 5 * MIB),
+        staged: vec![vec![1, 2], vec![2, 3]],
+    });
     // Same incarnation: nothing lost.
     h.ok(Op::RegisterCacheNode { id: 2, site: "a".into(), addr: "127.0.0.1:2".into(), incarnation: 7 });
     assert_eq!(staged(&h)[0].nodes, vec![1, 2]);
@@ -187,7 +200,8 @@ fn deletes_wait_for_gc_then_are_forgotten() {
     // Overwrite slice 5 entirely: it becomes garbage, 6 stays.
     h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: piece(7, MIB), staged: vec![vec![2, 3]] });
     let t_del = h.now();
-    let Ok(Reply::Deletes { slices, more: false }) = h.q(Query::PendingDeletes { after: 0, limit: 10 }) else {
+    let Ok(Reply::Deletes { slices, more: false }) = h.q(Query::PendingDeletes { after: 0, limit: 10 })
+    else {
         panic!()
     };
     assert_eq!(slices.len(), 1);
@@ -198,12 +212,18 @@ fn deletes_wait_for_gc_then_are_forgotten() {
     // Forget only what is really deleted.
     h.ok(Op::ForgetSlices { ids: vec![5, 6] });
     assert_eq!(locs(&h, &[5, 6]).iter().map(Option::is_some).collect::<Vec<_>>(), vec![false, true]);
-    let Ok(Reply::Deletes { slices, .. }) = h.q(Query::PendingDeletes { after: 0, limit: 10 }) else { panic!() };
+    let Ok(Reply::Deletes { slices, .. }) = h.q(Query::PendingDeletes { after: 0, limit: 10 }) else {
+        panic!()
+    };
     assert!(slices.is_empty());
     // Unlinking the file queues the rest.
     h.ok(Op::Unlink { vol, parent: ROOT, name: b"f".to_vec() });
-    let Ok(Reply::Deletes { slices, more }) = h.q(Query::PendingDeletes { after: 0, limit: 1 }) else { panic!() };
+    let Ok(Reply::Deletes { slices, more }) = h.q(Query::PendingDeletes { after: 0, limit: 1 }) else {
+        panic!()
+    };
     assert_eq!((slices.iter().map(|s| s.0).collect::<Vec<_>>(), more), (vec![6], true));
-    let Ok(Reply::Deletes { slices, more }) = h.q(Query::PendingDeletes { after: 6, limit: 1 }) else { panic!() };
+    let Ok(Reply::Deletes { slices, more }) = h.q(Query::PendingDeletes { after: 6, limit: 1 }) else {
+        panic!()
+    };
     assert_eq!((slices.iter().map(|s| s.0).collect::<Vec<_>>(), more), (vec![7], false));
 }

@@ -16,7 +16,11 @@ fn create_volume_and_list() {
     assert_eq!(h.vol, 1);
     assert_eq!(h.err(Op::CreateVolume { name: "vol".into(), config: Default::default() }), Errno::EEXIST);
     for bad in ["", "a b", "a/b", "é", &"x".repeat(129)] {
-        assert_eq!(h.err(Op::CreateVolume { name: bad.into(), config: Default::default() }), Errno::EINVAL, "{bad:?}");
+        assert_eq!(
+            h.err(Op::CreateVolume { name: bad.into(), config: Default::default() }),
+            Errno::EINVAL,
+            "{bad:?}"
+        );
     }
     let r = h.ok(Op::CreateVolume { name: "Other-1.x_y".into(), config: Default::default() });
     let Reply::Volume(v2) = r else { panic!() };

@@ -1,0 +1,173 @@
+//! Client of the block service: connections to cache nodes, chunked put and get with
+//! end-to-end checksums.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use elea_common::ids::BLOCK_SIZE;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+use crate::error::{CacheError, from_status};
+use crate::proto::block_client::BlockClient;
+use crate::proto::{BlockRef, GetRequest, PutChunk, PutHeader};
+
+/// Bytes per streamed message.
+pub const CHUNK: usize = 1 << 20;
+/// Largest gRPC message of the block service (a chunk plus headers).
+pub const MAX_MESSAGE: usize = 2 * CHUNK;
+
+/// Timeouts of block calls.
+#[derive(Debug, Clone)]
+pub struct BlockClientConfig {
+    pub connect_timeout: Duration,
+    /// Per call. A put waits on the far side while its staging is full, so this is long.
+    pub put_timeout: Duration,
+    pub get_timeout: Duration,
+}
+
+impl Default for BlockClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            put_timeout: Duration::from_secs(120),
+            get_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A pool of connections to cache nodes, by address.
+#[derive(Clone)]
+pub struct BlockClients {
+    cfg: BlockClientConfig,
+    conns: Arc<Mutex<HashMap<String, BlockClient<Channel>>>>,
+}
+
+impl Default for BlockClients {
+    fn default() -> Self {
+        Self::new(BlockClientConfig::default())
+    }
+}
+
+impl BlockClients {
+    pub fn new(cfg: BlockClientConfig) -> Self {
+        Self { cfg, conns: Arc::default() }
+    }
+
+    fn conn(&self, addr: &str) -> Result<BlockClient<Channel>, CacheError> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = conns.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| CacheError::BadRequest(format!("bad cache node address {addr:?}: {e}")))?
+            .connect_timeout(self.cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        let c = BlockClient::new(ep.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        conns.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Stores a block on `addr`, which also stores it on every node in `forward` before
+    /// answering.
+    pub async fn put(
+        &self,
+        addr: &str,
+        block: BlockRef,
+        data: Bytes,
+        crc: u32,
+        forward: Vec<String>,
+    ) -> Result<(), CacheError> {
+        let len = u32::try_from(data.len())
+            .ok()
+            .filter(|l| u64::from(*l) <= BLOCK_SIZE)
+            .ok_or_else(|| CacheError::BadRequest(format!("block of {} bytes is too large", data.len())))?;
+        let mut c = self.conn(addr)?;
+        let mut msgs = Vec::with_capacity(data.len() / CHUNK + 1);
+        let mut header = Some(PutHeader { block: Some(block), len, crc32c: crc, forward });
+        let mut off = 0;
+        loop {
+            let end = (off + CHUNK).min(data.len());
+            msgs.push(PutChunk { header: header.take(), data: data.slice(off..end) });
+            off = end;
+            if off >= data.len() {
+                break;
+            }
+        }
+        let mut req = tonic::Request::new(tokio_stream::iter(msgs));
+        req.set_timeout(self.cfg.put_timeout);
+        c.put(req).await.map_err(|s| from_status(addr, &s))?;
+        Ok(())
+    }
+
+    /// Reads a block from `addr`, checking its length and checksum.
+    pub async fn get(&self, addr: &str, req: GetRequest) -> Result<Vec<u8>, CacheError> {
+        let mut c = self.conn(addr)?;
+        let want = req.len;
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(self.cfg.get_timeout);
+        let mut stream = c.get(r).await.map_err(|s| from_status(addr, &s))?.into_inner();
+        let mut out = Vec::new();
+        let mut head: Option<(u32, u32)> = None;
+        while let Some(m) = stream.next().await {
+            let m = m.map_err(|s| from_status(addr, &s))?;
+            if head.is_none() {
+                head = Some((m.len, m.crc32c));
+                out.reserve(m.len as usize);
+            }
+            out.extend_from_slice(&m.data);
+            if out.len() > want as usize {
+                break;
+            }
+        }
+        let (len, crc) = head.ok_or_else(|| CacheError::Peer {
+            addr: addr.to_string(),
+            msg: "empty block stream".into(),
+            retryable: true,
+        })?;
+        if len != want || out.len() != want as usize {
+            return Err(CacheError::Checksum(format!(
+                "{addr} sent {} bytes (announced {len}) for a block of {want}",
+                out.len()
+            )));
+        }
+        if crc32c::crc32c(&out) != crc {
+            return Err(CacheError::Checksum(format!("block from {addr} does not match its checksum")));
+        }
+        Ok(out)
+    }
+
+    pub async fn has(&self, addr: &str, block: BlockRef) -> Result<crate::proto::HasReply, CacheError> {
+        let mut c = self.conn(addr)?;
+        let mut r = tonic::Request::new(block);
+        r.set_timeout(self.cfg.get_timeout);
+        Ok(c.has(r).await.map_err(|s| from_status(addr, &s))?.into_inner())
+    }
+
+    pub async fn delete(&self, addr: &str, block: BlockRef) -> Result<(), CacheError> {
+        let mut c = self.conn(addr)?;
+        let mut r = tonic::Request::new(block);
+        r.set_timeout(self.cfg.get_timeout);
+        c.delete(r).await.map_err(|s| from_status(addr, &s))?;
+        Ok(())
+    }
+
+    /// Asks a node to tier the volume's staged blocks it is primary for now.
+    pub async fn tier(&self, addr: &str, vol: u64) -> Result<(), CacheError> {
+        let mut c = self.conn(addr)?;
+        c.tier(crate::proto::TierRequest { vol }).await.map_err(|s| from_status(addr, &s))?;
+        Ok(())
+    }
+
+    /// Empties a node's read cache.
+    pub async fn drop_cache(&self, addr: &str) -> Result<(), CacheError> {
+        let mut c = self.conn(addr)?;
+        c.drop_cache(crate::proto::DropCacheRequest {}).await.map_err(|s| from_status(addr, &s))?;
+        Ok(())
+    }
+}

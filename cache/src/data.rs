@@ -1,0 +1,484 @@
+//! The data client a gateway embeds: writes slices (split into blocks, placed by rendezvous
+//! hashing, stored on `R` cache nodes, then committed to metadata) and reads byte ranges of
+//! files by resolving their slices, with concurrent block fetches, a small block cache and
+//! read-ahead for sequential readers.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use elea_common::ids::{BLOCK_SIZE, CHUNK_SIZE};
+use elea_common::{Ino, VolumeId};
+use elea_fsm::{Attr, CacheNodeInfo, Op, Query, Reply, Slice, SliceLoc, block_len};
+use elea_metadata::client::MetaClient;
+use elea_tiering::{BlockKey, StoreConfig};
+use futures::StreamExt as _;
+use tokio::sync::OnceCell;
+
+use crate::client::BlockClients;
+use crate::error::CacheError;
+use crate::placement::rank;
+use crate::proto::{BlockRef, GetRequest};
+use crate::volumes::Volumes;
+
+/// Settings of a data client.
+#[derive(Debug, Clone)]
+pub struct DataConfig {
+    /// The site whose cache nodes take this client's writes.
+    pub site: String,
+    /// Block transfers in flight per call.
+    pub concurrency: usize,
+    /// Blocks fetched ahead of a sequential reader.
+    pub readahead: usize,
+    /// Blocks kept in the client's cache.
+    pub cache_blocks: usize,
+    /// How long the cache node list is trusted before it is read again.
+    pub node_refresh: Duration,
+    pub store: StoreConfig,
+}
+
+impl DataConfig {
+    pub fn new(site: &str) -> Self {
+        Self {
+            site: site.to_string(),
+            concurrency: 16,
+            readahead: 8,
+            cache_blocks: 32,
+            node_refresh: Duration::from_secs(2),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+type Cell = Arc<OnceCell<Arc<Vec<u8>>>>;
+
+#[derive(Default)]
+struct BlockCache {
+    map: HashMap<(u64, u32), Cell>,
+    order: VecDeque<(u64, u32)>,
+}
+
+struct Inner {
+    meta: MetaClient,
+    cfg: DataConfig,
+    blocks: BlockClients,
+    vols: Volumes,
+    nodes: Mutex<(Option<Instant>, Vec<CacheNodeInfo>)>,
+    /// Reserved slice ids: next, end.
+    ids: tokio::sync::Mutex<(u64, u64)>,
+    cache: Mutex<BlockCache>,
+    /// End offset of each inode's last read, to detect sequential readers.
+    last_read: Mutex<HashMap<(VolumeId, Ino), u64>>,
+}
+
+/// See the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct DataClient {
+    inner: Arc<Inner>,
+}
+
+/// One piece of a read: bytes of a slice that land at `out_off` in the caller's buffer.
+struct Want {
+    slice: u64,
+    slice_len: u32,
+    slice_off: u64,
+    len: usize,
+    out_off: usize,
+}
+
+impl DataClient {
+    pub fn new(meta: MetaClient, cfg: DataConfig) -> Self {
+        let vols = Volumes::new(meta.clone(), cfg.store.clone());
+        Self {
+            inner: Arc::new(Inner {
+                meta,
+                cfg,
+                blocks: BlockClients::default(),
+                vols,
+                nodes: Mutex::new((None, Vec::new())),
+                ids: tokio::sync::Mutex::new((0, 0)),
+                cache: Mutex::default(),
+                last_read: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn meta(&self) -> &MetaClient {
+        &self.inner.meta
+    }
+
+    /// The cache node registry (refreshed every `node_refresh`, or now with `force`).
+    pub async fn nodes(&self, force: bool) -> Result<Vec<CacheNodeInfo>, CacheError> {
+        {
+            let g = self.inner.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && g.0.is_some_and(|t| t.elapsed() < self.inner.cfg.node_refresh) {
+                return Ok(g.1.clone());
+            }
+        }
+        let n = self.inner.meta.cache_nodes().await?;
+        *self.inner.nodes.lock().unwrap_or_else(|p| p.into_inner()) = (Some(Instant::now()), n.clone());
+        Ok(n)
+    }
+
+    async fn site_nodes(&self, force: bool) -> Result<Vec<CacheNodeInfo>, CacheError> {
+        Ok(self
+            .nodes(force)
+            .await?
+            .into_iter()
+            .filter(|n| n.alive && n.site == self.inner.cfg.site)
+            .collect())
+    }
+
+    async fn next_slice_id(&self) -> Result<u64, CacheError> {
+        let mut g = self.inner.ids.lock().await;
+        if g.0 >= g.1 {
+            let start = self.inner.meta.alloc_slices(1024).await?;
+            *g = (start, start + 1024);
+        }
+        let id = g.0;
+        g.0 += 1;
+        Ok(id)
+    }
+
+    /// Stores one block on `replicas` nodes of the site; returns the nodes that hold it.
+    async fn put_block(
+        &self,
+        vol: VolumeId,
+        slice: u64,
+        index: u32,
+        data: Bytes,
+        replicas: usize,
+    ) -> Result<Vec<u64>, CacheError> {
+        let crc = crc32c::crc32c(&data);
+        let block = BlockRef { vol, slice, index };
+        let mut failed: Vec<u64> = Vec::new();
+        let mut held: Vec<u64> = Vec::new();
+        let mut last_err: Option<CacheError> = None;
+        for attempt in 0..3 {
+            let live = self.site_nodes(attempt > 0).await?;
+            let ids: Vec<u64> = live.iter().map(|n| n.id).filter(|id| !failed.contains(id)).collect();
+            let order = rank(slice, index, &ids);
+            let need = replicas - held.len();
+            let targets: Vec<&CacheNodeInfo> = order
+                .iter()
+                .filter(|id| !held.contains(id))
+                .take(need)
+                .filter_map(|id| live.iter().find(|n| n.id == *id))
+                .collect();
+            if targets.len() < need {
+                let e = CacheError::NoNodes(format!(
+                    "site {:?} has {} usable cache nodes, the volume needs {replicas} copies",
+                    self.inner.cfg.site,
+                    ids.len()
+                ));
+                last_err = Some(e);
+                continue;
+            }
+            let puts = targets.iter().map(|n| {
+                let data = data.clone();
+                async move { (n.id, self.inner.blocks.put(&n.addr, block, data, crc, vec![]).await) }
+            });
+            for (id, r) in futures::future::join_all(puts).await {
+                match r {
+                    Ok(()) => held.push(id),
+                    Err(e) => {
+                        tracing::warn!(node = id, slice, index, error = %e, "storing a block failed; trying another node");
+                        failed.push(id);
+                        last_err = Some(e);
+                    }
+                }
+            }
+            if held.len() >= replicas {
+                return Ok(held);
+            }
+        }
+        Err(last_err.unwrap_or_else(|| CacheError::NoNodes("no cache node took the block".into())))
+    }
+
+    /// Writes `data` at `offset` of a regular file: one new slice per chunk touched, each
+    /// durable on the volume's replica count of cache nodes before it is committed. Returns
+    /// the attributes after the last commit.
+    pub async fn write(&self, vol: VolumeId, ino: Ino, offset: u64, data: Bytes) -> Result<Attr, CacheError> {
+        if data.is_empty() {
+            return Ok(self.inner.meta.getattr(vol, ino).await?);
+        }
+        let replicas = usize::from(self.inner.vols.get(vol).await?.config.replicas);
+        let mut pieces = Vec::new();
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let at = offset + pos as u64;
+            let chunk = at / CHUNK_SIZE;
+            let in_chunk = at % CHUNK_SIZE;
+            let n = ((CHUNK_SIZE - in_chunk) as usize).min(data.len() - pos);
+            pieces.push((chunk, in_chunk as u32, data.slice(pos..pos + n)));
+            pos += n;
+        }
+        let mut attr = None;
+        for (chunk, in_chunk, bytes) in pieces {
+            let slice = self.next_slice_id().await?;
+            let len = bytes.len() as u32;
+            let nblocks = elea_fsm::blocks_of(len);
+            let staged: Vec<Vec<u64>> = futures::stream::iter(0..nblocks)
+                .map(|i| {
+                    let start = i * BLOCK_SIZE as usize;
+                    let end = (start + BLOCK_SIZE as usize).min(bytes.len());
+                    self.put_block(vol, slice, i as u32, bytes.slice(start..end), replicas)
+                })
+                .buffered(self.inner.cfg.concurrency)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
+            let s = Slice { id: slice, offset: in_chunk, len, slice_len: len, slice_offset: 0 };
+            match self.inner.meta.op(Op::WriteSlice { vol, ino, chunk, slice: s, staged }).await? {
+                Reply::Attr(a) => attr = Some(a),
+                other => return Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
+            }
+        }
+        attr.ok_or_else(|| CacheError::Internal("nothing written".into()))
+    }
+
+    /// Reads up to `len` bytes at `offset` (short at end of file; holes read as zeros).
+    pub async fn read(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, CacheError> {
+        let size = self.inner.meta.getattr(vol, ino).await?.size;
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset.saturating_add(len as u64));
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut wants = Vec::new();
+        let mut chunk = offset / CHUNK_SIZE;
+        while chunk * CHUNK_SIZE < end {
+            let base = chunk * CHUNK_SIZE;
+            let slices = match self.inner.meta.query(Query::ReadChunk { vol, ino, chunk }).await? {
+                Reply::Slices(s) => s,
+                other => return Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
+            };
+            for p in slices.iter().filter(|p| p.id != 0) {
+                let ps = base + u64::from(p.offset);
+                let pe = ps + u64::from(p.len);
+                let (a, b) = (ps.max(offset), pe.min(end));
+                if a >= b {
+                    continue;
+                }
+                wants.push(Want {
+                    slice: p.id,
+                    slice_len: p.slice_len,
+                    slice_off: u64::from(p.slice_offset) + (a - ps),
+                    len: (b - a) as usize,
+                    out_off: (a - offset) as usize,
+                });
+            }
+            chunk += 1;
+        }
+        if wants.is_empty() {
+            return Ok(out);
+        }
+        let mut ids: Vec<u64> = wants.iter().map(|w| w.slice).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let locs: HashMap<u64, Option<SliceLoc>> =
+            self.inner.meta.slice_locs(&ids).await?.into_iter().collect();
+        // Every block the read touches, fetched concurrently.
+        let mut blocks: Vec<(u64, u32, u32)> = Vec::new();
+        for w in &wants {
+            let first = w.slice_off / BLOCK_SIZE;
+            let last = (w.slice_off + w.len as u64 - 1) / BLOCK_SIZE;
+            for i in first..=last {
+                let b = (w.slice, i as u32, w.slice_len);
+                if !blocks.contains(&b) {
+                    blocks.push(b);
+                }
+            }
+        }
+        let fetched: HashMap<(u64, u32), Arc<Vec<u8>>> = futures::stream::iter(blocks.iter().copied())
+            .map(|(slice, index, slice_len)| {
+                let loc = locs.get(&slice).cloned().flatten();
+                async move {
+                    let d = self.block(vol, slice, index, slice_len, loc).await?;
+                    Ok::<_, CacheError>(((slice, index), d))
+                }
+            })
+            .buffer_unordered(self.inner.cfg.concurrency)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        for w in &wants {
+            let mut done = 0usize;
+            while done < w.len {
+                let at = w.slice_off + done as u64;
+                let idx = (at / BLOCK_SIZE) as u32;
+                let in_block = (at % BLOCK_SIZE) as usize;
+                let d = &fetched[&(w.slice, idx)];
+                let n = (d.len().saturating_sub(in_block)).min(w.len - done);
+                if n == 0 {
+                    return Err(CacheError::Checksum(format!(
+                        "slice {} is shorter than its metadata says",
+                        w.slice
+                    )));
+                }
+                out[w.out_off + done..w.out_off + done + n].copy_from_slice(&d[in_block..in_block + n]);
+                done += n;
+            }
+        }
+        self.readahead(vol, ino, offset, end, &wants, &locs);
+        Ok(out)
+    }
+
+    /// A sequential reader gets the next blocks of the slices it is reading fetched ahead.
+    fn readahead(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        wants: &[Want],
+        locs: &HashMap<u64, Option<SliceLoc>>,
+    ) {
+        let sequential = {
+            let mut g = self.inner.last_read.lock().unwrap_or_else(|p| p.into_inner());
+            if g.len() > 4096 {
+                g.clear();
+            }
+            g.insert((vol, ino), end) == Some(offset)
+        };
+        let Some(w) = wants.last() else { return };
+        if !sequential || self.inner.cfg.readahead == 0 {
+            return;
+        }
+        let next = (w.slice_off + w.len as u64) / BLOCK_SIZE;
+        let total = elea_fsm::blocks_of(w.slice_len) as u64;
+        let loc = locs.get(&w.slice).cloned().flatten();
+        for i in next..(next + self.inner.cfg.readahead as u64).min(total) {
+            let this = self.clone();
+            let loc = loc.clone();
+            let (slice, slice_len) = (w.slice, w.slice_len);
+            tokio::spawn(async move {
+                if let Err(e) = this.block(vol, slice, i as u32, slice_len, loc).await {
+                    tracing::debug!(slice, index = i, error = %e, "read-ahead failed");
+                }
+            });
+        }
+    }
+
+    /// One block, from the client's cache or fetched once (concurrent callers share the
+    /// fetch).
+    async fn block(
+        &self,
+        vol: VolumeId,
+        slice: u64,
+        index: u32,
+        slice_len: u32,
+        loc: Option<SliceLoc>,
+    ) -> Result<Arc<Vec<u8>>, CacheError> {
+        let cell = {
+            let mut g = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (slice, index);
+            match g.map.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let c: Cell = Arc::default();
+                    g.map.insert(key, c.clone());
+                    g.order.push_back(key);
+                    while g.order.len() > self.inner.cfg.cache_blocks.max(1) {
+                        if let Some(old) = g.order.pop_front() {
+                            g.map.remove(&old);
+                        }
+                    }
+                    c
+                }
+            }
+        };
+        let r = cell.get_or_try_init(|| self.fetch(vol, slice, index, slice_len, loc)).await.cloned();
+        if r.is_err() {
+            self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()).map.remove(&(slice, index));
+        }
+        r
+    }
+
+    async fn fetch(
+        &self,
+        vol: VolumeId,
+        slice: u64,
+        index: u32,
+        slice_len: u32,
+        loc: Option<SliceLoc>,
+    ) -> Result<Arc<Vec<u8>>, CacheError> {
+        let mut loc = loc;
+        let mut last = None;
+        for attempt in 0..2 {
+            if attempt > 0 || loc.is_none() {
+                // The block may have been tiered or re-replicated since the location was read.
+                loc = self.inner.meta.slice_locs(&[slice]).await?.pop().and_then(|(_, l)| l);
+            }
+            let Some(l) = &loc else {
+                return Err(CacheError::NotFound(format!("slice {slice} has no recorded location")));
+            };
+            let Some(b) = l.blocks.get(index as usize) else {
+                return Err(CacheError::NotFound(format!("slice {slice} has no block {index}")));
+            };
+            let len = block_len(slice_len, index);
+            match self.fetch_from(vol, slice, index, len, b, attempt > 0).await {
+                Ok(d) => return Ok(Arc::new(d)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| CacheError::NotFound(format!("block {slice}/{index}"))))
+    }
+
+    async fn fetch_from(
+        &self,
+        vol: VolumeId,
+        slice: u64,
+        index: u32,
+        len: u32,
+        b: &elea_fsm::BlockLoc,
+        fresh: bool,
+    ) -> Result<Vec<u8>, CacheError> {
+        let nodes = self.nodes(fresh).await?;
+        let addr = |id: u64| nodes.iter().find(|n| n.id == id && n.alive).map(|n| n.addr.clone());
+        let block = Some(BlockRef { vol, slice, index });
+        let mut last = CacheError::NotFound(format!("block {slice}/{index}: no live copy"));
+        for a in b.nodes.iter().filter_map(|id| addr(*id)) {
+            let req = GetRequest { block, len, tiered_store: None, peers: vec![], cache: false };
+            match self.inner.blocks.get(&a, req).await {
+                Ok(d) => return Ok(d),
+                Err(e) => last = e,
+            }
+        }
+        let Some(store) = b.tiered else { return Err(last) };
+        // Tiered: ask the site's cache nodes in placement order (they keep it in their read
+        // cache), then the store itself.
+        let site: Vec<u64> =
+            nodes.iter().filter(|n| n.alive && n.site == self.inner.cfg.site).map(|n| n.id).collect();
+        for id in rank(slice, index, &site).into_iter().take(2) {
+            let Some(a) = addr(id) else { continue };
+            let req =
+                GetRequest { block, len, tiered_store: Some(u32::from(store)), peers: vec![], cache: true };
+            match self.inner.blocks.get(&a, req).await {
+                Ok(d) => return Ok(d),
+                Err(e) => last = e,
+            }
+        }
+        let key = BlockKey { vol, slice, index, len };
+        match self.inner.vols.store(vol, store).await {
+            Ok(s) => s.get(&key).await.map_err(CacheError::from),
+            Err(e) => Err(if matches!(e, CacheError::NotFound(_)) { last } else { e }),
+        }
+    }
+
+    /// Drops the client's own block cache.
+    pub fn clear_cache(&self) {
+        let mut g = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
+        g.map.clear();
+        g.order.clear();
+    }
+}

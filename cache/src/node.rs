@@ -1,0 +1,455 @@
+//! The cache node process: staging, read cache, the block service, registration and
+//! heartbeats with the metadata service, and the background workers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use elea_common::ids::BLOCK_SIZE;
+use elea_fsm::{CacheNodeInfo, CacheStats};
+use elea_metadata::client::{ClientConfig, ClientError, MetaClient};
+use elea_tiering::{BlockKey, StoreConfig};
+use tokio::sync::{Notify, watch};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::client::{BlockClients, CHUNK, MAX_MESSAGE};
+use crate::error::CacheError;
+use crate::proto::block_server::{Block, BlockServer};
+use crate::proto::{
+    BlockRef, DeleteReply, DropCacheReply, DropCacheRequest, GetChunk, GetRequest, HasReply, PutChunk,
+    PutReply, TierReply, TierRequest,
+};
+use crate::readcache::ReadCache;
+use crate::staging::{BlockId, Staging, now_ms};
+use crate::volumes::Volumes;
+
+/// Settings of one cache node. Durations are the workers' periods and safety margins.
+#[derive(Debug, Clone)]
+pub struct CacheNodeConfig {
+    pub node_id: u64,
+    pub site: String,
+    /// Address other nodes and gateways reach the block service at.
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    pub meta: Vec<String>,
+    /// Staging capacity in bytes (writers wait when it is full).
+    pub staging_size: u64,
+    pub cache_mem: u64,
+    /// Read cache on disk, bytes (0 = memory only).
+    pub cache_disk: u64,
+    pub heartbeat: Duration,
+    /// How often the tiering worker looks for due blocks.
+    pub tier_interval: Duration,
+    /// Above this fraction of the staging capacity, blocks are tiered regardless of age.
+    pub high_watermark: f64,
+    /// How often re-replication checks for blocks below their replica count.
+    pub repair_interval: Duration,
+    /// How often the garbage collector runs, and how long a deleted slice waits first.
+    pub gc_interval: Duration,
+    pub gc_delay: Duration,
+    /// How often staged blocks are checked against metadata.
+    pub reconcile_interval: Duration,
+    /// A staged block metadata does not list here is dropped once older than this.
+    pub stale_grace: Duration,
+    /// A staged block of a slice metadata never committed is dropped once older than this.
+    pub orphan_grace: Duration,
+    pub store: StoreConfig,
+}
+
+impl CacheNodeConfig {
+    pub fn new(node_id: u64, site: &str, advertise: &str, data_dir: PathBuf, meta: Vec<String>) -> Self {
+        Self {
+            node_id,
+            site: site.to_string(),
+            advertise: advertise.to_string(),
+            data_dir,
+            meta,
+            staging_size: 10 << 30,
+            cache_mem: 256 << 20,
+            cache_disk: 0,
+            heartbeat: Duration::from_secs(1),
+            tier_interval: Duration::from_secs(1),
+            high_watermark: 0.8,
+            repair_interval: Duration::from_secs(2),
+            gc_interval: Duration::from_secs(5),
+            gc_delay: Duration::from_secs(60),
+            reconcile_interval: Duration::from_secs(30),
+            stale_grace: Duration::from_secs(60),
+            orphan_grace: Duration::from_secs(3600),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+/// Why a cache node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Shared state of a running node.
+pub struct Node {
+    pub cfg: CacheNodeConfig,
+    pub staging: Arc<Staging>,
+    pub cache: ReadCache,
+    pub meta: MetaClient,
+    pub peers: BlockClients,
+    pub vols: Volumes,
+    pub incarnation: u64,
+    /// Volumes asked to tier now, with the time of the request (blocks staged before it).
+    pub(crate) tier_now: Mutex<HashMap<u64, u64>>,
+    pub(crate) tier_wake: Notify,
+    pub(crate) backlog: (AtomicU64, AtomicU64),
+    /// The registry as of the last heartbeat.
+    pub(crate) nodes: Mutex<Vec<CacheNodeInfo>>,
+}
+
+/// Reads or creates the data directory's incarnation (random, fsynced once).
+fn incarnation(dir: &std::path::Path) -> Result<u64, CacheError> {
+    let p = dir.join("incarnation");
+    match std::fs::read_to_string(&p) {
+        Ok(s) => s.trim().parse().map_err(|_| {
+            CacheError::Internal(format!("{} is corrupt: remove the data directory", p.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = crate::random_u64() | 1;
+            let tmp = dir.join("incarnation.tmp");
+            let write = || -> std::io::Result<()> {
+                std::fs::write(&tmp, id.to_string())?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &p)?;
+                std::fs::File::open(dir)?.sync_all()
+            };
+            write().map_err(|e| CacheError::io("writing", &p, e))?;
+            Ok(id)
+        }
+        Err(e) => Err(CacheError::io("reading", &p, e)),
+    }
+}
+
+impl Node {
+    /// The registry's nodes as last seen.
+    pub fn registry(&self) -> Vec<CacheNodeInfo> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn addr_of(&self, id: u64) -> Option<String> {
+        self.registry().into_iter().find(|n| n.id == id).map(|n| n.addr)
+    }
+
+    fn stats(&self) -> CacheStats {
+        let s = self.staging.stats();
+        let (hits, misses) = self.cache.counters();
+        CacheStats {
+            staged_bytes: s.bytes,
+            staged_blocks: s.blocks,
+            staging_capacity: s.capacity,
+            oldest_staged_ms: s.oldest_ms.map_or(0, |t| now_ms().saturating_sub(t)),
+            read_hits: hits,
+            read_misses: misses,
+            tier_backlog_blocks: self.backlog.0.load(Ordering::Relaxed),
+            tier_backlog_bytes: self.backlog.1.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn register(&self) -> Result<(), ClientError> {
+        self.meta
+            .op(elea_fsm::Op::RegisterCacheNode {
+                id: self.cfg.node_id,
+                site: self.cfg.site.clone(),
+                addr: self.cfg.advertise.clone(),
+                incarnation: self.incarnation,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let hb = elea_fsm::Op::CacheHeartbeat {
+                id: self.cfg.node_id,
+                incarnation: self.incarnation,
+                stats: self.stats(),
+            };
+            match self.meta.op(hb).await {
+                Ok(_) => {}
+                Err(ClientError::Fs(elea_common::Errno::ESTALE)) => {
+                    tracing::warn!(
+                        "the registry does not know this node (or this incarnation): registering again"
+                    );
+                    if let Err(e) = self.register().await {
+                        tracing::warn!(error = %e, "registering");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+            match self.meta.cache_nodes().await {
+                Ok(n) => *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = n,
+                Err(e) => tracing::warn!(error = %e, "reading the cache node registry"),
+            }
+            if sleep_or_stop(&mut stop, self.cfg.heartbeat).await {
+                return;
+            }
+        }
+    }
+
+    /// Reads a block for a client or peer: staging, read cache, then the object store or
+    /// the peers named in the request.
+    pub async fn read_block(&self, req: &GetRequest) -> Result<Vec<u8>, CacheError> {
+        let b = req.block.as_ref().ok_or_else(|| CacheError::BadRequest("missing block".into()))?;
+        let id = check_ref(b)?;
+        if u64::from(req.len) > BLOCK_SIZE || req.len == 0 {
+            return Err(CacheError::BadRequest(format!("bad block length {}", req.len)));
+        }
+        match self.staging.get(id).await {
+            Ok(Some((m, data))) if m.len == req.len => return Ok(data),
+            Ok(Some((m, _))) => {
+                return Err(CacheError::Conflict(format!(
+                    "block {id:?} has {} bytes here, not {}",
+                    m.len, req.len
+                )));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "staged copy unreadable; trying other copies"),
+        }
+        if let Some(d) = self.cache.get(id).await
+            && d.len() == req.len as usize
+        {
+            return Ok(d);
+        }
+        let mut last = CacheError::NotFound(format!("block {id:?} is not staged or cached here"));
+        if let Some(store) = req.tiered_store {
+            let idx = u16::try_from(store).map_err(|_| CacheError::BadRequest("bad store index".into()))?;
+            let key = BlockKey { vol: b.vol, slice: id.0, index: id.1, len: req.len };
+            match self.vols.store(b.vol, idx).await {
+                Ok(s) => match s.get(&key).await {
+                    Ok(d) => {
+                        if req.cache {
+                            self.cache.insert(id, &d);
+                        }
+                        return Ok(d);
+                    }
+                    Err(e) => last = e.into(),
+                },
+                Err(e) => last = e,
+            }
+        }
+        for peer in req.peers.iter().filter(|p| **p != self.cfg.advertise) {
+            let r =
+                GetRequest { block: Some(*b), len: req.len, tiered_store: None, peers: vec![], cache: false };
+            match self.peers.get(peer, r).await {
+                Ok(d) => {
+                    if req.cache {
+                        self.cache.insert(id, &d);
+                    }
+                    return Ok(d);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Validates a block reference.
+pub(crate) fn check_ref(b: &BlockRef) -> Result<BlockId, CacheError> {
+    if b.slice == 0 || b.vol == 0 || u64::from(b.index) >= elea_common::ids::CHUNK_SIZE / BLOCK_SIZE {
+        return Err(CacheError::BadRequest(format!("bad block reference {b:?}")));
+    }
+    Ok((b.slice, b.index))
+}
+
+/// Sleeps for `d`; true when the node is stopping.
+pub(crate) async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}
+
+struct Svc(Arc<Node>);
+
+type GetStream = Pin<Box<dyn Stream<Item = Result<GetChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Block for Svc {
+    async fn put(&self, req: Request<Streaming<PutChunk>>) -> Result<Response<PutReply>, Status> {
+        let node = &self.0;
+        let mut stream = req.into_inner();
+        let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty put"))??;
+        let h = first
+            .header
+            .ok_or_else(|| Status::invalid_argument("the first message must carry the header"))?;
+        let b = h.block.ok_or_else(|| Status::invalid_argument("missing block"))?;
+        let id = check_ref(&b)?;
+        if h.len == 0 || u64::from(h.len) > BLOCK_SIZE {
+            return Err(Status::invalid_argument(format!("bad block length {}", h.len)));
+        }
+        if h.forward.len() > usize::from(elea_fsm::limits::REPLICAS_MAX) {
+            return Err(Status::invalid_argument("too many replicas"));
+        }
+        let mut buf = BytesMut::with_capacity(h.len as usize);
+        buf.extend_from_slice(&first.data);
+        while let Some(m) = stream.next().await {
+            let m = m?;
+            if buf.len() + m.data.len() > h.len as usize {
+                return Err(Status::invalid_argument("more bytes than the announced length"));
+            }
+            buf.extend_from_slice(&m.data);
+        }
+        if buf.len() != h.len as usize {
+            return Err(Status::invalid_argument(format!("got {} of {} bytes", buf.len(), h.len)));
+        }
+        let data: Bytes = buf.freeze();
+        let local = node.staging.put(b.vol, id, data.clone(), h.crc32c);
+        let remote = futures::future::join_all(
+            h.forward
+                .iter()
+                .filter(|a| **a != node.cfg.advertise)
+                .map(|a| node.peers.put(a, b, data.clone(), h.crc32c, vec![])),
+        );
+        let (l, r) = tokio::join!(local, remote);
+        l?;
+        if let Some(e) = r.into_iter().find_map(Result::err) {
+            return Err(e.into());
+        }
+        Ok(Response::new(PutReply {}))
+    }
+
+    type GetStream = GetStream;
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
+        let data = Bytes::from(self.0.read_block(req.get_ref()).await?);
+        let crc = crc32c::crc32c(&data);
+        let len = data.len() as u32;
+        let chunks: Vec<Result<GetChunk, Status>> = (0..data.len())
+            .step_by(CHUNK)
+            .enumerate()
+            .map(|(i, off)| {
+                let end = (off + CHUNK).min(data.len());
+                Ok(GetChunk {
+                    data: data.slice(off..end),
+                    len: if i == 0 { len } else { 0 },
+                    crc32c: if i == 0 { crc } else { 0 },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn has(&self, req: Request<BlockRef>) -> Result<Response<HasReply>, Status> {
+        let id = check_ref(req.get_ref())?;
+        Ok(Response::new(HasReply { staged: self.0.staging.contains(id), cached: self.0.cache.contains(id) }))
+    }
+
+    async fn delete(&self, req: Request<BlockRef>) -> Result<Response<DeleteReply>, Status> {
+        let id = check_ref(req.get_ref())?;
+        self.0.staging.remove(id).await?;
+        self.0.cache.remove(id);
+        Ok(Response::new(DeleteReply {}))
+    }
+
+    async fn tier(&self, req: Request<TierRequest>) -> Result<Response<TierReply>, Status> {
+        let vol = req.get_ref().vol;
+        self.0.tier_now.lock().unwrap_or_else(|p| p.into_inner()).insert(vol, now_ms());
+        self.0.tier_wake.notify_one();
+        Ok(Response::new(TierReply {}))
+    }
+
+    async fn drop_cache(&self, _req: Request<DropCacheRequest>) -> Result<Response<DropCacheReply>, Status> {
+        self.0.cache.clear().await?;
+        Ok(Response::new(DropCacheReply {}))
+    }
+}
+
+/// Runs a cache node on `listener` until `shutdown` resolves.
+pub async fn serve(
+    cfg: CacheNodeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    if cfg.node_id == 0 {
+        return Err(ServeError::Config("--node-id must be positive".into()));
+    }
+    if cfg.meta.is_empty() {
+        return Err(ServeError::Config("no metadata addresses".into()));
+    }
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| CacheError::io("creating", &cfg.data_dir, e))?;
+    let incarnation = incarnation(&cfg.data_dir)?;
+    let staging = Staging::open(&cfg.data_dir.join("staging"), cfg.staging_size)?;
+    let cache = ReadCache::open(&cfg.data_dir.join("read-cache"), cfg.cache_mem, cfg.cache_disk).await?;
+    let meta = MetaClient::connect(&cfg.meta, ClientConfig::default()).map_err(CacheError::from)?;
+    let vols = Volumes::new(meta.clone(), cfg.store.clone());
+    let node = Arc::new(Node {
+        cfg,
+        staging,
+        cache,
+        meta,
+        peers: BlockClients::default(),
+        vols,
+        incarnation,
+        tier_now: Mutex::default(),
+        tier_wake: Notify::new(),
+        backlog: (AtomicU64::new(0), AtomicU64::new(0)),
+        nodes: Mutex::default(),
+    });
+    // Register before serving, retrying while the metadata service is unreachable.
+    loop {
+        match node.register().await {
+            Ok(()) => break,
+            Err(e @ (ClientError::Fs(_) | ClientError::Rejected(_))) => {
+                return Err(ServeError::Config(format!("the metadata service refused this node: {e}")));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registering with the metadata service; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    tracing::info!(
+        node = node.cfg.node_id,
+        site = %node.cfg.site,
+        addr = %node.cfg.advertise,
+        incarnation = node.incarnation,
+        "cache node registered"
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut workers = vec![tokio::spawn(node.clone().heartbeat_loop(stop_rx.clone()))];
+    workers.extend(crate::workers::spawn_all(&node, &stop_rx));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let svc = BlockServer::new(Svc(node.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let mut graceful = stop_rx.clone();
+    let stopper = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let r = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = graceful.wait_for(|s| *s).await;
+        })
+        .await;
+    stopper.abort();
+    for w in workers {
+        w.abort();
+    }
+    node.cache.close().await;
+    tracing::info!("cache node stopped");
+    Ok(r?)
+}

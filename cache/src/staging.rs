@@ -1,0 +1,468 @@
+//! The staging store: durable, never-evicted copies of blocks that are not yet tiered.
+//!
+//! One file per block, `staging/HH/SLICE_INDEX` (`HH` = low byte of the slice id, so no
+//! directory grows huge). A file is a fixed header (magic, version, volume, slice, index,
+//! length, crc32c of the bytes, creation time) followed by the bytes. A block is written to a
+//! temporary file, fsynced, renamed into place and the directory fsynced before `put`
+//! returns, so after a crash a block is either wholly there or absent. On open, leftover
+//! temporary files are removed and every block is verified: a torn or corrupt file is
+//! discarded (and counted), never served. Reads verify the checksum again.
+//!
+//! The store has a byte capacity. `put` waits (backpressure) while the block does not fit; it
+//! never drops data. Space comes back when blocks are tiered or deleted.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+
+use crate::error::CacheError;
+
+const MAGIC: [u8; 4] = *b"ELST";
+const VERSION: u8 = 1;
+/// magic 4, version 1, pad 3, vol 8, slice 8, index 4, len 4, crc 4, pad 4, created ms 8.
+pub const HEADER_LEN: usize = 48;
+
+/// A block's identity: (slice id, block index).
+pub type BlockId = (u64, u32);
+
+/// What the store knows about one staged block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedMeta {
+    pub vol: u64,
+    pub len: u32,
+    pub crc: u32,
+    /// Milliseconds since the Unix epoch when it was staged here.
+    pub created_ms: u64,
+}
+
+/// Counters for status and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StagingStats {
+    pub blocks: u64,
+    pub bytes: u64,
+    pub capacity: u64,
+    pub oldest_ms: Option<u64>,
+    /// Torn or corrupt files found (at open or on read) and discarded.
+    pub discarded: u64,
+}
+
+struct Inner {
+    blocks: HashMap<BlockId, StagedMeta>,
+    /// Bytes of staged blocks plus bytes reserved by puts in progress.
+    used: u64,
+    discarded: u64,
+}
+
+/// See the module docs.
+pub struct Staging {
+    dir: PathBuf,
+    capacity: u64,
+    inner: Mutex<Inner>,
+    space: Notify,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn encode_header(id: BlockId, m: &StagedMeta) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4] = VERSION;
+    h[8..16].copy_from_slice(&m.vol.to_le_bytes());
+    h[16..24].copy_from_slice(&id.0.to_le_bytes());
+    h[24..28].copy_from_slice(&id.1.to_le_bytes());
+    h[28..32].copy_from_slice(&m.len.to_le_bytes());
+    h[32..36].copy_from_slice(&m.crc.to_le_bytes());
+    h[40..48].copy_from_slice(&m.created_ms.to_le_bytes());
+    h
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn decode_header(h: &[u8]) -> Option<(BlockId, StagedMeta)> {
+    if h.len() < HEADER_LEN || h[0..4] != MAGIC || h[4] != VERSION {
+        return None;
+    }
+    let id = (u64_at(h, 16), u32_at(h, 24));
+    let m =
+        StagedMeta { vol: u64_at(h, 8), len: u32_at(h, 28), crc: u32_at(h, 32), created_ms: u64_at(h, 40) };
+    Some((id, m))
+}
+
+fn file_name(id: BlockId) -> String {
+    format!("{:016x}_{}", id.0, id.1)
+}
+
+fn parse_name(name: &str) -> Option<BlockId> {
+    let (s, i) = name.split_once('_')?;
+    if s.len() != 16 {
+        return None;
+    }
+    Some((u64::from_str_radix(s, 16).ok()?, i.parse().ok()?))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Reads and fully verifies one staged file. `Ok(None)`: torn or corrupt.
+fn read_verified(
+    path: &Path,
+    want: Option<BlockId>,
+) -> std::io::Result<Option<(BlockId, StagedMeta, Vec<u8>)>> {
+    let mut f = File::open(path)?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let Some((id, m)) = decode_header(&buf) else { return Ok(None) };
+    if want.is_some_and(|w| w != id) || buf.len() != HEADER_LEN + m.len as usize {
+        return Ok(None);
+    }
+    let data = buf.split_off(HEADER_LEN);
+    if crc32c::crc32c(&data) != m.crc {
+        return Ok(None);
+    }
+    Ok(Some((id, m, data)))
+}
+
+impl Staging {
+    /// Opens (creating) the store under `dir`, removing temporary files and discarding torn
+    /// or corrupt blocks.
+    pub fn open(dir: &Path, capacity: u64) -> Result<Arc<Self>, CacheError> {
+        let dir = dir.to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| CacheError::io("creating the staging directory", &dir, e))?;
+        let mut blocks = HashMap::new();
+        let mut used = 0u64;
+        let mut discarded = 0u64;
+        let subdirs = fs::read_dir(&dir).map_err(|e| CacheError::io("listing staging", &dir, e))?;
+        for sub in subdirs {
+            let sub = sub.map_err(|e| CacheError::io("listing staging", &dir, e))?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            let files = fs::read_dir(&sub).map_err(|e| CacheError::io("listing staging", &sub, e))?;
+            for f in files {
+                let path = f.map_err(|e| CacheError::io("listing staging", &sub, e))?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                let Some(id) = parse_name(&name) else {
+                    // Temporary files of puts a crash interrupted, and anything unknown.
+                    fs::remove_file(&path)
+                        .map_err(|e| CacheError::io("removing a temporary file", &path, e))?;
+                    continue;
+                };
+                match read_verified(&path, Some(id)) {
+                    Ok(Some((id, m, _))) => {
+                        used += u64::from(m.len);
+                        blocks.insert(id, m);
+                    }
+                    Ok(None) => {
+                        tracing::warn!(path = %path.display(), "discarding a torn or corrupt staged block");
+                        discarded += 1;
+                        fs::remove_file(&path)
+                            .map_err(|e| CacheError::io("removing a torn block", &path, e))?;
+                    }
+                    Err(e) => return Err(CacheError::io("reading a staged block", &path, e)),
+                }
+            }
+            sync_dir(&sub).map_err(|e| CacheError::io("syncing", &sub, e))?;
+        }
+        tracing::info!(dir = %dir.display(), blocks = blocks.len(), bytes = used, discarded, "staging opened");
+        Ok(Arc::new(Self {
+            dir,
+            capacity,
+            inner: Mutex::new(Inner { blocks, used, discarded }),
+            space: Notify::new(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the map half-updated (single inserts
+        // and removes), so a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path_of(&self, id: BlockId) -> (PathBuf, PathBuf) {
+        let sub = self.dir.join(format!("{:02x}", id.0 & 0xff));
+        let p = sub.join(file_name(id));
+        (sub, p)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the block is staged here.
+    pub fn contains(&self, id: BlockId) -> bool {
+        self.lock().blocks.contains_key(&id)
+    }
+
+    pub fn meta(&self, id: BlockId) -> Option<StagedMeta> {
+        self.lock().blocks.get(&id).copied()
+    }
+
+    /// Fraction of the capacity in use (0.0..=1.0+).
+    pub fn fill(&self) -> f64 {
+        if self.capacity == 0 {
+            return 1.0;
+        }
+        self.lock().used as f64 / self.capacity as f64
+    }
+
+    /// Every staged block.
+    pub fn list(&self) -> Vec<(BlockId, StagedMeta)> {
+        self.lock().blocks.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    pub fn stats(&self) -> StagingStats {
+        let g = self.lock();
+        StagingStats {
+            blocks: g.blocks.len() as u64,
+            bytes: g.blocks.values().map(|m| u64::from(m.len)).sum(),
+            capacity: self.capacity,
+            oldest_ms: g.blocks.values().map(|m| m.created_ms).min(),
+            discarded: g.discarded,
+        }
+    }
+
+    /// Reserves `len` bytes, waiting while they do not fit (backpressure). A block larger
+    /// than the whole store is refused.
+    async fn reserve(&self, len: u64) -> Result<(), CacheError> {
+        if len > self.capacity {
+            return Err(CacheError::TooLarge { len, capacity: self.capacity });
+        }
+        let mut warned = false;
+        loop {
+            let wait = self.space.notified();
+            {
+                let mut g = self.lock();
+                if g.used + len <= self.capacity {
+                    g.used += len;
+                    return Ok(());
+                }
+            }
+            if !warned {
+                tracing::warn!(len, capacity = self.capacity, "staging full: writers wait for tiering");
+                warned = true;
+            }
+            // Re-check now and then even without a wake-up (space freed by another path).
+            let _ = tokio::time::timeout(Duration::from_millis(500), wait).await;
+        }
+    }
+
+    fn unreserve(&self, len: u64) {
+        let mut g = self.lock();
+        g.used = g.used.saturating_sub(len);
+        drop(g);
+        self.space.notify_waiters();
+    }
+
+    /// Stores a block durably. `crc` must be the crc32c of `data` (checked). Putting a block
+    /// that is already staged with the same checksum is a no-op.
+    pub async fn put(
+        self: &Arc<Self>,
+        vol: u64,
+        id: BlockId,
+        data: bytes::Bytes,
+        crc: u32,
+    ) -> Result<(), CacheError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| CacheError::TooLarge { len: data.len() as u64, capacity: self.capacity })?;
+        if crc32c::crc32c(&data) != crc {
+            return Err(CacheError::Checksum(format!(
+                "block {id:?}: the bytes received do not match their checksum"
+            )));
+        }
+        if let Some(m) = self.meta(id) {
+            return if m.crc == crc && m.len == len {
+                Ok(())
+            } else {
+                Err(CacheError::Conflict(format!("block {id:?} is already staged with other contents")))
+            };
+        }
+        self.reserve(u64::from(len)).await?;
+        let meta = StagedMeta { vol, len, crc, created_ms: now_ms() };
+        let this = self.clone();
+        let res = tokio::task::spawn_blocking(move || this.write_file(id, &meta, &data))
+            .await
+            .map_err(|e| CacheError::Internal(format!("staging writer: {e}")))?;
+        match res {
+            Ok(()) => {
+                let mut g = self.lock();
+                if g.blocks.insert(id, meta).is_some() {
+                    // A concurrent put of the same block won; give back our reservation.
+                    g.used = g.used.saturating_sub(u64::from(len));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.unreserve(u64::from(len));
+                Err(e)
+            }
+        }
+    }
+
+    fn write_file(&self, id: BlockId, meta: &StagedMeta, data: &[u8]) -> Result<(), CacheError> {
+        let (sub, path) = self.path_of(id);
+        fs::create_dir_all(&sub).map_err(|e| CacheError::io("creating", &sub, e))?;
+        let tmp = sub.join(format!(".{}.tmp.{}", file_name(id), crate::random_u64()));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(&encode_header(id, meta))?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            sync_dir(&sub)
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            CacheError::io("writing a staged block", &path, e)
+        })
+    }
+
+    /// Reads a staged block, verifying it. `Ok(None)` when it is not staged here. A corrupt
+    /// file is discarded and reported as an error (the caller reads another copy).
+    pub async fn get(self: &Arc<Self>, id: BlockId) -> Result<Option<(StagedMeta, Vec<u8>)>, CacheError> {
+        if !self.contains(id) {
+            return Ok(None);
+        }
+        let (_, path) = self.path_of(id);
+        let p = path.clone();
+        let r = tokio::task::spawn_blocking(move || read_verified(&p, Some(id)))
+            .await
+            .map_err(|e| CacheError::Internal(format!("staging reader: {e}")))?;
+        match r {
+            Ok(Some((_, m, data))) => Ok(Some((m, data))),
+            Ok(None) => {
+                tracing::error!(path = %path.display(), "staged block is corrupt: discarding it");
+                self.lock().discarded += 1;
+                self.remove(id).await?;
+                Err(CacheError::Checksum(format!("staged block {id:?} is corrupt")))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CacheError::io("reading a staged block", &path, e)),
+        }
+    }
+
+    /// Removes a staged block (no-op when absent) and frees its space.
+    pub async fn remove(self: &Arc<Self>, id: BlockId) -> Result<(), CacheError> {
+        let (sub, path) = self.path_of(id);
+        let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            match fs::remove_file(&path) {
+                Ok(()) => sync_dir(&sub),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| CacheError::Internal(format!("staging remover: {e}")))?;
+        r.map_err(|e| CacheError::io("removing a staged block", &self.dir, e))?;
+        let removed = self.lock().blocks.remove(&id);
+        if let Some(m) = removed {
+            self.unreserve(u64::from(m.len));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(n: usize, seed: u8) -> bytes::Bytes {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>().into()
+    }
+
+    #[tokio::test]
+    async fn put_get_remove_and_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Staging::open(d.path(), 1 << 20).unwrap();
+        let b = block(1000, 1);
+        let crc = crc32c::crc32c(&b);
+        assert!(matches!(s.put(1, (5, 0), b.clone(), crc ^ 1).await, Err(CacheError::Checksum(_))));
+        s.put(1, (5, 0), b.clone(), crc).await.unwrap();
+        s.put(1, (5, 0), b.clone(), crc).await.unwrap();
+        assert!(matches!(
+            s.put(1, (5, 0), block(1000, 2), crc32c::crc32c(&block(1000, 2))).await,
+            Err(CacheError::Conflict(_))
+        ));
+        s.put(1, (0x1ff, 3), block(10, 3), crc32c::crc32c(&block(10, 3))).await.unwrap();
+        assert_eq!(s.get((5, 0)).await.unwrap().unwrap().1, b.to_vec());
+        assert_eq!(s.stats().bytes, 1010);
+        drop(s);
+        let s = Staging::open(d.path(), 1 << 20).unwrap();
+        assert_eq!(s.stats().blocks, 2);
+        assert_eq!(s.get((0x1ff, 3)).await.unwrap().unwrap().1, block(10, 3).to_vec());
+        s.remove((5, 0)).await.unwrap();
+        s.remove((5, 0)).await.unwrap();
+        assert!(s.get((5, 0)).await.unwrap().is_none());
+        assert_eq!(s.stats().bytes, 10);
+    }
+
+    #[tokio::test]
+    async fn torn_and_corrupt_files_are_discarded() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Staging::open(d.path(), 1 << 20).unwrap();
+        for i in 0..3u32 {
+            let b = block(4096, i as u8);
+            s.put(1, (7, i), b.clone(), crc32c::crc32c(&b)).await.unwrap();
+        }
+        drop(s);
+        let sub = d.path().join("07");
+        // A torn write (truncated), a flipped byte, and a leftover temporary file.
+        let p0 = sub.join(file_name((7, 0)));
+        let len = fs::metadata(&p0).unwrap().len();
+        OpenOptions::new().write(true).open(&p0).unwrap().set_len(len - 100).unwrap();
+        let p1 = sub.join(file_name((7, 1)));
+        let mut bytes = fs::read(&p1).unwrap();
+        bytes[HEADER_LEN + 7] ^= 0x40;
+        fs::write(&p1, &bytes).unwrap();
+        fs::write(sub.join(".x.tmp.1"), b"partial").unwrap();
+        let s = Staging::open(d.path(), 1 << 20).unwrap();
+        assert_eq!(s.stats().blocks, 1);
+        assert_eq!(s.stats().discarded, 2);
+        assert!(!sub.join(".x.tmp.1").exists());
+        // Corruption after open is caught on read.
+        let p2 = sub.join(file_name((7, 2)));
+        let mut bytes = fs::read(&p2).unwrap();
+        bytes[HEADER_LEN] ^= 1;
+        fs::write(&p2, &bytes).unwrap();
+        assert!(matches!(s.get((7, 2)).await, Err(CacheError::Checksum(_))));
+        assert!(!s.contains((7, 2)));
+    }
+
+    #[tokio::test]
+    async fn full_store_applies_backpressure() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Staging::open(d.path(), 3000).unwrap();
+        let b = block(2000, 1);
+        let crc = crc32c::crc32c(&b);
+        assert!(matches!(
+            s.put(1, (1, 0), block(4000, 1), crc32c::crc32c(&block(4000, 1))).await,
+            Err(CacheError::TooLarge { .. })
+        ));
+        s.put(1, (1, 0), b.clone(), crc).await.unwrap();
+        let s2 = s.clone();
+        let b2 = b.clone();
+        let waiting = tokio::spawn(async move { s2.put(1, (2, 0), b2, crc).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "a put that does not fit must wait");
+        s.remove((1, 0)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap();
+        assert!(s.contains((2, 0)));
+    }
+}

@@ -1,0 +1,386 @@
+//! Background workers of a cache node. Each runs rounds on a period, backs off while the
+//! metadata service or an object store fails, and stops with the node.
+//!
+//! - **tiering**: uploads the staged blocks this node is primary for (the first live node
+//!   in the block's replica list) once they are older than the volume's `tier-after`, when
+//!   staging is above its high watermark, or on request; records them tiered in one
+//!   metadata proposal per batch; only then frees every staged copy.
+//! - **repair** (re-replication): for a block with fewer live copies than its volume's
+//!   replica count, the first live holder copies it to the next node in placement order and
+//!   records the new replica.
+//! - **gc**: on the lowest-numbered live node only, deletes the blocks of slices deleted
+//!   longer than the delay ago (staged copies and objects), then forgets the slices.
+//!   Incremental: it pages through the metadata list of deleted slices, never a bucket.
+//! - **reconcile**: drops staged copies metadata no longer lists here (tiered, replaced,
+//!   deleted, or never committed), each after a grace period.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use elea_fsm::{Op, StagedBlock};
+use elea_tiering::{BlockKey, encode_block};
+use futures::StreamExt as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::CacheError;
+use crate::node::{Node, sleep_or_stop};
+use crate::placement::rank;
+use crate::proto::{BlockRef, GetRequest};
+use crate::staging::now_ms;
+
+/// Most blocks one tiering batch uploads before recording them.
+const TIER_BATCH: usize = 64;
+/// Uploads in flight per node.
+const TIER_CONCURRENCY: usize = 8;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+fn ms_of(t: elea_common::Timespec) -> u64 {
+    u64::try_from(t.sec).unwrap_or(0) * 1000 + u64::from(t.nsec) / 1_000_000
+}
+
+/// Starts every worker.
+pub(crate) fn spawn_all(node: &Arc<Node>, stop: &watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    let mut v = Vec::new();
+    let n = node.clone();
+    v.push(tokio::spawn(run("tiering", n.cfg.tier_interval, stop.clone(), n.clone(), |n| {
+        Box::pin(async move { n.tier_round().await })
+    })));
+    v.push(tokio::spawn(run("repair", n.cfg.repair_interval, stop.clone(), n.clone(), |n| {
+        Box::pin(async move { n.repair_round().await })
+    })));
+    v.push(tokio::spawn(run("gc", n.cfg.gc_interval, stop.clone(), n.clone(), |n| {
+        Box::pin(async move { n.gc_round().await })
+    })));
+    v.push(tokio::spawn(run("reconcile", n.cfg.reconcile_interval, stop.clone(), n, |n| {
+        Box::pin(async move { n.reconcile_round().await })
+    })));
+    v
+}
+
+type Round = std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, CacheError>> + Send>>;
+
+/// The shared worker shape: a round every `period`, exponential backoff after a failure,
+/// an early wake-up for tiering requests, a clean stop.
+async fn run(
+    name: &'static str,
+    period: Duration,
+    mut stop: watch::Receiver<bool>,
+    node: Arc<Node>,
+    round: impl Fn(Arc<Node>) -> Round,
+) {
+    let mut wait = period;
+    loop {
+        let wake = node.tier_wake.notified();
+        match round(node.clone()).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(worker = name, items = n, "round done");
+                }
+                wait = period;
+            }
+            Err(e) => {
+                wait = (wait * 2).min(MAX_BACKOFF);
+                tracing::warn!(worker = name, error = %e, retry_in = ?wait, "round failed");
+            }
+        }
+        if name == "tiering" {
+            tokio::select! {
+                stopping = sleep_or_stop(&mut stop, wait) => if stopping { return },
+                _ = wake => {}
+            }
+        } else if sleep_or_stop(&mut stop, wait).await {
+            return;
+        }
+    }
+}
+
+impl Node {
+    fn alive_set(&self) -> HashSet<u64> {
+        self.registry().into_iter().filter(|n| n.alive).map(|n| n.id).collect()
+    }
+
+    fn primary_of(&self, b: &StagedBlock, alive: &HashSet<u64>) -> Option<u64> {
+        b.nodes.iter().copied().find(|n| alive.contains(n))
+    }
+
+    /// A staged block's bytes: from here, or from another holder.
+    async fn staged_bytes(&self, b: &StagedBlock) -> Result<Vec<u8>, CacheError> {
+        if let Ok(Some((_, d))) = self.staging.get((b.slice, b.index)).await {
+            return Ok(d);
+        }
+        let peers: Vec<String> =
+            b.nodes.iter().filter(|n| **n != self.cfg.node_id).filter_map(|n| self.addr_of(*n)).collect();
+        let req = GetRequest {
+            block: Some(BlockRef { vol: b.vol, slice: b.slice, index: b.index }),
+            len: b.len,
+            tiered_store: None,
+            peers,
+            cache: false,
+        };
+        self.read_block(&req).await
+    }
+
+    /// Uploads one block to the volume's first store.
+    async fn upload(&self, b: &StagedBlock) -> Result<(), CacheError> {
+        let vol = self.vols.get(b.vol).await?;
+        let store = vol
+            .stores
+            .first()
+            .ok_or_else(|| CacheError::NotFound(format!("volume {} has no store", b.vol)))?;
+        let data = self.staged_bytes(b).await?;
+        let c = vol.compression();
+        let encoded = tokio::task::spawn_blocking(move || encode_block(&data, c))
+            .await
+            .map_err(|e| CacheError::Internal(format!("encoder: {e}")))?;
+        let key = BlockKey { vol: b.vol, slice: b.slice, index: b.index, len: b.len };
+        store.put(&key, Bytes::from(encoded)).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn tier_round(self: Arc<Self>) -> Result<usize, CacheError> {
+        let me = self.cfg.node_id;
+        let alive = self.alive_set();
+        if !alive.contains(&me) {
+            return Ok(0);
+        }
+        let blocks = self.meta.staged_blocks().await?;
+        let forced = self.tier_now.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let over = self.staging.fill() > self.cfg.high_watermark;
+        let now = now_ms();
+        let mut due = Vec::new();
+        let (mut n, mut bytes) = (0u64, 0u64);
+        let mut forced_left: HashSet<u64> = HashSet::new();
+        for b in blocks {
+            if self.primary_of(&b, &alive) != Some(me) {
+                continue;
+            }
+            let vol = self.vols.get(b.vol).await?;
+            if vol.stores.is_empty() {
+                continue;
+            }
+            n += 1;
+            bytes += u64::from(b.len);
+            let created = ms_of(b.created);
+            let forced_now = forced.get(&b.vol).is_some_and(|t| created <= *t);
+            if forced_now {
+                forced_left.insert(b.vol);
+            }
+            if over || forced_now || now.saturating_sub(created) >= vol.config.tier_after_ms {
+                due.push(b);
+            }
+        }
+        self.backlog.0.store(n, Ordering::Relaxed);
+        self.backlog.1.store(bytes, Ordering::Relaxed);
+        // Requests whose blocks are all gone are done.
+        self.tier_now.lock().unwrap_or_else(|p| p.into_inner()).retain(|v, _| forced_left.contains(v));
+        let mut done = 0;
+        for batch in due.chunks(TIER_BATCH) {
+            let results: Vec<(StagedBlock, Result<(), CacheError>)> =
+                futures::stream::iter(batch.iter().cloned())
+                    .map(|b| {
+                        let node = self.clone();
+                        async move {
+                            let r = node.upload(&b).await;
+                            (b, r)
+                        }
+                    })
+                    .buffer_unordered(TIER_CONCURRENCY)
+                    .collect()
+                    .await;
+            let mut ok = Vec::new();
+            let mut first_err = None;
+            for (b, r) in results {
+                match r {
+                    Ok(()) => ok.push(b),
+                    Err(e) => {
+                        tracing::warn!(slice = b.slice, index = b.index, error = %e, "tiering a block failed");
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            if !ok.is_empty() {
+                let blocks = ok.iter().map(|b| (b.slice, b.index)).collect();
+                self.meta.op(Op::MarkTiered { store: 0, blocks }).await?;
+                done += ok.len();
+                for b in &ok {
+                    self.free_copies(b).await;
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+        }
+        Ok(done)
+    }
+
+    /// After a block is recorded tiered: drop every staged copy (best effort; reconcile
+    /// catches the ones that fail) and keep it in the read cache here.
+    async fn free_copies(&self, b: &StagedBlock) {
+        let id = (b.slice, b.index);
+        if let Ok(Some((_, d))) = self.staging.get(id).await {
+            self.cache.insert(id, &d);
+        }
+        if let Err(e) = self.staging.remove(id).await {
+            tracing::warn!(error = %e, "freeing a tiered block");
+        }
+        for n in b.nodes.iter().filter(|n| **n != self.cfg.node_id) {
+            if let Some(addr) = self.addr_of(*n) {
+                let r = BlockRef { vol: b.vol, slice: b.slice, index: b.index };
+                if let Err(e) = self.peers.delete(&addr, r).await {
+                    tracing::debug!(node = n, error = %e, "freeing a tiered block on a peer");
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn repair_round(self: Arc<Self>) -> Result<usize, CacheError> {
+        let me = self.cfg.node_id;
+        let reg = self.registry();
+        if !reg.iter().any(|n| n.id == me && n.alive) {
+            return Ok(0);
+        }
+        let alive = self.alive_set();
+        let blocks = self.meta.staged_blocks().await?;
+        let mut repaired = 0;
+        for b in blocks {
+            let holders: Vec<u64> = b.nodes.iter().copied().filter(|n| alive.contains(n)).collect();
+            if holders.first() != Some(&me) {
+                continue;
+            }
+            let want = usize::from(self.vols.get(b.vol).await?.config.replicas);
+            if holders.len() >= want {
+                continue;
+            }
+            let candidates: Vec<u64> = reg
+                .iter()
+                .filter(|n| n.alive && n.site == self.cfg.site && !b.nodes.contains(&n.id))
+                .map(|n| n.id)
+                .collect();
+            let Some(target) = rank(b.slice, b.index, &candidates).first().copied() else {
+                tracing::warn!(
+                    slice = b.slice,
+                    index = b.index,
+                    have = holders.len(),
+                    want,
+                    "no node to re-replicate to"
+                );
+                continue;
+            };
+            let Some(addr) = self.addr_of(target) else { continue };
+            let data = match self.staging.get((b.slice, b.index)).await {
+                Ok(Some((_, d))) => d,
+                _ => self.staged_bytes(&b).await?,
+            };
+            let crc = crc32c::crc32c(&data);
+            let r = BlockRef { vol: b.vol, slice: b.slice, index: b.index };
+            self.peers.put(&addr, r, Bytes::from(data), crc, vec![]).await?;
+            let old = b.nodes.iter().copied().find(|n| !alive.contains(n));
+            self.meta.op(Op::ReplaceReplica { slice: b.slice, index: b.index, old, new: target }).await?;
+            tracing::info!(slice = b.slice, index = b.index, to = target, replaced = ?old, "re-replicated a block");
+            repaired += 1;
+        }
+        Ok(repaired)
+    }
+
+    pub(crate) async fn gc_round(self: Arc<Self>) -> Result<usize, CacheError> {
+        let reg = self.registry();
+        if reg.iter().filter(|n| n.alive).map(|n| n.id).min() != Some(self.cfg.node_id) {
+            return Ok(0);
+        }
+        let delay = u64::try_from(self.cfg.gc_delay.as_millis()).unwrap_or(u64::MAX);
+        let now = now_ms();
+        let mut after = 0;
+        let mut forgotten = 0;
+        loop {
+            let (page, more) = self.meta.pending_deletes(after, 256).await?;
+            let mut forget = Vec::new();
+            for (id, t, loc) in page {
+                after = id;
+                if now.saturating_sub(ms_of(t)) < delay {
+                    continue;
+                }
+                let Some(l) = loc else {
+                    forget.push(id);
+                    continue;
+                };
+                let mut ok = true;
+                for (i, b) in l.blocks.iter().enumerate() {
+                    let index = i as u32;
+                    let len = elea_fsm::block_len(l.len, index);
+                    if let Some(s) = b.tiered {
+                        let key = BlockKey { vol: l.vol, slice: id, index, len };
+                        let r = match self.vols.store(l.vol, s).await {
+                            Ok(store) => store.delete(&key).await.map_err(CacheError::from),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = r {
+                            tracing::warn!(slice = id, error = %e, "deleting an object failed; will retry");
+                            ok = false;
+                        }
+                    }
+                    for n in &b.nodes {
+                        if let Some(addr) = self.addr_of(*n) {
+                            let r = BlockRef { vol: l.vol, slice: id, index };
+                            if let Err(e) = self.peers.delete(&addr, r).await {
+                                // A node that is down drops the copy itself (reconcile).
+                                tracing::debug!(node = n, error = %e, "deleting a staged copy");
+                            }
+                        }
+                    }
+                }
+                if ok {
+                    forget.push(id);
+                }
+            }
+            if !forget.is_empty() {
+                forgotten += forget.len();
+                self.meta.op(Op::ForgetSlices { ids: forget }).await?;
+            }
+            if !more {
+                return Ok(forgotten);
+            }
+        }
+    }
+
+    pub(crate) async fn reconcile_round(self: Arc<Self>) -> Result<usize, CacheError> {
+        let me = self.cfg.node_id;
+        let now = now_ms();
+        let grace = self.cfg.stale_grace.as_millis() as u64;
+        let orphan = self.cfg.orphan_grace.as_millis() as u64;
+        let gc_delay = self.cfg.gc_delay.as_millis() as u64;
+        let old: Vec<_> = self
+            .staging
+            .list()
+            .into_iter()
+            .filter(|(_, m)| now.saturating_sub(m.created_ms) >= grace)
+            .collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<u64> = old.iter().map(|(id, _)| id.0).collect::<HashSet<_>>().into_iter().collect();
+        let locs: HashMap<u64, Option<elea_fsm::SliceLoc>> =
+            self.meta.slice_locs(&ids).await?.into_iter().collect();
+        let mut dropped = 0;
+        for ((slice, index), m) in old {
+            let age = now.saturating_sub(m.created_ms);
+            let drop = match locs.get(&slice).and_then(|l| l.as_ref()) {
+                None => age >= orphan,
+                Some(l) => match (l.deleted, l.blocks.get(index as usize)) {
+                    (Some(t), _) => now.saturating_sub(ms_of(t)) >= gc_delay,
+                    (None, None) => true,
+                    (None, Some(b)) => b.tiered.is_some() || !b.nodes.contains(&me),
+                },
+            };
+            if drop {
+                tracing::info!(slice, index, "dropping a staged copy metadata no longer needs here");
+                self.staging.remove((slice, index)).await?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+}

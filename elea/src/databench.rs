@@ -1,0 +1,173 @@
+//! `elea bench data`: the data path benchmark. Writes a file through the data client (every
+//! write durable on the volume's replica count of cache nodes and committed to metadata),
+//! reads it back hot, tiers the volume and waits for it, drops every cache, and reads it
+//! again cold from the object store. Every byte read is checked.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::Args;
+use elea_cache::{DataClient, DataConfig};
+use elea_common::ROOT_INO;
+use futures::StreamExt as _;
+use serde_json::json;
+
+use crate::cli::{MetaAddr, client, tier_volume};
+use crate::units::parse_size;
+
+#[derive(Args, Debug)]
+pub struct DataBenchArgs {
+    #[command(flatten)]
+    pub meta: MetaAddr,
+    /// Volume to write in (must exist, with an object store for the cold phase).
+    #[arg(long)]
+    pub volume: String,
+    /// File size.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Bytes per write and per read call.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub block: u64,
+    /// Calls in flight.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Site of the cache nodes to write to.
+    #[arg(long, default_value = "local")]
+    pub site: String,
+    /// Skip tiering and the cold read.
+    #[arg(long)]
+    pub no_cold: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Deterministic, incompressible content of the block at `off` (an xorshift stream seeded
+/// by the offset), so every block is distinct and checkable.
+fn content(off: u64, len: usize) -> Vec<u8> {
+    let mut x = off.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+struct Phase {
+    name: &'static str,
+    secs: f64,
+}
+
+pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
+    if a.size == 0 || a.block == 0 || a.threads == 0 {
+        bail!("--size, --block and --threads must be positive");
+    }
+    if a.block > 64 << 20 {
+        bail!("--block must be at most 64M");
+    }
+    let meta = client(&a.meta)?;
+    let vol = meta.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
+    let data = DataClient::new(meta.clone(), DataConfig::new(&a.site));
+    let stamp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let name = format!("bench-data-{stamp}");
+    let file =
+        meta.create(vol.id, ROOT_INO, name.as_bytes(), 0o644).await.context("creating the benchmark file")?;
+    let offsets: Vec<u64> = (0..a.size.div_ceil(a.block)).map(|i| i * a.block).collect();
+    let len_at = |off: u64| (a.size - off).min(a.block) as usize;
+    let mut phases = Vec::new();
+
+    let t = Instant::now();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(offsets.iter().copied())
+        .map(|off| {
+            let data = data.clone();
+            async move {
+                let bytes = Bytes::from(content(off, len_at(off)));
+                data.write(vol.id, file.ino, off, bytes).await.with_context(|| format!("write at {off}"))?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(a.threads)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<()>>()?;
+    phases.push(Phase { name: "write", secs: t.elapsed().as_secs_f64() });
+
+    let read_all = |label: &'static str| {
+        let data = data.clone();
+        let offsets = offsets.clone();
+        async move {
+            let t = Instant::now();
+            let results: Vec<anyhow::Result<()>> = futures::stream::iter(offsets)
+                .map(|off| {
+                    let data = data.clone();
+                    async move {
+                        let got = data
+                            .read(vol.id, file.ino, off, len_at(off))
+                            .await
+                            .with_context(|| format!("{label} read at {off}"))?;
+                        if got != content(off, len_at(off)) {
+                            bail!("{label} read at {off}: the bytes differ from what was written");
+                        }
+                        Ok(())
+                    }
+                })
+                .buffer_unordered(a.threads)
+                .collect()
+                .await;
+            results.into_iter().collect::<anyhow::Result<()>>()?;
+            Ok::<_, anyhow::Error>(Phase { name: label, secs: t.elapsed().as_secs_f64() })
+        }
+    };
+    data.clear_cache();
+    phases.push(read_all("hot-read").await?);
+
+    if !a.no_cold {
+        let t = Instant::now();
+        tier_volume(&meta, &vol, true).await?;
+        let tier_secs = t.elapsed().as_secs_f64();
+        let peers = elea_cache::client::BlockClients::default();
+        for n in meta.cache_nodes().await?.iter().filter(|n| n.alive) {
+            peers
+                .drop_cache(&n.addr)
+                .await
+                .with_context(|| format!("dropping the read cache of node {}", n.id))?;
+        }
+        data.clear_cache();
+        phases.push(Phase { name: "tier", secs: tier_secs });
+        phases.push(read_all("cold-read").await?);
+        // The cold read filled the cache nodes' read caches: read once more from them.
+        data.clear_cache();
+        phases.push(read_all("cached-read").await?);
+    }
+    let _ = meta.unlink(vol.id, ROOT_INO, name.as_bytes()).await;
+    let mib = a.size as f64 / (1 << 20) as f64;
+    if a.json {
+        let list: Vec<_> = phases
+            .iter()
+            .map(|p| json!({"phase": p.name, "secs": p.secs, "mib_per_s": mib / p.secs.max(1e-9)}))
+            .collect();
+        println!(
+            "{}",
+            json!({"volume": a.volume, "size": a.size, "block": a.block, "threads": a.threads,
+                   "replicas": vol.config.replicas, "phases": list})
+        );
+    } else {
+        println!(
+            "elea bench data: {} MiB in {} KiB calls, {} in flight, R={}",
+            mib,
+            a.block >> 10,
+            a.threads,
+            vol.config.replicas
+        );
+        for p in &phases {
+            println!("{:<12} {:>9.1} MiB/s  ({:.2} s)", p.name, mib / p.secs.max(1e-9), p.secs);
+        }
+    }
+    Ok(())
+}
