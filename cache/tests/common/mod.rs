@@ -1,0 +1,227 @@
+//! In-process test cluster: one metadata voter, cache nodes, an S3 protocol server.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use elea_cache::{CacheNodeConfig, DataClient, DataConfig};
+use elea_fsm::VolumeConfig;
+use elea_metadata::client::{ClientConfig, MetaClient};
+use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
+use elea_tiering::StoreConfig;
+use elea_tiering::testing::S3TestServer;
+use tokio::sync::oneshot;
+
+pub struct CacheProc {
+    pub id: u64,
+    pub addr: String,
+    pub dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct TestCluster {
+    pub tmp: tempfile::TempDir,
+    pub meta_addr: String,
+    pub meta: MetaClient,
+    pub s3: Option<S3TestServer>,
+    pub s3_port: u16,
+    pub nodes: Vec<CacheProc>,
+    meta_stop: Option<oneshot::Sender<()>>,
+}
+
+async fn free_listener() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+impl TestCluster {
+    /// A metadata voter, an S3 server and `n` cache nodes (ids 1..=n, site "a").
+    pub async fn start(n: u64) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let l = free_listener().await;
+        let meta_addr = l.local_addr().unwrap().to_string();
+        let mut cfg = MetaNodeConfig::new(1, meta_addr.clone(), tmp.path().join("meta"));
+        cfg.initial_cluster = parse_initial_cluster(&format!("1={meta_addr}")).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = serve(cfg, l, async move {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        let meta = MetaClient::connect(std::slice::from_ref(&meta_addr), ClientConfig::default()).unwrap();
+        let s3 = S3TestServer::start(&tmp.path().join("s3"), "bkt").await.expect("s3");
+        let s3_port = s3.port();
+        let mut c = TestCluster {
+            tmp,
+            meta_addr,
+            meta,
+            s3: Some(s3),
+            s3_port,
+            nodes: Vec::new(),
+            meta_stop: Some(tx),
+        };
+        for id in 1..=n {
+            c.start_node(id).await;
+        }
+        c.wait_alive(n as usize).await;
+        c
+    }
+
+    pub fn store_cfg(&self) -> StoreConfig {
+        StoreConfig {
+            credentials: Some((S3TestServer::ACCESS_KEY.into(), S3TestServer::SECRET_KEY.into())),
+            timeout: Duration::from_secs(2),
+            io_timeout: Duration::from_secs(2),
+            retries: 1,
+            ..StoreConfig::default()
+        }
+    }
+
+    pub fn store_url(&self) -> String {
+        format!("s3://bkt/data?endpoint=http://127.0.0.1:{}&region=us-east-1", self.s3_port)
+    }
+
+    pub fn node_cfg(&self, id: u64, addr: &str) -> CacheNodeConfig {
+        let mut cfg = CacheNodeConfig::new(
+            id,
+            "a",
+            addr,
+            self.tmp.path().join(format!("cache{id}")),
+            vec![self.meta_addr.clone()],
+        );
+        cfg.staging_size = 256 << 20;
+        cfg.cache_mem = 64 << 20;
+        cfg.heartbeat = Duration::from_millis(200);
+        cfg.tier_interval = Duration::from_millis(200);
+        cfg.repair_interval = Duration::from_millis(500);
+        cfg.gc_interval = Duration::from_millis(300);
+        cfg.gc_delay = Duration::from_secs(1);
+        cfg.reconcile_interval = Duration::from_millis(500);
+        cfg.stale_grace = Duration::from_secs(1);
+        cfg.store = self.store_cfg();
+        cfg
+    }
+
+    /// Starts node `id` (again, on its data directory, on a new port).
+    pub async fn start_node(&mut self, id: u64) {
+        self.start_node_with(id, |_| {}).await;
+    }
+
+    pub async fn start_node_with(&mut self, id: u64, tweak: impl FnOnce(&mut CacheNodeConfig)) {
+        let l = free_listener().await;
+        let addr = l.local_addr().unwrap().to_string();
+        let mut cfg = self.node_cfg(id, &addr);
+        tweak(&mut cfg);
+        let dir = cfg.data_dir.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = elea_cache::serve(cfg, l, async move {
+                let _ = rx.await;
+            })
+            .await
+            {
+                panic!("cache node {id} failed: {e}");
+            }
+        });
+        self.nodes.retain(|n| n.id != id);
+        self.nodes.push(CacheProc { id, addr, dir, stop: Some(tx), task });
+    }
+
+    /// Stops node `id` abruptly (its tasks are dropped; it stops heartbeating).
+    pub fn kill_node(&mut self, id: u64) {
+        if let Some(i) = self.nodes.iter().position(|n| n.id == id) {
+            let n = self.nodes.remove(i);
+            n.task.abort();
+        }
+    }
+
+    pub async fn stop_node(&mut self, id: u64) {
+        if let Some(i) = self.nodes.iter().position(|n| n.id == id) {
+            let mut n = self.nodes.remove(i);
+            if let Some(s) = n.stop.take() {
+                let _ = s.send(());
+            }
+            let _ = n.task.await;
+        }
+    }
+
+    pub async fn wait_alive(&self, n: usize) {
+        wait_until(Duration::from_secs(20), "cache nodes alive", || async {
+            self.meta.cache_nodes().await.map(|v| v.iter().filter(|x| x.alive).count() >= n).unwrap_or(false)
+        })
+        .await;
+    }
+
+    pub async fn volume(&self, name: &str, replicas: u8, tier_after_ms: u64) -> u64 {
+        let config = VolumeConfig {
+            stores: vec![self.store_url()],
+            replicas,
+            tier_after_ms,
+            ..VolumeConfig::default()
+        };
+        self.meta.create_volume(name, config).await.expect("volume").id
+    }
+
+    pub fn data(&self) -> DataClient {
+        let mut cfg = DataConfig::new("a");
+        cfg.store = self.store_cfg();
+        cfg.node_refresh = Duration::from_millis(200);
+        DataClient::new(self.meta.clone(), cfg)
+    }
+
+    pub fn store(&self) -> elea_tiering::Store {
+        elea_tiering::Store::open(&self.store_url(), &self.store_cfg()).expect("store")
+    }
+
+    pub async fn stop_s3(&mut self) {
+        if let Some(s) = self.s3.take() {
+            s.stop().await;
+        }
+    }
+
+    pub async fn start_s3(&mut self) {
+        let s3 = S3TestServer::start_on(&self.tmp.path().join("s3"), "bkt", self.s3_port)
+            .await
+            .expect("s3 restart");
+        self.s3 = Some(s3);
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            n.task.abort();
+        }
+        if let Some(s) = self.meta_stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Polls `f` until it is true or `limit` passes (then panics naming `what`).
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    while !f().await {
+        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Deterministic content for byte `off` onwards.
+pub fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

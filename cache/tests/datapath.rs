@@ -1,0 +1,278 @@
+//! The data path end to end, in one process: a metadata voter, cache nodes and an S3 protocol
+//! server. Writes through the data client, tiering, reads from every tier, store outages,
+//! garbage collection, corruption and re-replication.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestCluster, content, wait_until};
+use elea_cache::client::BlockClients;
+use elea_cache::proto::BlockRef;
+use elea_common::ROOT_INO;
+use elea_tiering::BlockKey;
+
+const MIB: usize = 1 << 20;
+
+async fn staged_count(c: &TestCluster, vol: u64) -> usize {
+    c.meta.staged_blocks().await.unwrap().iter().filter(|b| b.vol == vol).count()
+}
+
+async fn tier_now(c: &TestCluster, vol: u64) {
+    let p = BlockClients::default();
+    for n in &c.nodes {
+        p.tier(&n.addr, vol).await.unwrap();
+    }
+}
+
+async fn drop_caches(c: &TestCluster) {
+    let p = BlockClients::default();
+    for n in &c.nodes {
+        p.drop_cache(&n.addr).await.unwrap();
+    }
+}
+
+async fn staged_anywhere(c: &TestCluster, r: BlockRef) -> usize {
+    let p = BlockClients::default();
+    let mut n = 0;
+    for node in &c.nodes {
+        if p.has(&node.addr, r).await.unwrap().staged {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_tier_and_read_from_every_tier() {
+    let c = TestCluster::start(2).await;
+    let vol = c.volume("t", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let d = c.data();
+    let a = content(1, 10 * MIB);
+    d.write(vol, f.ino, 0, Bytes::from(a.clone())).await.unwrap();
+    // A write across the first chunk boundary (two slices).
+    let b_off = (64 * MIB - MIB) as u64;
+    let b = content(2, 3 * MIB);
+    let attr = d.write(vol, f.ino, b_off, Bytes::from(b.clone())).await.unwrap();
+    assert_eq!(attr.size, b_off + b.len() as u64);
+    // Every block is staged on both nodes.
+    let blocks = c.meta.staged_blocks().await.unwrap();
+    assert_eq!(blocks.len(), 5, "{blocks:?}");
+    for bl in &blocks {
+        assert_eq!(bl.nodes.len(), 2);
+        assert_eq!(staged_anywhere(&c, BlockRef { vol, slice: bl.slice, index: bl.index }).await, 2);
+    }
+    // Hot reads, unaligned, and the hole between the writes reads as zeros.
+    assert_eq!(d.read(vol, f.ino, 0, 10 * MIB).await.unwrap(), a);
+    assert_eq!(d.read(vol, f.ino, 12345, 5 * MIB).await.unwrap(), a[12345..12345 + 5 * MIB]);
+    assert_eq!(d.read(vol, f.ino, 20 * MIB as u64, 100).await.unwrap(), vec![0; 100]);
+    assert_eq!(d.read(vol, f.ino, b_off, 4 * MIB).await.unwrap(), b);
+    // Tier on demand: objects land in the store, metadata records them, staging empties.
+    tier_now(&c, vol).await;
+    wait_until(Duration::from_secs(20), "everything tiered", || async { staged_count(&c, vol).await == 0 })
+        .await;
+    let keys = c.store().list_volume(vol).await.unwrap();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    for bl in &blocks {
+        let r = BlockRef { vol, slice: bl.slice, index: bl.index };
+        wait_until(Duration::from_secs(10), "staged copies freed", || async {
+            staged_anywhere(&c, r).await == 0
+        })
+        .await;
+    }
+    // Cold: no staging, no read cache, a new client.
+    drop_caches(&c).await;
+    let cold = c.data();
+    assert_eq!(cold.read(vol, f.ino, 0, 10 * MIB).await.unwrap(), a);
+    assert_eq!(cold.read(vol, f.ino, b_off, 3 * MIB).await.unwrap(), b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_outage_keeps_writes_acknowledged_and_the_backlog_drains() {
+    let mut c = TestCluster::start(2).await;
+    let vol = c.volume("o", 2, 0).await;
+    c.stop_s3().await;
+    let d = c.data();
+    let mut files = Vec::new();
+    for i in 0..3u64 {
+        let f = c.meta.create(vol, ROOT_INO, format!("f{i}").as_bytes(), 0o644).await.unwrap();
+        let data = content(10 + i, 5 * MIB + 7);
+        d.write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+        files.push((f.ino, data));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(staged_count(&c, vol).await, 6, "nothing can be tiered while the store is down");
+    for (ino, data) in &files {
+        assert_eq!(&d.read(vol, *ino, 0, data.len()).await.unwrap(), data);
+    }
+    c.start_s3().await;
+    wait_until(Duration::from_secs(60), "backlog drained", || async { staged_count(&c, vol).await == 0 })
+        .await;
+    drop_caches(&c).await;
+    let cold = c.data();
+    for (ino, data) in &files {
+        assert_eq!(&cold.read(vol, *ino, 0, data.len()).await.unwrap(), data);
+    }
+    assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_collection_removes_deleted_data_only() {
+    let c = TestCluster::start(2).await;
+    let vol = c.volume("g", 2, 0).await;
+    let d = c.data();
+    let fa = c.meta.create(vol, ROOT_INO, b"a", 0o644).await.unwrap();
+    let fb = c.meta.create(vol, ROOT_INO, b"b", 0o644).await.unwrap();
+    let a = content(3, 6 * MIB);
+    let b = content(4, MIB);
+    d.write(vol, fa.ino, 0, Bytes::from(a)).await.unwrap();
+    d.write(vol, fb.ino, 0, Bytes::from(b.clone())).await.unwrap();
+    wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol).await == 0 }).await;
+    assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 3);
+    // Unlink a; overwrite b (its first slice becomes garbage too).
+    c.meta.unlink(vol, ROOT_INO, b"a").await.unwrap();
+    let b2 = content(5, MIB);
+    d.write(vol, fb.ino, 0, Bytes::from(b2.clone())).await.unwrap();
+    wait_until(Duration::from_secs(20), "garbage collected", || async {
+        let (pending, _) = c.meta.pending_deletes(0, 100).await.unwrap();
+        pending.is_empty() && staged_count(&c, vol).await == 0
+    })
+    .await;
+    wait_until(Duration::from_secs(20), "only live objects remain", || async {
+        c.store().list_volume(vol).await.unwrap().len() == 1
+    })
+    .await;
+    drop_caches(&c).await;
+    assert_eq!(c.data().read(vol, fb.ino, 0, MIB).await.unwrap(), b2);
+    // Staged-only data (never tiered) is collected too.
+    let vol2 = c.volume("g2", 2, 3_600_000).await;
+    let fc = c.meta.create(vol2, ROOT_INO, b"c", 0o644).await.unwrap();
+    d.write(vol2, fc.ino, 0, Bytes::from(content(6, MIB))).await.unwrap();
+    let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol2).unwrap();
+    let r = BlockRef { vol: vol2, slice: bl.slice, index: bl.index };
+    assert_eq!(staged_anywhere(&c, r).await, 2);
+    c.meta.unlink(vol2, ROOT_INO, b"c").await.unwrap();
+    wait_until(Duration::from_secs(20), "staged copies collected", || async {
+        staged_anywhere(&c, r).await == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corruption_is_detected_never_returned() {
+    let c = TestCluster::start(2).await;
+    // A corrupt staged copy: the read is served from the other replica.
+    let vol = c.volume("c", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let data = content(7, 2 * MIB);
+    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap();
+    let first = c.nodes.iter().find(|n| n.id == bl.nodes[0]).unwrap();
+    let path = first
+        .dir
+        .join("staging")
+        .join(format!("{:02x}", bl.slice & 0xff))
+        .join(format!("{:016x}_{}", bl.slice, bl.index));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+    let r = BlockRef { vol, slice: bl.slice, index: bl.index };
+    assert!(
+        !BlockClients::default().has(&first.addr, r).await.unwrap().staged,
+        "the corrupt copy is discarded"
+    );
+    // A corrupt object: reading it fails, it never returns wrong bytes.
+    let vol2 = c.volume("c2", 2, 0).await;
+    let g = c.meta.create(vol2, ROOT_INO, b"g", 0o644).await.unwrap();
+    c.data().write(vol2, g.ino, 0, Bytes::from(content(8, MIB))).await.unwrap();
+    wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol2).await == 0 }).await;
+    let key: BlockKey = c.store().list_volume(vol2).await.unwrap()[0];
+    let mut obj = c.store().get_raw(&key.path()).await.unwrap().to_vec();
+    let n = obj.len();
+    obj[n - 1] ^= 1;
+    c.store().put_raw(&key.path(), Bytes::from(obj)).await.unwrap();
+    drop_caches(&c).await;
+    let r = c.data().read(vol2, g.ino, 0, MIB).await;
+    assert!(r.is_err(), "a corrupt object must not be returned as data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_node_blocks_are_re_replicated() {
+    let mut c = TestCluster::start(3).await;
+    let vol = c.volume("r", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let data = content(9, 24 * MIB);
+    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    let blocks = c.meta.staged_blocks().await.unwrap();
+    // Kill the node holding the most copies.
+    let victim = (1..=3u64).max_by_key(|id| blocks.iter().filter(|b| b.nodes.contains(id)).count()).unwrap();
+    c.kill_node(victim);
+    wait_until(Duration::from_secs(30), "the killed node declared dead", || async {
+        c.meta.cache_nodes().await.unwrap().iter().any(|n| n.id == victim && !n.alive)
+    })
+    .await;
+    wait_until(Duration::from_secs(40), "two live copies of every block", || async {
+        let nodes = c.meta.cache_nodes().await.unwrap();
+        let alive = |id: &u64| nodes.iter().any(|n| n.id == *id && n.alive);
+        let b = c.meta.staged_blocks().await.unwrap();
+        b.iter().filter(|b| b.vol == vol).all(|b| b.nodes.iter().filter(|n| alive(n)).count() >= 2)
+    })
+    .await;
+    for b in c.meta.staged_blocks().await.unwrap().iter().filter(|b| b.vol == vol) {
+        assert!(!b.nodes.contains(&victim));
+        assert_eq!(staged_anywhere(&c, BlockRef { vol, slice: b.slice, index: b.index }).await, 2);
+    }
+    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+    // The node comes back with an empty disk: it registers as a new incarnation and takes
+    // new blocks.
+    std::fs::remove_dir_all(c.tmp.path().join(format!("cache{victim}"))).unwrap();
+    c.start_node(victim).await;
+    c.wait_alive(3).await;
+    let g = c.meta.create(vol, ROOT_INO, b"g", 0o644).await.unwrap();
+    c.data().write(vol, g.ino, 0, Bytes::from(content(10, 8 * MIB))).await.unwrap();
+    assert_eq!(c.data().read(vol, g.ino, 0, 8 * MIB).await.unwrap(), content(10, 8 * MIB));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
+    use elea_cache::CacheError;
+    use elea_cache::proto::block_client::BlockClient;
+    use elea_cache::proto::{GetRequest, PutChunk, PutHeader};
+
+    let c = TestCluster::start(1).await;
+    let addr = c.nodes[0].addr.clone();
+    let p = BlockClients::default();
+    let r = BlockRef { vol: 1, slice: 77, index: 0 };
+    let data = Bytes::from(content(11, 1000));
+    let crc = crc32c::crc32c(&data);
+    // Bytes that do not match their checksum.
+    assert!(matches!(p.put(&addr, r, data.clone(), crc ^ 1, vec![]).await, Err(CacheError::Peer { .. })));
+    // Bad references and lengths.
+    let bad = BlockRef { vol: 1, slice: 77, index: 99 };
+    assert!(matches!(p.put(&addr, bad, data.clone(), crc, vec![]).await, Err(CacheError::BadRequest(_))));
+    let get =
+        |block, len| GetRequest { block: Some(block), len, tiered_store: None, peers: vec![], cache: false };
+    assert!(matches!(p.get(&addr, get(bad, 1000)).await, Err(CacheError::BadRequest(_))));
+    assert!(matches!(p.get(&addr, get(r, 0)).await, Err(CacheError::BadRequest(_))));
+    assert!(matches!(p.get(&addr, get(r, 1000)).await, Err(CacheError::NotFound(_))));
+    // Raw streams: no header, more bytes than announced, an oversized block.
+    let mut raw = BlockClient::connect(format!("http://{addr}")).await.unwrap();
+    let no_header = vec![PutChunk { header: None, data: data.clone() }];
+    let e = raw.put(tokio_stream::iter(no_header)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let h = |len| Some(PutHeader { block: Some(r), len, crc32c: crc, forward: vec![] });
+    let too_many = vec![PutChunk { header: h(10), data: data.clone() }];
+    assert_eq!(raw.put(tokio_stream::iter(too_many)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let huge = vec![PutChunk { header: h(5 << 20), data: data.clone() }];
+    assert_eq!(raw.put(tokio_stream::iter(huge)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // Still serving: a good put and get, and a put forwarded to a node that does not exist
+    // fails instead of being acknowledged with one copy.
+    p.put(&addr, r, data.clone(), crc, vec![]).await.unwrap();
+    assert_eq!(p.get(&addr, get(r, 1000)).await.unwrap(), data.to_vec());
+    let r2 = BlockRef { vol: 1, slice: 78, index: 0 };
+    assert!(p.put(&addr, r2, data.clone(), crc, vec!["127.0.0.1:1".into()]).await.is_err());
+}
