@@ -35,6 +35,9 @@ pub struct DataConfig {
     pub cache_blocks: usize,
     /// How long the cache node list is trusted before it is read again.
     pub node_refresh: Duration,
+    /// How long a read keeps retrying while no copy of a block is reachable (nodes
+    /// restarting, a store outage) before it fails.
+    pub read_timeout: Duration,
     pub store: StoreConfig,
 }
 
@@ -46,6 +49,7 @@ impl DataConfig {
             readahead: 8,
             cache_blocks: 32,
             node_refresh: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(30),
             store: StoreConfig::default(),
         }
     }
@@ -413,8 +417,10 @@ impl DataClient {
         loc: Option<SliceLoc>,
     ) -> Result<Arc<Vec<u8>>, CacheError> {
         let mut loc = loc;
-        let mut last = None;
-        for attempt in 0..2 {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
             if attempt > 0 || loc.is_none() {
                 // The block may have been tiered or re-replicated since the location was read.
                 loc = self.inner.meta.slice_locs(&[slice]).await?.pop().and_then(|(_, l)| l);
@@ -428,10 +434,22 @@ impl DataClient {
             let len = block_len(slice_len, index);
             match self.fetch_from(vol, slice, index, len, b, attempt > 0).await {
                 Ok(d) => return Ok(Arc::new(d)),
-                Err(e) => last = Some(e),
+                // One immediate retry with a fresh location (the block may have moved); then
+                // keep retrying while the failure is transient.
+                Err(e)
+                    if attempt == 0
+                        || (e.is_retryable() && started.elapsed() < self.inner.cfg.read_timeout) =>
+                {
+                    if attempt > 0 {
+                        tracing::debug!(slice, index, error = %e, "no copy reachable yet; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+                Err(e) => return Err(e),
             }
+            attempt += 1;
         }
-        Err(last.unwrap_or_else(|| CacheError::NotFound(format!("block {slice}/{index}"))))
     }
 
     async fn fetch_from(

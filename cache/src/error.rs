@@ -67,7 +67,9 @@ impl From<CacheError> for tonic::Status {
             CacheError::NotFound(_) => tonic::Status::not_found(msg),
             CacheError::BadRequest(_) | CacheError::TooLarge { .. } => tonic::Status::invalid_argument(msg),
             CacheError::Conflict(_) => tonic::Status::already_exists(msg),
-            CacheError::Checksum(_) => tonic::Status::data_loss(msg),
+            CacheError::Checksum(_) | CacheError::Store(StoreError::Corrupt { .. }) => {
+                tonic::Status::data_loss(msg)
+            }
             e if e.is_retryable() => tonic::Status::unavailable(msg),
             _ => tonic::Status::internal(msg),
         }
@@ -84,7 +86,11 @@ pub(crate) fn from_status(addr: &str, s: &tonic::Status) -> CacheError {
         code => CacheError::Peer {
             addr: addr.to_string(),
             msg: format!("{code:?}: {}", s.message()),
-            retryable: !matches!(code, Code::Unimplemented | Code::PermissionDenied | Code::Unauthenticated),
+            // DataLoss: the node found every copy it could reach corrupt (a retry finds the same).
+            retryable: !matches!(
+                code,
+                Code::Unimplemented | Code::PermissionDenied | Code::Unauthenticated | Code::DataLoss
+            ),
         },
     }
 }

@@ -28,8 +28,10 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-/// One `elea meta` process.
+/// One `elea meta` (or `elea cache`) process.
 pub struct MetaProc {
+    /// The subcommand: "meta" or "cache".
+    pub role: &'static str,
     pub id: u64,
     pub addr: String,
     pub dir: PathBuf,
@@ -41,7 +43,19 @@ pub struct MetaProc {
 impl MetaProc {
     /// Starts `elea meta --node-id ID --listen ADDR --data-dir DIR <extra>`.
     pub fn start(id: u64, addr: &str, dir: &Path, extra: &[String]) -> Self {
+        Self::start_role("meta", id, addr, dir, extra)
+    }
+
+    /// Starts `elea cache --node-id ID --listen ADDR --data-dir DIR --site SITE --meta META <extra>`.
+    pub fn start_cache(id: u64, addr: &str, dir: &Path, site: &str, meta: &str, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec!["--site".into(), site.into(), "--meta".into(), meta.into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_role("cache", id, addr, dir, &args)
+    }
+
+    fn start_role(role: &'static str, id: u64, addr: &str, dir: &Path, extra: &[String]) -> Self {
         let mut p = Self {
+            role,
             id,
             addr: addr.to_string(),
             dir: dir.to_path_buf(),
@@ -56,7 +70,7 @@ impl MetaProc {
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let child = Command::new(elea_bin())
-            .arg("meta")
+            .arg(self.role)
             .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
             .arg("--data-dir")
             .arg(&self.dir)
@@ -66,7 +80,7 @@ impl MetaProc {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("spawn elea meta");
+            .expect("spawn elea");
         self.child = Some(child);
     }
 
