@@ -127,13 +127,19 @@ fn read_verified(
     want: Option<BlockId>,
 ) -> std::io::Result<Option<(BlockId, StagedMeta, Vec<u8>)>> {
     let mut f = File::open(path)?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    let Some((id, m)) = decode_header(&buf) else { return Ok(None) };
-    if want.is_some_and(|w| w != id) || buf.len() != HEADER_LEN + m.len as usize {
+    let size = f.metadata()?.len();
+    let mut head = [0u8; HEADER_LEN];
+    if size < HEADER_LEN as u64 {
         return Ok(None);
     }
-    let data = buf.split_off(HEADER_LEN);
+    f.read_exact(&mut head)?;
+    let Some((id, m)) = decode_header(&head) else { return Ok(None) };
+    if want.is_some_and(|w| w != id) || size != (HEADER_LEN + m.len as usize) as u64 {
+        return Ok(None);
+    }
+    // Read straight into a buffer of the right size: one copy from the page cache.
+    let mut data = vec![0u8; m.len as usize];
+    f.read_exact(&mut data)?;
     if crc32c::crc32c(&data) != m.crc {
         return Ok(None);
     }

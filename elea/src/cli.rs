@@ -230,6 +230,8 @@ pub enum BenchCmd {
     Meta(crate::bench::MetaBenchArgs),
     /// Data benchmark through the data client: write, hot read, tier, cold read.
     Data(crate::databench::DataBenchArgs),
+    /// Object store baseline: plain opendal puts and gets of whole objects.
+    Store(crate::databench::StoreBenchArgs),
 }
 
 pub fn client(meta: &MetaAddr) -> anyhow::Result<MetaClient> {
@@ -264,6 +266,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(v) => volume(v).await,
         Command::Bench(BenchCmd::Meta(a)) => crate::bench::run_meta_bench(a).await,
         Command::Bench(BenchCmd::Data(a)) => crate::databench::run_data_bench(a).await,
+        Command::Bench(BenchCmd::Store(a)) => crate::databench::run_store_bench(a).await,
     }
 }
 

@@ -81,13 +81,17 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
     let offsets: Vec<u64> = (0..a.size.div_ceil(a.block)).map(|i| i * a.block).collect();
     let len_at = |off: u64| (a.size - off).min(a.block) as usize;
     let mut phases = Vec::new();
+    // Generated before the clock starts, so the figures are the data path's alone.
+    let blocks: std::collections::HashMap<u64, Bytes> =
+        offsets.iter().map(|off| (*off, Bytes::from(content(*off, len_at(*off))))).collect();
+    let blocks = std::sync::Arc::new(blocks);
 
     let t = Instant::now();
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(offsets.iter().copied())
         .map(|off| {
             let data = data.clone();
+            let bytes = blocks[&off].clone();
             async move {
-                let bytes = Bytes::from(content(off, len_at(off)));
                 data.write(vol.id, file.ino, off, bytes).await.with_context(|| format!("write at {off}"))?;
                 Ok(())
             }
@@ -101,17 +105,19 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
     let read_all = |label: &'static str| {
         let data = data.clone();
         let offsets = offsets.clone();
+        let blocks = blocks.clone();
         async move {
             let t = Instant::now();
             let results: Vec<anyhow::Result<()>> = futures::stream::iter(offsets)
                 .map(|off| {
                     let data = data.clone();
+                    let want = blocks[&off].clone();
                     async move {
                         let got = data
                             .read(vol.id, file.ino, off, len_at(off))
                             .await
                             .with_context(|| format!("{label} read at {off}"))?;
-                        if got != content(off, len_at(off)) {
+                        if got != want {
                             bail!("{label} read at {off}: the bytes differ from what was written");
                         }
                         Ok(())
@@ -168,6 +174,87 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
         for p in &phases {
             println!("{:<12} {:>9.1} MiB/s  ({:.2} s)", p.name, mib / p.secs.max(1e-9), p.secs);
         }
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct StoreBenchArgs {
+    /// Object store URL (credentials from the environment).
+    #[arg(long)]
+    pub store: String,
+    /// Total bytes.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Object size.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub block: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `elea bench store`: the baseline for cold reads. Puts objects of `--block` bytes, then
+/// reads them back with plain opendal GETs (no codec, no cache node), then deletes them.
+pub async fn run_store_bench(a: StoreBenchArgs) -> anyhow::Result<()> {
+    if a.size == 0 || a.block == 0 || a.threads == 0 {
+        bail!("--size, --block and --threads must be positive");
+    }
+    let store = elea_tiering::Store::open(&a.store, &elea_tiering::StoreConfig::default())?;
+    let op = store.operator().clone();
+    let stamp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let n = a.size.div_ceil(a.block);
+    let path = |i: u64| format!("bench-store-{stamp}/{i:08}");
+    let t = Instant::now();
+    let puts: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let op = op.clone();
+            let p = path(i);
+            async move {
+                op.write(&p, content(i, a.block as usize)).await.with_context(|| format!("put {p}"))?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(a.threads)
+        .collect()
+        .await;
+    puts.into_iter().collect::<anyhow::Result<()>>()?;
+    let put_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let gets: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let op = op.clone();
+            let p = path(i);
+            async move {
+                let b = op.read(&p).await.with_context(|| format!("get {p}"))?;
+                if b.len() as u64 != a.block {
+                    bail!("get {p}: {} bytes", b.len());
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(a.threads)
+        .collect()
+        .await;
+    gets.into_iter().collect::<anyhow::Result<()>>()?;
+    let get_secs = t.elapsed().as_secs_f64();
+    for i in 0..n {
+        let _ = op.delete(&path(i)).await;
+    }
+    let mib = (n * a.block) as f64 / (1 << 20) as f64;
+    if a.json {
+        println!(
+            "{}",
+            json!({"store": a.store, "size": n * a.block, "block": a.block, "threads": a.threads,
+                   "put_mib_per_s": mib / put_secs, "get_mib_per_s": mib / get_secs})
+        );
+    } else {
+        println!("elea bench store: {} objects of {} KiB, {} in flight", n, a.block >> 10, a.threads);
+        println!("{:<12} {:>9.1} MiB/s  ({:.2} s)", "put", mib / put_secs, put_secs);
+        println!("{:<12} {:>9.1} MiB/s  ({:.2} s)", "get", mib / get_secs, get_secs);
     }
     Ok(())
 }
