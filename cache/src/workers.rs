@@ -246,6 +246,7 @@ impl Node {
         let alive = self.alive_set();
         let blocks = self.meta.staged_blocks().await?;
         let mut repaired = 0;
+        let mut failed = None;
         for b in blocks {
             let holders: Vec<u64> = b.nodes.iter().copied().filter(|n| alive.contains(n)).collect();
             if holders.first() != Some(&me) {
@@ -271,19 +272,43 @@ impl Node {
                 continue;
             };
             let Some(addr) = self.addr_of(target) else { continue };
-            let data = match self.staging.get((b.slice, b.index)).await {
-                Ok(Some((_, d))) => d,
-                _ => self.staged_bytes(&b).await?,
-            };
-            let crc = crc32c::crc32c(&data);
-            let r = BlockRef { vol: b.vol, slice: b.slice, index: b.index };
-            self.peers.put(&addr, r, Bytes::from(data), crc, vec![]).await?;
-            let old = b.nodes.iter().copied().find(|n| !alive.contains(n));
-            self.meta.op(Op::ReplaceReplica { slice: b.slice, index: b.index, old, new: target }).await?;
-            tracing::info!(slice = b.slice, index = b.index, to = target, replaced = ?old, "re-replicated a block");
-            repaired += 1;
+            // One block that cannot be copied now must not hold up the others.
+            match self.copy_to(&b, target, &addr, &alive).await {
+                Ok(old) => {
+                    tracing::info!(slice = b.slice, index = b.index, to = target, replaced = ?old, "re-replicated a block");
+                    repaired += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(slice = b.slice, index = b.index, to = target, error = %e, "re-replication failed");
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(repaired)
+        match failed {
+            Some(e) if repaired == 0 => Err(e),
+            _ => Ok(repaired),
+        }
+    }
+
+    /// Copies a staged block to `target` and records it there; returns the dead holder it
+    /// replaced, if any.
+    async fn copy_to(
+        &self,
+        b: &StagedBlock,
+        target: u64,
+        addr: &str,
+        alive: &HashSet<u64>,
+    ) -> Result<Option<u64>, CacheError> {
+        let data = match self.staging.get((b.slice, b.index)).await {
+            Ok(Some((_, d))) => d,
+            _ => self.staged_bytes(b).await?,
+        };
+        let crc = crc32c::crc32c(&data);
+        let r = BlockRef { vol: b.vol, slice: b.slice, index: b.index };
+        self.peers.put(addr, r, Bytes::from(data), crc, vec![]).await?;
+        let old = b.nodes.iter().copied().find(|n| !alive.contains(n));
+        self.meta.op(Op::ReplaceReplica { slice: b.slice, index: b.index, old, new: target }).await?;
+        Ok(old)
     }
 
     pub(crate) async fn gc_round(self: Arc<Self>) -> Result<usize, CacheError> {
