@@ -276,3 +276,32 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let r2 = BlockRef { vol: 1, slice: 78, index: 0 };
     assert!(p.put(&addr, r2, data.clone(), crc, vec!["127.0.0.1:1".into()]).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn staging_above_its_high_watermark_tiers_early() {
+    let mut c = TestCluster::start(0).await;
+    // One node with 24 MiB of staging: 20 MiB staged is above the 80 % watermark, so blocks
+    // are tiered long before their hour is up.
+    c.start_node_with(1, |cfg| cfg.staging_size = 24 << 20).await;
+    c.wait_alive(1).await;
+    let vol = c.volume("w", 1, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let d = c.data();
+    let a = content(12, 20 * MIB);
+    d.write(vol, f.ino, 0, Bytes::from(a.clone())).await.unwrap();
+    wait_until(Duration::from_secs(20), "staging drained below the watermark", || async {
+        staged_count(&c, vol).await <= 4
+    })
+    .await;
+    assert!(!c.store().list_volume(vol).await.unwrap().is_empty());
+    // More than the whole staging capacity can still be written, slice by slice: writers
+    // wait for tiering to make room.
+    let b = content(13, 40 * MIB);
+    for i in 0..10 {
+        let part = Bytes::from(b[i * 4 * MIB..(i + 1) * 4 * MIB].to_vec());
+        d.write(vol, f.ino, (20 * MIB + i * 4 * MIB) as u64, part).await.unwrap();
+    }
+    drop_caches(&c).await;
+    let all = c.data().read(vol, f.ino, 0, 60 * MIB).await.unwrap();
+    assert!(all[..20 * MIB] == a[..] && all[20 * MIB..] == b[..]);
+}

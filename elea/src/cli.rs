@@ -293,6 +293,9 @@ async fn run_meta(a: MetaArgs) -> anyhow::Result<()> {
 }
 
 async fn run_up(a: UpArgs) -> anyhow::Result<()> {
+    if a.staging_size < MIN_STAGING {
+        bail!("--staging-size must be at least 256M (writes in flight hold up to 64 MiB each)");
+    }
     std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&a.data_dir).with_context(|| format!("{}", a.data_dir.display()))?;
     let meta_dir = data_dir.join("meta");
@@ -628,7 +631,14 @@ fn codec_name(c: elea_fsm::BlockCodec) -> String {
     }
 }
 
+/// Smallest staging store: writes in flight hold uncommitted blocks (up to a 64 MiB slice
+/// each) that tiering cannot free, so staging must hold several of them.
+const MIN_STAGING: u64 = 256 << 20;
+
 fn cache_config(a: &CacheArgs) -> anyhow::Result<elea_cache::CacheNodeConfig> {
+    if a.staging_size < MIN_STAGING {
+        bail!("--staging-size must be at least 256M (writes in flight hold up to 64 MiB each)");
+    }
     let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.clone());
     let mut cfg = elea_cache::CacheNodeConfig::new(
         a.node_id,
