@@ -4,6 +4,7 @@
 
 pub mod errno;
 pub mod ids;
+pub mod pattern;
 pub mod time;
 
 pub use errno::Errno;

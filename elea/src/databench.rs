@@ -10,6 +10,7 @@ use bytes::Bytes;
 use clap::Args;
 use elea_cache::{DataClient, DataConfig};
 use elea_common::ROOT_INO;
+use elea_common::pattern::pattern as content;
 use futures::StreamExt as _;
 use serde_json::json;
 
@@ -41,21 +42,6 @@ pub struct DataBenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Deterministic, incompressible content of the block at `off` (an xorshift stream seeded
-/// by the offset), so every block is distinct and checkable.
-fn content(off: u64, len: usize) -> Vec<u8> {
-    let mut x = off.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 struct Phase {

@@ -9,21 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use elea_cache::{DataClient, DataConfig};
 use elea_common::ROOT_INO;
+use elea_common::pattern::pattern as content;
 use elea_integration::{MetaProc, elea_cli, free_port};
 use elea_metadata::client::{ClientConfig, MetaClient};
-
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 async fn wait_alive(meta: &MetaClient, want: &[u64], dead: &[u64]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
