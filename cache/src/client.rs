@@ -118,7 +118,7 @@ impl BlockClients {
             let m = m.map_err(|s| from_status(addr, &s))?;
             if head.is_none() {
                 head = Some((m.len, m.crc32c));
-                out.reserve(m.len as usize);
+                out.reserve(m.len.min(want) as usize);
             }
             out.extend_from_slice(&m.data);
             if out.len() > want as usize {

@@ -464,8 +464,18 @@ impl DataClient {
         let nodes = self.nodes(fresh).await?;
         let addr = |id: u64| nodes.iter().find(|n| n.id == id && n.alive).map(|n| n.addr.clone());
         let block = Some(BlockRef { vol, slice, index });
-        let mut last = CacheError::NotFound(format!("block {slice}/{index}: no live copy"));
-        for a in b.nodes.iter().filter_map(|id| addr(*id)) {
+        // Retryable: holders may be restarting or out of touch with metadata for a while.
+        let mut last = CacheError::NoNodes(format!("block {slice}/{index}: no copy reachable"));
+        // Holders the registry calls alive first, then the others (one that lost touch with
+        // metadata may still serve).
+        let dead = |id: u64| nodes.iter().find(|n| n.id == id && !n.alive).map(|n| n.addr.clone());
+        let holders: Vec<String> = b
+            .nodes
+            .iter()
+            .filter_map(|id| addr(*id))
+            .chain(b.nodes.iter().filter_map(|id| dead(*id)))
+            .collect();
+        for a in holders {
             let req = GetRequest { block, len, tiered_store: None, peers: vec![], cache: false };
             match self.inner.blocks.get(&a, req).await {
                 Ok(d) => return Ok(d),

@@ -411,6 +411,13 @@ pub async fn serve(
     loop {
         match node.register().await {
             Ok(()) => break,
+            Err(ClientError::Fs(elea_common::Errno::EBUSY)) => {
+                tracing::warn!(
+                    node = node.cfg.node_id,
+                    "another cache node with this id is alive (or died less than 10 s ago): waiting"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             Err(e @ (ClientError::Fs(_) | ClientError::Rejected(_))) => {
                 return Err(ServeError::Config(format!("the metadata service refused this node: {e}")));
             }

@@ -293,33 +293,47 @@ impl Staging {
                 "block {id:?}: the bytes received do not match their checksum"
             )));
         }
-        if let Some(m) = self.meta(id) {
-            return if m.crc == crc && m.len == len {
-                Ok(())
-            } else {
-                Err(CacheError::Conflict(format!("block {id:?} is already staged with other contents")))
-            };
+        {
+            let mut g = self.lock();
+            if let Some(m) = g.blocks.get_mut(&id) {
+                return if m.crc == crc && m.len == len {
+                    // Put again (re-replication to a node that still had it): it is wanted
+                    // here now, so reconcile's grace starts over.
+                    m.created_ms = now_ms();
+                    Ok(())
+                } else {
+                    Err(CacheError::Conflict(format!("block {id:?} is already staged with other contents")))
+                };
+            }
         }
         self.reserve(u64::from(len)).await?;
         let meta = StagedMeta { vol, len, crc, created_ms: now_ms() };
+        // The write and its bookkeeping run in their own task: a caller that gives up (a
+        // deadline, a dropped connection) cannot leave a file on disk the map does not know,
+        // or space reserved for ever.
         let this = self.clone();
-        let res = tokio::task::spawn_blocking(move || this.write_file(id, &meta, &data))
-            .await
-            .map_err(|e| CacheError::Internal(format!("staging writer: {e}")))?;
-        match res {
-            Ok(()) => {
-                let mut g = self.lock();
-                if g.blocks.insert(id, meta).is_some() {
-                    // A concurrent put of the same block won; give back our reservation.
-                    g.used = g.used.saturating_sub(u64::from(len));
+        let task = tokio::spawn(async move {
+            let w = this.clone();
+            let res = tokio::task::spawn_blocking(move || w.write_file(id, &meta, &data))
+                .await
+                .map_err(|e| CacheError::Internal(format!("staging writer: {e}")))
+                .and_then(|r| r);
+            match res {
+                Ok(()) => {
+                    let mut g = this.lock();
+                    if g.blocks.insert(id, meta).is_some() {
+                        // A concurrent put of the same block won; give back our reservation.
+                        g.used = g.used.saturating_sub(u64::from(len));
+                    }
+                    Ok(())
                 }
-                Ok(())
+                Err(e) => {
+                    this.unreserve(u64::from(len));
+                    Err(e)
+                }
             }
-            Err(e) => {
-                self.unreserve(u64::from(len));
-                Err(e)
-            }
-        }
+        });
+        task.await.map_err(|e| CacheError::Internal(format!("staging writer: {e}")))?
     }
 
     fn write_file(&self, id: BlockId, meta: &StagedMeta, data: &[u8]) -> Result<(), CacheError> {

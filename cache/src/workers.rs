@@ -158,7 +158,14 @@ impl Node {
             if self.primary_of(&b, &alive) != Some(me) {
                 continue;
             }
-            let vol = self.vols.get(b.vol).await?;
+            let vol = match self.vols.get(b.vol).await {
+                Ok(v) => v,
+                Err(e) => {
+                    // One volume whose stores cannot be opened must not stop the others.
+                    tracing::warn!(vol = b.vol, error = %e, "cannot tier this volume's blocks");
+                    continue;
+                }
+            };
             if vol.stores.is_empty() {
                 continue;
             }
@@ -178,6 +185,7 @@ impl Node {
         // Requests whose blocks are all gone are done.
         self.tier_now.lock().unwrap_or_else(|p| p.into_inner()).retain(|v, _| forced_left.contains(v));
         let mut done = 0;
+        let mut round_err = None;
         for batch in due.chunks(TIER_BATCH) {
             let results: Vec<(StagedBlock, Result<(), CacheError>)> =
                 futures::stream::iter(batch.iter().cloned())
@@ -210,11 +218,15 @@ impl Node {
                     self.free_copies(b).await;
                 }
             }
+            // A block that fails now is retried next round; the other batches go on.
             if let Some(e) = first_err {
-                return Err(e);
+                round_err.get_or_insert(e);
             }
         }
-        Ok(done)
+        match round_err {
+            Some(e) if done == 0 => Err(e),
+            _ => Ok(done),
+        }
     }
 
     /// After a block is recorded tiered: drop every staged copy (best effort; reconcile
@@ -252,7 +264,13 @@ impl Node {
             if holders.first() != Some(&me) {
                 continue;
             }
-            let want = usize::from(self.vols.get(b.vol).await?.config.replicas);
+            let want = match self.vols.get(b.vol).await {
+                Ok(v) => usize::from(v.config.replicas),
+                Err(e) => {
+                    tracing::warn!(vol = b.vol, error = %e, "cannot read the volume's policy");
+                    continue;
+                }
+            };
             if holders.len() >= want {
                 continue;
             }

@@ -117,6 +117,16 @@ impl State {
             return Err(Errno::EINVAL);
         }
         let lost = self.cache_nodes.get(&id).is_some_and(|n| n.incarnation != incarnation);
+        if lost
+            && self
+                .cache_nodes
+                .get(&id)
+                .is_some_and(|n| millis_between(n.last_seen, now) <= limits::CACHE_DEAD_AFTER_MS)
+        {
+            // Another process with this id is alive (or was until moments ago): two nodes
+            // sharing an id must not take turns wiping each other's copies from the registry.
+            return Err(Errno::EBUSY);
+        }
         if lost {
             // The node came back without its disk: none of its staged copies exist any more.
             for l in self.slices.locs.values_mut() {
@@ -184,6 +194,9 @@ impl State {
     ) -> OpResult {
         if !self.cache_nodes.contains_key(&new) {
             return Err(Errno::EINVAL);
+        }
+        if old == Some(new) {
+            return Ok(Reply::Ok);
         }
         let Some(l) = self.slices.locs.get_mut(&slice) else { return Ok(Reply::Ok) };
         let Some(b) = l.blocks.get_mut(index as usize) else { return Err(Errno::EINVAL) };

@@ -170,6 +170,9 @@ fn tiering_and_replica_replacement() {
     h.ok(Op::ReplaceReplica { slice: 5, index: 0, old: None, new: 2 });
     assert_eq!(locs(&h, &[5])[0].as_ref().unwrap().blocks[0].nodes, Vec::<u64>::new());
     h.ok(Op::ReplaceReplica { slice: 77, index: 0, old: None, new: 2 });
+    // Replacing a holder with itself changes nothing.
+    h.ok(Op::ReplaceReplica { slice: 5, index: 1, old: Some(3), new: 3 });
+    assert_eq!(locs(&h, &[5])[0].as_ref().unwrap().blocks[1].nodes, vec![3, 2]);
 }
 
 #[test]
@@ -186,7 +189,11 @@ fn new_incarnation_drops_the_nodes_copies() {
     // Same incarnation: nothing lost.
     h.ok(Op::RegisterCacheNode { id: 2, site: "a".into(), addr: "127.0.0.1:2".into(), incarnation: 7 });
     assert_eq!(staged(&h)[0].nodes, vec![1, 2]);
-    h.ok(Op::RegisterCacheNode { id: 2, site: "a".into(), addr: "127.0.0.1:2".into(), incarnation: 8 });
+    // Another incarnation while the registered one is alive: two processes share the id.
+    let other = Op::RegisterCacheNode { id: 2, site: "a".into(), addr: "127.0.0.1:2".into(), incarnation: 8 };
+    assert_eq!(h.err(other.clone()), Errno::EBUSY);
+    h.t += 11;
+    h.ok(other);
     let b = staged(&h);
     assert_eq!((b[0].nodes.clone(), b[1].nodes.clone()), (vec![1], vec![3]));
 }
