@@ -256,15 +256,34 @@ impl DataClient {
             return Ok(Vec::new());
         }
         let end = size.min(offset.saturating_add(len as u64));
+        let mut chunks = Vec::new();
+        for chunk in offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE) {
+            match self.inner.meta.query(Query::ReadChunk { vol, ino, chunk }).await? {
+                Reply::Slices(s) => chunks.push((chunk, Arc::new(s))),
+                other => return Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
+            }
+        }
+        self.read_slices(vol, ino, offset, end, &chunks).await
+    }
+
+    /// Reads bytes `[offset, end)` of a file whose chunk slice lists the caller already
+    /// resolved (`chunks`: every chunk the range touches, with its list oldest first). The
+    /// caller clips `end` to the file size; ranges no slice covers read as zeros.
+    pub async fn read_slices(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        chunks: &[(u64, Arc<Vec<Slice>>)],
+    ) -> Result<Vec<u8>, CacheError> {
+        if end <= offset {
+            return Ok(Vec::new());
+        }
         let mut out = vec![0u8; (end - offset) as usize];
         let mut wants = Vec::new();
-        let mut chunk = offset / CHUNK_SIZE;
-        while chunk * CHUNK_SIZE < end {
+        for (chunk, slices) in chunks {
             let base = chunk * CHUNK_SIZE;
-            let slices = match self.inner.meta.query(Query::ReadChunk { vol, ino, chunk }).await? {
-                Reply::Slices(s) => s,
-                other => return Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
-            };
             for p in slices.iter().filter(|p| p.id != 0) {
                 let ps = base + u64::from(p.offset);
                 let pe = ps + u64::from(p.len);
@@ -280,7 +299,6 @@ impl DataClient {
                     out_off: (a - offset) as usize,
                 });
             }
-            chunk += 1;
         }
         if wants.is_empty() {
             return Ok(out);

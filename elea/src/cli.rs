@@ -28,6 +28,8 @@ pub enum Command {
     /// Start the embedded default: a one-voter metadata service, one cache node and a
     /// local-directory object store, with a default volume.
     Up(UpArgs),
+    /// Mount a volume with FUSE (in the foreground; SIGINT/SIGTERM flushes and unmounts).
+    Mount(MountArgs),
     /// Tier a volume's staged blocks to its object store now.
     Tier(TierArgs),
     /// Show every metadata node's view of the cluster.
@@ -45,7 +47,7 @@ pub enum Command {
 
 impl Command {
     pub fn is_server(&self) -> bool {
-        matches!(self, Self::Meta(_) | Self::Up(_) | Self::Cache(_))
+        matches!(self, Self::Meta(_) | Self::Up(_) | Self::Cache(_) | Self::Mount(_))
     }
 }
 
@@ -125,6 +127,34 @@ pub struct CacheArgs {
     pub stale_grace: Duration,
 }
 
+/// Kernel cache lifetimes of a mount.
+#[derive(Args, Debug, Clone)]
+pub struct CacheTtls {
+    /// How long the kernel may cache attributes. 0 (the default) keeps every stat
+    /// linearizable; a longer time trades that for fewer metadata reads.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub attr_ttl: Duration,
+    /// How long the kernel may cache name lookups (0 by default, for the same reason).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub entry_ttl: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub meta: MetaAddr,
+    /// The volume to mount.
+    #[arg(long)]
+    pub volume: String,
+    /// The site whose cache nodes take this mount's writes.
+    #[arg(long, default_value = "local")]
+    pub site: String,
+    #[command(flatten)]
+    pub ttls: CacheTtls,
+    /// Where to mount it (an existing directory).
+    pub mountpoint: PathBuf,
+}
+
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// Where Elea keeps its state.
@@ -142,6 +172,11 @@ pub struct UpArgs {
     /// Staging capacity of the embedded cache node.
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub staging_size: u64,
+    #[command(flatten)]
+    pub ttls: CacheTtls,
+    /// Where to mount the default volume (created when missing). Without it, the services
+    /// run without a mount.
+    pub mountpoint: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -260,6 +295,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Meta(a) => run_meta(a).await,
         Command::Cache(a) => run_cache(a).await,
         Command::Up(a) => run_up(a).await,
+        Command::Mount(a) => run_mount(a).await,
         Command::Tier(a) => tier(a).await,
         Command::Status(a) => status(a).await,
         Command::Cluster(c) => cluster(c).await,
@@ -385,11 +421,28 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         vol.inodes,
         vol.config.stores.join(",")
     );
-    println!("elea up: the FUSE mount is not part of this release yet");
     print_status(&c, std::slice::from_ref(&a.listen), false).await?;
     println!("elea up: running; Ctrl-C to stop (state is kept in {})", data_dir.display());
+    let mounted = async {
+        match &a.mountpoint {
+            Some(mp) => {
+                std::fs::create_dir_all(mp).with_context(|| format!("creating {}", mp.display()))?;
+                let opts = crate::mount::MountOpts {
+                    site: "local".into(),
+                    attr_ttl: a.ttls.attr_ttl,
+                    entry_ttl: a.ttls.entry_ttl,
+                };
+                crate::mount::serve_mount(c.clone(), &vol, mp, &opts, shutdown_signal()).await
+            }
+            None => {
+                println!("elea up: no mount point given, serving without a mount");
+                shutdown_signal().await;
+                Ok(())
+            }
+        }
+    };
     tokio::select! {
-        _ = shutdown_signal() => {}
+        r = mounted => r?,
         r = &mut server => {
             r.context("server task")??;
             bail!("the metadata service stopped");
@@ -403,6 +456,17 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     cache.await.context("cache node task")??;
     server.await.context("server task")??;
     Ok(())
+}
+
+async fn run_mount(a: MountArgs) -> anyhow::Result<()> {
+    let c = client(&a.meta)?;
+    let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
+    let opts = crate::mount::MountOpts {
+        site: a.site.clone(),
+        attr_ttl: a.ttls.attr_ttl,
+        entry_ttl: a.ttls.entry_ttl,
+    };
+    crate::mount::serve_mount(c, &vol, &a.mountpoint, &opts, shutdown_signal()).await
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod databench;
+mod mount;
 mod units;
 
 use std::process::ExitCode;

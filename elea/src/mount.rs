@@ -1,0 +1,99 @@
+//! `elea mount` and the mount of `elea up`: a gateway (VFS + FUSE) for one volume, served in
+//! the foreground until SIGINT/SIGTERM, then flushed and unmounted.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use elea_cache::{DataClient, DataConfig};
+use elea_fsm::VolumeInfo;
+use elea_gateway::{Vfs, VfsConfig};
+use elea_metadata::client::MetaClient;
+
+/// Gateway settings shared by `elea mount` and `elea up`.
+#[derive(Debug, Clone)]
+pub struct MountOpts {
+    pub site: String,
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+}
+
+/// A mount point left behind by a process that died ("Transport endpoint is not
+/// connected") is detached so the new mount can take its place.
+fn clear_stale_mount(mp: &Path) {
+    if let Err(e) = std::fs::metadata(mp)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        tracing::warn!(mountpoint = %mp.display(), "detaching a stale mount left by an earlier process");
+        for cmd in [&["fusermount3", "-uz"][..], &["umount", "-l"][..]] {
+            let ok = std::process::Command::new(cmd[0])
+                .args(&cmd[1..])
+                .arg(mp)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+        }
+    }
+}
+
+/// Mounts `vol` at `mountpoint` and serves it until `stop` resolves or the mount goes away
+/// (an external `umount`). Everything buffered is flushed before the mount is detached.
+pub async fn serve_mount(
+    meta: MetaClient,
+    vol: &VolumeInfo,
+    mountpoint: &Path,
+    opts: &MountOpts,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    clear_stale_mount(mountpoint);
+    let md =
+        std::fs::metadata(mountpoint).with_context(|| format!("mount point {}", mountpoint.display()))?;
+    if !md.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: this machine cannot mount FUSE file systems (load the fuse module)");
+    }
+    let mp: PathBuf = std::fs::canonicalize(mountpoint)?;
+    let data = DataClient::new(meta.clone(), DataConfig::new(&opts.site));
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let cfg = VfsConfig {
+        attr_ttl: opts.attr_ttl,
+        entry_ttl: opts.entry_ttl,
+        session_name: format!("mount {}:{}", host.trim(), mp.display()),
+        ..VfsConfig::default()
+    };
+    let vfs = Vfs::new(meta, data, vol.id, cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening a gateway session for volume {:?}: {e}", vol.name))?;
+    let fsname = format!("elea:{}", vol.name);
+    let mounted = elea_gateway::mount(vfs.clone(), &mp, tokio::runtime::Handle::current(), &fsname)
+        .with_context(|| format!("mounting volume {:?} at {}", vol.name, mp.display()))?;
+    println!("elea: volume {:?} mounted at {} (site {:?})", vol.name, mp.display(), opts.site);
+    let gone = async {
+        while !mounted.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let external = tokio::select! {
+        () = stop => false,
+        () = gone => true,
+    };
+    if external {
+        tracing::warn!(mountpoint = %mp.display(), "the mount went away (unmounted from outside)");
+    } else {
+        tracing::info!(mountpoint = %mp.display(), "unmounting");
+    }
+    // Flush while still mounted, detach, then end the session (final flush included).
+    let flushed = vfs.flush_all().await;
+    let unmounted = tokio::task::spawn_blocking(move || mounted.unmount()).await.context("unmount task")?;
+    let closed = vfs.shutdown().await;
+    if let Err(e) = unmounted {
+        tracing::warn!(error = %e, "unmount");
+    }
+    flushed.and(closed).map_err(|e| anyhow::anyhow!("flushing buffered writes at unmount failed: {e}"))?;
+    println!("elea: {} unmounted", mp.display());
+    Ok(())
+}

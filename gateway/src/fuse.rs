@@ -1,0 +1,671 @@
+//! The FUSE adapter: a thin translation of kernel requests into [`Vfs`] calls (fuser, with
+//! its pure-Rust mount: no libfuse). Requests run as tasks on a tokio runtime, so slow ones
+//! never hold up others. Changes made elsewhere reach the kernel as inode and entry
+//! invalidations (`notify_inval_inode`/`notify_inval_entry`), sent from a thread of their own
+//! so a notification never blocks a request.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use elea_common::{Errno, Timespec};
+use elea_fsm::{Attr, FileType, LockKind, TimeSet};
+use fuser::{
+    AccessFlags, Config, CopyFileRangeFlags, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+
+use crate::perm::Creds;
+use crate::vfs::{Inval, SetAttrReq, Vfs};
+
+/// The block size `stat` reports.
+const BLKSIZE: u32 = 4096;
+/// `F_SETLK` ranges reaching this end mean "to end of file".
+const OFFSET_MAX: u64 = i64::MAX as u64;
+
+fn errno(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e.0)
+}
+
+fn to_system(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(u64::from(t.nsec))
+    }
+}
+
+fn from_system(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec::new(d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Timespec::new(sec, nsec)
+        }
+    }
+}
+
+fn kind(t: Option<FileType>) -> fuser::FileType {
+    match t {
+        Some(FileType::Directory) => fuser::FileType::Directory,
+        Some(FileType::Symlink) => fuser::FileType::Symlink,
+        Some(FileType::Fifo) => fuser::FileType::NamedPipe,
+        Some(FileType::Socket) => fuser::FileType::Socket,
+        Some(FileType::CharDevice) => fuser::FileType::CharDevice,
+        Some(FileType::BlockDevice) => fuser::FileType::BlockDevice,
+        Some(FileType::Regular) | None => fuser::FileType::RegularFile,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: to_system(a.atime),
+        mtime: to_system(a.mtime),
+        ctime: to_system(a.ctime),
+        crtime: to_system(a.ctime),
+        kind: kind(a.file_type()),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
+}
+
+fn creds(req: &Request) -> Creds {
+    Creds::new(req.uid(), req.gid(), req.pid())
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(s) => TimeSet::At(from_system(s)),
+    }
+}
+
+fn lock_kind(typ: i32) -> Result<LockKind, Errno> {
+    match typ {
+        libc::F_RDLCK => Ok(LockKind::Read),
+        libc::F_WRLCK => Ok(LockKind::Write),
+        libc::F_UNLCK => Ok(LockKind::Unlock),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+fn lock_end(end: u64) -> u64 {
+    if end >= OFFSET_MAX { u64::MAX } else { end }
+}
+
+/// The FUSE file system: see the module docs.
+pub struct EleaFs {
+    vfs: Vfs,
+    rt: tokio::runtime::Handle,
+}
+
+impl EleaFs {
+    pub fn new(vfs: Vfs, rt: tokio::runtime::Handle) -> Self {
+        Self { vfs, rt }
+    }
+
+    fn spawn<F>(&self, f: impl FnOnce(Vfs) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.vfs.clone()));
+    }
+
+    fn ttls(&self) -> (Duration, Duration) {
+        (self.vfs.config().attr_ttl, self.vfs.config().entry_ttl)
+    }
+}
+
+fn entry(reply: ReplyEntry, r: Result<Attr, Errno>, attr_ttl: Duration, entry_ttl: Duration) {
+    match r {
+        Ok(a) => reply.entry_with_ttls(&attr_ttl, &entry_ttl, &file_attr(&a), Generation(a.generation)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, data: Result<Vec<u8>, Errno>, size: u32) {
+    match data {
+        Ok(d) if size == 0 => reply.size(d.len() as u32),
+        Ok(d) if d.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+        Ok(d) => reply.data(&d),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+impl Filesystem for EleaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // POSIX record locks go to the metadata service, so they exclude across nodes.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS) {
+            tracing::warn!(?missing, "the kernel does not offer remote POSIX locks; locks stay node-local");
+        }
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
+        self.spawn(|v| async move { entry(reply, v.lookup(&c, parent.0, &name).await, at, et) });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let at = self.ttls().0;
+        self.spawn(|v| async move {
+            match v.getattr(ino.0).await {
+                Ok(a) => reply.attr(&at, &file_attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let c = creds(req);
+        let at = self.ttls().0;
+        let r = SetAttrReq {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+            fh: fh.map(|f| f.0),
+        };
+        self.spawn(|v| async move {
+            match v.setattr(&c, ino.0, r).await {
+                Ok(a) => reply.attr(&at, &file_attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(|v| async move {
+            match v.readlink(ino.0).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
+        self.spawn(|v| async move {
+            entry(reply, v.mknod(&c, parent.0, &name, mode, umask, u64::from(rdev)).await, at, et)
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
+        self.spawn(|v| async move { entry(reply, v.mkdir(&c, parent.0, &name, mode, umask).await, at, et) });
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (c, name) = (creds(req), name.as_bytes().to_vec());
+        self.spawn(|v| async move { empty(reply, v.unlink(&c, parent.0, &name).await) });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (c, name) = (creds(req), name.as_bytes().to_vec());
+        self.spawn(|v| async move { empty(reply, v.rmdir(&c, parent.0, &name).await) });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (c, name, (at, et)) = (creds(req), link_name.as_bytes().to_vec(), self.ttls());
+        let target = target.as_os_str().as_bytes().to_vec();
+        self.spawn(|v| async move { entry(reply, v.symlink(&c, parent.0, &name, &target).await, at, et) });
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (c, name, newname) = (creds(req), name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.spawn(|v| async move {
+            empty(reply, v.rename(&c, parent.0, &name, newparent.0, &newname, flags.bits()).await)
+        });
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (c, name, (at, et)) = (creds(req), newname.as_bytes().to_vec(), self.ttls());
+        self.spawn(|v| async move { entry(reply, v.link(&c, ino.0, newparent.0, &name).await, at, et) });
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let c = creds(req);
+        self.spawn(|v| async move {
+            match v.open(&c, ino.0, flags.0).await {
+                Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(|v| async move {
+            match v.read(fh.0, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(|v| async move {
+            match v.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.spawn(|v| async move {
+            // The kernel keeps no record of remote POSIX locks: a close drops the closing
+            // owner's locks here.
+            let unlocked = v.release_locks(fh.0, lock_owner.0).await;
+            let flushed = v.flush(fh.0).await;
+            empty(reply, flushed.and(unlocked));
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|v| async move { empty(reply, v.release(fh.0).await) });
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(|v| async move { empty(reply, v.fsync(fh.0).await) });
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let c = creds(req);
+        self.spawn(|v| async move {
+            match v.opendir(&c, ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.spawn(|v| async move {
+            let mut cookie = offset;
+            loop {
+                match v.readdir(fh.0, cookie, false).await {
+                    Ok((entries, eof)) => {
+                        for e in &entries {
+                            if reply.add(
+                                INodeNo(e.ino),
+                                e.cookie,
+                                kind(Some(e.kind)),
+                                OsStr::from_bytes(&e.name),
+                            ) {
+                                reply.ok();
+                                return;
+                            }
+                            cookie = e.cookie;
+                        }
+                        if eof || entries.is_empty() {
+                            reply.ok();
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        reply.error(errno(e));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|v| async move { empty(reply, v.releasedir(fh.0).await) });
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Namespace changes are durable in metadata when they return.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(|v| async move {
+            match v.statfs().await {
+                Ok(s) => {
+                    let bs = u64::from(BLKSIZE);
+                    let blocks = s.total_bytes / bs;
+                    let free = s.total_bytes.saturating_sub(s.used_bytes) / bs;
+                    let ffree = s.total_inodes.saturating_sub(s.used_inodes);
+                    reply.statfs(blocks, free, free, s.total_inodes, ffree, BLKSIZE, 255, BLKSIZE);
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (c, name, value) = (creds(req), name.as_bytes().to_vec(), value.to_vec());
+        self.spawn(|v| async move { empty(reply, v.setxattr(&c, ino.0, &name, &value, flags as u32).await) });
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (c, name) = (creds(req), name.as_bytes().to_vec());
+        self.spawn(|v| async move { xattr_reply(reply, v.getxattr(&c, ino.0, &name).await, size) });
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let c = creds(req);
+        self.spawn(|v| async move {
+            let names = v.listxattr(&c, ino.0).await.map(|names| {
+                let mut out = Vec::new();
+                for n in names {
+                    out.extend_from_slice(&n);
+                    out.push(0);
+                }
+                out
+            });
+            xattr_reply(reply, names, size)
+        });
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (c, name) = (creds(req), name.as_bytes().to_vec());
+        self.spawn(|v| async move { empty(reply, v.removexattr(&c, ino.0, &name).await) });
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let c = creds(req);
+        self.spawn(|v| async move { empty(reply, v.access(&c, ino.0, mask.bits() as u32).await) });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (c, name, at) = (creds(req), name.as_bytes().to_vec(), self.ttls().0);
+        self.spawn(|v| async move {
+            match v.create(&c, parent.0, &name, mode, umask, flags).await {
+                Ok((fh, a)) => reply.created(
+                    &at,
+                    &file_attr(&a),
+                    Generation(a.generation),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        self.spawn(|v| async move {
+            let k = match lock_kind(typ) {
+                Ok(k) => k,
+                Err(e) => return reply.error(errno(e)),
+            };
+            match v.getlk(fh.0, lock_owner.0, k, start, lock_end(end)).await {
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, pid),
+                Ok(Some(l)) => {
+                    let typ = if l.kind == LockKind::Write { libc::F_WRLCK } else { libc::F_RDLCK };
+                    reply.locked(l.start, l.end.min(OFFSET_MAX), typ, l.pid)
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|v| async move {
+            let r = match lock_kind(typ) {
+                Ok(k) => v.setlk(fh.0, lock_owner.0, pid, k, start, lock_end(end), sleep).await,
+                Err(e) => Err(e),
+            };
+            empty(reply, r)
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|v| async move { empty(reply, v.fallocate(fh.0, offset, length, mode as u32).await) });
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // One reply carries at most u32::MAX bytes; callers loop over short copies.
+        let len = len.min(1 << 30);
+        self.spawn(|v| async move {
+            match v.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len).await {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+}
+
+/// Sends invalidations to the kernel from a thread of its own (a notification may wait on
+/// a kernel lock that a request in flight holds).
+fn start_notifier(vfs: &Vfs, notifier: Notifier) {
+    let (tx, rx) = mpsc::channel::<Inval>();
+    vfs.set_invalidator(move |i| {
+        let _ = tx.send(i);
+    });
+    let spawned = std::thread::Builder::new().name("elea-inval".into()).spawn(move || {
+        for i in rx {
+            let r = match &i {
+                Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+                Inval::All => Ok(()),
+            };
+            // ENOENT: the kernel does not cache it. Anything else is worth a line.
+            if let Err(e) = r
+                && e.raw_os_error() != Some(libc::ENOENT)
+            {
+                tracing::debug!(?i, error = %e, "kernel invalidation failed");
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the invalidation thread: other nodes' changes reach this mount only through its cache timeouts");
+    }
+}
+
+/// A mounted volume. [`Mounted::unmount`] detaches it; the session ends when the kernel
+/// has let go of it.
+pub struct Mounted {
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+    unmounter: fuser::SessionUnmounter,
+}
+
+impl Mounted {
+    /// Whether the kernel ended the session (for example an external `umount`).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Detaches the mount (lazily, as `umount -l`: processes still inside keep working until
+    /// they leave) and waits for the session to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        self.unmounter.unmount()?;
+        match self.thread.join() {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::other("the FUSE session thread panicked")),
+        }
+    }
+}
+
+/// Mounts `vfs` at `mountpoint`. Every user may use the mount (`allow_other`): permissions
+/// are checked by the VFS itself.
+pub fn mount(
+    vfs: Vfs,
+    mountpoint: &Path,
+    rt: tokio::runtime::Handle,
+    fsname: &str,
+) -> std::io::Result<Mounted> {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(fsname.to_string()),
+        MountOption::Subtype("elea".into()),
+        MountOption::RW,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(2);
+    let fs = EleaFs::new(vfs.clone(), rt);
+    let mut session = fuser::Session::new(fs, mountpoint, &cfg)?;
+    start_notifier(&vfs, session.notifier());
+    let unmounter = session.unmount_callable();
+    let thread = std::thread::Builder::new().name("elea-fuse".into()).spawn(move || session.run())?;
+    Ok(Mounted { thread, unmounter })
+}

@@ -1,0 +1,212 @@
+//! Permission checks as Linux's `generic_permission` makes them: owner, then group (primary
+//! or supplementary), then other bits; root may read and write anything and execute anything
+//! with an execute bit (any directory can be searched). Sticky directories and set-id rules
+//! live here too, so every front end (FUSE, NFS) enforces the same rules.
+
+use std::sync::OnceLock;
+
+use elea_common::Errno;
+use elea_fsm::{Attr, FileType, mode};
+
+/// Read, write and execute (search) permission bits, as in `access(2)`'s mask.
+pub const MAY_READ: u32 = 4;
+pub const MAY_WRITE: u32 = 2;
+pub const MAY_EXEC: u32 = 1;
+
+/// Who makes a request: its file system user and group, and where to find its supplementary
+/// groups (read only when a check needs them).
+#[derive(Debug)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    /// The calling process (0 when unknown): its supplementary groups are read from
+    /// `/proc/PID/status` the first time a group check needs them.
+    pub pid: u32,
+    groups: OnceLock<Vec<u32>>,
+}
+
+impl Creds {
+    /// A caller whose supplementary groups are read from `/proc` on demand.
+    pub fn new(uid: u32, gid: u32, pid: u32) -> Self {
+        Self { uid, gid, pid, groups: OnceLock::new() }
+    }
+
+    /// A caller with a known list of supplementary groups.
+    pub fn with_groups(uid: u32, gid: u32, groups: Vec<u32>) -> Self {
+        let g = OnceLock::new();
+        let _ = g.set(groups);
+        Self { uid, gid, pid: 0, groups: g }
+    }
+
+    /// The superuser (for internal work and tests).
+    pub fn root() -> Self {
+        Self::with_groups(0, 0, Vec::new())
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// Whether the caller is a member of `gid` (primary or supplementary).
+    pub fn in_group(&self, gid: u32) -> bool {
+        gid == self.gid || self.groups.get_or_init(|| proc_groups(self.pid)).contains(&gid)
+    }
+}
+
+/// Supplementary groups of a process, from the `Groups:` line of `/proc/PID/status` (empty
+/// when the process is gone or unknown: the check then uses the primary group only).
+fn proc_groups(pid: u32) -> Vec<u32> {
+    if pid == 0 {
+        return Vec::new();
+    }
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn is_dir(a: &Attr) -> bool {
+    a.file_type() == Some(FileType::Directory)
+}
+
+/// Whether `c` may access `a` with `want` (a mask of `MAY_*`).
+pub fn allowed(c: &Creds, a: &Attr, want: u32) -> bool {
+    if want == 0 {
+        return true;
+    }
+    if c.is_root() {
+        // Root bypasses read and write checks; execute needs some execute bit, except on
+        // directories (search).
+        return want & MAY_EXEC == 0 || is_dir(a) || a.mode & 0o111 != 0;
+    }
+    let bits = if c.uid == a.uid {
+        a.mode >> 6
+    } else if c.in_group(a.gid) {
+        a.mode >> 3
+    } else {
+        a.mode
+    } & 7;
+    bits & want == want
+}
+
+/// `EACCES` unless `c` may access `a` with `want`.
+pub fn check(c: &Creds, a: &Attr, want: u32) -> Result<(), Errno> {
+    if allowed(c, a, want) { Ok(()) } else { Err(Errno::EACCES) }
+}
+
+/// Whether `c` owns `a` or is root (who may chmod, set times explicitly, and so on).
+pub fn owner_or_root(c: &Creds, a: &Attr) -> bool {
+    c.is_root() || c.uid == a.uid
+}
+
+/// Removing or renaming `victim` out of directory `dir`: in a sticky directory only the
+/// victim's owner, the directory's owner or root may (`EPERM` otherwise).
+pub fn check_sticky(c: &Creds, dir: &Attr, victim: &Attr) -> Result<(), Errno> {
+    if dir.mode & mode::S_ISVTX == 0 || c.is_root() || c.uid == victim.uid || c.uid == dir.uid {
+        Ok(())
+    } else {
+        Err(Errno::EPERM)
+    }
+}
+
+/// The mode a `chmod` by `c` really sets: an unprivileged caller outside the file's group
+/// cannot set S_ISGID (Linux drops the bit silently).
+pub fn chmod_mode(c: &Creds, gid: u32, new_mode: u32) -> u32 {
+    if !c.is_root() && !c.in_group(gid) { new_mode & !mode::S_ISGID } else { new_mode }
+}
+
+/// May `c` change ownership of `a` to `uid`/`gid` (`None`: unchanged)? Root may do anything;
+/// the owner may change the group to one of its groups and "change" the user to itself.
+pub fn check_chown(c: &Creds, a: &Attr, uid: Option<u32>, gid: Option<u32>) -> Result<(), Errno> {
+    if c.is_root() {
+        return Ok(());
+    }
+    if let Some(u) = uid
+        && (u != a.uid || c.uid != a.uid)
+    {
+        return Err(Errno::EPERM);
+    }
+    if let Some(g) = gid
+        && (c.uid != a.uid || (g != a.gid && !c.in_group(g)))
+    {
+        return Err(Errno::EPERM);
+    }
+    Ok(())
+}
+
+/// The access mask an `open(2)` with `flags` needs.
+pub fn open_mask(flags: i32) -> u32 {
+    let acc = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => MAY_READ,
+        libc::O_WRONLY => MAY_WRITE,
+        _ => MAY_READ | MAY_WRITE,
+    };
+    if flags & libc::O_TRUNC != 0 { acc | MAY_WRITE } else { acc }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use elea_common::Timespec;
+
+    fn attr(mode_: u32, uid: u32, gid: u32) -> Attr {
+        Attr {
+            ino: 2,
+            mode: mode_,
+            uid,
+            gid,
+            nlink: 1,
+            size: 0,
+            atime: Timespec::default(),
+            mtime: Timespec::default(),
+            ctime: Timespec::default(),
+            rdev: 0,
+            generation: 1,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn owner_group_other_in_order() {
+        // Owner bits apply to the owner even when group or other would allow more.
+        let a = attr(mode::S_IFREG | 0o077, 10, 20);
+        assert!(!allowed(&Creds::with_groups(10, 20, vec![]), &a, MAY_READ));
+        assert!(allowed(&Creds::with_groups(11, 20, vec![]), &a, MAY_READ | MAY_WRITE));
+        // Supplementary group membership counts.
+        let b = attr(mode::S_IFREG | 0o040, 10, 30);
+        assert!(allowed(&Creds::with_groups(11, 20, vec![30]), &b, MAY_READ));
+        assert!(!allowed(&Creds::with_groups(11, 20, vec![31]), &b, MAY_READ));
+        // Group bits apply to members even when other would allow.
+        let c = attr(mode::S_IFREG | 0o604, 10, 30);
+        assert!(!allowed(&Creds::with_groups(11, 30, vec![]), &c, MAY_READ));
+        assert!(allowed(&Creds::with_groups(11, 31, vec![]), &c, MAY_READ));
+    }
+
+    #[test]
+    fn root_needs_an_exec_bit_on_files_only() {
+        let r = Creds::root();
+        assert!(allowed(&r, &attr(mode::S_IFREG, 10, 10), MAY_READ | MAY_WRITE));
+        assert!(!allowed(&r, &attr(mode::S_IFREG | 0o644, 10, 10), MAY_EXEC));
+        assert!(allowed(&r, &attr(mode::S_IFREG | 0o010, 10, 10), MAY_EXEC));
+        assert!(allowed(&r, &attr(mode::S_IFDIR, 10, 10), MAY_EXEC));
+    }
+
+    #[test]
+    fn sticky_and_chown_rules() {
+        let dir = attr(mode::S_IFDIR | 0o1777, 5, 5);
+        let file = attr(mode::S_IFREG | 0o644, 6, 6);
+        assert_eq!(check_sticky(&Creds::with_groups(7, 7, vec![]), &dir, &file), Err(Errno::EPERM));
+        assert!(check_sticky(&Creds::with_groups(6, 7, vec![]), &dir, &file).is_ok());
+        assert!(check_sticky(&Creds::with_groups(5, 7, vec![]), &dir, &file).is_ok());
+        let owner = Creds::with_groups(6, 6, vec![8]);
+        assert!(check_chown(&owner, &file, Some(6), Some(8)).is_ok());
+        assert_eq!(check_chown(&owner, &file, None, Some(9)), Err(Errno::EPERM));
+        assert_eq!(check_chown(&owner, &file, Some(7), None), Err(Errno::EPERM));
+        assert_eq!(check_chown(&Creds::with_groups(7, 6, vec![]), &file, Some(6), None), Err(Errno::EPERM));
+        assert_eq!(chmod_mode(&owner, 9, 0o2755), 0o755);
+        assert_eq!(chmod_mode(&owner, 8, 0o2755), 0o2755);
+    }
+}
