@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit/property/simulation tests and the
-# multi-process cluster tests. This is what CI runs (.ci/run calls it).
+# The whole test suite: formatting, lints, unit/property/simulation tests, the
+# multi-process cluster and FUSE mount tests, and the POSIX suite pjdfstest on an
+# `elea up` mount. This is what CI runs (.ci/run calls it). The FUSE parts need root and
+# /dev/fuse; without them they say so and are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +25,5 @@ echo "== cargo build (binaries used by the multi-process tests)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== POSIX suite (pjdfstest) on an elea up mount"
+./scripts/posix-suite.sh

@@ -88,11 +88,20 @@ pub async fn serve_mount(
     }
     // Flush while still mounted, detach, then end the session (final flush included).
     let flushed = vfs.flush_all().await;
-    let unmounted = tokio::task::spawn_blocking(move || mounted.unmount()).await.context("unmount task")?;
-    let closed = vfs.shutdown().await;
-    if let Err(e) = unmounted {
+    let mut mounted = mounted;
+    if !external && let Err(e) = mounted.detach() {
         tracing::warn!(error = %e, "unmount");
     }
+    // Files still open keep a detached mount alive; they get a few seconds to close, then
+    // the session ends with this process (their later calls fail with ENOTCONN).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !mounted.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !mounted.is_finished() {
+        tracing::warn!("files are still open on the detached mount; ending the session anyway");
+    }
+    let closed = vfs.shutdown().await;
     flushed.and(closed).map_err(|e| anyhow::anyhow!("flushing buffered writes at unmount failed: {e}"))?;
     println!("elea: {} unmounted", mp.display());
     Ok(())

@@ -619,8 +619,8 @@ fn start_notifier(vfs: &Vfs, notifier: Notifier) {
     }
 }
 
-/// A mounted volume. [`Mounted::unmount`] detaches it; the session ends when the kernel
-/// has let go of it.
+/// A mounted volume. [`Mounted::detach`] unmounts it; the session ends when the kernel has
+/// let go of it (or when this process exits).
 pub struct Mounted {
     thread: std::thread::JoinHandle<std::io::Result<()>>,
     unmounter: fuser::SessionUnmounter,
@@ -632,14 +632,10 @@ impl Mounted {
         self.thread.is_finished()
     }
 
-    /// Detaches the mount (lazily, as `umount -l`: processes still inside keep working until
-    /// they leave) and waits for the session to end.
-    pub fn unmount(mut self) -> std::io::Result<()> {
-        self.unmounter.unmount()?;
-        match self.thread.join() {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::other("the FUSE session thread panicked")),
-        }
+    /// Detaches the mount (lazily, as `umount -l`: processes with files still open keep
+    /// them until they close them or this process exits).
+    pub fn detach(&mut self) -> std::io::Result<()> {
+        self.unmounter.unmount()
     }
 }
 

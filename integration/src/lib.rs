@@ -232,3 +232,128 @@ pub fn elea_cli(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Whether FUSE mounts can be tested here (root and `/dev/fuse`). When they cannot, the
+/// reason is printed; with `ELEA_REQUIRE_FUSE=1` (CI) it is a failure instead.
+pub fn fuse_available(test: &str) -> bool {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let dev = Path::new("/dev/fuse").exists();
+    if root && dev {
+        return true;
+    }
+    let why = if root { "/dev/fuse is missing" } else { "not running as root" };
+    assert!(
+        std::env::var("ELEA_REQUIRE_FUSE").as_deref() != Ok("1"),
+        "{test}: FUSE tests required, but {why}"
+    );
+    eprintln!("SKIPPED {test}: needs root and /dev/fuse ({why})");
+    false
+}
+
+/// Whether `path` is a mount point (from /proc/mounts).
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
+}
+
+/// Detaches a mount point (a crashed mount leaves it "not connected").
+pub fn force_unmount(path: &Path) {
+    if is_mounted(path) {
+        let _ = Command::new("umount").arg("-l").arg(path).status();
+    }
+}
+
+/// An `elea mount` or `elea up MOUNTPOINT` process: started, waited for until its mount
+/// point is mounted, stopped with SIGTERM (a clean unmount) or SIGKILL.
+pub struct MountProc {
+    pub mountpoint: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl MountProc {
+    /// Runs `elea <args...>` (whose last argument is the mount point) and waits up to 30 s
+    /// for the mount.
+    pub fn start(args: &[String], mountpoint: &Path, log: &Path) -> Self {
+        std::fs::create_dir_all(mountpoint).expect("mount point");
+        let mut p =
+            Self { mountpoint: mountpoint.to_path_buf(), args: args.to_vec(), child: None, log: log.into() };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(elea_bin())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn elea");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&self.mountpoint) {
+            assert!(
+                Instant::now() < deadline && self.is_running(),
+                "{} was not mounted: {}",
+                self.mountpoint.display(),
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM and wait for a clean exit (flush, unmount); returns the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        force_unmount(&self.mountpoint);
+        None
+    }
+
+    /// SIGKILL: nothing is flushed; the mount is left dead and then detached.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        force_unmount(&self.mountpoint);
+    }
+
+    /// Starts the same command again.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for MountProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

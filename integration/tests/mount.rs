@@ -1,0 +1,299 @@
+//! Real FUSE mounts: two `elea mount` processes of one volume (one metadata voter, one cache
+//! node) show each other's changes as the consistency contract says (docs/SEMANTICS.md), and
+//! `elea up` keeps every fsynced file across a crash and a restart.
+//!
+//! These need root and /dev/fuse; without them each test says it is skipped (and fails when
+//! `ELEA_REQUIRE_FUSE=1`, as in CI).
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write as _};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use elea_common::pattern::pattern;
+use elea_integration::{MetaProc, MountProc, elea_cli, free_port, fuse_available};
+use nix::fcntl::{FcntlArg, fcntl};
+
+struct TwoMounts {
+    _dir: tempfile::TempDir,
+    a: MountProc,
+    b: MountProc,
+    _meta: MetaProc,
+    _cache: MetaProc,
+}
+
+impl TwoMounts {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let meta_addr = format!("127.0.0.1:{}", free_port());
+        let meta = MetaProc::start(
+            1,
+            &meta_addr,
+            &dir.path().join("meta"),
+            &["--initial-cluster".into(), format!("1={meta_addr}")],
+        );
+        let cache_addr = format!("127.0.0.1:{}", free_port());
+        let cache = MetaProc::start_cache(
+            1,
+            &cache_addr,
+            &dir.path().join("cache"),
+            "local",
+            &meta_addr,
+            &["--staging-size", "1G"],
+        );
+        let objects = dir.path().join("objects");
+        std::fs::create_dir_all(&objects).unwrap();
+        let store = format!("file://{}", objects.display());
+        // The metadata service may still be electing itself: retry the volume creation.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (ok, _, err) = elea_cli(&[
+                "volume",
+                "create",
+                "v",
+                "--meta",
+                &meta_addr,
+                "--store",
+                &store,
+                "--replicas",
+                "1",
+            ]);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "volume create: {err}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let mount = |name: &str| {
+            let mp = dir.path().join(name);
+            let args: Vec<String> = ["mount", "--meta", &meta_addr, "--volume", "v", mp.to_str().unwrap()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            MountProc::start(&args, &mp, &dir.path().join(format!("{name}.log")))
+        };
+        // Writes need the cache node registered; the first mount waits for it implicitly
+        // (its writes retry), but start both mounts only once it is alive.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (ok, out, _) = elea_cli(&["status", "--json", "--meta", &meta_addr]);
+            if ok && out.contains("\"alive\":true") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cache node did not register");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let a = mount("a");
+        let b = mount("b");
+        Self { _dir: dir, a, b, _meta: meta, _cache: cache }
+    }
+
+    fn pa(&self, rel: &str) -> PathBuf {
+        self.a.mountpoint.join(rel)
+    }
+
+    fn pb(&self, rel: &str) -> PathBuf {
+        self.b.mountpoint.join(rel)
+    }
+}
+
+fn write_close(p: &Path, data: &[u8]) {
+    let mut f = File::create(p).unwrap();
+    f.write_all(data).unwrap();
+    drop(f);
+}
+
+#[test]
+fn close_to_open_and_namespace_visibility_across_mounts() {
+    if !fuse_available("close_to_open_and_namespace_visibility_across_mounts") {
+        return;
+    }
+    let m = TwoMounts::start();
+    // Close-to-open: after write+close on A, open+read on B returns the new bytes, every
+    // time, including overwrites that shrink and grow the file.
+    for (i, len) in [0usize, 1, 4096, 100_000, 5 << 20, 3, 1 << 20].into_iter().enumerate() {
+        let data = pattern(i as u64 + 1, len);
+        write_close(&m.pa("f"), &data);
+        let got = std::fs::read(m.pb("f")).unwrap();
+        assert!(got == data, "round {i}: B read {} bytes, A wrote {len}", got.len());
+    }
+    // And the other way round.
+    write_close(&m.pb("g"), b"from b");
+    assert_eq!(std::fs::read(m.pa("g")).unwrap(), b"from b");
+
+    // Namespace changes are visible at once on the other mount.
+    std::fs::create_dir(m.pa("d")).unwrap();
+    assert!(std::fs::metadata(m.pb("d")).unwrap().is_dir());
+    std::fs::rename(m.pa("f"), m.pa("d/f2")).unwrap();
+    assert_eq!(std::fs::metadata(m.pb("f")).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(std::fs::read(m.pb("d/f2")).unwrap(), pattern(7, 1 << 20));
+    std::fs::remove_file(m.pa("d/f2")).unwrap();
+    assert_eq!(std::fs::metadata(m.pb("d/f2")).unwrap_err().kind(), ErrorKind::NotFound);
+    let names: Vec<String> = std::fs::read_dir(m.pb("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    std::fs::remove_dir(m.pb("d")).unwrap();
+    assert_eq!(std::fs::metadata(m.pa("d")).unwrap_err().kind(), ErrorKind::NotFound);
+    // Permissions and ownership changes too.
+    std::fs::set_permissions(m.pa("g"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(m.pb("g")).unwrap().permissions()) & 0o777,
+        0o640
+    );
+}
+
+#[test]
+fn open_reader_sees_fsynced_writes_from_the_other_mount() {
+    if !fuse_available("open_reader_sees_fsynced_writes_from_the_other_mount") {
+        return;
+    }
+    let m = TwoMounts::start();
+    write_close(&m.pa("f"), &pattern(0, 64 << 10));
+    // B opens the file once and keeps it open; it reads it, so its page cache holds it.
+    let reader = File::open(m.pb("f")).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    let writer = OpenOptions::new().write(true).open(m.pa("f")).unwrap();
+    let mut lat = Vec::new();
+    for round in 1..=20u64 {
+        // Overwrite the first 64 KiB and grow the file by 4 KiB each round.
+        let data = pattern(round, 64 << 10);
+        writer.write_all_at(&data, 0).unwrap();
+        let size = (64 << 10) + round * 4096;
+        writer.write_all_at(&pattern(100 + round, 4096), size - 4096).unwrap();
+        writer.sync_all().unwrap();
+        let t = Instant::now();
+        loop {
+            let fresh_size = reader.metadata().unwrap().len() == size;
+            let mut got = vec![0u8; 64 << 10];
+            reader.read_exact_at(&mut got, 0).unwrap();
+            if fresh_size && got == data {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "round {round}: the open reader never saw the new data"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let median = lat[lat.len() / 2];
+    eprintln!(
+        "open reader on another mount saw fsynced data after: median {:?}, max {:?}",
+        median,
+        lat[lat.len() - 1]
+    );
+    // The contract: within 50 ms (docs/SEMANTICS.md). The median is held to it; single
+    // rounds on a loaded test machine get more room.
+    assert!(median <= Duration::from_millis(50), "median {median:?} > 50 ms: {lat:?}");
+    assert!(lat[lat.len() - 1] <= Duration::from_secs(1), "{lat:?}");
+}
+
+fn flock(kind: i32, start: i64, len: i64) -> libc::flock {
+    libc::flock { l_type: kind as i16, l_whence: libc::SEEK_SET as i16, l_start: start, l_len: len, l_pid: 0 }
+}
+
+#[test]
+fn record_locks_exclude_across_mounts() {
+    if !fuse_available("record_locks_exclude_across_mounts") {
+        return;
+    }
+    let m = TwoMounts::start();
+    write_close(&m.pa("lk"), &[0u8; 1000]);
+    let fa = OpenOptions::new().read(true).write(true).open(m.pa("lk")).unwrap();
+    let fb = OpenOptions::new().read(true).write(true).open(m.pb("lk")).unwrap();
+    fcntl(&fa, FcntlArg::F_SETLK(&flock(libc::F_WRLCK, 0, 100))).unwrap();
+    // B conflicts on an overlapping range, not on a disjoint one.
+    let e = fcntl(&fb, FcntlArg::F_SETLK(&flock(libc::F_WRLCK, 50, 10))).unwrap_err();
+    assert!(matches!(e, nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES), "{e}");
+    fcntl(&fb, FcntlArg::F_SETLK(&flock(libc::F_RDLCK, 200, 100))).unwrap();
+    let mut q = flock(libc::F_WRLCK, 0, 0);
+    fcntl(&fb, FcntlArg::F_GETLK(&mut q)).unwrap();
+    assert_eq!(i32::from(q.l_type), libc::F_WRLCK, "B sees A's lock");
+    assert_eq!((q.l_start, q.l_len), (0, 100));
+    assert_eq!(q.l_pid as u32, std::process::id());
+    // A waiting lock on B is granted once A closes its descriptor (which drops its locks).
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        fcntl(&fb, FcntlArg::F_SETLKW(&flock(libc::F_WRLCK, 0, 100))).unwrap();
+        (t.elapsed(), fb)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "F_SETLKW must wait while A holds the lock");
+    drop(fa);
+    let (waited, fb) = waiter.join().unwrap();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    // Now A cannot take it.
+    let fa = OpenOptions::new().read(true).write(true).open(m.pa("lk")).unwrap();
+    let e = fcntl(&fa, FcntlArg::F_SETLK(&flock(libc::F_RDLCK, 10, 1))).unwrap_err();
+    assert!(matches!(e, nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES), "{e}");
+    drop(fb);
+    fcntl(&fa, FcntlArg::F_SETLK(&flock(libc::F_RDLCK, 10, 1))).unwrap();
+}
+
+fn up_args(data: &Path, mp: &Path, meta_port: u16, cache_port: u16) -> Vec<String> {
+    vec![
+        "up".into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{meta_port}"),
+        "--cache-listen".into(),
+        format!("127.0.0.1:{cache_port}"),
+        "--staging-size".into(),
+        "1G".into(),
+        mp.display().to_string(),
+    ]
+}
+
+#[test]
+fn up_keeps_fsynced_files_across_crash_and_restart() {
+    if !fuse_available("up_keeps_fsynced_files_across_crash_and_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mnt");
+    let args = up_args(&dir.path().join("data"), &mp, free_port(), free_port());
+    let mut up = MountProc::start(&args, &mp, &dir.path().join("up.log"));
+    let mut files = Vec::new();
+    std::fs::create_dir_all(mp.join("a/b")).unwrap();
+    for (i, len) in [0usize, 10, 4096, 1 << 20, 9 << 20, 70 << 20].into_iter().enumerate() {
+        let rel = if i % 2 == 0 { format!("a/f{i}") } else { format!("a/b/f{i}") };
+        let data = pattern(i as u64 + 40, len);
+        let mut f = File::create(mp.join(&rel)).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        // Kept open (never closed) for the crash: only the fsync vouches for it.
+        std::mem::forget(f);
+        files.push((rel, data));
+    }
+    std::os::unix::fs::symlink("a/f0", mp.join("link")).unwrap();
+    // Crash: kill -9 of the whole embedded stack.
+    up.restart();
+    for (rel, data) in &files {
+        let got = std::fs::read(mp.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}\n{}", up.log_tail()));
+        assert!(got == *data, "{rel}: {} bytes back, {} written", got.len(), data.len());
+    }
+    assert_eq!(std::fs::read_link(mp.join("link")).unwrap(), Path::new("a/f0"));
+    // A clean stop (SIGTERM) flushes buffered writes that were never fsynced.
+    let data = pattern(99, 3 << 20);
+    let mut f = File::create(mp.join("unsynced")).unwrap();
+    f.write_all(&data).unwrap();
+    // The file stays open: the stop must not wait for it, and must flush it first.
+    let status = up.terminate(Duration::from_secs(30)).expect("elea up did not stop on SIGTERM");
+    assert!(status.success(), "elea up exit status {status}: {}", up.log_tail());
+    drop(f);
+    elea_integration::force_unmount(&mp);
+    let mut up = MountProc::start(&args, &mp, &dir.path().join("up.log"));
+    assert!(std::fs::read(mp.join("unsynced")).unwrap() == data);
+    for (rel, data) in &files {
+        assert!(std::fs::read(mp.join(rel)).unwrap() == *data, "{rel}");
+    }
+    let status = up.terminate(Duration::from_secs(30)).expect("elea up did not stop on SIGTERM");
+    assert!(status.success());
+}
