@@ -52,9 +52,10 @@ pub struct CacheNodeConfig {
     /// How often the garbage collector runs, and how long a deleted slice waits first.
     pub gc_interval: Duration,
     pub gc_delay: Duration,
-    /// How often staged blocks are checked against metadata.
+    /// How often staged blocks are checked against metadata (and scrubbed).
     pub reconcile_interval: Duration,
-    /// A staged block metadata does not list here is dropped once older than this.
+    /// A staged block metadata does not list here is dropped once older than this; a block
+    /// metadata lists here is scrubbed once committed longer than this ago.
     pub stale_grace: Duration,
     /// A staged block of a slice metadata never committed is dropped once older than this.
     pub orphan_grace: Duration,

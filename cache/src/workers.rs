@@ -12,7 +12,13 @@
 //!   longer than the delay ago (staged copies and objects), then forgets the slices.
 //!   Incremental: it pages through the metadata list of deleted slices, never a bucket.
 //! - **reconcile**: drops staged copies metadata no longer lists here (tiered, replaced,
-//!   deleted, or never committed), each after a grace period.
+//!   deleted, or never committed), each after a grace period. Then it scrubs: every block
+//!   metadata lists here, committed longer than the same grace ago, must have its staged
+//!   file (of the right size); for one that does not, this node leaves the block's holder
+//!   list (`DropReplica`) so repair restores the missing copy.
+//! - **lost copies**: a copy staging discards as torn or corrupt (at open or on a read) is
+//!   reported the same way as soon as it is found (best effort: the scrub catches a report
+//!   that fails).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,7 +36,7 @@ use crate::error::CacheError;
 use crate::node::{Node, sleep_or_stop};
 use crate::placement::rank;
 use crate::proto::{BlockRef, GetRequest};
-use crate::staging::now_ms;
+use crate::staging::{BlockId, now_ms};
 
 /// Most blocks one tiering batch uploads before recording them.
 const TIER_BATCH: usize = 64;
@@ -55,10 +61,29 @@ pub(crate) fn spawn_all(node: &Arc<Node>, stop: &watch::Receiver<bool>) -> Vec<J
     v.push(tokio::spawn(run("gc", n.cfg.gc_interval, stop.clone(), n.clone(), |n| {
         Box::pin(async move { n.gc_round().await })
     })));
-    v.push(tokio::spawn(run("reconcile", n.cfg.reconcile_interval, stop.clone(), n, |n| {
+    v.push(tokio::spawn(run("reconcile", n.cfg.reconcile_interval, stop.clone(), n.clone(), |n| {
         Box::pin(async move { n.reconcile_round().await })
     })));
+    v.push(tokio::spawn(report_lost_loop(n, stop.clone())));
     v
+}
+
+/// Reports the copies staging found lost (discarded at open, or on a read) as soon as they
+/// are queued.
+async fn report_lost_loop(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let lost = node.staging.take_lost();
+        if !lost.is_empty() {
+            node.report_lost(&lost).await;
+        }
+        tokio::select! {
+            _ = node.staging.lost_queued() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
 }
 
 type Round = std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, CacheError>> + Send>>;
@@ -389,7 +414,59 @@ impl Node {
         }
     }
 
+    /// Tells metadata this node no longer holds these blocks' staged copies, one proposal
+    /// each; a failure is logged and left to the next scrub. Returns how many were recorded.
+    pub(crate) async fn report_lost(&self, ids: &[BlockId]) -> usize {
+        let me = self.cfg.node_id;
+        let mut n = 0;
+        for &(slice, index) in ids {
+            match self.meta.drop_replica(slice, index, me).await {
+                Ok(()) => {
+                    tracing::warn!(slice, index, "lost a staged copy: removed this node from its holders");
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(slice, index, error = %e, "reporting a lost staged copy failed; the scrub retries")
+                }
+            }
+        }
+        n
+    }
+
+    /// Drops unneeded local copies, then scrubs; one failing does not stop the other.
     pub(crate) async fn reconcile_round(self: Arc<Self>) -> Result<usize, CacheError> {
+        let dropped = self.drop_unlisted().await;
+        if let Err(e) = &dropped {
+            tracing::warn!(error = %e, "dropping unneeded staged copies failed");
+        }
+        let scrubbed = self.scrub().await;
+        Ok(dropped? + scrubbed?)
+    }
+
+    /// Every block metadata lists on this node, committed longer than the stale grace ago (so
+    /// no put in flight can race it: a node is listed only after its copy was stored), must
+    /// be staged here with a file of the right size. The ones that are not are reported
+    /// lost; repair then copies them back from another holder.
+    async fn scrub(&self) -> Result<usize, CacheError> {
+        let me = self.cfg.node_id;
+        let grace = self.cfg.stale_grace.as_millis() as u64;
+        let now = now_ms();
+        let mine: Vec<BlockId> = self
+            .meta
+            .staged_blocks()
+            .await?
+            .into_iter()
+            .filter(|b| b.nodes.contains(&me) && now.saturating_sub(ms_of(b.created)) >= grace)
+            .map(|b| (b.slice, b.index))
+            .collect();
+        if mine.is_empty() {
+            return Ok(0);
+        }
+        let lost = self.staging.scrub(mine).await?;
+        Ok(self.report_lost(&lost).await)
+    }
+
+    async fn drop_unlisted(&self) -> Result<usize, CacheError> {
         let me = self.cfg.node_id;
         let now = now_ms();
         let grace = self.cfg.stale_grace.as_millis() as u64;
