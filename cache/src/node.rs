@@ -114,6 +114,8 @@ pub struct Node {
     pub(crate) backlog: (AtomicU64, AtomicU64),
     /// The registry as of the last heartbeat.
     pub(crate) nodes: Mutex<Vec<CacheNodeInfo>>,
+    /// Retry schedule of deleted slices garbage collection failed to remove.
+    pub(crate) gc_backoff: Mutex<crate::workers::GcBackoff>,
 }
 
 /// Reads or creates the data directory's incarnation (random, fsynced once).
@@ -407,6 +409,7 @@ pub async fn serve(
         tier_wake: Notify::new(),
         backlog: (AtomicU64::new(0), AtomicU64::new(0)),
         nodes: Mutex::default(),
+        gc_backoff: Mutex::default(),
     });
     // Register before serving, retrying while the metadata service is unreachable.
     loop {

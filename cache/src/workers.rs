@@ -10,7 +10,9 @@
 //!   records the new replica.
 //! - **gc**: on the lowest-numbered live node only, deletes the blocks of slices deleted
 //!   longer than the delay ago (staged copies and objects), then forgets the slices.
-//!   Incremental: it pages through the metadata list of deleted slices, never a bucket.
+//!   Incremental: it pages through the metadata list of deleted slices, never a bucket. A
+//!   slice whose object delete fails is retried after a delay that doubles per failure, up
+//!   to five minutes, instead of every round.
 //! - **reconcile**: drops staged copies metadata no longer lists here (tiered, replaced,
 //!   deleted, or never committed), each after a grace period. Then it scrubs: every block
 //!   metadata lists here, committed longer than the same grace ago, must have its staged
@@ -43,6 +45,47 @@ const TIER_BATCH: usize = 64;
 /// Uploads in flight per node.
 const TIER_CONCURRENCY: usize = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait before garbage collection retries a slice whose object delete keeps failing.
+const GC_MAX_BACKOFF_MS: u64 = 5 * 60 * 1000;
+
+/// When garbage collection retries each slice whose object delete failed: a delay that
+/// starts at the GC period and doubles per failure up to [`GC_MAX_BACKOFF_MS`], so a delete
+/// that keeps failing (no permission, a removed store) costs one attempt every few minutes
+/// instead of one every round.
+#[derive(Debug, Default)]
+pub(crate) struct GcBackoff {
+    /// Slice id → (next attempt, milliseconds since the epoch; current delay).
+    slices: HashMap<u64, (u64, u64)>,
+}
+
+impl GcBackoff {
+    fn contains(&self, id: u64) -> bool {
+        self.slices.contains_key(&id)
+    }
+
+    /// Whether a slice may be tried at `now`.
+    fn due(&self, id: u64, now: u64) -> bool {
+        self.slices.get(&id).is_none_or(|(next, _)| now >= *next)
+    }
+
+    /// Records a failed attempt at `now`; returns the delay before the next one.
+    fn failed(&mut self, id: u64, now: u64, base_ms: u64) -> u64 {
+        let base = base_ms.clamp(1, GC_MAX_BACKOFF_MS);
+        let e = self.slices.entry(id).or_insert((now, 0));
+        e.1 = if e.1 == 0 { base } else { e.1.saturating_mul(2).min(GC_MAX_BACKOFF_MS) };
+        e.0 = now.saturating_add(e.1);
+        e.1
+    }
+
+    fn done(&mut self, id: u64) {
+        self.slices.remove(&id);
+    }
+
+    /// Keeps only the slices in `seen` (the others left the deleted list some other way).
+    fn retain(&mut self, seen: &HashSet<u64>) {
+        self.slices.retain(|id, _| seen.contains(id));
+    }
+}
 
 fn ms_of(t: elea_common::Timespec) -> u64 {
     u64::try_from(t.sec).unwrap_or(0) * 1000 + u64::from(t.nsec) / 1_000_000
@@ -360,9 +403,12 @@ impl Node {
             return Ok(0);
         }
         let delay = u64::try_from(self.cfg.gc_delay.as_millis()).unwrap_or(u64::MAX);
+        let base = u64::try_from(self.cfg.gc_interval.as_millis()).unwrap_or(u64::MAX);
         let now = now_ms();
         let mut after = 0;
         let mut forgotten = 0;
+        // Slices with a retry schedule still on the deleted list.
+        let mut backing_off = HashSet::new();
         loop {
             let (page, more) = self.meta.pending_deletes(after, 256).await?;
             let mut forget = Vec::new();
@@ -370,6 +416,15 @@ impl Node {
                 after = id;
                 if now.saturating_sub(ms_of(t)) < delay {
                     continue;
+                }
+                {
+                    let b = self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner());
+                    if b.contains(id) {
+                        backing_off.insert(id);
+                        if !b.due(id, now) {
+                            continue;
+                        }
+                    }
                 }
                 let Some(l) = loc else {
                     forget.push(id);
@@ -386,7 +441,7 @@ impl Node {
                             Err(e) => Err(e),
                         };
                         if let Err(e) = r {
-                            tracing::warn!(slice = id, error = %e, "deleting an object failed; will retry");
+                            tracing::warn!(slice = id, index, error = %e, "deleting an object failed");
                             ok = false;
                         }
                     }
@@ -402,13 +457,24 @@ impl Node {
                 }
                 if ok {
                     forget.push(id);
+                } else {
+                    let wait =
+                        self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner()).failed(id, now, base);
+                    backing_off.insert(id);
+                    tracing::warn!(slice = id, retry_in_ms = wait, "collecting a deleted slice failed");
                 }
             }
             if !forget.is_empty() {
                 forgotten += forget.len();
-                self.meta.op(Op::ForgetSlices { ids: forget }).await?;
+                self.meta.op(Op::ForgetSlices { ids: forget.clone() }).await?;
+                let mut b = self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner());
+                for id in forget {
+                    b.done(id);
+                    backing_off.remove(&id);
+                }
             }
             if !more {
+                self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner()).retain(&backing_off);
                 return Ok(forgotten);
             }
         }
@@ -502,5 +568,34 @@ impl Node {
             }
         }
         Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = GcBackoff::default();
+        assert!(b.due(7, 0));
+        assert_eq!(b.failed(7, 1000, 300), 300);
+        assert!(!b.due(7, 1299) && b.due(7, 1300) && b.due(8, 1000));
+        assert_eq!(b.failed(7, 1300, 300), 600);
+        assert!(!b.due(7, 1899) && b.due(7, 1900));
+        let mut last = 0;
+        for i in 0..20 {
+            last = b.failed(7, 2000 + i, 300);
+        }
+        assert_eq!(last, GC_MAX_BACKOFF_MS);
+        assert!(!b.due(7, 2019 + GC_MAX_BACKOFF_MS - 1) && b.due(7, 2019 + GC_MAX_BACKOFF_MS));
+        // A base above the cap is capped; a zero base still waits.
+        assert_eq!(b.failed(9, 0, u64::MAX), GC_MAX_BACKOFF_MS);
+        assert_eq!(b.failed(10, 0, 0), 1);
+        b.done(7);
+        assert!(b.due(7, 0));
+        assert_eq!(b.failed(7, 0, 300), 300, "a success starts the schedule over");
+        b.retain(&HashSet::from([7]));
+        assert!(b.contains(7) && !b.contains(9) && !b.contains(10));
     }
 }

@@ -434,3 +434,25 @@ async fn a_torn_copy_found_at_restart_is_replaced() {
     drop_caches(&c).await;
     assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_collection_retries_after_a_store_outage() {
+    let mut c = TestCluster::start(2).await;
+    let vol = c.volume("b", 2, 0).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    c.data().write(vol, f.ino, 0, Bytes::from(content(17, 5 * MIB))).await.unwrap();
+    wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol).await == 0 }).await;
+    assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 2);
+    // Deletes fail while the store is down: the slice waits, with growing delays.
+    c.stop_s3().await;
+    c.meta.unlink(vol, ROOT_INO, b"f").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (pending, _) = c.meta.pending_deletes(0, 100).await.unwrap();
+    assert_eq!(pending.len(), 1, "nothing is forgotten while its objects cannot be deleted");
+    c.start_s3().await;
+    wait_until(Duration::from_secs(30), "collected once the store is back", || async {
+        c.meta.pending_deletes(0, 100).await.unwrap().0.is_empty()
+    })
+    .await;
+    assert!(c.store().list_volume(vol).await.unwrap().is_empty());
+}
