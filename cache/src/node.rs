@@ -52,9 +52,10 @@ pub struct CacheNodeConfig {
     /// How often the garbage collector runs, and how long a deleted slice waits first.
     pub gc_interval: Duration,
     pub gc_delay: Duration,
-    /// How often staged blocks are checked against metadata.
+    /// How often staged blocks are checked against metadata (and scrubbed).
     pub reconcile_interval: Duration,
-    /// A staged block metadata does not list here is dropped once older than this.
+    /// A staged block metadata does not list here is dropped once older than this; a block
+    /// metadata lists here is scrubbed once committed longer than this ago.
     pub stale_grace: Duration,
     /// A staged block of a slice metadata never committed is dropped once older than this.
     pub orphan_grace: Duration,
@@ -113,6 +114,8 @@ pub struct Node {
     pub(crate) backlog: (AtomicU64, AtomicU64),
     /// The registry as of the last heartbeat.
     pub(crate) nodes: Mutex<Vec<CacheNodeInfo>>,
+    /// Retry schedule of deleted slices garbage collection failed to remove.
+    pub(crate) gc_backoff: Mutex<crate::workers::GcBackoff>,
 }
 
 /// Reads or creates the data directory's incarnation (random, fsynced once).
@@ -406,6 +409,7 @@ pub async fn serve(
         tier_wake: Notify::new(),
         backlog: (AtomicU64::new(0), AtomicU64::new(0)),
         nodes: Mutex::default(),
+        gc_backoff: Mutex::default(),
     });
     // Register before serving, retrying while the metadata service is unreachable.
     loop {

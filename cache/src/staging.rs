@@ -8,6 +8,10 @@
 //! temporary files are removed and every block is verified: a torn or corrupt file is
 //! discarded (and counted), never served. Reads verify the checksum again.
 //!
+//! A copy found torn, corrupt or missing (at open, on a read, or by [`Staging::scrub`]) is
+//! forgotten here and queued as lost: the node takes the queue ([`Staging::take_lost`]) and
+//! tells metadata it no longer holds those blocks, so re-replication restores their copies.
+//!
 //! The store has a byte capacity. `put` waits (backpressure) while the block does not fit; it
 //! never drops data. Space comes back when blocks are tiered or deleted.
 
@@ -47,7 +51,7 @@ pub struct StagingStats {
     pub bytes: u64,
     pub capacity: u64,
     pub oldest_ms: Option<u64>,
-    /// Torn or corrupt files found (at open or on read) and discarded.
+    /// Torn, corrupt or missing files found (at open, on read or by a scrub) and discarded.
     pub discarded: u64,
 }
 
@@ -56,6 +60,8 @@ struct Inner {
     /// Bytes of staged blocks plus bytes reserved by puts in progress.
     used: u64,
     discarded: u64,
+    /// Blocks discarded or found missing that metadata has not been told about yet.
+    lost: Vec<BlockId>,
 }
 
 /// See the module docs.
@@ -64,6 +70,8 @@ pub struct Staging {
     capacity: u64,
     inner: Mutex<Inner>,
     space: Notify,
+    /// Signalled when a block is added to the lost queue.
+    lost: Notify,
 }
 
 pub fn now_ms() -> u64 {
@@ -155,6 +163,7 @@ impl Staging {
         let mut blocks = HashMap::new();
         let mut used = 0u64;
         let mut discarded = 0u64;
+        let mut lost = Vec::new();
         let subdirs = fs::read_dir(&dir).map_err(|e| CacheError::io("listing staging", &dir, e))?;
         for sub in subdirs {
             let sub = sub.map_err(|e| CacheError::io("listing staging", &dir, e))?.path();
@@ -179,6 +188,7 @@ impl Staging {
                     Ok(None) => {
                         tracing::warn!(path = %path.display(), "discarding a torn or corrupt staged block");
                         discarded += 1;
+                        lost.push(id);
                         fs::remove_file(&path)
                             .map_err(|e| CacheError::io("removing a torn block", &path, e))?;
                     }
@@ -191,8 +201,9 @@ impl Staging {
         Ok(Arc::new(Self {
             dir,
             capacity,
-            inner: Mutex::new(Inner { blocks, used, discarded }),
+            inner: Mutex::new(Inner { blocks, used, discarded, lost }),
             space: Notify::new(),
+            lost: Notify::new(),
         }))
     }
 
@@ -232,6 +243,35 @@ impl Staging {
     /// Every staged block.
     pub fn list(&self) -> Vec<(BlockId, StagedMeta)> {
         self.lock().blocks.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// Takes the blocks found lost (discarded as torn or corrupt, or missing) since the last
+    /// call. They are no longer staged here; metadata should stop listing this node for them.
+    pub fn take_lost(&self) -> Vec<BlockId> {
+        std::mem::take(&mut self.lock().lost)
+    }
+
+    /// Waits until a block is queued as lost (returns at once if one was queued since the
+    /// last wait).
+    pub async fn lost_queued(&self) {
+        self.lost.notified().await;
+    }
+
+    /// Forgets a block whose file is gone or damaged (its space comes back) and counts it.
+    fn forget_damaged(&self, g: &mut Inner, id: BlockId) {
+        if let Some(m) = g.blocks.remove(&id) {
+            g.used = g.used.saturating_sub(u64::from(m.len));
+            self.space.notify_waiters();
+        }
+        g.discarded += 1;
+    }
+
+    /// Queues a block for [`Staging::take_lost`].
+    fn queue_lost(&self, g: &mut Inner, id: BlockId) {
+        if !g.lost.contains(&id) {
+            g.lost.push(id);
+        }
+        self.lost.notify_one();
     }
 
     pub fn stats(&self) -> StagingStats {
@@ -369,13 +409,84 @@ impl Staging {
             Ok(Some((_, m, data))) => Ok(Some((m, data))),
             Ok(None) => {
                 tracing::error!(path = %path.display(), "staged block is corrupt: discarding it");
-                self.lock().discarded += 1;
                 self.remove(id).await?;
+                let mut g = self.lock();
+                g.discarded += 1;
+                self.queue_lost(&mut g, id);
                 Err(CacheError::Checksum(format!("staged block {id:?} is corrupt")))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Known here but the file is gone (removed behind the store's back, or a
+                // concurrent remove). Checked again under the lock: a remove that raced
+                // this read has already forgotten it, and no put can recreate the file
+                // while the block is still known.
+                let mut g = self.lock();
+                if g.blocks.contains_key(&id)
+                    && matches!(fs::metadata(&path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+                {
+                    tracing::error!(path = %path.display(), "staged block is missing: forgetting it");
+                    self.forget_damaged(&mut g, id);
+                    self.queue_lost(&mut g, id);
+                }
+                Ok(None)
+            }
             Err(e) => Err(CacheError::io("reading a staged block", &path, e)),
         }
+    }
+
+    /// Checks that each of `ids` (blocks metadata says are staged here) still has its file,
+    /// of the right size. Returns the ones that do not: unknown here, missing on disk, or of
+    /// the wrong size (that file is removed). Known ones are forgotten and counted as
+    /// discarded; the caller reports them all (they are not queued). The bytes are not read:
+    /// reads and tiering verify them.
+    ///
+    /// Fails without judging any block when the staging directory itself is gone (an
+    /// unmounted disk must not look like every copy lost). Any other error on one block
+    /// skips that block.
+    pub async fn scrub(self: &Arc<Self>, ids: Vec<BlockId>) -> Result<Vec<BlockId>, CacheError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.scrub_blocking(&ids))
+            .await
+            .map_err(|e| CacheError::Internal(format!("staging scrub: {e}")))?
+    }
+
+    fn scrub_blocking(&self, ids: &[BlockId]) -> Result<Vec<BlockId>, CacheError> {
+        match fs::metadata(&self.dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(CacheError::Internal(format!("{} is not a directory", self.dir.display()))),
+            Err(e) => return Err(CacheError::io("checking the staging directory", &self.dir, e)),
+        }
+        let mut lost = Vec::new();
+        for &id in ids {
+            let (_, path) = self.path_of(id);
+            // Under the lock: a put inserts a block only after its file is in place, and a
+            // remove deletes the file before forgetting the block, so "known here, no file"
+            // seen under the lock is a lost copy, not a race.
+            let mut g = self.lock();
+            let Some(m) = g.blocks.get(&id).copied() else {
+                lost.push(id);
+                continue;
+            };
+            match fs::metadata(&path) {
+                Ok(f) if f.len() == (HEADER_LEN + m.len as usize) as u64 => {}
+                Ok(f) => {
+                    tracing::error!(path = %path.display(), size = f.len(), "staged block has the wrong size: discarding it");
+                    if let Err(e) = fs::remove_file(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "removing a damaged staged block");
+                        continue;
+                    }
+                    self.forget_damaged(&mut g, id);
+                    lost.push(id);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::error!(path = %path.display(), "staged block is missing: forgetting it");
+                    self.forget_damaged(&mut g, id);
+                    lost.push(id);
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "checking a staged block"),
+            }
+        }
+        Ok(lost)
     }
 
     /// Removes a staged block (no-op when absent) and frees its space.
@@ -456,13 +567,57 @@ mod tests {
         assert_eq!(s.stats().blocks, 1);
         assert_eq!(s.stats().discarded, 2);
         assert!(!sub.join(".x.tmp.1").exists());
-        // Corruption after open is caught on read.
+        // Both are queued as lost, once.
+        let mut lost = s.take_lost();
+        lost.sort_unstable();
+        assert_eq!(lost, vec![(7, 0), (7, 1)]);
+        assert!(s.take_lost().is_empty());
+        // Corruption after open is caught on read, and queued.
         let p2 = sub.join(file_name((7, 2)));
         let mut bytes = fs::read(&p2).unwrap();
         bytes[HEADER_LEN] ^= 1;
         fs::write(&p2, &bytes).unwrap();
         assert!(matches!(s.get((7, 2)).await, Err(CacheError::Checksum(_))));
         assert!(!s.contains((7, 2)));
+        tokio::time::timeout(Duration::from_secs(5), s.lost_queued()).await.unwrap();
+        assert_eq!(s.take_lost(), vec![(7, 2)]);
+        assert_eq!(s.stats().bytes, 0);
+        // A block put again after being lost is staged normally.
+        let b = block(4096, 2);
+        s.put(1, (7, 2), b.clone(), crc32c::crc32c(&b)).await.unwrap();
+        assert_eq!(s.get((7, 2)).await.unwrap().unwrap().1, b.to_vec());
+    }
+
+    #[tokio::test]
+    async fn missing_files_are_found_and_forgotten() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Staging::open(d.path(), 1 << 20).unwrap();
+        for i in 0..4u32 {
+            let b = block(1000, i as u8);
+            s.put(1, (9, i), b.clone(), crc32c::crc32c(&b)).await.unwrap();
+        }
+        let sub = d.path().join("09");
+        // Removed behind the store's back, and cut short.
+        fs::remove_file(sub.join(file_name((9, 0)))).unwrap();
+        let p1 = sub.join(file_name((9, 1)));
+        OpenOptions::new().write(true).open(&p1).unwrap().set_len(100).unwrap();
+        let ids = vec![(9, 0), (9, 1), (9, 2), (8, 0)];
+        assert_eq!(s.scrub(ids.clone()).await.unwrap(), vec![(9, 0), (9, 1), (8, 0)]);
+        assert!(!s.contains((9, 0)) && !s.contains((9, 1)) && s.contains((9, 2)) && s.contains((9, 3)));
+        assert!(!p1.exists());
+        assert_eq!((s.stats().blocks, s.stats().bytes, s.stats().discarded), (2, 2000, 2));
+        // The scrub's findings are its caller's to report; nothing is queued.
+        assert!(s.take_lost().is_empty());
+        assert_eq!(s.scrub(ids).await.unwrap(), vec![(9, 0), (9, 1), (8, 0)]);
+        // A read that finds the file gone forgets the block and queues it.
+        fs::remove_file(sub.join(file_name((9, 3)))).unwrap();
+        assert!(s.get((9, 3)).await.unwrap().is_none());
+        assert!(!s.contains((9, 3)));
+        assert_eq!(s.take_lost(), vec![(9, 3)]);
+        // Without the staging directory nothing is judged.
+        fs::remove_dir_all(d.path()).unwrap();
+        assert!(s.scrub(vec![(9, 2)]).await.is_err());
+        assert!(s.contains((9, 2)));
     }
 
     #[tokio::test]

@@ -10,9 +10,17 @@
 //!   records the new replica.
 //! - **gc**: on the lowest-numbered live node only, deletes the blocks of slices deleted
 //!   longer than the delay ago (staged copies and objects), then forgets the slices.
-//!   Incremental: it pages through the metadata list of deleted slices, never a bucket.
+//!   Incremental: it pages through the metadata list of deleted slices, never a bucket. A
+//!   slice whose object delete fails is retried after a delay that doubles per failure, up
+//!   to five minutes, instead of every round.
 //! - **reconcile**: drops staged copies metadata no longer lists here (tiered, replaced,
-//!   deleted, or never committed), each after a grace period.
+//!   deleted, or never committed), each after a grace period. Then it scrubs: every block
+//!   metadata lists here, committed longer than the same grace ago, must have its staged
+//!   file (of the right size); for one that does not, this node leaves the block's holder
+//!   list (`DropReplica`) so repair restores the missing copy.
+//! - **lost copies**: a copy staging discards as torn or corrupt (at open or on a read) is
+//!   reported the same way as soon as it is found (best effort: the scrub catches a report
+//!   that fails).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,13 +38,54 @@ use crate::error::CacheError;
 use crate::node::{Node, sleep_or_stop};
 use crate::placement::rank;
 use crate::proto::{BlockRef, GetRequest};
-use crate::staging::now_ms;
+use crate::staging::{BlockId, now_ms};
 
 /// Most blocks one tiering batch uploads before recording them.
 const TIER_BATCH: usize = 64;
 /// Uploads in flight per node.
 const TIER_CONCURRENCY: usize = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait before garbage collection retries a slice whose object delete keeps failing.
+const GC_MAX_BACKOFF_MS: u64 = 5 * 60 * 1000;
+
+/// When garbage collection retries each slice whose object delete failed: a delay that
+/// starts at the GC period and doubles per failure up to [`GC_MAX_BACKOFF_MS`], so a delete
+/// that keeps failing (no permission, a removed store) costs one attempt every few minutes
+/// instead of one every round.
+#[derive(Debug, Default)]
+pub(crate) struct GcBackoff {
+    /// Slice id → (next attempt, milliseconds since the epoch; current delay).
+    slices: HashMap<u64, (u64, u64)>,
+}
+
+impl GcBackoff {
+    fn contains(&self, id: u64) -> bool {
+        self.slices.contains_key(&id)
+    }
+
+    /// Whether a slice may be tried at `now`.
+    fn due(&self, id: u64, now: u64) -> bool {
+        self.slices.get(&id).is_none_or(|(next, _)| now >= *next)
+    }
+
+    /// Records a failed attempt at `now`; returns the delay before the next one.
+    fn failed(&mut self, id: u64, now: u64, base_ms: u64) -> u64 {
+        let base = base_ms.clamp(1, GC_MAX_BACKOFF_MS);
+        let e = self.slices.entry(id).or_insert((now, 0));
+        e.1 = if e.1 == 0 { base } else { e.1.saturating_mul(2).min(GC_MAX_BACKOFF_MS) };
+        e.0 = now.saturating_add(e.1);
+        e.1
+    }
+
+    fn done(&mut self, id: u64) {
+        self.slices.remove(&id);
+    }
+
+    /// Keeps only the slices in `seen` (the others left the deleted list some other way).
+    fn retain(&mut self, seen: &HashSet<u64>) {
+        self.slices.retain(|id, _| seen.contains(id));
+    }
+}
 
 fn ms_of(t: elea_common::Timespec) -> u64 {
     u64::try_from(t.sec).unwrap_or(0) * 1000 + u64::from(t.nsec) / 1_000_000
@@ -55,10 +104,29 @@ pub(crate) fn spawn_all(node: &Arc<Node>, stop: &watch::Receiver<bool>) -> Vec<J
     v.push(tokio::spawn(run("gc", n.cfg.gc_interval, stop.clone(), n.clone(), |n| {
         Box::pin(async move { n.gc_round().await })
     })));
-    v.push(tokio::spawn(run("reconcile", n.cfg.reconcile_interval, stop.clone(), n, |n| {
+    v.push(tokio::spawn(run("reconcile", n.cfg.reconcile_interval, stop.clone(), n.clone(), |n| {
         Box::pin(async move { n.reconcile_round().await })
     })));
+    v.push(tokio::spawn(report_lost_loop(n, stop.clone())));
     v
+}
+
+/// Reports the copies staging found lost (discarded at open, or on a read) as soon as they
+/// are queued.
+async fn report_lost_loop(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let lost = node.staging.take_lost();
+        if !lost.is_empty() {
+            node.report_lost(&lost).await;
+        }
+        tokio::select! {
+            _ = node.staging.lost_queued() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
 }
 
 type Round = std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, CacheError>> + Send>>;
@@ -335,9 +403,12 @@ impl Node {
             return Ok(0);
         }
         let delay = u64::try_from(self.cfg.gc_delay.as_millis()).unwrap_or(u64::MAX);
+        let base = u64::try_from(self.cfg.gc_interval.as_millis()).unwrap_or(u64::MAX);
         let now = now_ms();
         let mut after = 0;
         let mut forgotten = 0;
+        // Slices with a retry schedule still on the deleted list.
+        let mut backing_off = HashSet::new();
         loop {
             let (page, more) = self.meta.pending_deletes(after, 256).await?;
             let mut forget = Vec::new();
@@ -345,6 +416,15 @@ impl Node {
                 after = id;
                 if now.saturating_sub(ms_of(t)) < delay {
                     continue;
+                }
+                {
+                    let b = self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner());
+                    if b.contains(id) {
+                        backing_off.insert(id);
+                        if !b.due(id, now) {
+                            continue;
+                        }
+                    }
                 }
                 let Some(l) = loc else {
                     forget.push(id);
@@ -361,7 +441,7 @@ impl Node {
                             Err(e) => Err(e),
                         };
                         if let Err(e) = r {
-                            tracing::warn!(slice = id, error = %e, "deleting an object failed; will retry");
+                            tracing::warn!(slice = id, index, error = %e, "deleting an object failed");
                             ok = false;
                         }
                     }
@@ -377,19 +457,82 @@ impl Node {
                 }
                 if ok {
                     forget.push(id);
+                } else {
+                    let wait =
+                        self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner()).failed(id, now, base);
+                    backing_off.insert(id);
+                    tracing::warn!(slice = id, retry_in_ms = wait, "collecting a deleted slice failed");
                 }
             }
             if !forget.is_empty() {
                 forgotten += forget.len();
-                self.meta.op(Op::ForgetSlices { ids: forget }).await?;
+                self.meta.op(Op::ForgetSlices { ids: forget.clone() }).await?;
+                let mut b = self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner());
+                for id in forget {
+                    b.done(id);
+                    backing_off.remove(&id);
+                }
             }
             if !more {
+                self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner()).retain(&backing_off);
                 return Ok(forgotten);
             }
         }
     }
 
+    /// Tells metadata this node no longer holds these blocks' staged copies, one proposal
+    /// each; a failure is logged and left to the next scrub. Returns how many were recorded.
+    pub(crate) async fn report_lost(&self, ids: &[BlockId]) -> usize {
+        let me = self.cfg.node_id;
+        let mut n = 0;
+        for &(slice, index) in ids {
+            match self.meta.drop_replica(slice, index, me).await {
+                Ok(()) => {
+                    tracing::warn!(slice, index, "lost a staged copy: removed this node from its holders");
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(slice, index, error = %e, "reporting a lost staged copy failed; the scrub retries")
+                }
+            }
+        }
+        n
+    }
+
+    /// Drops unneeded local copies, then scrubs; one failing does not stop the other.
     pub(crate) async fn reconcile_round(self: Arc<Self>) -> Result<usize, CacheError> {
+        let dropped = self.drop_unlisted().await;
+        if let Err(e) = &dropped {
+            tracing::warn!(error = %e, "dropping unneeded staged copies failed");
+        }
+        let scrubbed = self.scrub().await;
+        Ok(dropped? + scrubbed?)
+    }
+
+    /// Every block metadata lists on this node, committed longer than the stale grace ago (so
+    /// no put in flight can race it: a node is listed only after its copy was stored), must
+    /// be staged here with a file of the right size. The ones that are not are reported
+    /// lost; repair then copies them back from another holder.
+    async fn scrub(&self) -> Result<usize, CacheError> {
+        let me = self.cfg.node_id;
+        let grace = self.cfg.stale_grace.as_millis() as u64;
+        let now = now_ms();
+        let mine: Vec<BlockId> = self
+            .meta
+            .staged_blocks()
+            .await?
+            .into_iter()
+            .filter(|b| b.nodes.contains(&me) && now.saturating_sub(ms_of(b.created)) >= grace)
+            .map(|b| (b.slice, b.index))
+            .collect();
+        if mine.is_empty() {
+            return Ok(0);
+        }
+        let lost = self.staging.scrub(mine).await?;
+        Ok(self.report_lost(&lost).await)
+    }
+
+    async fn drop_unlisted(&self) -> Result<usize, CacheError> {
         let me = self.cfg.node_id;
         let now = now_ms();
         let grace = self.cfg.stale_grace.as_millis() as u64;
@@ -425,5 +568,34 @@ impl Node {
             }
         }
         Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = GcBackoff::default();
+        assert!(b.due(7, 0));
+        assert_eq!(b.failed(7, 1000, 300), 300);
+        assert!(!b.due(7, 1299) && b.due(7, 1300) && b.due(8, 1000));
+        assert_eq!(b.failed(7, 1300, 300), 600);
+        assert!(!b.due(7, 1899) && b.due(7, 1900));
+        let mut last = 0;
+        for i in 0..20 {
+            last = b.failed(7, 2000 + i, 300);
+        }
+        assert_eq!(last, GC_MAX_BACKOFF_MS);
+        assert!(!b.due(7, 2019 + GC_MAX_BACKOFF_MS - 1) && b.due(7, 2019 + GC_MAX_BACKOFF_MS));
+        // A base above the cap is capped; a zero base still waits.
+        assert_eq!(b.failed(9, 0, u64::MAX), GC_MAX_BACKOFF_MS);
+        assert_eq!(b.failed(10, 0, 0), 1);
+        b.done(7);
+        assert!(b.due(7, 0));
+        assert_eq!(b.failed(7, 0, 300), 300, "a success starts the schedule over");
+        b.retain(&HashSet::from([7]));
+        assert!(b.contains(7) && !b.contains(9) && !b.contains(10));
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{TestCluster, content, wait_until};
+use common::{CacheProc, TestCluster, content, wait_until};
 use elea_cache::client::BlockClients;
 use elea_cache::proto::BlockRef;
 use elea_common::ROOT_INO;
@@ -43,6 +43,44 @@ async fn staged_anywhere(c: &TestCluster, r: BlockRef) -> usize {
     }
     n
 }
+
+fn staged_path(n: &CacheProc, slice: u64, index: u32) -> std::path::PathBuf {
+    n.dir.join("staging").join(format!("{:02x}", slice & 0xff)).join(format!("{slice:016x}_{index}"))
+}
+
+/// Metadata lists exactly `want` live holders of the block, and each of them really holds
+/// it: its block service says so and its staged file carries exactly `bytes`.
+async fn really_held(c: &TestCluster, vol: u64, slice: u64, index: u32, bytes: &[u8], want: usize) -> bool {
+    let Some(b) =
+        c.meta.staged_blocks().await.unwrap().into_iter().find(|b| (b.slice, b.index) == (slice, index))
+    else {
+        return false;
+    };
+    let nodes = c.meta.cache_nodes().await.unwrap();
+    if b.nodes.len() != want || !b.nodes.iter().all(|id| nodes.iter().any(|n| n.id == *id && n.alive)) {
+        return false;
+    }
+    let p = BlockClients::default();
+    for id in &b.nodes {
+        let Some(n) = c.nodes.iter().find(|n| n.id == *id) else { return false };
+        let has = p.has(&n.addr, BlockRef { vol, slice, index }).await.is_ok_and(|h| h.staged);
+        let on_disk = std::fs::read(staged_path(n, slice, index))
+            .is_ok_and(|f| f.len() > HEADER_LEN && f[HEADER_LEN..] == *bytes);
+        if !has || !on_disk {
+            return false;
+        }
+    }
+    true
+}
+
+/// Bytes of block `index` of a file written in one piece from offset 0 (under one chunk).
+fn block_of(data: &[u8], index: u32) -> &[u8] {
+    let start = index as usize * BLOCK;
+    &data[start..(start + BLOCK).min(data.len())]
+}
+
+const BLOCK: usize = 4 * MIB;
+const HEADER_LEN: usize = elea_cache::staging::HEADER_LEN;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn write_tier_and_read_from_every_tier() {
@@ -162,29 +200,8 @@ async fn garbage_collection_removes_deleted_data_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corruption_is_detected_never_returned() {
+    // (A corrupt staged copy: see `a_corrupt_staged_copy_is_replaced`.)
     let c = TestCluster::start(2).await;
-    // A corrupt staged copy: the read is served from the other replica.
-    let vol = c.volume("c", 2, 3_600_000).await;
-    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
-    let data = content(7, 2 * MIB);
-    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
-    let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap();
-    let first = c.nodes.iter().find(|n| n.id == bl.nodes[0]).unwrap();
-    let path = first
-        .dir
-        .join("staging")
-        .join(format!("{:02x}", bl.slice & 0xff))
-        .join(format!("{:016x}_{}", bl.slice, bl.index));
-    let mut bytes = std::fs::read(&path).unwrap();
-    let n = bytes.len();
-    bytes[n - 10] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
-    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
-    let r = BlockRef { vol, slice: bl.slice, index: bl.index };
-    assert!(
-        !BlockClients::default().has(&first.addr, r).await.unwrap().staged,
-        "the corrupt copy is discarded"
-    );
     // A corrupt object: reading it fails, it never returns wrong bytes.
     let vol2 = c.volume("c2", 2, 0).await;
     let g = c.meta.create(vol2, ROOT_INO, b"g", 0o644).await.unwrap();
@@ -304,4 +321,138 @@ async fn staging_above_its_high_watermark_tiers_early() {
     drop_caches(&c).await;
     let all = c.data().read(vol, f.ino, 0, 60 * MIB).await.unwrap();
     assert!(all[..20 * MIB] == a[..] && all[20 * MIB..] == b[..]);
+}
+
+/// Nodes whose periodic reconcile (and scrub) never runs again after start: only the
+/// immediate report of a discarded copy can heal.
+async fn cluster_without_scrub(n: u64) -> TestCluster {
+    let mut c = TestCluster::start(0).await;
+    for id in 1..=n {
+        c.start_node_with(id, |cfg| cfg.reconcile_interval = Duration::from_secs(3600)).await;
+    }
+    c.wait_alive(n as usize).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_staged_copy_deleted_behind_the_nodes_back_is_restored() {
+    let c = TestCluster::start(2).await;
+    let vol = c.volume("l", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let data = content(14, 6 * MIB);
+    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    let bl =
+        c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol && b.index == 1).unwrap();
+    let bytes = block_of(&data, 1);
+    assert!(really_held(&c, vol, bl.slice, 1, bytes, 2).await);
+    // The node keeps running and still believes it has the copy; metadata still lists it.
+    let victim = c.nodes.iter().find(|n| n.id == bl.nodes[0]).unwrap();
+    std::fs::remove_file(staged_path(victim, bl.slice, 1)).unwrap();
+    assert!(!really_held(&c, vol, bl.slice, 1, bytes, 2).await);
+    // The scrub notices, the node leaves the holder list, repair copies the block back.
+    wait_until(Duration::from_secs(30), "two real copies again", || async {
+        really_held(&c, vol, bl.slice, 1, bytes, 2).await
+    })
+    .await;
+    assert!(really_held(&c, vol, bl.slice, 0, block_of(&data, 0), 2).await);
+    drop_caches(&c).await;
+    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_restarted_without_its_staged_files_gets_them_back() {
+    // Its incarnation survives, so the registry does not know the copies are gone.
+    let mut c = TestCluster::start(2).await;
+    let vol = c.volume("w", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let data = content(15, 9 * MIB);
+    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    let slice = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap().slice;
+    c.stop_node(2).await;
+    std::fs::remove_dir_all(c.tmp.path().join("cache2").join("staging")).unwrap();
+    c.start_node(2).await;
+    c.wait_alive(2).await;
+    wait_until(Duration::from_secs(30), "two real copies of every block", || async {
+        let mut ok = true;
+        for i in 0..3 {
+            ok &= really_held(&c, vol, slice, i, block_of(&data, i), 2).await;
+        }
+        ok
+    })
+    .await;
+    c.stop_node(1).await;
+    drop_caches(&c).await;
+    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data, "node 2 alone serves it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_staged_copy_is_replaced() {
+    let c = cluster_without_scrub(2).await;
+    let vol = c.volume("c", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let data = content(7, 2 * MIB);
+    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap();
+    // The first holder is the one a reader asks first.
+    let first = c.nodes.iter().find(|n| n.id == bl.nodes[0]).unwrap();
+    let path = staged_path(first, bl.slice, bl.index);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    // Served from the other copy; the corrupt one is discarded and reported at once.
+    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+    wait_until(Duration::from_secs(30), "two real copies again", || async {
+        really_held(&c, vol, bl.slice, bl.index, &data, 2).await
+    })
+    .await;
+    drop_caches(&c).await;
+    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_torn_copy_found_at_restart_is_replaced() {
+    let mut c = cluster_without_scrub(2).await;
+    let vol = c.volume("t", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let data = content(16, 3 * MIB);
+    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap();
+    let victim = bl.nodes[1];
+    c.stop_node(victim).await;
+    let dir = c.tmp.path().join(format!("cache{victim}"));
+    let path =
+        dir.join("staging").join(format!("{:02x}", bl.slice & 0xff)).join(format!("{:016x}_0", bl.slice));
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 1000).unwrap();
+    c.start_node_with(victim, |cfg| cfg.reconcile_interval = Duration::from_secs(3600)).await;
+    c.wait_alive(2).await;
+    wait_until(Duration::from_secs(30), "two real copies again", || async {
+        really_held(&c, vol, bl.slice, 0, &data, 2).await
+    })
+    .await;
+    drop_caches(&c).await;
+    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_collection_retries_after_a_store_outage() {
+    let mut c = TestCluster::start(2).await;
+    let vol = c.volume("b", 2, 0).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    c.data().write(vol, f.ino, 0, Bytes::from(content(17, 5 * MIB))).await.unwrap();
+    wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol).await == 0 }).await;
+    assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 2);
+    // Deletes fail while the store is down: the slice waits, with growing delays.
+    c.stop_s3().await;
+    c.meta.unlink(vol, ROOT_INO, b"f").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (pending, _) = c.meta.pending_deletes(0, 100).await.unwrap();
+    assert_eq!(pending.len(), 1, "nothing is forgotten while its objects cannot be deleted");
+    c.start_s3().await;
+    wait_until(Duration::from_secs(30), "collected once the store is back", || async {
+        c.meta.pending_deletes(0, 100).await.unwrap().0.is_empty()
+    })
+    .await;
+    assert!(c.store().list_volume(vol).await.unwrap().is_empty());
 }

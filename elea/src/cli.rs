@@ -119,10 +119,12 @@ pub struct CacheArgs {
     /// How long a deleted file's blocks are kept before garbage collection removes them.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub gc_delay: Duration,
-    /// How often staged blocks are checked against metadata (stale copies dropped).
+    /// How often staged blocks are checked against metadata (stale copies dropped, lost ones
+    /// reported for repair).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
-    /// Grace before a staged copy metadata does not list here is dropped.
+    /// Grace before a staged copy metadata does not list here is dropped, and before a newly
+    /// committed block listed here is checked.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub stale_grace: Duration,
 }

@@ -808,6 +808,12 @@ impl MetaClient {
         }
     }
 
+    /// Records that cache node `node` no longer holds its staged copy of block `index` of
+    /// `slice` ([`Op::DropReplica`]).
+    pub async fn drop_replica(&self, slice: SliceId, index: u32, node: u64) -> Result<(), ClientError> {
+        self.op(Op::DropReplica { slice, index, node }).await.map(|_| ())
+    }
+
     /// One page of deleted slices after `after`.
     #[allow(clippy::type_complexity)]
     pub async fn pending_deletes(

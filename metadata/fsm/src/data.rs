@@ -215,6 +215,19 @@ impl State {
         Ok(Reply::Ok)
     }
 
+    pub(crate) fn drop_replica(&mut self, slice: SliceId, index: u32, node: u64) -> OpResult {
+        let Some(l) = self.slices.locs.get_mut(&slice) else { return Ok(Reply::Ok) };
+        if l.deleted.is_some() {
+            return Ok(Reply::Ok);
+        }
+        if let Some(b) = l.blocks.get_mut(index as usize)
+            && b.tiered.is_none()
+        {
+            b.nodes.retain(|n| *n != node);
+        }
+        Ok(Reply::Ok)
+    }
+
     pub(crate) fn forget_slices(&mut self, ids: &[SliceId]) -> OpResult {
         check_batch(ids)?;
         for id in ids {

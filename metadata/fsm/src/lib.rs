@@ -147,6 +147,7 @@ impl StateMachine {
             Op::MarkTiered { store, blocks } => st.mark_tiered(*store, blocks),
             Op::ReplaceReplica { slice, index, old, new } => st.replace_replica(*slice, *index, *old, *new),
             Op::ForgetSlices { ids } => st.forget_slices(ids),
+            Op::DropReplica { slice, index, node } => st.drop_replica(*slice, *index, *node),
         }
     }
 

@@ -534,6 +534,16 @@ pub enum Op {
     ForgetSlices {
         ids: Vec<SliceId>,
     },
+    /// A cache node found that it does not hold its staged copy of a block any more (the file
+    /// was torn, corrupt or missing): `node` leaves the block's holder list, so re-replication
+    /// sees the real number of copies. A deleted, forgotten or tiered block, an unknown block
+    /// index and a node that is not listed are left alone (Ok). The last holder may be
+    /// dropped: the list then shows that no staged copy is left.
+    DropReplica {
+        slice: SliceId,
+        index: u32,
+        node: u64,
+    },
 }
 
 /// A read-only question, answered from applied state after a linearizable read barrier.

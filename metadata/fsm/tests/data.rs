@@ -234,3 +234,41 @@ fn deletes_wait_for_gc_then_are_forgotten() {
     };
     assert_eq!((slices.iter().map(|s| s.0).collect::<Vec<_>>(), more), (vec![7], false));
 }
+
+#[test]
+fn a_lost_copy_leaves_the_holder_list() {
+    let (mut h, vol) = setup();
+    let f = h.file(ROOT, "f");
+    h.ok(Op::WriteSlice {
+        vol,
+        ino: f,
+        chunk: 0,
+        slice: piece(5, 9 * MIB),
+        staged: vec![vec![1, 2], vec![2, 3], vec![3, 1]],
+    });
+    let nodes =
+        |h: &H| locs(h, &[5])[0].as_ref().unwrap().blocks.iter().map(|b| b.nodes.clone()).collect::<Vec<_>>();
+    h.ok(Op::DropReplica { slice: 5, index: 1, node: 2 });
+    assert_eq!(nodes(&h), vec![vec![1, 2], vec![3], vec![3, 1]]);
+    // Again, a node that is not listed, an unknown index or slice: nothing changes.
+    let before = locs(&h, &[5, 77]);
+    h.ok(Op::DropReplica { slice: 5, index: 1, node: 2 });
+    h.ok(Op::DropReplica { slice: 5, index: 0, node: 3 });
+    h.ok(Op::DropReplica { slice: 5, index: 9, node: 1 });
+    h.ok(Op::DropReplica { slice: 77, index: 0, node: 1 });
+    assert_eq!(locs(&h, &[5, 77]), before);
+    // The last holder can go: the block then has no staged copy, and is listed as such.
+    h.ok(Op::DropReplica { slice: 5, index: 1, node: 3 });
+    assert_eq!(staged(&h).iter().find(|b| b.index == 1).unwrap().nodes, Vec::<u64>::new());
+    // Re-replication adds a copy back.
+    h.ok(Op::ReplaceReplica { slice: 5, index: 1, old: None, new: 2 });
+    assert_eq!(nodes(&h)[1], vec![2]);
+    // A tiered block keeps its (empty) list and its store.
+    h.ok(Op::MarkTiered { store: 0, blocks: vec![(5, 0)] });
+    h.ok(Op::DropReplica { slice: 5, index: 0, node: 1 });
+    assert_eq!(locs(&h, &[5])[0].as_ref().unwrap().blocks[0], BlockLoc { nodes: vec![], tiered: Some(0) });
+    // A deleted slice waiting for GC keeps its holders: GC deletes the copies there.
+    h.ok(Op::Unlink { vol, parent: ROOT, name: b"f".to_vec() });
+    h.ok(Op::DropReplica { slice: 5, index: 2, node: 3 });
+    assert_eq!(nodes(&h)[2], vec![3, 1]);
+}

@@ -149,6 +149,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0u64..6, 0u32..3, prop::option::of(0u64..4), 0u64..4)
             .prop_map(|(slice, index, old, new)| Op::ReplaceReplica { slice, index, old, new }),
         prop::collection::vec(0u64..6, 0..3).prop_map(|ids| Op::ForgetSlices { ids }),
+        (0u64..6, 0u32..3, 0u64..4).prop_map(|(slice, index, node)| Op::DropReplica { slice, index, node }),
     ]
 }
 
