@@ -637,7 +637,7 @@ impl Vfs {
     /// Opens an existing inode; returns a handle. `O_TRUNC` truncates a regular file.
     pub async fn open(&self, c: &Creds, ino: Ino, flags: i32) -> Result<(u64, Attr), Errno> {
         let a = self.attr_of(ino).await?;
-        if is_dir(&a) && flags & libc::O_ACCMODE != libc::O_RDONLY {
+        if is_dir(&a) && (flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0) {
             return Err(Errno::EISDIR);
         }
         perm::check(c, &a, perm::open_mask(flags))?;
@@ -650,7 +650,12 @@ impl Vfs {
         // Close-to-open: whatever this node cached about the file is re-read.
         h.node.invalidate();
         let mut a = a;
-        if regular && flags & libc::O_TRUNC != 0 && a.size != 0 {
+        if regular && flags & libc::O_TRUNC != 0 {
+            // This node's buffered writes came first: flush them, then cut them away.
+            if let Err(e) = self.flush_node(&h.node).await {
+                let _ = self.release(fh).await;
+                return Err(e);
+            }
             let set = SetAttr { size: Some(0), ..SetAttr::default() };
             match self.op(Op::SetAttr { vol: self.inner.vol, ino, set }).await {
                 Ok(r) => a = attr_reply(r)?,
@@ -698,7 +703,8 @@ impl Vfs {
             h.node.invalidate();
             let ok = perm::check(c, &a, perm::open_mask(flags));
             let ok = match ok {
-                Ok(()) if flags & libc::O_TRUNC != 0 && a.size != 0 => {
+                Ok(()) if flags & libc::O_TRUNC != 0 => {
+                    self.flush_node(&h.node).await?;
                     let set = SetAttr { size: Some(0), ..SetAttr::default() };
                     self.op(Op::SetAttr { vol: self.inner.vol, ino: a.ino, set }).await.and_then(attr_reply)
                 }
@@ -800,12 +806,13 @@ impl Vfs {
         let n = &h.node;
         let mut d = n.dirty.lock().await;
         let offset = if h.flags & libc::O_APPEND != 0 {
-            if d.extents.is_empty() {
-                self.attr_of(h.ino).await?.size
-            } else {
-                let cached = n.cache().attr.as_ref().map_or(0, |a| a.size);
-                d.end().max(cached)
-            }
+            // The end of this node's buffered writes, or the committed size when larger.
+            let cached = n.cache().attr.as_ref().map(|a| a.size);
+            let committed = match cached {
+                Some(size) if !d.extents.is_empty() => size,
+                _ => self.attr_of(h.ino).await?.size,
+            };
+            d.end().max(committed)
         } else {
             offset
         };

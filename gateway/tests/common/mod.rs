@@ -1,0 +1,158 @@
+//! In-process test cluster for the gateway: one metadata voter, cache nodes and a `file://`
+//! object store in a temporary directory, and gateways (a [`Vfs`] with its own metadata and
+//! data clients) on it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use elea_cache::{CacheNodeConfig, DataClient, DataConfig};
+use elea_common::VolumeId;
+use elea_fsm::VolumeConfig;
+use elea_gateway::{Vfs, VfsConfig};
+use elea_metadata::client::{ClientConfig, MetaClient};
+use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
+use elea_tiering::StoreConfig;
+use tokio::sync::oneshot;
+
+pub struct TestCluster {
+    tmp: tempfile::TempDir,
+    meta_addr: String,
+    meta: MetaClient,
+    nodes: Vec<tokio::task::JoinHandle<()>>,
+    meta_stop: Option<oneshot::Sender<()>>,
+    next_volume: AtomicU64,
+}
+
+async fn free_listener() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+impl TestCluster {
+    /// A metadata voter and `n` cache nodes (ids 1..=n, site "a"), all alive.
+    pub async fn start(n: u64) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let l = free_listener().await;
+        let meta_addr = l.local_addr().unwrap().to_string();
+        let mut cfg = MetaNodeConfig::new(1, meta_addr.clone(), tmp.path().join("meta"));
+        cfg.initial_cluster = parse_initial_cluster(&format!("1={meta_addr}")).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = serve(cfg, l, async move {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        let meta = MetaClient::connect(std::slice::from_ref(&meta_addr), ClientConfig::default()).unwrap();
+        std::fs::create_dir_all(tmp.path().join("store")).expect("store dir");
+        let mut c = TestCluster {
+            tmp,
+            meta_addr,
+            meta,
+            nodes: Vec::new(),
+            meta_stop: Some(tx),
+            next_volume: AtomicU64::new(0),
+        };
+        for id in 1..=n {
+            c.start_node(id).await;
+        }
+        wait_until(Duration::from_secs(20), "cache nodes alive", || async {
+            c.meta
+                .cache_nodes()
+                .await
+                .map(|v| v.iter().filter(|x| x.alive).count() >= n as usize)
+                .unwrap_or(false)
+        })
+        .await;
+        c
+    }
+
+    fn store_url(&self) -> String {
+        format!("file://{}", self.tmp.path().join("store").display())
+    }
+
+    fn store_cfg() -> StoreConfig {
+        StoreConfig {
+            timeout: Duration::from_secs(2),
+            io_timeout: Duration::from_secs(2),
+            retries: 1,
+            ..StoreConfig::default()
+        }
+    }
+
+    async fn start_node(&mut self, id: u64) {
+        let l = free_listener().await;
+        let addr = l.local_addr().unwrap().to_string();
+        let mut cfg = CacheNodeConfig::new(
+            id,
+            "a",
+            &addr,
+            self.tmp.path().join(format!("cache{id}")),
+            vec![self.meta_addr.clone()],
+        );
+        cfg.staging_size = 256 << 20;
+        cfg.cache_mem = 16 << 20;
+        cfg.heartbeat = Duration::from_millis(200);
+        cfg.gc_interval = Duration::from_millis(300);
+        cfg.gc_delay = Duration::from_secs(1);
+        cfg.store = Self::store_cfg();
+        self.nodes.push(tokio::spawn(async move {
+            if let Err(e) = elea_cache::serve(cfg, l, async { std::future::pending::<()>().await }).await {
+                panic!("cache node {id} failed: {e}");
+            }
+        }));
+    }
+
+    /// A new volume (one copy of each block, nothing tiered during a test).
+    pub async fn volume(&self) -> VolumeId {
+        let n = self.next_volume.fetch_add(1, Ordering::Relaxed) + 1;
+        let config = VolumeConfig {
+            stores: vec![self.store_url()],
+            replicas: 1,
+            tier_after_ms: 3_600_000,
+            ..VolumeConfig::default()
+        };
+        let name = format!("v{n}");
+        self.meta.create_volume(&name, config).await.expect("create volume").id
+    }
+
+    /// A gateway on `vol` with clients of its own. Buffered writes are only flushed when
+    /// asked (`flush_delay` is an hour), so what another gateway sees is deterministic.
+    pub async fn gateway(&self, vol: VolumeId, name: &str) -> Vfs {
+        let meta = MetaClient::connect(std::slice::from_ref(&self.meta_addr), ClientConfig::default())
+            .expect("metadata client");
+        let mut dcfg = DataConfig::new("a");
+        dcfg.store = Self::store_cfg();
+        dcfg.node_refresh = Duration::from_millis(200);
+        let data = DataClient::new(meta.clone(), dcfg);
+        let cfg = VfsConfig {
+            flush_delay: Duration::from_secs(3600),
+            session_name: name.to_string(),
+            ..VfsConfig::default()
+        };
+        Vfs::new(meta, data, vol, cfg).await.expect("vfs")
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            n.abort();
+        }
+        if let Some(s) = self.meta_stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Polls `f` until it is true or `limit` passes (then panics naming `what`).
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    while !f().await {
+        assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
