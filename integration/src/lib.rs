@@ -95,18 +95,7 @@ impl MetaProc {
     /// SIGTERM, then waits up to `timeout` for the process to exit; returns its exit status
     /// (`None` if it is still running, in which case it is killed).
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        terminate_child(self.child.take()?, timeout)
     }
 
     /// Starts the process again on the same data directory and flags.
@@ -116,15 +105,40 @@ impl MetaProc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        child_running(&mut self.child)
     }
 
     /// The last lines of this node's log (for failure messages).
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        log_tail(&self.log)
     }
+}
+
+/// SIGTERM, then waits up to `timeout` for the exit status (`None`: it did not stop and was
+/// killed).
+fn terminate_child(mut child: Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn child_running(child: &mut Option<Child>) -> bool {
+    child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+}
+
+/// The last 30 lines of a process log (for failure messages).
+fn log_tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 impl Drop for MetaProc {
@@ -310,24 +324,16 @@ impl MountProc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        child_running(&mut self.child)
     }
 
     /// SIGTERM and wait for a clean exit (flush, unmount); returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let status = terminate_child(self.child.take()?, timeout);
+        if status.is_none() {
+            force_unmount(&self.mountpoint);
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        force_unmount(&self.mountpoint);
-        None
+        status
     }
 
     /// SIGKILL: nothing is flushed; the mount is left dead and then detached.
@@ -346,9 +352,7 @@ impl MountProc {
     }
 
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        log_tail(&self.log)
     }
 }
 
