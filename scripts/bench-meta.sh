@@ -2,11 +2,16 @@
 # usage: scripts/bench-meta.sh VOTERS THREADS FILES [extra `elea bench meta` flags]
 # Starts VOTERS `elea meta` processes on loopback (release build, fresh temporary data dirs),
 # runs `elea bench meta` against them, and stops them. Prints the benchmark's table.
+# ELEA_BIN=PATH uses that binary instead of building one (to compare two builds in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VOTERS=${1:?$(sed -n 2p "$0")}; THREADS=${2:?}; FILES=${3:?}; shift 3
-cargo build --release --locked -p elea >/dev/null
-B=./target/release/elea
+if [ -n "${ELEA_BIN:-}" ]; then
+  B=$ELEA_BIN
+else
+  cargo build --release --locked -p elea >/dev/null
+  B=./target/release/elea
+fi
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"; }

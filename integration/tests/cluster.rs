@@ -269,8 +269,14 @@ async fn sigterm_stops_a_node_cleanly_and_it_rejoins() {
     let addrs = addr_list(&cl);
     let leader = wait_leader(&c, &addrs, Duration::from_secs(15)).await.expect("leader");
     let vol = c.create_volume("term", Default::default()).await.expect("volume");
-    // Stop a follower with SIGTERM while its peers hold streams open to it.
     let follower = cl.nodes.iter().map(|n| n.id).find(|id| *id != leader.node_id).expect("a follower");
+    // A client that only knows a follower: its first request is forwarded, and the answer
+    // tells it where the leader is, so later requests go there directly.
+    let fc = MetaClient::connect(&[cl.node(follower).addr.clone()], Default::default()).expect("client");
+    fc.mkdir(vol.id, ROOT_INO, b"via-follower", 0o755).await.expect("forwarded write");
+    assert_eq!(fc.leader_addr(), Some(leader.addr.clone()), "the forwarded answer did not name the leader");
+    fc.query(Query::GetAttr { vol: vol.id, ino: ROOT_INO }).await.expect("read at the leader");
+    // Stop a follower with SIGTERM while its peers hold streams open to it.
     let status = cl.node(follower).terminate(Duration::from_secs(10));
     let status = status.unwrap_or_else(|| panic!("node {follower} ignored SIGTERM\n{}", cl.logs()));
     assert!(status.success(), "node {follower} exited with {status}");

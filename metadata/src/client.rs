@@ -233,8 +233,14 @@ fn random_u64() -> u64 {
     h.finish().max(1)
 }
 
+/// The leader address a forwarded answer carries.
+fn served_by<T>(r: &tonic::Response<T>) -> Option<String> {
+    r.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()).map(String::from)
+}
+
 enum Attempt<T> {
-    Done(T),
+    /// The answer, and the leader's address when a follower forwarded the request there.
+    Done(T, Option<String>),
     /// Try again, at this address if given.
     Retry(Option<String>, String),
     Fail(ClientError),
@@ -279,6 +285,11 @@ impl MetaClient {
             .max_encoding_message_size(MAX_REQUEST * 2);
         conns.insert(addr.to_string(), c.clone());
         Ok(c)
+    }
+
+    /// The address this client sends its next request to: the leader, as far as it knows.
+    pub fn leader_addr(&self) -> Option<String> {
+        self.leader_hint()
     }
 
     fn leader_hint(&self) -> Option<String> {
@@ -336,8 +347,9 @@ impl MetaClient {
             let conn = self.conn(&addr)?;
             let attempt = tokio::time::timeout(self.inner.cfg.attempt_timeout, f(conn, addr.clone())).await;
             match attempt {
-                Ok(Attempt::Done(v)) => {
-                    self.set_leader(Some(addr));
+                Ok(Attempt::Done(v, leader)) => {
+                    let leader = leader.filter(|l| validate_addr(l).is_ok()).unwrap_or(addr);
+                    self.set_leader(Some(leader));
                     return Ok(v);
                 }
                 Ok(Attempt::Fail(e)) => return Err(e),
@@ -455,7 +467,10 @@ impl MetaClient {
             let commands = commands.clone();
             async move {
                 match c.write_batch(proto::WriteBatchRequest { group_id: group, commands, hops: 0 }).await {
-                    Ok(r) => Attempt::Done(r.into_inner().items),
+                    Ok(r) => {
+                        let leader = served_by(&r);
+                        Attempt::Done(r.into_inner().items, leader)
+                    }
                     Err(s) => self.on_status(&addr, s),
                 }
             }
@@ -525,7 +540,10 @@ impl MetaClient {
             let queries = queries.clone();
             async move {
                 match c.read_batch(proto::ReadBatchRequest { group_id: group, queries, hops: 0 }).await {
-                    Ok(r) => Attempt::Done(r.into_inner().items),
+                    Ok(r) => {
+                        let leader = served_by(&r);
+                        Attempt::Done(r.into_inner().items, leader)
+                    }
                     Err(s) => self.on_status(&addr, s),
                 }
             }
@@ -545,10 +563,12 @@ impl MetaClient {
                     Err(e) => return Attempt::Fail(ClientError::Rejected(e.to_string())),
                 };
                 match c.write(proto::WriteRequest { group_id: group, command, hops: 0 }).await {
-                    Ok(r) => match postcard::from_bytes::<OpResult>(&r.into_inner().result) {
-                        Ok(res) => Attempt::Done(res),
-                        Err(e) => Attempt::Fail(ClientError::Protocol(e.to_string())),
-                    },
+                    Ok(r) => {
+                        match (served_by(&r), postcard::from_bytes::<OpResult>(&r.into_inner().result)) {
+                            (leader, Ok(res)) => Attempt::Done(res, leader),
+                            (_, Err(e)) => Attempt::Fail(ClientError::Protocol(e.to_string())),
+                        }
+                    }
                     Err(s) => self.on_status(&addr, s),
                 }
             }
@@ -578,10 +598,12 @@ impl MetaClient {
             let query = query.clone();
             async move {
                 match c.read(proto::ReadRequest { group_id: group, query, hops: 0 }).await {
-                    Ok(r) => match postcard::from_bytes::<OpResult>(&r.into_inner().result) {
-                        Ok(res) => Attempt::Done(res),
-                        Err(e) => Attempt::Fail(ClientError::Protocol(e.to_string())),
-                    },
+                    Ok(r) => {
+                        match (served_by(&r), postcard::from_bytes::<OpResult>(&r.into_inner().result)) {
+                            (leader, Ok(res)) => Attempt::Done(res, leader),
+                            (_, Err(e)) => Attempt::Fail(ClientError::Protocol(e.to_string())),
+                        }
+                    }
                     Err(s) => self.on_status(&addr, s),
                 }
             }
@@ -619,7 +641,10 @@ impl MetaClient {
             };
             async move {
                 match c.change_membership(req).await {
-                    Ok(r) => Attempt::Done(r.into_inner().members),
+                    Ok(r) => {
+                        let leader = served_by(&r);
+                        Attempt::Done(r.into_inner().members, leader)
+                    }
                     Err(s) => self.on_status(&at, s),
                 }
             }
@@ -632,7 +657,7 @@ impl MetaClient {
         let group = self.inner.cfg.group;
         self.with_retries(|mut c, at| async move {
             match c.transfer_leader(proto::TransferLeaderRequest { group_id: group, to, hops: 0 }).await {
-                Ok(_) => Attempt::Done(()),
+                Ok(r) => Attempt::Done((), served_by(&r)),
                 Err(s) => self.on_status(&at, s),
             }
         })
@@ -650,7 +675,7 @@ impl MetaClient {
         let stream = self
             .with_retries(|mut c, addr| async move {
                 match c.watch(proto::WatchRequest { group_id: group, volume_id: vol, from_seq }).await {
-                    Ok(r) => Attempt::Done(r.into_inner()),
+                    Ok(r) => Attempt::Done(r.into_inner(), None),
                     Err(s) => self.on_status(&addr, s),
                 }
             })

@@ -87,7 +87,7 @@ impl MetaService {
     }
 
     /// The leader to forward to, when this node knows it and is not it.
-    fn forward_target(&self, e: &CoreError, hops: u32) -> Option<RawMetaClient<Channel>> {
+    fn forward_target(&self, e: &CoreError, hops: u32) -> Option<Forward> {
         let CoreError::NotLeader { leader: Some(l) } = e else { return None };
         if hops > 0 || *l == self.id {
             return None;
@@ -95,7 +95,7 @@ impl MetaService {
         let addr = self.node.addr_of(*l)?;
         let mut map = self.forward.lock().ok()?;
         if let Some(c) = map.get(&addr) {
-            return Some(c.clone());
+            return Some(Forward { client: c.clone(), leader: addr });
         }
         let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
@@ -104,8 +104,26 @@ impl MetaService {
         let c = RawMetaClient::new(ep.connect_lazy())
             .max_decoding_message_size(MAX_RESPONSE)
             .max_encoding_message_size(MAX_REQUEST * 2);
-        map.insert(addr, c.clone());
-        Some(c)
+        map.insert(addr.clone(), c.clone());
+        Some(Forward { client: c, leader: addr })
+    }
+}
+
+/// A request forwarded to the leader. Its answer names the leader (`LEADER_ADDR_KEY`), so the
+/// client sends the next request there instead of paying the extra hop every time.
+struct Forward {
+    client: RawMetaClient<Channel>,
+    leader: String,
+}
+
+impl Forward {
+    fn tag<T>(&self, r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+        r.map(|mut resp| {
+            if let Ok(v) = self.leader.parse() {
+                resp.metadata_mut().insert(LEADER_ADDR_KEY, v);
+            }
+            resp
+        })
     }
 }
 
@@ -173,7 +191,10 @@ impl proto::meta_server::Meta for MetaService {
                 Ok(Response::new(proto::WriteReply { result, index }))
             }
             Ok(Err(e)) => match self.forward_target(&e, req.hops) {
-                Some(mut c) => c.write(proto::WriteRequest { hops: req.hops + 1, ..req }).await,
+                Some(mut f) => {
+                    let r = f.client.write(proto::WriteRequest { hops: req.hops + 1, ..req }).await;
+                    f.tag(r)
+                }
                 None => Err(self.to_status(e)),
             },
             Err(_) => Err(Status::deadline_exceeded("the command was not applied in time; retry")),
@@ -194,7 +215,10 @@ impl proto::meta_server::Meta for MetaService {
                 Ok(Response::new(proto::ReadReply { result }))
             }
             Ok(Err(e)) => match self.forward_target(&e, req.hops) {
-                Some(mut c) => c.read(proto::ReadRequest { hops: req.hops + 1, ..req }).await,
+                Some(mut f) => {
+                    let r = f.client.read(proto::ReadRequest { hops: req.hops + 1, ..req }).await;
+                    f.tag(r)
+                }
                 None => Err(self.to_status(e)),
             },
             Err(_) => Err(Status::deadline_exceeded("the read did not complete in time; retry")),
@@ -223,8 +247,12 @@ impl proto::meta_server::Meta for MetaService {
                 Ok(Err(e)) if items.is_empty() && matches!(e, CoreError::NotLeader { .. }) => {
                     // The whole batch went to a follower: forward it, or redirect the client.
                     return match self.forward_target(&e, req.hops) {
-                        Some(mut c) => {
-                            c.write_batch(proto::WriteBatchRequest { hops: req.hops + 1, ..req }).await
+                        Some(mut f) => {
+                            let r = f
+                                .client
+                                .write_batch(proto::WriteBatchRequest { hops: req.hops + 1, ..req })
+                                .await;
+                            f.tag(r)
                         }
                         None => Err(self.to_status(e)),
                     };
@@ -257,8 +285,12 @@ impl proto::meta_server::Meta for MetaService {
                 Ok(Ok(result)) => items.push(ok_item(&result)?),
                 Ok(Err(e)) if items.is_empty() && matches!(e, CoreError::NotLeader { .. }) => {
                     return match self.forward_target(&e, req.hops) {
-                        Some(mut c) => {
-                            c.read_batch(proto::ReadBatchRequest { hops: req.hops + 1, ..req }).await
+                        Some(mut f) => {
+                            let r = f
+                                .client
+                                .read_batch(proto::ReadBatchRequest { hops: req.hops + 1, ..req })
+                                .await;
+                            f.tag(r)
                         }
                         None => Err(self.to_status(e)),
                     };
@@ -353,8 +385,12 @@ impl proto::meta_server::Meta for MetaService {
                 Ok(Response::new(proto::ChangeMembershipReply { members: members_to_proto(members) }))
             }
             Ok(Err(e)) => match self.forward_target(&e, req.hops) {
-                Some(mut c) => {
-                    c.change_membership(proto::ChangeMembershipRequest { hops: req.hops + 1, ..req }).await
+                Some(mut f) => {
+                    let r = f
+                        .client
+                        .change_membership(proto::ChangeMembershipRequest { hops: req.hops + 1, ..req })
+                        .await;
+                    f.tag(r)
                 }
                 None => Err(self.to_status(e)),
             },
@@ -371,8 +407,12 @@ impl proto::meta_server::Meta for MetaService {
         match self.node.transfer_leader(req.to).await {
             Ok(()) => Ok(Response::new(proto::TransferLeaderReply {})),
             Err(e) => match self.forward_target(&e, req.hops) {
-                Some(mut c) => {
-                    c.transfer_leader(proto::TransferLeaderRequest { hops: req.hops + 1, ..req }).await
+                Some(mut f) => {
+                    let r = f
+                        .client
+                        .transfer_leader(proto::TransferLeaderRequest { hops: req.hops + 1, ..req })
+                        .await;
+                    f.tag(r)
                 }
                 None => Err(self.to_status(e)),
             },

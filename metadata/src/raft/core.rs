@@ -1,7 +1,7 @@
 //! The Raft core of one group: a raft-rs `RawNode`, the state machine it drives, and the
 //! bookkeeping that turns applied entries into replies. Synchronous and deterministic: it never
 //! reads a clock, sleeps or does network I/O. A driver feeds it inputs (proposals, reads, peer
-//! messages, ticks, the current time) and takes its outputs (messages to send, replies, change
+//! messages, ticks, the current time and a monotonic clock) and takes its outputs (messages to send, replies, change
 //! sets). The node thread ([`super::node`]) is one driver; the simulated network in the tests is
 //! another.
 //!
@@ -48,6 +48,11 @@ pub struct CoreConfig {
     /// Hand disk writes to the driver ([`GroupCore::take_writes`]) instead of doing them
     /// inline: the driver's writer thread makes them durable while this core keeps going.
     pub async_writes: bool,
+    /// How long, in units of the driver's monotonic clock ([`GroupCore::set_clock`]), a
+    /// leader may answer reads locally after a quorum acknowledged a heartbeat round it
+    /// started; 0 = every read takes a ReadIndex round. Must stay below `election_tick - 1`
+    /// ticks (see [`GroupCore::read`]); [`CoreConfig::lease_for_tick`] picks a safe value.
+    pub read_lease: u64,
 }
 
 impl CoreConfig {
@@ -64,7 +69,14 @@ impl CoreConfig {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             async_writes: false,
+            read_lease: 0,
         }
+    }
+
+    /// A read lease for a clock counting `tick` units per tick: 80% of `election_tick - 1`
+    /// ticks, leaving a fifth for clock-rate differences between nodes.
+    pub fn lease_for_tick(&self, tick: u64) -> u64 {
+        (self.election_tick.saturating_sub(1) as u64).saturating_mul(tick).saturating_mul(4) / 5
     }
 }
 
@@ -172,6 +184,14 @@ struct Pending {
     kind: PendingKind,
 }
 
+/// A ReadIndex request in flight: when (driver clock) and in which term it started, and the
+/// reads it covers (none for a round that only renews the lease).
+struct ReadRound {
+    started: u64,
+    term: u64,
+    reads: Vec<(u64, Query)>,
+}
+
 /// One Raft group on this node.
 pub struct GroupCore {
     cfg: CoreConfig,
@@ -183,8 +203,9 @@ pub struct GroupCore {
     pending: BTreeMap<u64, Pending>,
     /// Reads not yet covered by a ReadIndex request.
     read_queue: Vec<(u64, Query)>,
-    /// Reads covered by an in-flight ReadIndex request, by its context.
-    reads_inflight: BTreeMap<u64, Vec<(u64, Query)>>,
+    /// Reads covered by an in-flight ReadIndex request, by its context, with the clock and
+    /// term when the request started (a quorum's answer renews the read lease from then).
+    reads_inflight: BTreeMap<u64, ReadRound>,
     /// Reads whose read index is known, waiting for apply to reach it.
     reads_waiting: VecDeque<(u64, Vec<(u64, Query)>)>,
     next_read_ctx: u64,
@@ -201,6 +222,16 @@ pub struct GroupCore {
     snapshot_index: u64,
     /// Take a snapshot at the next opportunity (a member was added).
     snapshot_wanted: bool,
+    /// The driver's monotonic clock ([`GroupCore::set_clock`]).
+    clock: u64,
+    /// Reads may be answered locally while `clock < lease_until` in term `lease_term`.
+    lease_until: u64,
+    lease_term: u64,
+    /// A term in which this node started (or was asked to start) a leader transfer: no lease
+    /// in it (the transferee campaigns past its peers' vote refusal).
+    transfer_term: u64,
+    /// Ticks since this node last heard from a leader, or since it started.
+    quiet_ticks: usize,
 }
 
 fn role_name(r: StateRole) -> &'static str {
@@ -294,6 +325,11 @@ impl GroupCore {
             writes: Vec::new(),
             snapshot_index: snap_index,
             snapshot_wanted: false,
+            clock: 0,
+            lease_until: 0,
+            lease_term: 0,
+            transfer_term: 0,
+            quiet_ticks: 0,
         })
     }
 
@@ -382,14 +418,46 @@ impl GroupCore {
         }
     }
 
+    /// The driver's monotonic clock, in the unit of [`CoreConfig::read_lease`]. Call before
+    /// feeding inputs; it must never go back and must keep running while the process is
+    /// stopped (CLOCK_MONOTONIC does, a tick counter does not).
+    pub fn set_clock(&mut self, now: u64) {
+        self.clock = self.clock.max(now);
+    }
+
     /// Queues a linearizable read. The reply is an [`Event::Read`].
+    ///
+    /// Within a read lease the read is answered at the current commit index, without a
+    /// heartbeat round. The lease is safe because a quorum acknowledged a heartbeat sent after
+    /// the lease's start, and each of those followers then refuses to vote, or to campaign, for
+    /// `election_tick` of its own ticks (raft-rs' check-quorum rule, extended by [`Self::step`]
+    /// to a follower that restarted since), which is at least `election_tick - 1` tick periods:
+    /// no other leader can be elected before the lease ends. A leader transfer bypasses that
+    /// refusal, so a term in which one was started has no lease.
     pub fn read(&mut self, token: u64, query: Query) {
         if !self.is_leader() {
             let e = self.not_leader();
             self.events.push(Event::Read { token, result: Err(e) });
             return;
         }
+        if self.in_lease() {
+            let index = self.raw.raft.raft_log.committed;
+            match self.reads_waiting.back_mut() {
+                Some((i, batch)) if *i == index => batch.push((token, query)),
+                _ => self.reads_waiting.push_back((index, vec![(token, query)])),
+            }
+            return;
+        }
         self.read_queue.push((token, query));
+    }
+
+    fn in_lease(&self) -> bool {
+        let raft = &self.raw.raft;
+        self.clock < self.lease_until
+            && raft.term == self.lease_term
+            && raft.term != self.transfer_term
+            && raft.lead_transferee.is_none()
+            && raft.commit_to_current_term()
     }
 
     /// Proposes a membership change. The reply is an [`Event::Conf`].
@@ -481,6 +549,7 @@ impl GroupCore {
         if !self.raw.raft.prs().conf().to_conf_state().voters.contains(&to) {
             return Err(CoreError::Invalid(format!("node {to} is not a voter")));
         }
+        self.transfer_term = self.raw.raft.term;
         self.raw.transfer_leader(to);
         Ok(())
     }
@@ -498,6 +567,28 @@ impl GroupCore {
             tracing::debug!("ignoring a leader transfer while a snapshot is not yet durable");
             return;
         }
+        let term = self.raw.raft.term;
+        match msg.get_msg_type() {
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+                if msg.term >= term =>
+            {
+                self.quiet_ticks = 0;
+            }
+            // raft-rs refuses such votes for an election timeout after hearing from a leader,
+            // but not after a restart (it has not heard from one yet): refuse them for as long
+            // after starting too, so a leader's read lease survives a follower's restart.
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                if msg.term > term
+                    && msg.context.as_ref() != raft::CAMPAIGN_TRANSFER
+                    && self.quiet_ticks < self.cfg.election_tick
+                    && self.raw.raft.state != StateRole::Leader =>
+            {
+                tracing::debug!(from = msg.from, "ignoring a vote request: heard from a leader recently");
+                return;
+            }
+            MessageType::MsgTransferLeader => self.transfer_term = term,
+            _ => {}
+        }
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(error = %e, "raft step");
         }
@@ -507,6 +598,7 @@ impl GroupCore {
         // No election clock while an installed snapshot is not durable (see
         // `snapshot_unpersisted`): this only delays a campaign by the write's latency.
         if !self.snapshot_unpersisted() {
+            self.quiet_ticks = self.quiet_ticks.saturating_add(1);
             self.raw.tick();
         }
     }
@@ -602,14 +694,29 @@ impl GroupCore {
     /// Starts a ReadIndex round for the queued reads. Not before the leader has committed an
     /// entry of its term: raft-rs silently drops such a request, and its reads would never be
     /// answered.
+    ///
+    /// With a read lease, also renews it once half of it has passed while reads keep coming
+    /// (a round with no reads of its own), so a steady read load never waits for a round.
     fn start_reads(&mut self) {
-        if self.read_queue.is_empty() || !self.is_leader() || !self.raw.raft.commit_to_current_term() {
+        if !self.is_leader() || !self.raw.raft.commit_to_current_term() {
             return;
+        }
+        if self.read_queue.is_empty() {
+            let half_gone = self.lease_until.saturating_sub(self.clock) < self.cfg.read_lease / 2;
+            let renew = self.cfg.read_lease > 0
+                && self.in_lease()
+                && half_gone
+                && !self.reads_waiting.is_empty()
+                && self.reads_inflight.is_empty();
+            if !renew {
+                return;
+            }
         }
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
         let batch = std::mem::take(&mut self.read_queue);
-        self.reads_inflight.insert(ctx, batch);
+        self.reads_inflight
+            .insert(ctx, ReadRound { started: self.clock, term: self.raw.raft.term, reads: batch });
         // The context names this node too: a leader ignores a request whose context it already
         // has pending, and a forwarded one from another node must never collide with ours.
         let mut rctx = self.cfg.node_id.to_be_bytes().to_vec();
@@ -673,8 +780,8 @@ impl GroupCore {
                 self.fail_pending(p, CoreError::Dropped);
             }
             let mut reads: Vec<(u64, Query)> = std::mem::take(&mut self.read_queue);
-            for (_, batch) in std::mem::take(&mut self.reads_inflight) {
-                reads.extend(batch);
+            for (_, round) in std::mem::take(&mut self.reads_inflight) {
+                reads.extend(round.reads);
             }
             for (_, batch) in std::mem::take(&mut self.reads_waiting) {
                 reads.extend(batch);
@@ -702,8 +809,20 @@ impl GroupCore {
         if u64::from_be_bytes(node) != self.cfg.node_id {
             return;
         }
-        if let Some(batch) = self.reads_inflight.remove(&u64::from_be_bytes(counter)) {
-            self.reads_waiting.push_back((index, batch));
+        if let Some(ReadRound { started, term, reads: batch }) =
+            self.reads_inflight.remove(&u64::from_be_bytes(counter))
+        {
+            // A quorum acknowledged a heartbeat sent after `started`, in `term`.
+            if self.cfg.read_lease > 0 && term == self.raw.raft.term && term != self.transfer_term {
+                let until = started.saturating_add(self.cfg.read_lease);
+                if self.lease_term != term || until > self.lease_until {
+                    self.lease_term = term;
+                    self.lease_until = until;
+                }
+            }
+            if !batch.is_empty() {
+                self.reads_waiting.push_back((index, batch));
+            }
         }
     }
 

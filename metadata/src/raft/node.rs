@@ -261,6 +261,7 @@ fn run(
 ) {
     let mut waiters: HashMap<u64, Waiter> = HashMap::new();
     let mut next_token: u64 = 1;
+    let clock_start = Instant::now();
     let mut next_tick = Instant::now() + cfg.tick;
     let mut next_expire = Instant::now() + cfg.expire_every;
     let mut book_epoch = u64::MAX;
@@ -286,6 +287,9 @@ fn run(
                 Err(_) => break,
             }
         }
+        // Read after taking the batch: every request in it arrived before this instant, which
+        // is what the read lease is checked against.
+        core.set_clock(u64::try_from(clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX));
         for msg in batch {
             match msg {
                 NodeMsg::Write(cmd, reply) => {
