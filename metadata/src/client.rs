@@ -287,6 +287,17 @@ impl MetaClient {
         Ok(c)
     }
 
+    /// A node of this process among this client's addresses, when it is the leader as far as
+    /// this client knows (or it knows no leader).
+    fn local_node(&self) -> Option<(crate::raft::node::NodeHandle, String)> {
+        let hint = self.leader_hint();
+        let local = |a: &String| crate::local::node_at(a).map(|n| (n, a.clone()));
+        match hint {
+            Some(h) => local(&h),
+            None => self.inner.addrs.iter().find_map(local),
+        }
+    }
+
     /// The address this client sends its next request to: the leader, as far as it knows.
     pub fn leader_addr(&self) -> Option<String> {
         self.leader_hint()
@@ -393,6 +404,25 @@ impl MetaClient {
             SeqGuard { inner: &self.inner, seq }
         };
         let seq = guard.seq;
+        if let Some((node, addr)) = self.local_node() {
+            let acked_below = self.inner.inflight.lock().ok().and_then(|f| f.first().copied()).unwrap_or(seq);
+            let cmd = Command {
+                client: self.inner.client_id,
+                seq,
+                acked_below,
+                time: Timespec::default(),
+                op: op.clone(),
+            };
+            if let Ok(Ok((result, _))) =
+                tokio::time::timeout(self.inner.cfg.attempt_timeout, node.write(cmd)).await
+            {
+                self.set_leader(Some(addr));
+                drop(guard);
+                return result.map_err(ClientError::Fs);
+            }
+            // Not the leader (or stuck): the usual way finds the leader; retrying the same
+            // sequence number is safe.
+        }
         let result = if self.inner.cfg.batch_inflight > 0 {
             let (tx, rx) = oneshot::channel();
             let queued = self.write_queue().send(WriteJob { seq, op: op.clone(), reply: tx }).is_ok();
@@ -578,6 +608,13 @@ impl MetaClient {
 
     /// Answers a query from the latest committed state (linearizable).
     pub async fn query(&self, q: Query) -> Result<Reply, ClientError> {
+        if let Some((node, addr)) = self.local_node()
+            && let Ok(Ok(result)) =
+                tokio::time::timeout(self.inner.cfg.attempt_timeout, node.read(q.clone())).await
+        {
+            self.set_leader(Some(addr));
+            return result.map_err(ClientError::Fs);
+        }
         let query = postcard::to_allocvec(&q).map_err(|e| ClientError::Rejected(e.to_string()))?;
         let res = if self.inner.cfg.batch_inflight > 0 {
             let (tx, rx) = oneshot::channel();

@@ -7,6 +7,7 @@
 //! [`client`] (what gateways and the CLI use), [`watch`] (change fan-out).
 
 pub mod client;
+mod local;
 pub mod raft;
 pub mod server;
 pub mod service;

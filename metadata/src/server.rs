@@ -150,6 +150,7 @@ pub async fn serve(
         cfg.advertise.clone(),
         cfg.group,
     ));
+    let _local = crate::local::register(&cfg.advertise, handle.clone());
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // Peers keep long-lived streams open, so a graceful shutdown would wait for ever: after
     // the signal, open connections get SHUTDOWN_GRACE to finish, then the server is dropped.
