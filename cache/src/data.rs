@@ -243,6 +243,102 @@ impl DataClient {
         attr.ok_or_else(|| CacheError::Internal("nothing written".into()))
     }
 
+    /// Writes many disjoint extents of one file (`(offset, bytes)`, sorted by offset), as a
+    /// flush of buffered writes does: the extents of each chunk are packed into one new slice
+    /// (one set of block puts) and committed with one [`Op::WriteSlicePieces`], instead of a
+    /// slice, a put and a commit per extent. Each chunk's commit is atomic; chunks commit
+    /// independently. Returns the attributes after the last commit.
+    pub async fn write_extents(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        extents: &[(u64, Bytes)],
+    ) -> Result<Attr, CacheError> {
+        if let [(offset, data)] = extents {
+            return self.write(vol, ino, *offset, data.clone()).await;
+        }
+        if extents.iter().all(|(_, d)| d.is_empty()) {
+            return Ok(self.inner.meta.getattr(vol, ino).await?);
+        }
+        let replicas = usize::from(self.inner.vols.get(vol).await?.config.replicas);
+        // Each chunk's pieces, in offset order, cut at chunk boundaries.
+        let mut groups: Vec<(u64, Vec<(u32, Bytes)>)> = Vec::new();
+        let mut last_end = 0u64;
+        for (offset, data) in extents {
+            if *offset < last_end {
+                return Err(CacheError::Internal("write_extents: extents overlap or are unsorted".into()));
+            }
+            last_end = offset + data.len() as u64;
+            let mut pos = 0usize;
+            while pos < data.len() {
+                let at = offset + pos as u64;
+                let chunk = at / CHUNK_SIZE;
+                let in_chunk = at % CHUNK_SIZE;
+                let n = ((CHUNK_SIZE - in_chunk) as usize).min(data.len() - pos);
+                let piece = (in_chunk as u32, data.slice(pos..pos + n));
+                match groups.last_mut() {
+                    Some((c, g)) if *c == chunk && g.len() < elea_fsm::limits::PIECES_MAX => g.push(piece),
+                    _ => groups.push((chunk, vec![piece])),
+                }
+                pos += n;
+            }
+        }
+        let attrs: Vec<Attr> = futures::stream::iter(groups)
+            .map(|(chunk, pieces)| self.write_packed(vol, ino, chunk, pieces, replicas))
+            .buffer_unordered(4)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        // The newest attributes: the largest size, then the latest change.
+        attrs
+            .into_iter()
+            .max_by_key(|a| (a.size, a.ctime))
+            .ok_or_else(|| CacheError::Internal("nothing written".into()))
+    }
+
+    /// One slice holding `pieces` (sorted, disjoint, within `chunk`) back to back.
+    async fn write_packed(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        pieces: Vec<(u32, Bytes)>,
+        replicas: usize,
+    ) -> Result<Attr, CacheError> {
+        let total: usize = pieces.iter().map(|(_, b)| b.len()).sum();
+        let mut buf = bytes::BytesMut::with_capacity(total);
+        let mut list = Vec::with_capacity(pieces.len());
+        let slice = self.next_slice_id().await?;
+        for (in_chunk, b) in &pieces {
+            list.push(Slice {
+                id: slice,
+                offset: *in_chunk,
+                len: b.len() as u32,
+                slice_len: total as u32,
+                slice_offset: buf.len() as u32,
+            });
+            buf.extend_from_slice(b);
+        }
+        let bytes = buf.freeze();
+        let nblocks = elea_fsm::blocks_of(total as u32);
+        let staged: Vec<Vec<u64>> = futures::stream::iter(0..nblocks)
+            .map(|i| {
+                let start = i * BLOCK_SIZE as usize;
+                let end = (start + BLOCK_SIZE as usize).min(bytes.len());
+                self.put_block(vol, slice, i as u32, bytes.slice(start..end), replicas)
+            })
+            .buffered(self.inner.cfg.concurrency)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        match self.inner.meta.op(Op::WriteSlicePieces { vol, ino, chunk, pieces: list, staged }).await? {
+            Reply::Attr(a) => Ok(a),
+            other => Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// Reads up to `len` bytes at `offset` (short at end of file; holes read as zeros).
     pub async fn read(
         &self,

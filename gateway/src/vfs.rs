@@ -859,14 +859,11 @@ impl Vfs {
             std::mem::take(&mut d.extents).into_iter().map(|(o, v)| (o, Bytes::from(v))).collect();
         let (vol, ino) = (self.inner.vol, n.ino);
         let data = &self.inner.data;
-        let results: Vec<Result<Attr, CacheError>> = futures::stream::iter(extents.iter().cloned())
-            .map(|(off, b)| async move { data.write(vol, ino, off, b).await })
-            .buffer_unordered(8)
-            .collect()
-            .await;
+        // The extents of each chunk go out packed in one slice with one commit.
+        let result = data.write_extents(vol, ino, &extents).await;
         // Committed slices changed the file: drop what this node cached about it.
         n.invalidate();
-        if let Some(e) = results.into_iter().find_map(Result::err) {
+        if let Err(e) = result {
             // Nothing is dropped: the extents stay buffered (rewriting ones that did commit
             // is harmless) and the caller sees the error.
             for (off, b) in extents {

@@ -148,6 +148,9 @@ impl StateMachine {
             Op::ReplaceReplica { slice, index, old, new } => st.replace_replica(*slice, *index, *old, *new),
             Op::ForgetSlices { ids } => st.forget_slices(ids),
             Op::DropReplica { slice, index, node } => st.drop_replica(*slice, *index, *node),
+            Op::WriteSlicePieces { vol, ino, chunk, pieces, staged } => {
+                st.write_slice_pieces(*vol, *ino, *chunk, pieces, staged, now, ch)
+            }
         }
     }
 

@@ -75,6 +75,9 @@ pub mod limits {
     pub const NODE_ADDR_MAX: usize = 256;
     /// Most blocks or slices one data-path op or query may name.
     pub const BATCH_MAX: usize = 4096;
+    /// Most pieces one [`super::Op::WriteSlicePieces`] may carry (a 64 MiB chunk in 4 KiB
+    /// pieces).
+    pub const PIECES_MAX: usize = 16384;
     /// A cache node that has not sent a heartbeat for this long is dead: its staged blocks
     /// are re-replicated elsewhere.
     pub const CACHE_DEAD_AFTER_MS: u64 = 10_000;
@@ -543,6 +546,17 @@ pub enum Op {
         slice: SliceId,
         index: u32,
         node: u64,
+    },
+    /// Record many writes into one chunk from one new slice at once (a flush of many small
+    /// writes packed into one slice): the same as one [`Op::WriteSlice`] per piece, applied
+    /// all or nothing. The pieces share one slice id, are sorted by `offset` and do not
+    /// overlap; at most [`limits::PIECES_MAX`].
+    WriteSlicePieces {
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        pieces: Vec<Slice>,
+        staged: Vec<Vec<u64>>,
     },
 }
 

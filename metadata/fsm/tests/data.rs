@@ -272,3 +272,96 @@ fn a_lost_copy_leaves_the_holder_list() {
     h.ok(Op::DropReplica { slice: 5, index: 2, node: 3 });
     assert_eq!(nodes(&h)[2], vec![3, 1]);
 }
+
+/// The list of a chunk and the pending deletes: what two ways of writing must agree on.
+fn chunk_state(h: &H, ino: u64) -> (Vec<Slice>, Vec<u64>, u64) {
+    let Ok(Reply::Slices(list)) = h.q(Query::ReadChunk { vol: h.vol, ino, chunk: 0 }) else { panic!() };
+    let Ok(Reply::Deletes { slices, .. }) = h.q(Query::PendingDeletes { after: 0, limit: 4096 }) else {
+        panic!()
+    };
+    (list, slices.into_iter().map(|s| s.0).collect(), h.attr(ino).size)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+    /// Many pieces of one slice in one op leave the same chunk list, slice references (what
+    /// becomes garbage, after overwriting everything) and size as one `WriteSlice` per piece.
+    #[test]
+    fn pieces_in_one_op_equal_one_op_per_piece(
+        old in proptest::collection::vec((0u32..64, 1u32..16), 0..12),
+        new in proptest::collection::vec((0u32..8, 1u32..8), 1..10),
+    ) {
+        let run = |packed: bool| {
+            let (mut h, vol) = setup();
+            let f = h.file(ROOT, "f");
+            for (i, (off, len)) in old.iter().enumerate() {
+                let s = Slice { id: 100 + i as u64, offset: off * 1024, len: len * 1024, slice_len: 64 * 1024, slice_offset: 0 };
+                h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: s, staged: vec![vec![1]] });
+            }
+            // Disjoint sorted pieces of slice 7, packed one after another in the slice.
+            let mut pieces = Vec::new();
+            let (mut at, mut packed_at) = (0u32, 0u32);
+            for (gap, len) in &new {
+                at += gap * 1024;
+                pieces.push(Slice { id: 7, offset: at, len: len * 1024, slice_len: 0, slice_offset: packed_at });
+                at += len * 1024;
+                packed_at += len * 1024;
+            }
+            for p in &mut pieces {
+                p.slice_len = packed_at;
+            }
+            if packed {
+                h.ok(Op::WriteSlicePieces { vol, ino: f, chunk: 0, pieces: pieces.clone(), staged: vec![vec![2]] });
+            } else {
+                for p in &pieces {
+                    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: *p, staged: vec![vec![2]] });
+                }
+            }
+            let mut states = vec![chunk_state(&h, f)];
+            // Overwrite everything in a few steps, each showing what became garbage.
+            for (i, at) in [0u32, 20, 40, 60].into_iter().enumerate() {
+                let s = Slice { id: 20 + i as u64, offset: at * 1024, len: 20 * 1024, slice_len: 20 * 1024, slice_offset: 0 };
+                h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice: s, staged: vec![vec![3]] });
+                states.push(chunk_state(&h, f));
+            }
+            states
+        };
+        proptest::prop_assert_eq!(run(true), run(false));
+    }
+}
+
+#[test]
+fn pieces_are_validated() {
+    let (mut h, vol) = setup();
+    let f = h.file(ROOT, "f");
+    let p = |id: u64, offset: u32, len: u32, slice_offset: u32| Slice {
+        id,
+        offset,
+        len,
+        slice_len: 8192,
+        slice_offset,
+    };
+    let op =
+        |pieces: Vec<Slice>| Op::WriteSlicePieces { vol, ino: f, chunk: 0, pieces, staged: vec![vec![1]] };
+    let bad = [
+        vec![],
+        vec![p(0, 0, 10, 0)],
+        vec![p(5, 0, 10, 0), p(6, 100, 10, 10)],
+        vec![p(5, 100, 10, 0), p(5, 0, 10, 10)],
+        vec![p(5, 0, 10, 0), p(5, 5, 10, 10)],
+        vec![p(5, 0, 0, 0)],
+        vec![p(5, 0, 10, 8190)],
+        vec![Slice { slice_len: 100, ..p(5, 0, 10, 0) }, p(5, 20, 10, 10)],
+        vec![p(5, (64 << 20) - 5, 10, 0)],
+        vec![p(5, 0, 1, 0); 16385],
+    ];
+    for pieces in bad {
+        assert_eq!(h.err(op(pieces)), Errno::EINVAL);
+    }
+    // Nothing of a rejected op was applied.
+    assert_eq!(h.attr(f).size, 0);
+    let Ok(Reply::Slices(list)) = h.q(Query::ReadChunk { vol, ino: f, chunk: 0 }) else { panic!() };
+    assert!(list.is_empty());
+    h.ok(op(vec![p(5, 0, 10, 0), p(5, 10, 10, 10), p(5, 4096, 100, 20)]));
+    assert_eq!(h.attr(f).size, 4196);
+}

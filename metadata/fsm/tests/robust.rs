@@ -150,6 +150,27 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(slice, index, old, new)| Op::ReplaceReplica { slice, index, old, new }),
         prop::collection::vec(0u64..6, 0..3).prop_map(|ids| Op::ForgetSlices { ids }),
         (0u64..6, 0u32..3, 0u64..4).prop_map(|(slice, index, node)| Op::DropReplica { slice, index, node }),
+        (
+            ino(),
+            0u64..3,
+            prop::collection::vec((0u64..6, 0u32..9000, 0u32..9000, 0u32..9000, 0u32..9000), 0..5)
+        )
+            .prop_map(|(ino, chunk, ps)| Op::WriteSlicePieces {
+                vol: 1,
+                ino,
+                chunk,
+                pieces: ps
+                    .into_iter()
+                    .map(|(id, offset, len, slice_len, slice_offset)| Slice {
+                        id,
+                        offset,
+                        len,
+                        slice_len,
+                        slice_offset
+                    })
+                    .collect(),
+                staged: vec![]
+            }),
     ]
 }
 
