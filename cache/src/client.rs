@@ -105,10 +105,14 @@ impl BlockClients {
         Ok(())
     }
 
-    /// Reads a block from `addr`, checking its length and checksum.
+    /// Reads a block, or the range of it `req` names, from `addr`, checking the length and
+    /// checksum of what arrives. A node that predates ranges sends the whole block: it is
+    /// checked and the range cut from it.
     pub async fn get(&self, addr: &str, req: GetRequest) -> Result<Vec<u8>, CacheError> {
         let mut c = self.conn(addr)?;
-        let want = req.len;
+        let block_len = req.len;
+        let range = req.range.map(|r| (r.offset, r.len));
+        let want = range.map_or(block_len, |r| r.1);
         let mut r = tonic::Request::new(req);
         r.set_timeout(self.cfg.get_timeout);
         let mut stream = c.get(r).await.map_err(|s| from_status(addr, &s))?.into_inner();
@@ -118,10 +122,10 @@ impl BlockClients {
             let m = m.map_err(|s| from_status(addr, &s))?;
             if head.is_none() {
                 head = Some((m.len, m.crc32c));
-                out.reserve(m.len.min(want) as usize);
+                out.reserve(m.len.min(block_len) as usize);
             }
             out.extend_from_slice(&m.data);
-            if out.len() > want as usize {
+            if out.len() > block_len as usize {
                 break;
             }
         }
@@ -130,14 +134,23 @@ impl BlockClients {
             msg: "empty block stream".into(),
             retryable: true,
         })?;
-        if len != want || out.len() != want as usize {
+        let whole_for_range = range.is_some() && len == block_len && len != want;
+        let expect = if whole_for_range { block_len } else { want };
+        if len != expect || out.len() != expect as usize {
             return Err(CacheError::Checksum(format!(
-                "{addr} sent {} bytes (announced {len}) for a block of {want}",
+                "{addr} sent {} bytes (announced {len}) where {want} were asked for",
                 out.len()
             )));
         }
         if crc32c::crc32c(&out) != crc {
             return Err(CacheError::Checksum(format!("block from {addr} does not match its checksum")));
+        }
+        if let (true, Some((off, n))) = (whole_for_range, range) {
+            let (off, n) = (off as usize, n as usize);
+            if off + n > out.len() {
+                return Err(CacheError::BadRequest(format!("range {off}+{n} is outside the block")));
+            }
+            return Ok(out[off..off + n].to_vec());
         }
         Ok(out)
     }

@@ -1,9 +1,21 @@
 //! The data client a gateway embeds: writes slices (split into blocks, placed by rendezvous
 //! hashing, stored on `R` cache nodes, then committed to metadata) and reads byte ranges of
-//! files by resolving their slices, with concurrent block fetches, a small block cache and
-//! read-ahead for sequential readers.
+//! files by resolving their slices.
+//!
+//! Reads fetch in one of two ways. A sequential reader fetches whole blocks, and the next
+//! blocks of its slice ahead of it. Any other read fetches only the aligned windows
+//! ([`DataConfig::window`] bytes) of each block that hold the bytes it wants, as ranges from
+//! the cache nodes, so a small random read moves a window instead of a 4 MiB block (a read
+//! that wants at least half of a block still fetches all of it). Whole blocks and windows
+//! share one cache bounded by bytes; concurrent readers of the same piece share its fetch.
+//! Slices are immutable, so nothing cached by slice id ever goes stale.
+//!
+//! Where each slice's blocks live (`slice_locs`) is remembered too. A location can go stale
+//! (a slice is tiered and its staged copies freed, a dead node's copies are replaced): a
+//! fetch that fails drops the slice's entry and asks metadata again, so a stale entry costs
+//! a retry, never wrong bytes (every copy of a block has the same, checksummed bytes).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,13 +25,14 @@ use elea_common::{Ino, VolumeId};
 use elea_fsm::{Attr, CacheNodeInfo, Op, Query, Reply, Slice, SliceLoc, block_len};
 use elea_metadata::client::MetaClient;
 use elea_tiering::{BlockKey, StoreConfig};
+use foyer::{Cache, CacheBuilder, LruConfig};
 use futures::StreamExt as _;
 use tokio::sync::OnceCell;
 
 use crate::client::BlockClients;
 use crate::error::CacheError;
 use crate::placement::rank;
-use crate::proto::{BlockRef, GetRequest};
+use crate::proto::{BlockRef, ByteRange, GetRequest};
 use crate::volumes::Volumes;
 
 /// Settings of a data client.
@@ -31,8 +44,13 @@ pub struct DataConfig {
     pub concurrency: usize,
     /// Blocks fetched ahead of a sequential reader.
     pub readahead: usize,
-    /// Blocks kept in the client's cache.
-    pub cache_blocks: usize,
+    /// Bytes of whole blocks and windows kept in the client's cache. Default 256 MiB.
+    pub cache_bytes: usize,
+    /// Bytes a read that is not sequential fetches per block piece: aligned windows of this
+    /// size (a power of two, 4 KiB to 4 MiB; rounded to one). Default 128 KiB.
+    pub window: u32,
+    /// Slice locations remembered. Default 65536.
+    pub locations: usize,
     /// How long the cache node list is trusted before it is read again.
     pub node_refresh: Duration,
     /// How long a read keeps retrying while no copy of a block is reachable (nodes
@@ -47,7 +65,9 @@ impl DataConfig {
             site: site.to_string(),
             concurrency: 16,
             readahead: 8,
-            cache_blocks: 32,
+            cache_bytes: 256 << 20,
+            window: 128 << 10,
+            locations: 65536,
             node_refresh: Duration::from_secs(2),
             read_timeout: Duration::from_secs(30),
             store: StoreConfig::default(),
@@ -55,25 +75,48 @@ impl DataConfig {
     }
 }
 
-type Cell = Arc<OnceCell<Arc<Vec<u8>>>>;
-
-#[derive(Default)]
-struct BlockCache {
-    map: HashMap<(u64, u32), Cell>,
-    order: VecDeque<(u64, u32)>,
+/// A cached piece of a block: all of it ([`WHOLE`]) or window `piece` of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PieceKey {
+    slice: u64,
+    index: u32,
+    piece: u32,
 }
+
+const WHOLE: u32 = u32::MAX;
+
+/// How far (bytes) a read may start from where the inode's last read ended and still count
+/// towards a sequential run (concurrent read-ahead requests of the kernel arrive slightly out
+/// of order).
+const SEQ_SLACK: u64 = 256 << 10;
+
+/// Per inode: where its last read ended, and how many reads in a row started near there.
+#[derive(Debug, Clone, Copy)]
+struct ReadRun {
+    end: u64,
+    run: u32,
+}
+
+type Cell = Arc<OnceCell<Bytes>>;
 
 struct Inner {
     meta: MetaClient,
     cfg: DataConfig,
+    /// `cfg.window`, a power of two.
+    window: u32,
     blocks: BlockClients,
     vols: Volumes,
     nodes: Mutex<(Option<Instant>, Vec<CacheNodeInfo>)>,
     /// Reserved slice ids: next, end.
     ids: tokio::sync::Mutex<(u64, u64)>,
-    cache: Mutex<BlockCache>,
-    /// End offset of each inode's last read, to detect sequential readers.
-    last_read: Mutex<HashMap<(VolumeId, Ino), u64>>,
+    /// Whole blocks and windows, weighed by bytes.
+    cache: Cache<PieceKey, Bytes>,
+    /// Piece fetches in flight, shared by concurrent readers.
+    inflight: Mutex<HashMap<PieceKey, Cell>>,
+    /// Slice locations as metadata last gave them.
+    locs: Cache<u64, Arc<SliceLoc>>,
+    /// Each inode's recent reads, to detect sequential readers.
+    last_read: Mutex<HashMap<(VolumeId, Ino), ReadRun>>,
 }
 
 /// See the module docs. Cheap to clone.
@@ -94,15 +137,31 @@ struct Want {
 impl DataClient {
     pub fn new(meta: MetaClient, cfg: DataConfig) -> Self {
         let vols = Volumes::new(meta.clone(), cfg.store.clone());
+        let window = cfg.window.clamp(4 << 10, BLOCK_SIZE as u32).next_power_of_two();
+        let cache = CacheBuilder::new(cfg.cache_bytes.max(BLOCK_SIZE as usize))
+            .with_name("elea-data-client")
+            .with_shards(8)
+            .with_eviction_config(LruConfig::default())
+            .with_weighter(|_k: &PieceKey, v: &Bytes| v.len())
+            .build();
+        let locs = CacheBuilder::new(cfg.locations.max(16))
+            .with_name("elea-slice-locations")
+            .with_shards(8)
+            .with_eviction_config(LruConfig::default())
+            .with_weighter(|_k: &u64, _v: &Arc<SliceLoc>| 1)
+            .build();
         Self {
             inner: Arc::new(Inner {
                 meta,
                 cfg,
+                window,
                 blocks: BlockClients::default(),
                 vols,
                 nodes: Mutex::new((None, Vec::new())),
                 ids: tokio::sync::Mutex::new((0, 0)),
-                cache: Mutex::default(),
+                cache,
+                inflight: Mutex::default(),
+                locs,
                 last_read: Mutex::default(),
             }),
         }
@@ -402,26 +461,34 @@ impl DataClient {
         let mut ids: Vec<u64> = wants.iter().map(|w| w.slice).collect();
         ids.sort_unstable();
         ids.dedup();
-        let locs: HashMap<u64, Option<SliceLoc>> =
-            self.inner.meta.slice_locs(&ids).await?.into_iter().collect();
-        // Every block the read touches, fetched concurrently.
-        let mut blocks: Vec<(u64, u32, u32)> = Vec::new();
+        let locs = self.locations(&ids).await?;
+        let sequential = self.note_read(vol, ino, offset, end);
+        // Every piece the read needs, fetched concurrently: whole blocks for a sequential
+        // reader or a read that wants most of a block, otherwise the windows it touches.
+        let win = u64::from(self.inner.window);
+        let mut pieces: Vec<(PieceKey, u32)> = Vec::new();
         for w in &wants {
-            let first = w.slice_off / BLOCK_SIZE;
-            let last = (w.slice_off + w.len as u64 - 1) / BLOCK_SIZE;
-            for i in first..=last {
-                let b = (w.slice, i as u32, w.slice_len);
-                if !blocks.contains(&b) {
-                    blocks.push(b);
+            let (start, end) = (w.slice_off, w.slice_off + w.len as u64);
+            for i in start / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
+                let base = i * BLOCK_SIZE;
+                let (a, b) = (start.max(base) - base, end.min(base + BLOCK_SIZE) - base);
+                let index = i as u32;
+                let key = |piece| PieceKey { slice: w.slice, index, piece };
+                if sequential || 2 * (b - a) >= BLOCK_SIZE {
+                    pieces.push((key(WHOLE), w.slice_len));
+                } else {
+                    pieces.extend((a / win..=(b - 1) / win).map(|p| (key(p as u32), w.slice_len)));
                 }
             }
         }
-        let fetched: HashMap<(u64, u32), Arc<Vec<u8>>> = futures::stream::iter(blocks.iter().copied())
-            .map(|(slice, index, slice_len)| {
-                let loc = locs.get(&slice).cloned().flatten();
+        pieces.sort_unstable_by_key(|(k, _)| (k.slice, k.index, k.piece));
+        pieces.dedup();
+        let fetched: HashMap<PieceKey, Bytes> = futures::stream::iter(pieces)
+            .map(|(key, slice_len)| {
+                let loc = locs.get(&key.slice).cloned().flatten();
                 async move {
-                    let d = self.block(vol, slice, index, slice_len, loc).await?;
-                    Ok::<_, CacheError>(((slice, index), d))
+                    let d = self.piece(vol, key, slice_len, loc).await?;
+                    Ok::<_, CacheError>((key, d))
                 }
             })
             .buffer_unordered(self.inner.cfg.concurrency)
@@ -433,103 +500,178 @@ impl DataClient {
             let mut done = 0usize;
             while done < w.len {
                 let at = w.slice_off + done as u64;
-                let idx = (at / BLOCK_SIZE) as u32;
-                let in_block = (at % BLOCK_SIZE) as usize;
-                let d = &fetched[&(w.slice, idx)];
-                let n = (d.len().saturating_sub(in_block)).min(w.len - done);
+                let index = (at / BLOCK_SIZE) as u32;
+                let in_block = at % BLOCK_SIZE;
+                let whole = PieceKey { slice: w.slice, index, piece: WHOLE };
+                let (d, in_piece) = match fetched.get(&whole) {
+                    Some(d) => (d, in_block as usize),
+                    None => {
+                        let p = in_block / win;
+                        let k = PieceKey { piece: p as u32, ..whole };
+                        let d = fetched.get(&k).ok_or_else(|| {
+                            CacheError::Internal(format!("block {}/{index}: piece {p} not fetched", w.slice))
+                        })?;
+                        (d, (in_block - p * win) as usize)
+                    }
+                };
+                let n = (d.len().saturating_sub(in_piece)).min(w.len - done);
                 if n == 0 {
                     return Err(CacheError::Checksum(format!(
                         "slice {} is shorter than its metadata says",
                         w.slice
                     )));
                 }
-                out[w.out_off + done..w.out_off + done + n].copy_from_slice(&d[in_block..in_block + n]);
+                out[w.out_off + done..w.out_off + done + n].copy_from_slice(&d[in_piece..in_piece + n]);
                 done += n;
             }
         }
-        self.readahead(vol, ino, offset, end, &wants, &locs);
+        if sequential {
+            self.readahead(vol, &wants, &locs);
+        }
         Ok(out)
     }
 
-    /// A sequential reader gets the next blocks of the slices it is reading fetched ahead.
-    fn readahead(
-        &self,
-        vol: VolumeId,
-        ino: Ino,
-        offset: u64,
-        end: u64,
-        wants: &[Want],
-        locs: &HashMap<u64, Option<SliceLoc>>,
-    ) {
-        let sequential = {
-            let mut g = self.inner.last_read.lock().unwrap_or_else(|p| p.into_inner());
-            if g.len() > 4096 {
-                g.clear();
+    /// Records a read of `[offset, end)`; true when it continues a sequential run: it starts
+    /// exactly where the inode's last read ended, or it is the second read in a row to start
+    /// near there.
+    fn note_read(&self, vol: VolumeId, ino: Ino, offset: u64, end: u64) -> bool {
+        let mut g = self.inner.last_read.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() > 4096 {
+            g.clear();
+        }
+        let prev = g.get(&(vol, ino)).copied();
+        let near = prev.is_some_and(|p| offset.abs_diff(p.end) <= SEQ_SLACK);
+        let run = if near { prev.map_or(0, |p| p.run).saturating_add(1) } else { 0 };
+        g.insert((vol, ino), ReadRun { end, run });
+        prev.is_some_and(|p| p.end == offset) || run >= 2
+    }
+
+    /// Locations of `ids`, from the location cache or metadata (`None`: metadata has none).
+    async fn locations(&self, ids: &[u64]) -> Result<HashMap<u64, Option<Arc<SliceLoc>>>, CacheError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match self.inner.locs.get(id) {
+                Some(e) => {
+                    out.insert(*id, Some(e.value().clone()));
+                }
+                None => missing.push(*id),
             }
-            g.insert((vol, ino), end) == Some(offset)
-        };
+        }
+        if !missing.is_empty() {
+            for (id, l) in self.inner.meta.slice_locs(&missing).await? {
+                out.insert(id, l.map(|l| self.remember(id, l)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Asks metadata where a slice is now, replacing what the location cache holds.
+    async fn refresh_location(&self, slice: u64) -> Result<Option<Arc<SliceLoc>>, CacheError> {
+        self.inner.locs.remove(&slice);
+        let l = self.inner.meta.slice_locs(&[slice]).await?.pop().and_then(|(_, l)| l);
+        Ok(l.map(|l| self.remember(slice, l)))
+    }
+
+    fn remember(&self, id: u64, l: SliceLoc) -> Arc<SliceLoc> {
+        let l = Arc::new(l);
+        // A slice waiting for garbage collection is not worth keeping.
+        if l.deleted.is_none() {
+            self.inner.locs.insert(id, l.clone());
+        }
+        l
+    }
+
+    /// A sequential reader gets the next blocks of the slice it is reading fetched ahead.
+    fn readahead(&self, vol: VolumeId, wants: &[Want], locs: &HashMap<u64, Option<Arc<SliceLoc>>>) {
         let Some(w) = wants.last() else { return };
-        if !sequential || self.inner.cfg.readahead == 0 {
+        if self.inner.cfg.readahead == 0 {
             return;
         }
         let next = (w.slice_off + w.len as u64) / BLOCK_SIZE;
         let total = elea_fsm::blocks_of(w.slice_len) as u64;
         let loc = locs.get(&w.slice).cloned().flatten();
         for i in next..(next + self.inner.cfg.readahead as u64).min(total) {
+            let key = PieceKey { slice: w.slice, index: i as u32, piece: WHOLE };
+            if self.inner.cache.contains(&key) {
+                continue;
+            }
             let this = self.clone();
             let loc = loc.clone();
-            let (slice, slice_len) = (w.slice, w.slice_len);
+            let slice_len = w.slice_len;
             tokio::spawn(async move {
-                if let Err(e) = this.block(vol, slice, i as u32, slice_len, loc).await {
-                    tracing::debug!(slice, index = i, error = %e, "read-ahead failed");
+                if let Err(e) = this.piece(vol, key, slice_len, loc).await {
+                    tracing::debug!(slice = key.slice, index = i, error = %e, "read-ahead failed");
                 }
             });
         }
     }
 
-    /// One block, from the client's cache or fetched once (concurrent callers share the
-    /// fetch).
-    async fn block(
+    /// One piece of a block, from the client's cache (a window also from its whole block)
+    /// or fetched once (concurrent callers share the fetch).
+    async fn piece(
         &self,
         vol: VolumeId,
-        slice: u64,
-        index: u32,
+        key: PieceKey,
         slice_len: u32,
-        loc: Option<SliceLoc>,
-    ) -> Result<Arc<Vec<u8>>, CacheError> {
-        let cell = {
-            let mut g = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
-            let key = (slice, index);
-            match g.map.get(&key) {
-                Some(c) => c.clone(),
-                None => {
-                    let c: Cell = Arc::default();
-                    g.map.insert(key, c.clone());
-                    g.order.push_back(key);
-                    while g.order.len() > self.inner.cfg.cache_blocks.max(1) {
-                        if let Some(old) = g.order.pop_front() {
-                            g.map.remove(&old);
-                        }
-                    }
-                    c
-                }
+        loc: Option<Arc<SliceLoc>>,
+    ) -> Result<Bytes, CacheError> {
+        if let Some(e) = self.inner.cache.get(&key) {
+            return Ok(e.value().clone());
+        }
+        let blen = block_len(slice_len, key.index);
+        let range = if key.piece == WHOLE {
+            None
+        } else {
+            let win = self.inner.window;
+            let start = u64::from(key.piece) * u64::from(win);
+            if start >= u64::from(blen) {
+                return Err(CacheError::Internal(format!(
+                    "block {}/{}: window {} is past its {blen} bytes",
+                    key.slice, key.index, key.piece
+                )));
             }
+            let start = start as u32;
+            let len = win.min(blen - start);
+            if let Some(e) = self.inner.cache.get(&PieceKey { piece: WHOLE, ..key })
+                && e.value().len() >= (start + len) as usize
+            {
+                return Ok(e.value().slice(start as usize..(start + len) as usize));
+            }
+            Some((start, len))
         };
-        let r = cell.get_or_try_init(|| self.fetch(vol, slice, index, slice_len, loc)).await.cloned();
-        if r.is_err() {
-            self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()).map.remove(&(slice, index));
+        let cell = {
+            let mut g = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            g.entry(key).or_default().clone()
+        };
+        let r = cell
+            .get_or_try_init(|| async {
+                let d = Bytes::from(self.fetch(vol, key.slice, key.index, slice_len, range, loc).await?);
+                self.inner.cache.insert(key, d.clone());
+                Ok::<_, CacheError>(d)
+            })
+            .await
+            .cloned();
+        {
+            let mut g = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if g.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                g.remove(&key);
+            }
         }
         r
     }
 
+    /// Bytes of one block (`range`: offset and length within it; `None`: all of it), from
+    /// the copies `loc` lists, retried with a fresh location while the failure is transient.
     async fn fetch(
         &self,
         vol: VolumeId,
         slice: u64,
         index: u32,
         slice_len: u32,
-        loc: Option<SliceLoc>,
-    ) -> Result<Arc<Vec<u8>>, CacheError> {
+        range: Option<(u32, u32)>,
+        loc: Option<Arc<SliceLoc>>,
+    ) -> Result<Vec<u8>, CacheError> {
         let mut loc = loc;
         let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
@@ -537,7 +679,7 @@ impl DataClient {
         loop {
             if attempt > 0 || loc.is_none() {
                 // The block may have been tiered or re-replicated since the location was read.
-                loc = self.inner.meta.slice_locs(&[slice]).await?.pop().and_then(|(_, l)| l);
+                loc = self.refresh_location(slice).await?;
             }
             let Some(l) = &loc else {
                 return Err(CacheError::NotFound(format!("slice {slice} has no recorded location")));
@@ -546,8 +688,8 @@ impl DataClient {
                 return Err(CacheError::NotFound(format!("slice {slice} has no block {index}")));
             };
             let len = block_len(slice_len, index);
-            match self.fetch_from(vol, slice, index, len, b, attempt > 0).await {
-                Ok(d) => return Ok(Arc::new(d)),
+            match self.fetch_from(vol, slice, index, len, range, b, attempt > 0).await {
+                Ok(d) => return Ok(d),
                 // One immediate retry with a fresh location (the block may have moved); then
                 // keep retrying while the failure is transient.
                 Err(e)
@@ -566,18 +708,21 @@ impl DataClient {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_from(
         &self,
         vol: VolumeId,
         slice: u64,
         index: u32,
         len: u32,
+        range: Option<(u32, u32)>,
         b: &elea_fsm::BlockLoc,
         fresh: bool,
     ) -> Result<Vec<u8>, CacheError> {
         let nodes = self.nodes(fresh).await?;
         let addr = |id: u64| nodes.iter().find(|n| n.id == id && n.alive).map(|n| n.addr.clone());
         let block = Some(BlockRef { vol, slice, index });
+        let want = range.map(|(offset, len)| ByteRange { offset, len });
         // Retryable: holders may be restarting or out of touch with metadata for a while.
         let mut last = CacheError::NoNodes(format!("block {slice}/{index}: no copy reachable"));
         // Holders the registry calls alive first, then the others (one that lost touch with
@@ -590,37 +735,52 @@ impl DataClient {
             .chain(b.nodes.iter().filter_map(|id| dead(*id)))
             .collect();
         for a in holders {
-            let req = GetRequest { block, len, tiered_store: None, peers: vec![], cache: false };
+            let req = GetRequest { block, len, tiered_store: None, peers: vec![], cache: false, range: want };
             match self.inner.blocks.get(&a, req).await {
                 Ok(d) => return Ok(d),
                 Err(e) => last = e,
             }
         }
         let Some(store) = b.tiered else { return Err(last) };
-        // Tiered: ask the site's cache nodes in placement order (they keep it in their read
-        // cache), then the store itself.
+        // Tiered: ask the site's cache nodes in placement order (they fetch the whole object,
+        // verify it and keep it in their read cache), then the store itself.
         let site: Vec<u64> =
             nodes.iter().filter(|n| n.alive && n.site == self.inner.cfg.site).map(|n| n.id).collect();
         for id in rank(slice, index, &site).into_iter().take(2) {
             let Some(a) = addr(id) else { continue };
-            let req =
-                GetRequest { block, len, tiered_store: Some(u32::from(store)), peers: vec![], cache: true };
+            let req = GetRequest {
+                block,
+                len,
+                tiered_store: Some(u32::from(store)),
+                peers: vec![],
+                cache: true,
+                range: want,
+            };
             match self.inner.blocks.get(&a, req).await {
                 Ok(d) => return Ok(d),
                 Err(e) => last = e,
             }
         }
         let key = BlockKey { vol, slice, index, len };
-        match self.inner.vols.store(vol, store).await {
-            Ok(s) => s.get(&key).await.map_err(CacheError::from),
-            Err(e) => Err(if matches!(e, CacheError::NotFound(_)) { last } else { e }),
+        let d = match self.inner.vols.store(vol, store).await {
+            Ok(s) => s.get(&key).await.map_err(CacheError::from)?,
+            Err(e) => return Err(if matches!(e, CacheError::NotFound(_)) { last } else { e }),
+        };
+        let Some((off, n)) = range else { return Ok(d) };
+        let (off, n) = (off as usize, n as usize);
+        if d.len() < off + n {
+            return Err(CacheError::Checksum(format!(
+                "block {slice}/{index} is shorter than its metadata says"
+            )));
         }
+        // The whole block came anyway: keep it for the reads around this one.
+        let d = Bytes::from(d);
+        self.inner.cache.insert(PieceKey { slice, index, piece: WHOLE }, d.clone());
+        Ok(d[off..off + n].to_vec())
     }
 
-    /// Drops the client's own block cache.
+    /// Drops the client's own cache of blocks and windows (slice locations stay).
     pub fn clear_cache(&self) {
-        let mut g = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
-        g.map.clear();
-        g.order.clear();
+        self.inner.cache.clear();
     }
 }

@@ -207,27 +207,25 @@ impl Node {
         }
     }
 
-    /// Reads a block for a client or peer: staging, read cache, then the object store or
-    /// the peers named in the request.
+    /// Reads a block, or the range of it the request names, for a client or peer: staging,
+    /// read cache, then the object store or the peers named in the request. Every byte
+    /// returned was verified against a checksum on the way (a staged file's or cache entry's
+    /// segments, an object's own checksum, or a peer's reply).
     pub async fn read_block(&self, req: &GetRequest) -> Result<Vec<u8>, CacheError> {
         let b = req.block.as_ref().ok_or_else(|| CacheError::BadRequest("missing block".into()))?;
         let id = check_ref(b)?;
         if u64::from(req.len) > BLOCK_SIZE || req.len == 0 {
             return Err(CacheError::BadRequest(format!("bad block length {}", req.len)));
         }
-        match self.staging.get(id).await {
-            Ok(Some((m, data))) if m.len == req.len => return Ok(data),
-            Ok(Some((m, _))) => {
-                return Err(CacheError::Conflict(format!(
-                    "block {id:?} has {} bytes here, not {}",
-                    m.len, req.len
-                )));
-            }
+        let (off, n) = check_range(req)?;
+        match self.staging.get_range(id, req.len, off, n).await {
+            Ok(Some(data)) => return Ok(data),
             Ok(None) => {}
+            Err(e @ (CacheError::Conflict(_) | CacheError::BadRequest(_))) => return Err(e),
             Err(e) => tracing::warn!(error = %e, "staged copy unreadable; trying other copies"),
         }
-        if let Some(d) = self.cache.get(id).await
-            && d.len() == req.len as usize
+        if let Some((len, d)) = self.cache.get_range(id, Some((off, n))).await
+            && len == req.len
         {
             return Ok(d);
         }
@@ -235,26 +233,39 @@ impl Node {
         if let Some(store) = req.tiered_store {
             let idx = u16::try_from(store).map_err(|_| CacheError::BadRequest("bad store index".into()))?;
             let key = BlockKey { vol: b.vol, slice: id.0, index: id.1, len: req.len };
+            // An object is compressed and checksummed as a unit: fetch and verify all of it,
+            // keep it, and serve the range from it.
             match self.vols.store(b.vol, idx).await {
                 Ok(s) => match s.get(&key).await {
                     Ok(d) => {
                         if req.cache {
                             self.cache.insert(id, &d);
                         }
-                        return Ok(d);
+                        return cut(d, off, n);
                     }
                     Err(e) => last = e.into(),
                 },
                 Err(e) => last = e,
             }
         }
+        // A copy wanted in the cache is fetched whole from a peer; otherwise only the range.
+        let range = if req.cache { None } else { req.range };
         for peer in req.peers.iter().filter(|p| **p != self.cfg.advertise) {
-            let r =
-                GetRequest { block: Some(*b), len: req.len, tiered_store: None, peers: vec![], cache: false };
+            let r = GetRequest {
+                block: Some(*b),
+                len: req.len,
+                tiered_store: None,
+                peers: vec![],
+                cache: false,
+                range,
+            };
             match self.peers.get(peer, r).await {
                 Ok(d) => {
-                    if req.cache {
-                        self.cache.insert(id, &d);
+                    if range.is_none() {
+                        if req.cache {
+                            self.cache.insert(id, &d);
+                        }
+                        return cut(d, off, n);
                     }
                     return Ok(d);
                 }
@@ -263,6 +274,36 @@ impl Node {
         }
         Err(last)
     }
+}
+
+/// The range a get asks for, as (offset, length) within its block (the whole block when it
+/// names none); a clear error when it is empty or reaches past the block.
+pub(crate) fn check_range(req: &GetRequest) -> Result<(u32, u32), CacheError> {
+    let Some(r) = req.range else { return Ok((0, req.len)) };
+    if r.len == 0 || u64::from(r.offset) + u64::from(r.len) > u64::from(req.len) {
+        return Err(CacheError::BadRequest(format!(
+            "range of {} bytes at {} is outside the block of {} bytes",
+            r.len, r.offset, req.len
+        )));
+    }
+    Ok((r.offset, r.len))
+}
+
+/// Bytes `[off, off + n)` of a block fetched whole; an error when it is shorter than that.
+fn cut(mut d: Vec<u8>, off: u32, n: u32) -> Result<Vec<u8>, CacheError> {
+    let (off, n) = (off as usize, n as usize);
+    if d.len() < off + n {
+        return Err(CacheError::Checksum(format!(
+            "a block of {} bytes has no bytes {off}..{}",
+            d.len(),
+            off + n
+        )));
+    }
+    if off == 0 {
+        d.truncate(n);
+        return Ok(d);
+    }
+    Ok(d[off..off + n].to_vec())
 }
 
 /// Validates a block reference.

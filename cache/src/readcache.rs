@@ -1,7 +1,9 @@
 //! The read cache: clean (tiered or fetched) blocks in foyer's hybrid memory + disk cache.
 //!
-//! Evictable by design, unlike staging. Each value carries the crc32c of its bytes, checked
-//! on every hit: a damaged entry is dropped and counted as a miss, never served.
+//! Evictable by design, unlike staging. Each value carries a crc32c per [`SEGMENT`] bytes of
+//! the block (the staged file's segments), and a hit verifies the segments it returns: a
+//! range read checks only what it touches. A damaged entry is dropped and counted as a miss,
+//! never served; so is an entry in an older layout.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +14,7 @@ use foyer::{
 };
 
 use crate::error::CacheError;
-use crate::staging::BlockId;
+use crate::staging::{BlockId, SEGMENT, segment_crcs};
 
 /// Largest value the disk tier holds; blocks are at most 4 MiB.
 const DISK_BLOCK: usize = 16 << 20;
@@ -22,6 +24,37 @@ pub struct ReadCache {
     cache: HybridCache<u64, Vec<u8>>,
     hits: AtomicU64,
     misses: AtomicU64,
+}
+
+/// Ends every value: value = bytes, a crc32c per segment, the length (u32 LE), this.
+const ENTRY_MAGIC: [u8; 4] = *b"ERC2";
+const SEGMENT_SHIFT: u8 = SEGMENT.trailing_zeros() as u8;
+
+/// The bytes of a cache value and its checksum table, when its layout is sound.
+fn parse(v: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = v.len().checked_sub(8)?;
+    if v[n + 4..] != ENTRY_MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes([v[n], v[n + 1], v[n + 2], v[n + 3]]) as usize;
+    let table = 4 * len.div_ceil(SEGMENT);
+    if len.checked_add(table)? != n {
+        return None;
+    }
+    Some((&v[..len], &v[len..n]))
+}
+
+/// Bytes `[off, off + len)` of a value's block, when the segments they touch verify.
+fn verified_range(data: &[u8], table: &[u8], off: usize, len: usize) -> Option<Vec<u8>> {
+    let (first, last) = (off / SEGMENT, (off + len - 1) / SEGMENT);
+    let start = first * SEGMENT;
+    let end = ((last + 1) * SEGMENT).min(data.len());
+    let crcs = segment_crcs(&data[start..end], SEGMENT_SHIFT);
+    let want = table[4 * first..4 * (last + 1)].chunks_exact(4);
+    if !crcs.iter().zip(want).all(|(c, w)| c.to_le_bytes() == w) {
+        return None;
+    }
+    Some(data[off..off + len].to_vec())
 }
 
 fn key(id: BlockId) -> u64 {
@@ -63,20 +96,33 @@ impl ReadCache {
 
     /// A verified cached copy of the block, if any.
     pub async fn get(&self, id: BlockId) -> Option<Vec<u8>> {
+        self.get_range(id, None).await.map(|(_, d)| d)
+    }
+
+    /// The block's length and bytes `[off, off + len)` of it (`None`: all of it), verified
+    /// against the checksums of the segments they touch; `None` on a miss, or when the range
+    /// is empty or outside the cached block.
+    pub async fn get_range(&self, id: BlockId, range: Option<(u32, u32)>) -> Option<(u32, Vec<u8>)> {
         let found = match self.cache.get(&key(id)).await {
-            Ok(Some(e)) => {
-                let v = e.value();
-                let n = v.len().checked_sub(4)?;
-                let mut crc = [0u8; 4];
-                crc.copy_from_slice(&v[n..]);
-                if crc32c::crc32c(&v[..n]) == u32::from_le_bytes(crc) {
-                    Some(v[..n].to_vec())
-                } else {
-                    tracing::error!(?id, "read cache entry is corrupt: dropping it");
+            Ok(Some(e)) => match parse(e.value()) {
+                Some((data, table)) => {
+                    let (off, len) = range.map_or((0, data.len()), |(o, l)| (o as usize, l as usize));
+                    if len == 0 || off.saturating_add(len) > data.len() {
+                        None
+                    } else if let Some(d) = verified_range(data, table, off, len) {
+                        Some((data.len() as u32, d))
+                    } else {
+                        tracing::error!(?id, "read cache entry is corrupt: dropping it");
+                        self.cache.remove(&key(id));
+                        None
+                    }
+                }
+                None => {
+                    tracing::warn!(?id, "read cache entry has an unknown layout: dropping it");
                     self.cache.remove(&key(id));
                     None
                 }
-            }
+            },
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(?id, error = %e, "read cache lookup failed");
@@ -88,10 +134,16 @@ impl ReadCache {
         found
     }
 
+    /// Caches a verified block.
     pub fn insert(&self, id: BlockId, data: &[u8]) {
-        let mut v = Vec::with_capacity(data.len() + 4);
+        let crcs = segment_crcs(data, SEGMENT_SHIFT);
+        let mut v = Vec::with_capacity(data.len() + 4 * crcs.len() + 8);
         v.extend_from_slice(data);
-        v.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+        for c in crcs {
+            v.extend_from_slice(&c.to_le_bytes());
+        }
+        v.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        v.extend_from_slice(&ENTRY_MAGIC);
         self.cache.insert(key(id), v);
     }
 
@@ -117,5 +169,57 @@ impl ReadCache {
         if let Err(e) = self.cache.close().await {
             tracing::warn!(error = %e, "closing the read cache");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn range_hits_verify_what_they_return() {
+        let c = ReadCache::open(Path::new("unused"), 64 << 20, 0).await.unwrap();
+        let b = block(4 << 20);
+        c.insert((1, 0), &b);
+        let n = b.len() as u32;
+        let s = SEGMENT as u32;
+        for (off, len) in [(0, 4096), (s - 1, 2), (3 * s + 5, 2 * s), (n - 10, 10), (0, n)] {
+            let (l, d) = c.get_range((1, 0), Some((off, len))).await.unwrap();
+            assert_eq!((l, d.as_slice()), (n, &b[off as usize..(off + len) as usize]));
+        }
+        assert_eq!(c.get((1, 0)).await.unwrap(), b);
+        // Empty and out-of-block ranges miss instead of panicking.
+        for (off, len) in [(0, 0), (n, 1), (n - 1, 2), (u32::MAX, u32::MAX)] {
+            assert!(c.get_range((1, 0), Some((off, len))).await.is_none());
+        }
+        // A short block ending inside a segment.
+        let short = block(SEGMENT + 17);
+        c.insert((2, 1), &short);
+        let (l, d) = c.get_range((2, 1), Some((SEGMENT as u32, 17))).await.unwrap();
+        assert_eq!((l, d.as_slice()), (short.len() as u32, &short[SEGMENT..]));
+    }
+
+    #[tokio::test]
+    async fn damaged_and_old_layout_entries_are_dropped() {
+        let c = ReadCache::open(Path::new("unused"), 64 << 20, 0).await.unwrap();
+        let b = block(1 << 20);
+        c.insert((3, 0), &b);
+        // Damage segment 2 in place: ranges touching it miss and drop the entry.
+        let mut v = c.cache.get(&key((3, 0))).await.unwrap().unwrap().value().clone();
+        v[2 * SEGMENT + 9] ^= 1;
+        c.cache.insert(key((3, 0)), v);
+        assert!(c.get_range((3, 0), Some((0, 100))).await.is_some());
+        assert!(c.get_range((3, 0), Some((2 * SEGMENT as u32, 100))).await.is_none());
+        assert!(!c.contains((3, 0)));
+        // The old layout (bytes and one crc32c) is not served.
+        let mut old = b.clone();
+        old.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
+        c.cache.insert(key((4, 0)), old);
+        assert!(c.get((4, 0)).await.is_none());
+        assert!(!c.contains((4, 0)));
     }
 }

@@ -188,6 +188,7 @@ impl Node {
             tiered_store: None,
             peers,
             cache: false,
+            range: None,
         };
         self.read_block(&req).await
     }

@@ -65,7 +65,7 @@ async fn really_held(c: &TestCluster, vol: u64, slice: u64, index: u32, bytes: &
         let Some(n) = c.nodes.iter().find(|n| n.id == *id) else { return false };
         let has = p.has(&n.addr, BlockRef { vol, slice, index }).await.is_ok_and(|h| h.staged);
         let on_disk = std::fs::read(staged_path(n, slice, index))
-            .is_ok_and(|f| f.len() > HEADER_LEN && f[HEADER_LEN..] == *bytes);
+            .is_ok_and(|f| f.len() > data_offset(bytes) && f[data_offset(bytes)..] == *bytes);
         if !has || !on_disk {
             return false;
         }
@@ -80,7 +80,10 @@ fn block_of(data: &[u8], index: u32) -> &[u8] {
 }
 
 const BLOCK: usize = 4 * MIB;
-const HEADER_LEN: usize = elea_cache::staging::HEADER_LEN;
+/// Where a staged file of `bytes` keeps them.
+fn data_offset(bytes: &[u8]) -> usize {
+    elea_cache::staging::data_offset(bytes.len() as u32)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn write_tier_and_read_from_every_tier() {
@@ -271,8 +274,14 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     // Bad references and lengths.
     let bad = BlockRef { vol: 1, slice: 77, index: 99 };
     assert!(matches!(p.put(&addr, bad, data.clone(), crc, vec![]).await, Err(CacheError::BadRequest(_))));
-    let get =
-        |block, len| GetRequest { block: Some(block), len, tiered_store: None, peers: vec![], cache: false };
+    let get = |block, len| GetRequest {
+        block: Some(block),
+        len,
+        tiered_store: None,
+        peers: vec![],
+        cache: false,
+        range: None,
+    };
     assert!(matches!(p.get(&addr, get(bad, 1000)).await, Err(CacheError::BadRequest(_))));
     assert!(matches!(p.get(&addr, get(r, 0)).await, Err(CacheError::BadRequest(_))));
     assert!(matches!(p.get(&addr, get(r, 1000)).await, Err(CacheError::NotFound(_))));
@@ -455,4 +464,203 @@ async fn garbage_collection_retries_after_a_store_outage() {
     })
     .await;
     assert!(c.store().list_volume(vol).await.unwrap().is_empty());
+}
+
+/// A small deterministic generator for random offsets.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn ranged(block: BlockRef, len: u32, range: Option<(u32, u32)>) -> elea_cache::proto::GetRequest {
+    elea_cache::proto::GetRequest {
+        block: Some(block),
+        len,
+        tiered_store: None,
+        peers: vec![],
+        cache: false,
+        range: range.map(|(offset, len)| elea_cache::proto::ByteRange { offset, len }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn range_gets_from_staging_the_read_cache_and_the_store() {
+    use elea_cache::CacheError;
+
+    let c = TestCluster::start(1).await;
+    let addr = c.nodes[0].addr.clone();
+    let vol = c.volume("g", 1, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    // A full block and a short one.
+    let data = content(21, 6 * MIB + 12345);
+    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    let blocks = c.meta.staged_blocks().await.unwrap();
+    assert_eq!(blocks.len(), 2);
+    let slice = blocks[0].slice;
+    let p = BlockClients::default();
+    let seg = elea_cache::staging::SEGMENT as u32;
+    let check = |index: u32, len: u32| {
+        let p = p.clone();
+        let addr = addr.clone();
+        let want = block_of(&data, index).to_vec();
+        let cases = [
+            (0, 4096),
+            (seg - 100, 200),
+            (3 * seg + 1, 2 * seg + 5),
+            (len - 4096, 4096),
+            (len - 1, 1),
+            (0, len),
+        ];
+        async move {
+            for (off, n) in cases {
+                let r = ranged(BlockRef { vol, slice, index }, len, Some((off, n)));
+                let got = p.get(&addr, r).await.unwrap();
+                assert!(got == want[off as usize..(off + n) as usize], "block {index} range {off}+{n}");
+            }
+            let whole = p.get(&addr, ranged(BlockRef { vol, slice, index }, len, None)).await.unwrap();
+            assert!(whole == want, "block {index} whole");
+        }
+    };
+    let (full, short) = (BLOCK as u32, (data.len() - BLOCK) as u32);
+    check(0, full).await;
+    check(1, short).await;
+    // Empty, past the end, huge: clear errors, and the node keeps serving.
+    let r = BlockRef { vol, slice, index: 1 };
+    for (off, n) in [(0, 0), (short, 1), (short - 1, 2), (1, u32::MAX), (u32::MAX, u32::MAX)] {
+        let e = p.get(&addr, ranged(r, short, Some((off, n)))).await;
+        assert!(matches!(e, Err(CacheError::BadRequest(_))), "range {off}+{n}: {e:?}");
+    }
+    check(1, short).await;
+    // Tiered and freed: a range asked with the store index is served from the whole
+    // object, which the node keeps in its read cache; then ranges come from that cache.
+    tier_now(&c, vol).await;
+    wait_until(Duration::from_secs(20), "everything tiered", || async { staged_count(&c, vol).await == 0 })
+        .await;
+    wait_until(Duration::from_secs(10), "staged copies freed", || async {
+        staged_anywhere(&c, BlockRef { vol, slice, index: 0 }).await == 0
+            && staged_anywhere(&c, BlockRef { vol, slice, index: 1 }).await == 0
+    })
+    .await;
+    drop_caches(&c).await;
+    for index in [0u32, 1] {
+        let len = if index == 0 { full } else { short };
+        let b = BlockRef { vol, slice, index };
+        assert!(matches!(p.get(&addr, ranged(b, len, Some((0, 10)))).await, Err(CacheError::NotFound(_))));
+        let mut r = ranged(b, len, Some((len - 5000, 5000)));
+        r.tiered_store = Some(0);
+        r.cache = true;
+        let got = p.get(&addr, r).await.unwrap();
+        assert!(got == block_of(&data, index)[len as usize - 5000..], "tiered block {index}");
+        assert!(p.has(&addr, b).await.unwrap().cached);
+    }
+    check(0, full).await;
+    check(1, short).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_small_reads_match_the_written_bytes_on_every_tier() {
+    let c = TestCluster::start(2).await;
+    let vol = c.volume("r", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let d = c.data();
+    // Two chunks' worth of slices: 70 MiB written in two pieces, plus an overwrite in the
+    // middle so reads cross slice boundaries.
+    let mut reference = content(31, 70 * MIB);
+    d.write(vol, f.ino, 0, Bytes::from(reference[..40 * MIB].to_vec())).await.unwrap();
+    d.write(vol, f.ino, 40 * MIB as u64, Bytes::from(reference[40 * MIB..].to_vec())).await.unwrap();
+    let patch = content(32, 3 * MIB + 777);
+    let at = 10 * MIB + 4321;
+    d.write(vol, f.ino, at as u64, Bytes::from(patch.clone())).await.unwrap();
+    reference[at..at + patch.len()].copy_from_slice(&patch);
+    let size = reference.len() as u64;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let read_some = |d: elea_cache::DataClient, seed: u64, rounds: usize| {
+        let reference = &reference;
+        let mut rng = Rng(seed);
+        async move {
+            for i in 0..rounds {
+                // Mostly 4 KiB reads, some larger and unaligned, some at the end of the file.
+                let len = match i % 5 {
+                    0 => 1 + rng.below(300_000) as usize,
+                    1 => 4096 + rng.below(9) as usize,
+                    _ => 4096,
+                };
+                let off = match i % 7 {
+                    0 => size - rng.below(10_000).min(size),
+                    _ => rng.below(size),
+                };
+                let got = d.read(vol, f.ino, off, len).await.unwrap();
+                let end = (off + len as u64).min(size) as usize;
+                assert!(got == reference[off as usize..end], "read {len} at {off}: wrong bytes");
+            }
+        }
+    };
+    read_some(d.clone(), rng.below(u64::MAX) | 1, 300).await;
+    // A sequential pass with the same client mixes whole blocks into its cache.
+    let mut off = 0u64;
+    while off < size {
+        let got = d.read(vol, f.ino, off, 1 << 20).await.unwrap();
+        assert!(got == reference[off as usize..(off as usize + got.len())], "sequential at {off}");
+        off += got.len() as u64;
+    }
+    // Tiered, staged copies freed, node caches dropped. `d` still remembers the slices as
+    // staged on nodes that no longer hold them, and a fresh client starts cold.
+    tier_now(&c, vol).await;
+    wait_until(Duration::from_secs(30), "everything tiered", || async { staged_count(&c, vol).await == 0 })
+        .await;
+    wait_until(Duration::from_secs(20), "staged copies freed", || async {
+        let p = BlockClients::default();
+        for n in &c.nodes {
+            for k in c.store().list_volume(vol).await.unwrap() {
+                let r = BlockRef { vol, slice: k.slice, index: k.index };
+                if p.has(&n.addr, r).await.unwrap().staged {
+                    return false;
+                }
+            }
+        }
+        true
+    })
+    .await;
+    drop_caches(&c).await;
+    d.clear_cache();
+    read_some(d.clone(), rng.below(u64::MAX) | 1, 300).await;
+    read_some(c.data(), rng.below(u64::MAX) | 1, 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_segment_is_read_from_the_other_copy() {
+    let c = cluster_without_scrub(2).await;
+    let vol = c.volume("s", 2, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let data = content(41, 4 * MIB);
+    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap();
+    // Damage one byte of the copy a reader asks first.
+    let first = c.nodes.iter().find(|n| n.id == bl.nodes[0]).unwrap();
+    let path = staged_path(first, bl.slice, bl.index);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = 3 * MIB + 5000;
+    bytes[data_offset(&data) + at] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    let d = c.data();
+    // Small reads elsewhere come from the damaged copy's good segments.
+    for off in [0usize, MIB, 2 * MIB + 100] {
+        assert_eq!(d.read(vol, f.ino, off as u64, 4096).await.unwrap(), data[off..off + 4096]);
+    }
+    let p = BlockClients::default();
+    let r = BlockRef { vol, slice: bl.slice, index: bl.index };
+    assert!(p.has(&first.addr, r).await.unwrap().staged);
+    // The damaged range is served from the other copy, and the damaged one is dropped.
+    assert_eq!(d.read(vol, f.ino, (at - 100) as u64, 4096).await.unwrap(), data[at - 100..at + 3996]);
+    assert!(!p.has(&first.addr, r).await.unwrap().staged);
+    wait_until(Duration::from_secs(30), "two real copies again", || async {
+        really_held(&c, vol, bl.slice, bl.index, &data, 2).await
+    })
+    .await;
 }
