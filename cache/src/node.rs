@@ -452,25 +452,20 @@ pub async fn serve(
         nodes: Mutex::default(),
         gc_backoff: Mutex::default(),
     });
-    // Register before serving, retrying while the metadata service is unreachable.
-    loop {
-        match node.register().await {
-            Ok(()) => break,
-            Err(ClientError::Fs(elea_common::Errno::EBUSY)) => {
-                tracing::warn!(
-                    node = node.cfg.node_id,
-                    "another cache node with this id is alive (or died less than 10 s ago): waiting"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e @ (ClientError::Fs(_) | ClientError::Rejected(_))) => {
-                return Err(ServeError::Config(format!("the metadata service refused this node: {e}")));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "registering with the metadata service; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    // Register before serving, retrying while the metadata service is unreachable. Until
+    // then connections are accepted and closed at once: clients that still list this address
+    // (a restart with a wiped disk waits out the old incarnation) fail fast and go to another
+    // copy instead of waiting on a node that does not answer yet.
+    let refuse = async {
+        loop {
+            if let Ok((conn, _)) = listener.accept().await {
+                drop(conn);
             }
         }
+    };
+    tokio::select! {
+        r = register_until_accepted(&node) => r?,
+        () = refuse => {}
     }
     tracing::info!(
         node = node.cfg.node_id,
@@ -504,4 +499,28 @@ pub async fn serve(
     node.cache.close().await;
     tracing::info!("cache node stopped");
     Ok(r?)
+}
+
+/// Registers the node, retrying while the metadata service is unreachable or the previous
+/// incarnation of this id is still considered alive.
+async fn register_until_accepted(node: &Node) -> Result<(), ServeError> {
+    loop {
+        match node.register().await {
+            Ok(()) => return Ok(()),
+            Err(ClientError::Fs(elea_common::Errno::EBUSY)) => {
+                tracing::warn!(
+                    node = node.cfg.node_id,
+                    "another cache node with this id is alive (or died less than 10 s ago): waiting"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e @ (ClientError::Fs(_) | ClientError::Rejected(_))) => {
+                return Err(ServeError::Config(format!("the metadata service refused this node: {e}")));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registering with the metadata service; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }

@@ -31,6 +31,14 @@ fn errno(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e.0)
 }
 
+/// For requests that name an inode the kernel looked up earlier: if it is gone (unlinked
+/// and freed in between, say by a rename over its name from another mount), `ESTALE`, on
+/// which the kernel looks the path up again and retries (an `open` racing an atomic replace
+/// then opens the new file instead of failing with `ENOENT`).
+fn stale<T>(r: Result<T, Errno>) -> Result<T, Errno> {
+    r.map_err(|e| if e == Errno::ENOENT { Errno::ESTALE } else { e })
+}
+
 fn to_system(t: Timespec) -> SystemTime {
     if t.sec >= 0 {
         UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
@@ -175,7 +183,7 @@ impl Filesystem for EleaFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let at = self.ttls().0;
         self.spawn(|v| async move {
-            match v.getattr(ino.0).await {
+            match stale(v.getattr(ino.0).await) {
                 Ok(a) => reply.attr(&at, &file_attr(&a)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -212,7 +220,7 @@ impl Filesystem for EleaFs {
             fh: fh.map(|f| f.0),
         };
         self.spawn(|v| async move {
-            match v.setattr(&c, ino.0, r).await {
+            match stale(v.setattr(&c, ino.0, r).await) {
                 Ok(a) => reply.attr(&at, &file_attr(&a)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -221,7 +229,7 @@ impl Filesystem for EleaFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.spawn(|v| async move {
-            match v.readlink(ino.0).await {
+            match stale(v.readlink(ino.0).await) {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(e)),
             }
@@ -289,7 +297,7 @@ impl Filesystem for EleaFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let c = creds(req);
         self.spawn(|v| async move {
-            match v.open(&c, ino.0, flags.0).await {
+            match stale(v.open(&c, ino.0, flags.0).await) {
                 Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
             }
@@ -366,7 +374,7 @@ impl Filesystem for EleaFs {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let c = creds(req);
         self.spawn(|v| async move {
-            match v.opendir(&c, ino.0).await {
+            match stale(v.opendir(&c, ino.0).await) {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
             }
@@ -447,18 +455,20 @@ impl Filesystem for EleaFs {
         reply: ReplyEmpty,
     ) {
         let (c, name, value) = (creds(req), name.as_bytes().to_vec(), value.to_vec());
-        self.spawn(|v| async move { empty(reply, v.setxattr(&c, ino.0, &name, &value, flags as u32).await) });
+        self.spawn(|v| async move {
+            empty(reply, stale(v.setxattr(&c, ino.0, &name, &value, flags as u32).await))
+        });
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let (c, name) = (creds(req), name.as_bytes().to_vec());
-        self.spawn(|v| async move { xattr_reply(reply, v.getxattr(&c, ino.0, &name).await, size) });
+        self.spawn(|v| async move { xattr_reply(reply, stale(v.getxattr(&c, ino.0, &name).await), size) });
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let c = creds(req);
         self.spawn(|v| async move {
-            let names = v.listxattr(&c, ino.0).await.map(|names| {
+            let names = stale(v.listxattr(&c, ino.0).await).map(|names| {
                 let mut out = Vec::new();
                 for n in names {
                     out.extend_from_slice(&n);
@@ -472,12 +482,12 @@ impl Filesystem for EleaFs {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (c, name) = (creds(req), name.as_bytes().to_vec());
-        self.spawn(|v| async move { empty(reply, v.removexattr(&c, ino.0, &name).await) });
+        self.spawn(|v| async move { empty(reply, stale(v.removexattr(&c, ino.0, &name).await)) });
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let c = creds(req);
-        self.spawn(|v| async move { empty(reply, v.access(&c, ino.0, mask.bits() as u32).await) });
+        self.spawn(|v| async move { empty(reply, stale(v.access(&c, ino.0, mask.bits() as u32).await)) });
     }
 
     fn create(
@@ -664,4 +674,33 @@ pub fn mount(
     let unmounter = session.unmount_callable();
     let thread = std::thread::Builder::new().name("elea-fuse".into()).spawn(move || session.run())?;
     Ok(Mounted { thread, unmounter })
+}
+
+/// Aborts the FUSE connection mounted at `mountpoint` (through the fusectl file system,
+/// mounted on `/sys/fs/fuse/connections` first if needed; root only). Every request still
+/// waiting on it fails with `ENOTCONN`. This is what frees applications and a killed daemon
+/// when the daemon died while the kernel waited on both: an invalidation the daemon was
+/// writing waits for a directory lock that an application's request holds, and that
+/// request waits for a daemon that can no longer answer. Returns whether it aborted one.
+pub fn abort_connection(mountpoint: &Path) -> bool {
+    let want = mountpoint.to_string_lossy().replace(' ', "\\040");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let minor = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let f: Vec<&str> = left.split(' ').collect();
+        let fuse = right.split(' ').next().is_some_and(|t| t == "fuse" || t.starts_with("fuse."));
+        (fuse && f.get(4) == Some(&want.as_str()))
+            .then(|| f.get(2)?.split_once(':')?.1.parse::<u32>().ok())?
+    });
+    let Some(minor) = minor else { return false };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    let abort = ctl.join(minor.to_string()).join("abort");
+    if !abort.exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(ctl)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    std::fs::write(&abort, b"1").is_ok()
 }

@@ -2,6 +2,8 @@
 //! them with SIGKILL, restarts them on their data directories, and waits for cluster states.
 //! The tests live in `tests/`.
 
+pub mod chaos;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,6 +108,13 @@ impl MetaProc {
 
     pub fn is_running(&mut self) -> bool {
         child_running(&mut self.child)
+    }
+
+    /// Sends a signal by name ("STOP", "CONT", ...) to the running process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+        }
     }
 
     /// The last lines of this node's log (for failure messages).
@@ -273,9 +282,11 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
 }
 
-/// Detaches a mount point (a crashed mount leaves it "not connected").
+/// Detaches a mount point (a crashed mount leaves it "not connected"), aborting its FUSE
+/// connection first so nothing stays blocked on it.
 pub fn force_unmount(path: &Path) {
     if is_mounted(path) {
+        elea_gateway::fuse::abort_connection(path);
         let _ = Command::new("umount").arg("-l").arg(path).status();
     }
 }
@@ -338,11 +349,18 @@ impl MountProc {
 
     /// SIGKILL: nothing is flushed; the mount is left dead and then detached.
     pub fn kill9(&mut self) {
+        self.crash();
+        force_unmount(&self.mountpoint);
+    }
+
+    /// SIGKILL, leaving the dead mount in place as a crash does (its connection is aborted,
+    /// so applications get `ENOTCONN` instead of waiting); [`Self::restart`] replaces it.
+    pub fn crash(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
+            elea_gateway::fuse::abort_connection(&self.mountpoint);
             let _ = c.wait();
         }
-        force_unmount(&self.mountpoint);
     }
 
     /// Starts the same command again.

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use elea_common::ids::DEFAULT_GROUP;
 use elea_common::{Errno, GroupId, Ino, NodeId, SliceId, Timespec, VolumeId};
@@ -92,6 +92,11 @@ struct Inner {
     cfg: ClientConfig,
     addrs: Vec<String>,
     leader: Mutex<Option<String>>,
+    /// Nodes that did not answer within the attempt timeout, and when. A hung node (stopped,
+    /// or cut off) is still named leader by the others until they elect another (about a
+    /// second): their redirects to it are ignored until it answers again or `SUSPECT_FOR` has
+    /// passed, so one hung leader costs one attempt timeout, not one per redirect.
+    suspects: Mutex<HashMap<String, Instant>>,
     conns: Mutex<HashMap<String, RawClient<Channel>>>,
     client_id: u64,
     next_seq: AtomicU64,
@@ -233,6 +238,9 @@ fn random_u64() -> u64 {
     h.finish().max(1)
 }
 
+/// How long a node that timed out is passed over (see `Inner::suspects`).
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
+
 /// The leader address a forwarded answer carries.
 fn served_by<T>(r: &tonic::Response<T>) -> Option<String> {
     r.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()).map(String::from)
@@ -260,6 +268,7 @@ impl MetaClient {
                 cfg,
                 addrs: addrs.to_vec(),
                 leader: Mutex::new(None),
+                suspects: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
                 client_id: random_u64(),
                 next_seq: AtomicU64::new(1),
@@ -333,6 +342,25 @@ impl MetaClient {
         }
     }
 
+    fn suspect(&self, addr: &str, timed_out: bool) {
+        if let Ok(mut s) = self.inner.suspects.lock() {
+            if timed_out {
+                s.insert(addr.to_string(), Instant::now());
+            } else if !s.is_empty() {
+                s.remove(addr);
+            }
+        }
+    }
+
+    fn is_suspect(&self, addr: &str) -> bool {
+        self.inner
+            .suspects
+            .lock()
+            .ok()
+            .and_then(|s| s.get(addr).map(|t| t.elapsed() < SUSPECT_FOR))
+            .unwrap_or(false)
+    }
+
     /// Runs `f` against the leader (or whichever node is likely to be it), following redirects
     /// and retrying with backoff until the deadline.
     async fn with_retries<T, F, Fut>(&self, mut f: F) -> Result<T, ClientError>
@@ -351,14 +379,23 @@ impl MetaClient {
             let addr = match next.take() {
                 Some(a) => a,
                 None => {
-                    rotate = (rotate + 1) % n;
-                    self.inner.addrs[rotate].clone()
+                    // The next node in turn, passing over suspects unless all are.
+                    let mut a = None;
+                    for _ in 0..n {
+                        rotate = (rotate + 1) % n;
+                        if !self.is_suspect(&self.inner.addrs[rotate]) {
+                            a = Some(self.inner.addrs[rotate].clone());
+                            break;
+                        }
+                    }
+                    a.unwrap_or_else(|| self.inner.addrs[rotate].clone())
                 }
             };
             let conn = self.conn(&addr)?;
             let attempt = tokio::time::timeout(self.inner.cfg.attempt_timeout, f(conn, addr.clone())).await;
             match attempt {
                 Ok(Attempt::Done(v, leader)) => {
+                    self.suspect(&addr, false);
                     let leader = leader.filter(|l| validate_addr(l).is_ok()).unwrap_or(addr);
                     self.set_leader(Some(leader));
                     return Ok(v);
@@ -368,9 +405,11 @@ impl MetaClient {
                     last_error = why;
                     // Follow a redirect at once, but not for ever: two nodes that name each
                     // other (a stale view on both) fall through to the backoff and deadline.
+                    self.suspect(&addr, false);
                     if let Some(h) = hint
                         && h != addr
                         && validate_addr(&h).is_ok()
+                        && !self.is_suspect(&h)
                         && redirects < 3
                     {
                         redirects += 1;
@@ -382,6 +421,7 @@ impl MetaClient {
                 }
                 Err(_) => {
                     self.set_leader(None);
+                    self.suspect(&addr, true);
                     last_error = format!("{addr}: no answer within {:?}", self.inner.cfg.attempt_timeout);
                 }
             }

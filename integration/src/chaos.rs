@@ -1,0 +1,803 @@
+//! The fault-injection harness: a whole Elea deployment of real processes (metadata voters,
+//! cache nodes, FUSE gateways) on loopback with ports chosen at run time, fault actions on
+//! them (kill -9, SIGSTOP/SIGCONT, restart, restart with a wiped data directory), a timestamped
+//! record of everything done, and a workload whose history is checked afterwards.
+//!
+//! The workload: writers on several mounts create files with self-describing, checksummed
+//! content, fsync them, replace them atomically (write a temporary file, fsync, rename over),
+//! rename and delete them, and record every acknowledged operation with its start and end
+//! time; readers on other mounts read acknowledged files at the same time. The checker then
+//! verifies that every read returned complete, checksummed content of the right file, never
+//! older than a version acknowledged before the read began (and never `ENOENT` unless a move
+//! of the path had begun), and that the final tree holds exactly what was acknowledged
+//! (operations that failed may or may not have taken effect). Every error an application
+//! call saw is reported with how long it waited.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use elea_metadata::client::{ClientConfig, MetaClient};
+
+use crate::{MetaProc, MountProc, elea_cli, free_port, wait_leader};
+
+/// What the harness did and when, relative to its start (also written to `events.log`).
+pub struct Events {
+    start: Instant,
+    lines: Mutex<Vec<String>>,
+    file: Mutex<File>,
+}
+
+impl Events {
+    fn new(path: &Path) -> Self {
+        let file = File::create(path).expect("events log");
+        Self { start: Instant::now(), lines: Mutex::new(Vec::new()), file: Mutex::new(file) }
+    }
+
+    /// Time since the harness started.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    pub fn log(&self, what: &str) {
+        let line = format!("{:>9.3}s {what}", self.now().as_secs_f64());
+        eprintln!("[chaos] {line}");
+        if let Ok(mut f) = self.file.lock() {
+            let _ = writeln!(f, "{line}");
+        }
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The shape of a deployment.
+#[derive(Debug, Clone)]
+pub struct TopologyConfig {
+    /// Metadata voters.
+    pub metas: u64,
+    /// Cache nodes (all in site "a").
+    pub caches: u64,
+    /// `elea mount` gateways of the one volume.
+    pub mounts: usize,
+    /// Copies of each staged block.
+    pub replicas: u8,
+}
+
+/// A running deployment in a temporary directory. Dropping it stops everything (mounts are
+/// detached), even when a test fails half-way; `CHAOS_KEEP=1` keeps the directory (logs,
+/// data, `events.log`) for a post-mortem.
+pub struct Topology {
+    pub metas: Vec<MetaProc>,
+    pub caches: Vec<MetaProc>,
+    pub mounts: Vec<MountProc>,
+    pub meta_addrs: Vec<String>,
+    pub events: Arc<Events>,
+    /// Per mount: a counter bumped when the mount goes down and again when it is back (odd
+    /// while down), so readers can tell an outage of their mount from a missing file.
+    pub mount_gen: Arc<Vec<AtomicU64>>,
+    pub cfg: TopologyConfig,
+    // Last: removed after every process above has stopped.
+    pub dir: tempfile::TempDir,
+}
+
+impl Topology {
+    pub async fn start(cfg: TopologyConfig) -> Self {
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        if std::env::var("CHAOS_KEEP").as_deref() == Ok("1") {
+            dir.disable_cleanup(true);
+            eprintln!("[chaos] keeping {}", dir.path().display());
+        }
+        let events = Arc::new(Events::new(&dir.path().join("events.log")));
+        let meta_addrs: Vec<String> = (0..cfg.metas).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let ic = meta_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>();
+        let args = vec!["--initial-cluster".to_string(), ic.join(",")];
+        let metas: Vec<MetaProc> = (1..=cfg.metas)
+            .map(|id| {
+                let i = usize::try_from(id - 1).unwrap_or(0);
+                MetaProc::start(id, &meta_addrs[i], &dir.path().join(format!("meta{id}")), &args)
+            })
+            .collect();
+        let mut t = Self {
+            metas,
+            caches: Vec::new(),
+            mounts: Vec::new(),
+            meta_addrs,
+            events,
+            mount_gen: Arc::new((0..cfg.mounts).map(|_| AtomicU64::new(0)).collect()),
+            cfg: cfg.clone(),
+            dir,
+        };
+        t.events.log(&format!("started {} metadata voters", cfg.metas));
+        let c = t.client();
+        wait_leader(&c, &t.meta_addrs, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("no metadata leader\n{}", t.logs()));
+        let all = t.meta_addrs.join(",");
+        for id in 1..=cfg.caches {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let d = t.dir.path().join(format!("cache{id}"));
+            t.caches.push(MetaProc::start_cache(id, &addr, &d, "a", &all, &["--staging-size", "1G"]));
+        }
+        let want: Vec<u64> = (1..=cfg.caches).collect();
+        t.wait_cache_nodes(&want, Duration::from_secs(30)).await;
+        t.events.log(&format!("started {} cache nodes", cfg.caches));
+        let store = t.dir.path().join("objects");
+        std::fs::create_dir_all(&store).expect("store dir");
+        let store = format!("file://{}", store.display());
+        let replicas = cfg.replicas.to_string();
+        let (ok, out, err) = elea_cli(&[
+            "volume",
+            "create",
+            "v",
+            "--meta",
+            &all,
+            "--store",
+            &store,
+            "--replicas",
+            &replicas,
+            "--tier-after",
+            "1h",
+        ]);
+        assert!(ok, "volume create: {out}{err}");
+        for i in 0..cfg.mounts {
+            let mp = t.dir.path().join(format!("mnt{i}"));
+            let log = t.dir.path().join(format!("mount{i}.log"));
+            let args: Vec<String> = ["mount", "--meta", &all, "--volume", "v", "--site", "a"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([mp.display().to_string()])
+                .collect();
+            t.mounts.push(MountProc::start(&args, &mp, &log));
+        }
+        t.events.log(&format!("mounted {} gateways", cfg.mounts));
+        t
+    }
+
+    pub fn client(&self) -> MetaClient {
+        MetaClient::connect(&self.meta_addrs, ClientConfig::default()).expect("client")
+    }
+
+    pub fn mount_points(&self) -> Vec<PathBuf> {
+        self.mounts.iter().map(|m| m.mountpoint.clone()).collect()
+    }
+
+    /// The current metadata leader's node id.
+    pub async fn leader(&self) -> u64 {
+        let c = self.client();
+        wait_leader(&c, &self.meta_addrs, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("no metadata leader\n{}", self.logs()))
+            .node_id
+    }
+
+    /// Waits until exactly the cache nodes `want` are alive in the registry.
+    pub async fn wait_cache_nodes(&self, want: &[u64], timeout: Duration) {
+        let c = self.client();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(n) = c.cache_nodes().await
+                && want.iter().all(|id| n.iter().any(|x| x.id == *id && x.alive))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cache nodes {want:?} not alive\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn meta(&mut self, id: u64) -> &mut MetaProc {
+        self.metas.iter_mut().find(|m| m.id == id).expect("no such metadata node")
+    }
+
+    pub fn cache(&mut self, id: u64) -> &mut MetaProc {
+        self.caches.iter_mut().find(|m| m.id == id).expect("no such cache node")
+    }
+
+    pub fn kill9_meta(&mut self, id: u64) {
+        self.events.log(&format!("kill -9 metadata node {id}"));
+        self.meta(id).kill9();
+    }
+
+    pub fn restart_meta(&mut self, id: u64) {
+        self.events.log(&format!("restart metadata node {id}"));
+        self.meta(id).restart();
+    }
+
+    /// SIGSTOP (a hung node) or SIGCONT.
+    pub fn pause_meta(&mut self, id: u64, paused: bool) {
+        self.events.log(&format!("{} metadata node {id}", if paused { "SIGSTOP" } else { "SIGCONT" }));
+        self.meta(id).signal(if paused { "STOP" } else { "CONT" });
+    }
+
+    pub fn kill9_cache(&mut self, id: u64) {
+        self.events.log(&format!("kill -9 cache node {id}"));
+        self.cache(id).kill9();
+    }
+
+    /// Restarts a cache node; with `wipe`, on an empty data directory (a replaced disk), and
+    /// waits until the metadata service knows it as a new incarnation (its old copies are
+    /// then gone from every holder list).
+    pub async fn restart_cache(&mut self, id: u64, wipe: bool) {
+        self.events.log(&format!("restart cache node {id}{}", if wipe { " with a wiped disk" } else { "" }));
+        let c = self.client();
+        let incarnation =
+            |nodes: &[elea_fsm::CacheNodeInfo]| nodes.iter().find(|n| n.id == id).map(|n| n.incarnation);
+        let before = c.cache_nodes().await.ok().and_then(|n| incarnation(&n));
+        let p = self.cache(id);
+        p.kill9();
+        if wipe {
+            let _ = std::fs::remove_dir_all(&p.dir);
+        }
+        p.restart();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(n) = c.cache_nodes().await
+                && n.iter().any(|x| x.id == id && x.alive)
+                && (!wipe || incarnation(&n) != before)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cache node {id} did not come back\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.events.log(&format!("cache node {id} is registered again"));
+    }
+
+    /// kill -9 of every process at once (mounts included; their mount points are detached).
+    pub fn kill9_everything(&mut self) {
+        self.events.log("kill -9 of every process");
+        for (i, m) in self.mounts.iter_mut().enumerate() {
+            self.mount_gen[i].fetch_add(1, Ordering::SeqCst);
+            m.crash();
+        }
+        for c in &mut self.caches {
+            c.kill9();
+        }
+        for m in &mut self.metas {
+            m.kill9();
+        }
+    }
+
+    /// Starts every process again after [`Self::kill9_everything`] (metadata, cache nodes,
+    /// then the mounts).
+    pub async fn restart_everything(&mut self) {
+        self.events.log("restart every process");
+        for m in &mut self.metas {
+            m.restart();
+        }
+        self.leader().await;
+        for c in &mut self.caches {
+            c.restart();
+        }
+        let want: Vec<u64> = (1..=self.cfg.caches).collect();
+        self.wait_cache_nodes(&want, Duration::from_secs(30)).await;
+        for (i, m) in self.mounts.iter_mut().enumerate() {
+            if self.mount_gen[i].load(Ordering::SeqCst).is_multiple_of(2) {
+                self.mount_gen[i].fetch_add(1, Ordering::SeqCst);
+            }
+            m.restart();
+            self.mount_gen[i].fetch_add(1, Ordering::SeqCst);
+        }
+        self.events.log("every process is back");
+    }
+
+    /// Waits until every staged block that is not tiered has at least `replicas` live
+    /// holders; returns how long that took (`None`: not within `timeout`).
+    pub async fn wait_redundancy(&self, replicas: usize, timeout: Duration) -> Option<Duration> {
+        let c = self.client();
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let (Ok(nodes), Ok(blocks)) = (c.cache_nodes().await, c.staged_blocks().await) {
+                let alive = |id: &u64| nodes.iter().any(|n| n.id == *id && n.alive);
+                if blocks.iter().all(|b| b.nodes.iter().filter(|n| alive(n)).count() >= replicas) {
+                    return Some(t0.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
+    /// Where the logs, data and `events.log` are (removed when the topology is dropped,
+    /// unless `CHAOS_KEEP=1`).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Every process's log tail and the event record, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for m in &self.metas {
+            out += &format!("--- meta {} ---\n{}\n", m.id, m.log_tail());
+        }
+        for c in &self.caches {
+            out += &format!("--- cache {} ---\n{}\n", c.id, c.log_tail());
+        }
+        for (i, m) in self.mounts.iter().enumerate() {
+            out += &format!("--- mount {i} ---\n{}\n", m.log_tail());
+        }
+        out += "--- events ---\n";
+        out += &self.events.lines().join("\n");
+        out
+    }
+}
+
+// ---- content ------------------------------------------------------------------------------
+
+const MAGIC: &[u8; 4] = b"ELEA";
+const HEADER: usize = 24;
+
+/// Self-describing content: magic, file id, version, total length, crc32c of the body, then a
+/// body derived from (id, version).
+pub fn content(id: u64, version: u32, len: usize) -> Vec<u8> {
+    let len = len.max(HEADER);
+    let body = elea_common::pattern::pattern(id.wrapping_mul(1_000_003) ^ u64::from(version), len - HEADER);
+    let mut v = Vec::with_capacity(len);
+    v.extend_from_slice(MAGIC);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&version.to_le_bytes());
+    v.extend_from_slice(&(len as u32).to_le_bytes());
+    v.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    v.extend_from_slice(&body);
+    v
+}
+
+/// The (id, version) of complete, intact content; an error says what is wrong with it.
+pub fn parse_content(b: &[u8]) -> Result<(u64, u32), String> {
+    if b.len() < HEADER || &b[..4] != MAGIC {
+        return Err(format!("{} bytes without a valid header", b.len()));
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let id = u64::from_le_bytes(b[4..12].try_into().unwrap_or_default());
+    let (version, len, crc) = (u32_at(12), u32_at(16) as usize, u32_at(20));
+    if len != b.len() {
+        return Err(format!("file {id} v{version}: header says {len} bytes, read {}", b.len()));
+    }
+    if crc32c::crc32c(&b[HEADER..]) != crc {
+        return Err(format!("file {id} v{version}: body does not match its checksum"));
+    }
+    Ok((id, version))
+}
+
+// ---- workload -----------------------------------------------------------------------------
+
+/// One application call and what came of it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub who: String,
+    pub op: String,
+    pub start: Duration,
+    pub end: Duration,
+    /// `None`: success; otherwise the error.
+    pub error: Option<String>,
+}
+
+/// What the checker expects of one logical file at the end.
+#[derive(Debug, Clone, Default)]
+struct FileFate {
+    /// Acceptable final (path, version) states; `None` path = deleted.
+    outcomes: Vec<(Option<String>, u32)>,
+}
+
+/// Per-path state shared between writers and readers.
+#[derive(Debug, Clone)]
+struct PathState {
+    id: u64,
+    /// Highest version acknowledged at this path, and when.
+    acked: u32,
+    /// When a move or unlink of this path began (the file may be gone from then on).
+    leaving_since: Option<Duration>,
+    /// Highest version that may appear here (a replace in flight).
+    attempted: u32,
+}
+
+#[derive(Default)]
+struct Shared {
+    paths: BTreeMap<String, PathState>,
+    fates: BTreeMap<u64, FileFate>,
+    calls: Vec<Call>,
+    violations: Vec<String>,
+    reads_ok: u64,
+    /// Paths that an acknowledged rename or unlink took away (never reused).
+    gone: Vec<String>,
+}
+
+/// Writers and readers running on mounts until stopped.
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    shared: Arc<Mutex<Shared>>,
+    events: Arc<Events>,
+    mounts: Vec<PathBuf>,
+}
+
+/// What a workload did, and what the checker found.
+#[derive(Debug)]
+pub struct Report {
+    pub acked: BTreeMap<String, u64>,
+    pub errors: Vec<Call>,
+    pub longest_call: Duration,
+    pub reads_checked: u64,
+    pub violations: Vec<String>,
+    pub files_checked: usize,
+    /// Every call, in the order recorded.
+    pub all_calls: Vec<Call>,
+    /// Acknowledged operations whose effect is missing at the end (must be 0).
+    pub lost: usize,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        let mut slow: Vec<&Call> = self.all_calls.iter().collect();
+        slow.sort_by_key(|c| std::cmp::Reverse(c.end - c.start));
+        let slow: Vec<String> = slow
+            .iter()
+            .take(3)
+            .map(|c| format!("{} {} {:?} from {:?}", c.who, c.op, c.end - c.start, c.start))
+            .collect();
+        format!(
+            "acknowledged {:?}; {} failed calls (longest {:?}); longest call {:?}; {} reads checked; \
+             {} files checked at the end; {} lost; {} violations; slowest calls: {}",
+            self.acked,
+            self.errors.len(),
+            self.errors.iter().map(|c| c.end - c.start).max().unwrap_or_default(),
+            self.longest_call,
+            self.reads_checked,
+            self.files_checked,
+            self.lost,
+            self.violations.len(),
+            slow.join(", "),
+        )
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!("errno {n} ({e})"),
+        None => e.to_string(),
+    }
+}
+
+/// Writes a whole file durably: create (exclusive), write, fsync, close.
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+impl Workload {
+    /// Starts `writers` writers (writer `w` on mount `w % n`, in its own directory) and
+    /// `readers` readers (on the mounts after their writers'), file sizes up to `max_len`.
+    pub fn start(t: &Topology, writers: usize, readers: usize, max_len: usize) -> Self {
+        let mounts = t.mount_points();
+        let events = t.events.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let mut threads = Vec::new();
+        for w in 0..writers {
+            let dir = mounts[w % mounts.len()].join(format!("w{w}"));
+            std::fs::create_dir_all(&dir).expect("writer directory");
+            let (stop, shared, events) = (stop.clone(), shared.clone(), events.clone());
+            let root = mounts[w % mounts.len()].clone();
+            threads.push(std::thread::spawn(move || writer(w, &root, stop, shared, events, max_len)));
+        }
+        for r in 0..readers {
+            let m = (r + 1) % mounts.len();
+            let mount = mounts[m].clone();
+            let (stop, shared, events, gens) =
+                (stop.clone(), shared.clone(), events.clone(), t.mount_gen.clone());
+            threads.push(std::thread::spawn(move || {
+                reader(r, &mount, stop, shared, events, move || gens[m].load(Ordering::SeqCst))
+            }));
+        }
+        events.log(&format!("workload started: {writers} writers, {readers} readers"));
+        Self { stop, threads, shared, events, mounts }
+    }
+
+    /// Stops the workload, then checks the final tree through every mount in turn.
+    pub fn finish(self) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        self.events.log("workload stopped; checking");
+        let sh = std::mem::take(&mut *self.shared.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut violations = sh.violations;
+        let mut lost = 0;
+        for (i, (id, fate)) in sh.fates.iter().enumerate() {
+            let mount = &self.mounts[i % self.mounts.len()];
+            let mut seen = Vec::new();
+            let ok = fate.outcomes.iter().any(|(path, version)| match path {
+                Some(p) => match std::fs::read(mount.join(p)) {
+                    Ok(b) => {
+                        let got = parse_content(&b);
+                        seen.push(format!("{p}: {got:?}"));
+                        got == Ok((*id, *version))
+                    }
+                    Err(e) => {
+                        seen.push(format!("{p}: {}", errno_of(&e)));
+                        false
+                    }
+                },
+                None => true,
+            });
+            // Unless deleting it was one of the possible outcomes, it must be found.
+            if !ok && !fate.outcomes.iter().any(|(p, _)| p.is_none()) {
+                lost += 1;
+                violations.push(format!("file {id}: expected one of {:?}; found {seen:?}", fate.outcomes));
+            }
+        }
+        for (i, p) in sh.gone.iter().enumerate() {
+            let mount = &self.mounts[i % self.mounts.len()];
+            if mount.join(p).exists() {
+                lost += 1;
+                violations.push(format!("{p}: renamed away or deleted (acknowledged), yet it exists"));
+            }
+        }
+        let mut acked: BTreeMap<String, u64> = BTreeMap::new();
+        let mut errors = Vec::new();
+        let mut longest = Duration::ZERO;
+        for c in &sh.calls {
+            longest = longest.max(c.end - c.start);
+            if c.error.is_some() {
+                errors.push(c.clone());
+            } else {
+                *acked.entry(c.op.clone()).or_default() += 1;
+            }
+        }
+        Report {
+            acked,
+            errors,
+            longest_call: longest,
+            reads_checked: sh.reads_ok,
+            violations,
+            files_checked: sh.fates.len(),
+            lost,
+            all_calls: sh.calls,
+        }
+    }
+}
+
+fn writer(
+    w: usize,
+    root: &Path,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Mutex<Shared>>,
+    events: Arc<Events>,
+    max_len: usize,
+) {
+    let mut rng = Rng(0x9e37_79b9 ^ (w as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let who = format!("writer {w}");
+    let dir = format!("w{w}");
+    // Files this writer still owns: (path, id, version).
+    let mut live: Vec<(String, u64, u32)> = Vec::new();
+    let mut next = 0u64;
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
+    while !stop.load(Ordering::Relaxed) {
+        let choice = if live.is_empty() { 0 } else { rng.below(10) };
+        let len = 24 + rng.below(max_len as u64) as usize;
+        let start = events.now();
+        let (op, result) = match choice {
+            0..=4 => {
+                // A new file.
+                next += 1;
+                let id = ((w as u64) << 32) | next;
+                let path = format!("{dir}/f{next}");
+                lock()
+                    .paths
+                    .insert(path.clone(), PathState { id, acked: 0, leaving_since: None, attempted: 1 });
+                let r = write_file(&root.join(&path), &content(id, 1, len));
+                let mut sh = lock();
+                let fate = sh.fates.entry(id).or_default();
+                match &r {
+                    Ok(()) => {
+                        fate.outcomes = vec![(Some(path.clone()), 1)];
+                        if let Some(s) = sh.paths.get_mut(&path) {
+                            s.acked = 1;
+                        }
+                        live.push((path, id, 1));
+                    }
+                    Err(_) => {
+                        // It may exist or not: the checker does not insist on it.
+                        fate.outcomes = vec![(Some(path.clone()), 1), (None, 0)];
+                        sh.paths.remove(&path);
+                    }
+                }
+                ("create", r)
+            }
+            5..=6 => {
+                // Replace atomically: a temporary file, fsynced, renamed over the old one.
+                let i = rng.below(live.len() as u64) as usize;
+                let (path, id, version) = live[i].clone();
+                let v = version + 1;
+                let tmp = format!("{dir}/tmp{next}-{v}");
+                next += 1;
+                if let Some(s) = lock().paths.get_mut(&path) {
+                    s.attempted = v;
+                }
+                let r = write_file(&root.join(&tmp), &content(id, v, len))
+                    .and_then(|()| std::fs::rename(root.join(&tmp), root.join(&path)));
+                let mut sh = lock();
+                match &r {
+                    Ok(()) => {
+                        if let Some(s) = sh.paths.get_mut(&path) {
+                            s.acked = v;
+                        }
+                        sh.fates.entry(id).or_default().outcomes = vec![(Some(path.clone()), v)];
+                        sh.gone.push(tmp.clone());
+                        live[i].2 = v;
+                    }
+                    Err(_) => {
+                        sh.fates.entry(id).or_default().outcomes =
+                            vec![(Some(path.clone()), version), (Some(path.clone()), v)];
+                        live.swap_remove(i);
+                    }
+                }
+                ("replace", r)
+            }
+            7..=8 => {
+                // Move to a new name.
+                let i = rng.below(live.len() as u64) as usize;
+                let (path, id, version) = live.swap_remove(i);
+                next += 1;
+                let to = format!("{dir}/f{next}");
+                {
+                    let mut sh = lock();
+                    if let Some(s) = sh.paths.get_mut(&path) {
+                        s.leaving_since = Some(start);
+                    }
+                    sh.paths.insert(
+                        to.clone(),
+                        PathState { id, acked: 0, leaving_since: None, attempted: version },
+                    );
+                }
+                let r = std::fs::rename(root.join(&path), root.join(&to));
+                let mut sh = lock();
+                match &r {
+                    Ok(()) => {
+                        if let Some(s) = sh.paths.get_mut(&to) {
+                            s.acked = version;
+                        }
+                        sh.fates.entry(id).or_default().outcomes = vec![(Some(to.clone()), version)];
+                        sh.gone.push(path.clone());
+                        live.push((to, id, version));
+                    }
+                    Err(_) => {
+                        sh.fates.entry(id).or_default().outcomes =
+                            vec![(Some(path.clone()), version), (Some(to.clone()), version)];
+                    }
+                }
+                ("rename", r)
+            }
+            _ => {
+                let i = rng.below(live.len() as u64) as usize;
+                let (path, id, version) = live.swap_remove(i);
+                if let Some(s) = lock().paths.get_mut(&path) {
+                    s.leaving_since = Some(start);
+                }
+                let r = std::fs::remove_file(root.join(&path));
+                let mut sh = lock();
+                if r.is_ok() {
+                    sh.gone.push(path.clone());
+                }
+                sh.fates.entry(id).or_default().outcomes = match &r {
+                    Ok(()) => vec![(None, 0)],
+                    Err(_) => vec![(Some(path.clone()), version), (None, 0)],
+                };
+                ("unlink", r)
+            }
+        };
+        let end = events.now();
+        let error = result.as_ref().err().map(errno_of);
+        let failed = error.is_some();
+        if let Some(e) = &error {
+            events.log(&format!("{who}: {op} failed after {:?}: {e}", end - start));
+        }
+        lock().calls.push(Call { who: who.clone(), op: op.into(), start, end, error });
+        if failed {
+            // Do not spin on a dead mount.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn reader(
+    r: usize,
+    mount: &Path,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Mutex<Shared>>,
+    events: Arc<Events>,
+    mount_gen: impl Fn() -> u64,
+) {
+    let mut rng = Rng(0x5151_7777 ^ (r as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let who = format!("reader {r}");
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
+    while !stop.load(Ordering::Relaxed) {
+        // An acknowledged path, with what was acknowledged there before this read began.
+        let pick = {
+            let sh = lock();
+            let acked: Vec<(&String, &PathState)> =
+                sh.paths.iter().filter(|(_, s)| s.acked > 0 && s.leaving_since.is_none()).collect();
+            if acked.is_empty() {
+                None
+            } else {
+                let (p, s) = acked[rng.below(acked.len() as u64) as usize];
+                Some((p.clone(), s.clone()))
+            }
+        };
+        let Some((path, before)) = pick else {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        let start = events.now();
+        let gen_before = mount_gen();
+        let result = File::open(mount.join(&path)).and_then(|mut f| {
+            let mut b = Vec::new();
+            f.read_to_end(&mut b).map(|_| b)
+        });
+        let end = events.now();
+        // The mount was down (or restarted) during the read: its directory is not Elea's.
+        let outage = !gen_before.is_multiple_of(2) || mount_gen() != gen_before;
+        let mut sh = lock();
+        let now = sh.paths.get(&path).cloned();
+        let leaving = now.as_ref().and_then(|s| s.leaving_since).is_some_and(|t| t <= end);
+        match &result {
+            Ok(b) => match parse_content(b) {
+                Ok((id, v)) if id == before.id && v >= before.acked => {
+                    let max = now.as_ref().map_or(before.attempted, |s| s.attempted);
+                    if v > max {
+                        sh.violations.push(format!(
+                            "{who}: {path} read v{v} at {start:?}..{end:?}, never written (highest v{max})"
+                        ));
+                    } else {
+                        sh.reads_ok += 1;
+                    }
+                }
+                Ok((id, v)) => sh.violations.push(format!(
+                    "{who}: {path} read file {id} v{v} at {start:?}..{end:?}; expected file {} at v{} or newer",
+                    before.id, before.acked
+                )),
+                Err(e) => sh.violations.push(format!("{who}: {path} at {start:?}..{end:?}: {e}")),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && leaving => sh.reads_ok += 1,
+            Err(e) => {
+                let msg = errno_of(e);
+                events.log(&format!("{who}: read of {path} failed after {:?}: {msg}", end - start));
+                if e.kind() == std::io::ErrorKind::NotFound && !outage {
+                    sh.violations.push(format!(
+                        "{who}: {path} not found at {start:?}..{end:?}, acknowledged v{} and never moved",
+                        before.acked
+                    ));
+                }
+                sh.calls.push(Call { who: who.clone(), op: "read".into(), start, end, error: Some(msg) });
+                drop(sh);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        sh.calls.push(Call { who: who.clone(), op: "read".into(), start, end, error: None });
+    }
+}
