@@ -563,10 +563,13 @@ impl Node {
                 },
             };
             if drop {
-                tracing::info!(slice, index, "dropping a staged copy metadata no longer needs here");
+                tracing::debug!(slice, index, "dropping a staged copy metadata no longer needs here");
                 self.staging.remove((slice, index)).await?;
                 dropped += 1;
             }
+        }
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped staged copies metadata no longer needs here");
         }
         Ok(dropped)
     }

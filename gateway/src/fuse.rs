@@ -683,16 +683,7 @@ pub fn mount(
 /// writing waits for a directory lock that an application's request holds, and that
 /// request waits for a daemon that can no longer answer. Returns whether it aborted one.
 pub fn abort_connection(mountpoint: &Path) -> bool {
-    let want = mountpoint.to_string_lossy().replace(' ', "\\040");
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let minor = mountinfo.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let f: Vec<&str> = left.split(' ').collect();
-        let fuse = right.split(' ').next().is_some_and(|t| t == "fuse" || t.starts_with("fuse."));
-        (fuse && f.get(4) == Some(&want.as_str()))
-            .then(|| f.get(2)?.split_once(':')?.1.parse::<u32>().ok())?
-    });
-    let Some(minor) = minor else { return false };
+    let Some(minor) = fuse_minor(mountpoint) else { return false };
     let ctl = Path::new("/sys/fs/fuse/connections");
     let abort = ctl.join(minor.to_string()).join("abort");
     if !abort.exists() {
@@ -703,4 +694,27 @@ pub fn abort_connection(mountpoint: &Path) -> bool {
             .status();
     }
     std::fs::write(&abort, b"1").is_ok()
+}
+
+/// The device minor number of the FUSE mount at `mountpoint` (its connection and
+/// backing-device name), from /proc/self/mountinfo.
+fn fuse_minor(mountpoint: &Path) -> Option<u32> {
+    // mountinfo lists absolute paths; the mount point itself may be dead (not statable), so
+    // only its parent is resolved.
+    let abs = match (mountpoint.parent(), mountpoint.file_name()) {
+        (Some(p), Some(name)) => {
+            let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+            std::fs::canonicalize(p).map(|p| p.join(name)).unwrap_or_else(|_| mountpoint.to_path_buf())
+        }
+        _ => mountpoint.to_path_buf(),
+    };
+    let want = abs.to_string_lossy().replace(' ', "\\040");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let f: Vec<&str> = left.split(' ').collect();
+        let fuse = right.split(' ').next().is_some_and(|t| t == "fuse" || t.starts_with("fuse."));
+        (fuse && f.get(4) == Some(&want.as_str()))
+            .then(|| f.get(2)?.split_once(':')?.1.parse::<u32>().ok())?
+    })
 }
