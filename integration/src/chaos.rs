@@ -251,6 +251,53 @@ impl Topology {
         self.events.log(&format!("cache node {id} is registered again"));
     }
 
+    /// A rolling restart: every metadata node, then every cache node, then every mount, one
+    /// at a time, each stopped with SIGTERM (a clean stop) and started again, waiting for it to
+    /// be back in service before the next: a metadata node caught up with the leader, a cache
+    /// node registered, a mount mounted.
+    pub async fn rolling_restart(&mut self) {
+        let c = self.client();
+        for i in 0..self.metas.len() {
+            let (id, addr) = (self.metas[i].id, self.metas[i].addr.clone());
+            self.events.log(&format!("rolling: SIGTERM metadata node {id}"));
+            let clean = self.metas[i].terminate(Duration::from_secs(20)).is_some_and(|s| s.success());
+            assert!(clean, "metadata node {id} did not stop cleanly\n{}", self.logs());
+            self.metas[i].restart();
+            let leader = self.leader().await;
+            let la = self.meta(leader).addr.clone();
+            let target = c.status_of(&la).await.map(|s| s.commit_index).unwrap_or(0);
+            crate::wait_status(&c, &addr, Duration::from_secs(30), |s| s.applied_index >= target)
+                .await
+                .unwrap_or_else(|| panic!("metadata node {id} did not catch up\n{}", self.logs()));
+            self.events.log(&format!("rolling: metadata node {id} is back and caught up"));
+        }
+        for i in 0..self.caches.len() {
+            let id = self.caches[i].id;
+            let before = self.caches[i].log_count("cache node registered");
+            self.events.log(&format!("rolling: SIGTERM cache node {id}"));
+            let clean = self.caches[i].terminate(Duration::from_secs(20)).is_some_and(|s| s.success());
+            assert!(clean, "cache node {id} did not stop cleanly\n{}", self.logs());
+            self.caches[i].restart();
+            // Back once the new process has registered (and serves); the registry cannot tell,
+            // the old registration of the same incarnation stays alive across the restart.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.caches[i].log_count("cache node registered") <= before {
+                assert!(Instant::now() < deadline, "cache node {id} did not register again\n{}", self.logs());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.events.log(&format!("rolling: cache node {id} is back"));
+        }
+        for i in 0..self.mounts.len() {
+            self.events.log(&format!("rolling: SIGTERM mount {i}"));
+            self.mount_gen[i].fetch_add(1, Ordering::SeqCst);
+            let clean = self.mounts[i].terminate(Duration::from_secs(20)).is_some_and(|s| s.success());
+            assert!(clean, "mount {i} did not stop cleanly\n{}", self.logs());
+            self.mounts[i].restart();
+            self.mount_gen[i].fetch_add(1, Ordering::SeqCst);
+            self.events.log(&format!("rolling: mount {i} is back"));
+        }
+    }
+
     /// kill -9 of every process at once (mounts included; their mount points are detached).
     pub fn kill9_everything(&mut self) {
         self.events.log("kill -9 of every process");

@@ -121,6 +121,11 @@ impl MetaProc {
     pub fn log_tail(&self) -> String {
         log_tail(&self.log)
     }
+
+    /// How many lines of this node's log (all its runs) contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains(needle)).count()
+    }
 }
 
 /// SIGTERM, then waits up to `timeout` for the exit status (`None`: it did not stop and was

@@ -134,3 +134,18 @@ async fn kill9_of_everything_then_restart() {
     let r = wl.finish();
     check("kill -9 of everything", &t, &r);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_every_process_under_load() {
+    if !fuse_available("rolling_restart_of_every_process_under_load") {
+        return;
+    }
+    let _g = SERIAL.lock().await;
+    let mut t = Topology::start(config(3, 2)).await;
+    let wl = Workload::start(&t, 3, 2, 64 << 10);
+    run_for(phase()).await;
+    t.rolling_restart().await;
+    run_for(phase()).await;
+    let r = wl.finish();
+    check("rolling restart", &t, &r);
+}
