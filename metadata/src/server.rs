@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use crate::proto::meta_server::MetaServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::raft::core::{CoreConfig, GroupCore, Member, validate_addr};
-use crate::raft::node::{self, NodeConfig};
+use crate::raft::node::{self, NodeConfig, NodeHandle};
 use crate::raft::storage::{GroupStorage, open_db};
 use crate::raft::transport::{MAX_RAFT_MESSAGE, Transport};
 use crate::service::{MAX_REQUEST, MAX_RESPONSE, MetaService};
@@ -155,8 +155,10 @@ pub async fn serve(
     // Peers keep long-lived streams open, so a graceful shutdown would wait for ever: after
     // the signal, open connections get SHUTDOWN_GRACE to finish, then the server is dropped.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let node = handle.clone();
     tokio::spawn(async move {
         shutdown.await;
+        hand_over_leadership(&node).await;
         let _ = stop_tx.send(true);
     });
     let mut graceful = stop_rx.clone();
@@ -228,3 +230,32 @@ async fn learn_from_cluster(cfg: &MetaNodeConfig, transport: &Transport) -> Resu
         }
     }
 }
+
+/// A leader that is asked to stop first hands its leadership to another voter (up to
+/// `HAND_OVER_WAIT`), so clients do not wait out an election timeout: a rolling restart then
+/// costs them a redirect, not seconds.
+async fn hand_over_leadership(node: &NodeHandle) {
+    let Ok(st) = node.status().await else { return };
+    if st.role != "leader" {
+        return;
+    }
+    let me = st.node_id;
+    let Some(to) = st.members.iter().find(|m| m.id != me && !m.learner).map(|m| m.id) else {
+        return;
+    };
+    if let Err(e) = node.transfer_leader(to).await {
+        tracing::info!(to, error = %e, "stopping: could not hand leadership over");
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + HAND_OVER_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if node.status().await.is_ok_and(|s| s.role != "leader") {
+            tracing::info!(to, "stopping: handed leadership over");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(to, "stopping: leadership did not move in time; stopping anyway");
+}
+
+const HAND_OVER_WAIT: Duration = Duration::from_secs(2);
