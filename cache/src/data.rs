@@ -259,6 +259,29 @@ impl DataClient {
         Err(last_err.unwrap_or_else(|| CacheError::NoNodes("no cache node took the block".into())))
     }
 
+    /// Stores a new slice's bytes as blocks on `replicas` nodes each; returns each block's
+    /// holders (what `WriteSlice` records).
+    async fn put_slice(
+        &self,
+        vol: VolumeId,
+        slice: u64,
+        bytes: &Bytes,
+        replicas: usize,
+    ) -> Result<Vec<Vec<u64>>, CacheError> {
+        let nblocks = elea_fsm::blocks_of(bytes.len() as u32);
+        futures::stream::iter(0..nblocks)
+            .map(|i| {
+                let start = i * BLOCK_SIZE as usize;
+                let end = (start + BLOCK_SIZE as usize).min(bytes.len());
+                self.put_block(vol, slice, i as u32, bytes.slice(start..end), replicas)
+            })
+            .buffered(self.inner.cfg.concurrency)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
     /// Writes `data` at `offset` of a regular file: one new slice per chunk touched, each
     /// durable on the volume's replica count of cache nodes before it is committed. Returns
     /// the attributes after the last commit.
@@ -281,18 +304,7 @@ impl DataClient {
         for (chunk, in_chunk, bytes) in pieces {
             let slice = self.next_slice_id().await?;
             let len = bytes.len() as u32;
-            let nblocks = elea_fsm::blocks_of(len);
-            let staged: Vec<Vec<u64>> = futures::stream::iter(0..nblocks)
-                .map(|i| {
-                    let start = i * BLOCK_SIZE as usize;
-                    let end = (start + BLOCK_SIZE as usize).min(bytes.len());
-                    self.put_block(vol, slice, i as u32, bytes.slice(start..end), replicas)
-                })
-                .buffered(self.inner.cfg.concurrency)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<_, _>>()?;
+            let staged = self.put_slice(vol, slice, &bytes, replicas).await?;
             let s = Slice { id: slice, offset: in_chunk, len, slice_len: len, slice_offset: 0 };
             match self.inner.meta.op(Op::WriteSlice { vol, ino, chunk, slice: s, staged }).await? {
                 Reply::Attr(a) => attr = Some(a),
@@ -380,18 +392,7 @@ impl DataClient {
             buf.extend_from_slice(b);
         }
         let bytes = buf.freeze();
-        let nblocks = elea_fsm::blocks_of(total as u32);
-        let staged: Vec<Vec<u64>> = futures::stream::iter(0..nblocks)
-            .map(|i| {
-                let start = i * BLOCK_SIZE as usize;
-                let end = (start + BLOCK_SIZE as usize).min(bytes.len());
-                self.put_block(vol, slice, i as u32, bytes.slice(start..end), replicas)
-            })
-            .buffered(self.inner.cfg.concurrency)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+        let staged = self.put_slice(vol, slice, &bytes, replicas).await?;
         match self.inner.meta.op(Op::WriteSlicePieces { vol, ino, chunk, pieces: list, staged }).await? {
             Reply::Attr(a) => Ok(a),
             other => Err(CacheError::Internal(format!("unexpected reply {other:?}"))),

@@ -182,38 +182,11 @@ impl State {
         now: Timespec,
         ch: &mut Changes,
     ) -> OpResult {
-        let old_size = self.regular(vol, ino, Errno::EINVAL)?;
-        let off = u64::from(slice.offset);
-        let len = u64::from(slice.len);
-        if slice.id == 0
-            || len == 0
-            || off + len > CHUNK_SIZE
-            || u64::from(slice.slice_offset) + len > u64::from(slice.slice_len)
-        {
-            return Err(Errno::EINVAL);
-        }
-        let end = chunk
-            .checked_mul(CHUNK_SIZE)
-            .and_then(|b| b.checked_add(off + len))
-            .filter(|e| *e <= limits::FILE_SIZE_MAX)
-            .ok_or(Errno::EFBIG)?;
-        self.check_staged(vol, slice, staged)?;
-        self.record_loc(vol, slice, staged, now);
-        let State { volumes, slices, .. } = self;
-        let v = volumes.get_mut(&vol).ok_or(Errno::ENODEV)?;
-        let list = v.chunks.entry((ino, chunk)).or_default();
-        write_piece(list, *slice, slices);
-        let new_size = old_size.max(end);
-        v.account_size(old_size, new_size);
-        let i = v.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
-        i.size = new_size;
-        i.mtime = now;
-        i.ctime = now;
-        ch.inode(vol, ino);
-        Ok(Reply::Attr(i.attr(ino)))
+        self.write_slice_pieces(vol, ino, chunk, std::slice::from_ref(slice), staged, now, ch)
     }
 
-    /// [`crate::Op::WriteSlicePieces`]: every piece is checked before any is applied.
+    /// [`crate::Op::WriteSlicePieces`] (and `WriteSlice`, one piece): every piece is checked
+    /// before any is applied.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_slice_pieces(
         &mut self,
@@ -258,7 +231,10 @@ impl State {
         let State { volumes, slices, .. } = self;
         let v = volumes.get_mut(&vol).ok_or(Errno::ENODEV)?;
         let list = v.chunks.entry((ino, chunk)).or_default();
-        write_pieces(list, pieces, slices);
+        match pieces {
+            [one] => write_piece(list, *one, slices),
+            many => write_pieces(list, many, slices),
+        }
         let new_size = old_size.max(end);
         v.account_size(old_size, new_size);
         let i = v.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
