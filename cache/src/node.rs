@@ -458,8 +458,10 @@ pub async fn serve(
     // copy instead of waiting on a node that does not answer yet.
     let refuse = async {
         loop {
-            if let Ok((conn, _)) = listener.accept().await {
-                drop(conn);
+            match listener.accept().await {
+                Ok((conn, _)) => drop(conn),
+                // Out of descriptors, say: do not spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
     };
