@@ -17,6 +17,14 @@ if need_cmd rustup; then
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 fi
 
+# The fault scenarios put every process in its own network namespace (iproute2's ip and tc,
+# util-linux's nsenter) when running as root; install them when missing.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 \
+  && ! { need_cmd ip && need_cmd tc && need_cmd nsenter; }; then
+  echo "== installing iproute2 and util-linux"
+  apt-get update -qq && apt-get install -y -qq iproute2 util-linux
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"

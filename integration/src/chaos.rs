@@ -1,17 +1,18 @@
 //! The fault-injection harness: a whole Elea deployment of real processes (metadata voters,
-//! cache nodes, FUSE gateways) on loopback with ports chosen at run time, fault actions on
-//! them (kill -9, SIGSTOP/SIGCONT, restart, restart with a wiped data directory), a timestamped
-//! record of everything done, and a workload whose history is checked afterwards.
+//! cache nodes, FUSE gateways) with ports chosen at run time, each in its own network
+//! namespace when running as root (see [`crate::netns`]; plain loopback otherwise), fault
+//! actions on them (kill -9, SIGSTOP/SIGCONT, restart, restart with a wiped data directory,
+//! cut and heal links, slow a link), a timestamped record of everything done, and a workload
+//! whose history is checked afterwards.
 //!
 //! The workload: writers on several mounts create files with self-describing, checksummed
 //! content, fsync them, replace them atomically (write a temporary file, fsync, rename over),
-//! rename and delete them, and record every acknowledged operation with its start and end
-//! time; readers on other mounts read acknowledged files at the same time. The checker then
-//! verifies that every read returned complete, checksummed content of the right file, never
-//! older than a version acknowledged before the read began (and never `ENOENT` unless a move
-//! of the path had begun), and that the final tree holds exactly what was acknowledged
-//! (operations that failed may or may not have taken effect). Every error an application
-//! call saw is reported with how long it waited.
+//! rename and delete them, and record every operation with its start and end time; readers
+//! on other mounts read acknowledged files at the same time. The checker then verifies that
+//! every read returned complete, checksummed content, that the history of every path is
+//! linearizable (see [`crate::history`]), and that the final tree holds exactly what was
+//! acknowledged (operations that failed may or may not have taken effect). Every error an
+//! application call saw is reported with how long it waited.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use elea_metadata::client::{ClientConfig, MetaClient};
 
+use crate::history::{self, History, Value};
+use crate::netns::{self, Host, Network};
 use crate::{MetaProc, MountProc, elea_cli, free_port, wait_leader};
 
 /// What the harness did and when, relative to its start (also written to `events.log`).
@@ -84,9 +87,18 @@ pub struct Topology {
     /// while down), so readers can tell an outage of their mount from a missing file.
     pub mount_gen: Arc<Vec<AtomicU64>>,
     pub cfg: TopologyConfig,
+    /// Each process's network namespace, by name ("meta1", "cache2", "mount0").
+    hosts: BTreeMap<String, Host>,
+    /// Removed after every process above has stopped.
+    net: Option<Network>,
     // Last: removed after every process above has stopped.
     pub dir: tempfile::TempDir,
 }
+
+/// Node numbers on the test subnet: metadata voters, cache nodes and mounts.
+const META_K: u64 = 10;
+const CACHE_K: u64 = 30;
+const MOUNT_K: u64 = 50;
 
 impl Topology {
     pub async fn start(cfg: TopologyConfig) -> Self {
@@ -96,35 +108,48 @@ impl Topology {
             eprintln!("[chaos] keeping {}", dir.path().display());
         }
         let events = Arc::new(Events::new(&dir.path().join("events.log")));
-        let meta_addrs: Vec<String> = (0..cfg.metas).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let ic = meta_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>();
-        let args = vec!["--initial-cluster".to_string(), ic.join(",")];
-        let metas: Vec<MetaProc> = (1..=cfg.metas)
-            .map(|id| {
-                let i = usize::try_from(id - 1).unwrap_or(0);
-                MetaProc::start(id, &meta_addrs[i], &dir.path().join(format!("meta{id}")), &args)
-            })
-            .collect();
+        let net = match netns::unavailable() {
+            None => Some(Network::create()),
+            Some(why) => {
+                events.log(&format!("every process on plain loopback (no network namespaces: {why})"));
+                None
+            }
+        };
         let mut t = Self {
-            metas,
+            metas: Vec::new(),
             caches: Vec::new(),
             mounts: Vec::new(),
-            meta_addrs,
+            meta_addrs: Vec::new(),
             events,
             mount_gen: Arc::new((0..cfg.mounts).map(|_| AtomicU64::new(0)).collect()),
             cfg: cfg.clone(),
+            hosts: BTreeMap::new(),
+            net,
             dir,
         };
-        t.events.log(&format!("started {} metadata voters", cfg.metas));
+        let meta_places: Vec<(String, Vec<String>)> =
+            (1..=cfg.metas).map(|id| t.place(&format!("meta{id}"), META_K + id)).collect();
+        t.meta_addrs = meta_places.iter().map(|(ip, _)| format!("{ip}:{}", free_port())).collect();
+        let ic = t.meta_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>();
+        let args = vec!["--initial-cluster".to_string(), ic.join(",")];
+        for (i, (_, wrap)) in meta_places.iter().enumerate() {
+            let id = i as u64 + 1;
+            let d = t.dir.path().join(format!("meta{id}"));
+            t.metas.push(MetaProc::start_wrapped("meta", id, &t.meta_addrs[i], &d, &args, wrap));
+        }
+        t.events.log(&format!("started {} metadata voters{}", cfg.metas, t.net_note()));
         let c = t.client();
         wait_leader(&c, &t.meta_addrs, Duration::from_secs(20))
             .await
             .unwrap_or_else(|| panic!("no metadata leader\n{}", t.logs()));
         let all = t.meta_addrs.join(",");
         for id in 1..=cfg.caches {
-            let addr = format!("127.0.0.1:{}", free_port());
+            let (ip, wrap) = t.place(&format!("cache{id}"), CACHE_K + id);
+            let addr = format!("{ip}:{}", free_port());
             let d = t.dir.path().join(format!("cache{id}"));
-            t.caches.push(MetaProc::start_cache(id, &addr, &d, "a", &all, &["--staging-size", "1G"]));
+            let args: Vec<String> =
+                ["--site", "a", "--meta", &all, "--staging-size", "1G"].map(String::from).into();
+            t.caches.push(MetaProc::start_wrapped("cache", id, &addr, &d, &args, &wrap));
         }
         let want: Vec<u64> = (1..=cfg.caches).collect();
         t.wait_cache_nodes(&want, Duration::from_secs(30)).await;
@@ -148,6 +173,7 @@ impl Topology {
         ]);
         assert!(ok, "volume create: {out}{err}");
         for i in 0..cfg.mounts {
+            let (_, wrap) = t.place(&format!("mount{i}"), MOUNT_K + i as u64);
             let mp = t.dir.path().join(format!("mnt{i}"));
             let log = t.dir.path().join(format!("mount{i}.log"));
             let args: Vec<String> = ["mount", "--meta", &all, "--volume", "v", "--site", "a"]
@@ -155,10 +181,112 @@ impl Topology {
                 .map(|s| s.to_string())
                 .chain([mp.display().to_string()])
                 .collect();
-            t.mounts.push(MountProc::start(&args, &mp, &log));
+            t.mounts.push(MountProc::start_wrapped(&args, &mp, &log, &wrap));
         }
         t.events.log(&format!("mounted {} gateways", cfg.mounts));
         t
+    }
+
+    /// Gives process `name` its own namespace (node number `k` on the subnet) when namespaces
+    /// are in use; returns the address it should listen on and its command prefix.
+    fn place(&mut self, name: &str, k: u64) -> (String, Vec<String>) {
+        match &self.net {
+            Some(net) => {
+                let host = net.add_host(u8::try_from(k).expect("node number"));
+                let out = (host.ip.to_string(), host.command_prefix());
+                self.hosts.insert(name.to_string(), host);
+                out
+            }
+            None => ("127.0.0.1".into(), Vec::new()),
+        }
+    }
+
+    fn net_note(&self) -> String {
+        match &self.net {
+            Some(n) => {
+                format!(", each process in its own network namespace on a bridge ({}/24)", n.gateway_ip())
+            }
+            None => String::new(),
+        }
+    }
+
+    /// Whether processes have their own namespaces (links can be cut and slowed).
+    pub fn has_network(&self) -> bool {
+        self.net.is_some()
+    }
+
+    /// The network namespace of process `name` ("meta1", "cache2", "mount0").
+    fn host(&self, name: &str) -> Host {
+        self.hosts.get(name).cloned().unwrap_or_else(|| panic!("{name} has no network namespace"))
+    }
+
+    fn network(&self) -> &Network {
+        self.net.as_ref().expect("this deployment has no network namespaces (see has_network)")
+    }
+
+    /// Cuts every link between the processes of `side_a` and those of `side_b` (names as in
+    /// [`Self::host`]); packets are dropped silently, both ways. The test process still
+    /// reaches everyone.
+    pub fn partition(&self, side_a: &[String], side_b: &[String]) {
+        self.events.log(&format!("cut every link between {side_a:?} and {side_b:?}"));
+        let a: Vec<Host> = side_a.iter().map(|n| self.host(n)).collect();
+        let b: Vec<Host> = side_b.iter().map(|n| self.host(n)).collect();
+        self.network().partition(&a, &b);
+    }
+
+    /// Restores every cut link.
+    pub fn heal(&self) {
+        self.events.log("heal every link");
+        self.network().heal_all();
+    }
+
+    /// Caps what process `name` sends at `kbit` kilobits per second (a slow link: its packets
+    /// queue up); `None` lifts the cap.
+    pub fn throttle(&self, name: &str, kbit: Option<u32>) {
+        match kbit {
+            Some(k) => self.events.log(&format!("{name}: outgoing link capped at {k} kbit/s")),
+            None => self.events.log(&format!("{name}: outgoing link at full speed again")),
+        }
+        self.network().throttle(&self.host(name), kbit);
+    }
+
+    /// Every process name, for building partition sides.
+    pub fn names(&self) -> Vec<String> {
+        let metas = self.metas.iter().map(|m| format!("meta{}", m.id));
+        let caches = self.caches.iter().map(|c| format!("cache{}", c.id));
+        metas.chain(caches).chain((0..self.mounts.len()).map(|i| format!("mount{i}"))).collect()
+    }
+
+    /// Waits until a node other than `old` leads, as seen by a majority of the voters
+    /// (an isolated old leader may still believe it leads); returns its id.
+    pub async fn wait_new_leader(&self, old: u64, timeout: Duration) -> u64 {
+        let c = self.client();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = crate::statuses(&c, &self.meta_addrs).await;
+            for s in &st {
+                let agree = st.iter().filter(|o| o.leader_id == s.node_id).count();
+                if s.role == "leader" && s.node_id != old && agree * 2 > self.metas.len() {
+                    return s.node_id;
+                }
+            }
+            assert!(Instant::now() < deadline, "no new leader in place of {old}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until metadata node `id` has applied everything the leader had committed when
+    /// the wait began.
+    pub async fn wait_caught_up(&self, id: u64, timeout: Duration) {
+        let c = self.client();
+        let leader = self.wait_new_leader(0, timeout).await;
+        let la = self.metas.iter().find(|m| m.id == leader).map(|m| m.addr.clone()).unwrap_or_default();
+        let target = c.status_of(&la).await.map(|s| s.commit_index).unwrap_or(0);
+        let addr = self.metas.iter().find(|m| m.id == id).map(|m| m.addr.clone()).unwrap_or_default();
+        crate::wait_status(&c, &addr, timeout, |s| s.applied_index >= target)
+            .await
+            .unwrap_or_else(|| panic!("metadata node {id} did not catch up\n{}", self.logs()));
+        self.events.log(&format!("metadata node {id} caught up (applied index {target})"));
     }
 
     pub fn client(&self) -> MetaClient {
@@ -434,16 +562,13 @@ struct FileFate {
     outcomes: Vec<(Option<String>, u32)>,
 }
 
-/// Per-path state shared between writers and readers.
+/// Per-path state shared between writers and readers (which pick acknowledged paths).
 #[derive(Debug, Clone)]
 struct PathState {
-    id: u64,
-    /// Highest version acknowledged at this path, and when.
-    acked: u32,
-    /// When a move or unlink of this path began (the file may be gone from then on).
-    leaving_since: Option<Duration>,
-    /// Highest version that may appear here (a replace in flight).
-    attempted: u32,
+    /// Whether a write of this path has been acknowledged.
+    acked: bool,
+    /// Whether a move or unlink of this path began (the file may be gone from then on).
+    leaving: bool,
 }
 
 #[derive(Default)]
@@ -452,9 +577,18 @@ struct Shared {
     fates: BTreeMap<u64, FileFate>,
     calls: Vec<Call>,
     violations: Vec<String>,
-    reads_ok: u64,
     /// Paths that an acknowledged rename or unlink took away (never reused).
     gone: Vec<String>,
+    /// Every write and read of every path, for the linearizability check.
+    history: History,
+}
+
+impl Shared {
+    /// Records a write of `path` by `who` that began at `start` (`end` is `None` when the call
+    /// failed and its effect is unknown).
+    fn wrote(&mut self, who: &str, path: &str, value: Value, start: Duration, end: Option<Duration>) {
+        self.history.write(path, history::Write { value, start, end, who: who.to_string() });
+    }
 }
 
 /// Writers and readers running on mounts until stopped.
@@ -573,6 +707,8 @@ impl Workload {
         self.events.log("workload stopped; checking");
         let sh = std::mem::take(&mut *self.shared.lock().unwrap_or_else(|p| p.into_inner()));
         let mut violations = sh.violations;
+        // Every read of every path against every write of it: linearizable registers.
+        violations.extend(sh.history.check());
         let mut lost = 0;
         for (i, (id, fate)) in sh.fates.iter().enumerate() {
             let mount = &self.mounts[i % self.mounts.len()];
@@ -619,7 +755,7 @@ impl Workload {
             acked,
             errors,
             longest_call: longest,
-            reads_checked: sh.reads_ok,
+            reads_checked: sh.history.reads() as u64,
             violations,
             files_checked: sh.fates.len(),
             lost,
@@ -653,17 +789,17 @@ fn writer(
                 next += 1;
                 let id = ((w as u64) << 32) | next;
                 let path = format!("{dir}/f{next}");
-                lock()
-                    .paths
-                    .insert(path.clone(), PathState { id, acked: 0, leaving_since: None, attempted: 1 });
+                lock().paths.insert(path.clone(), PathState { acked: false, leaving: false });
                 let r = write_file(&root.join(&path), &content(id, 1, len));
                 let mut sh = lock();
+                let end = r.is_ok().then(|| events.now());
+                sh.wrote(&who, &path, Some((id, 1)), start, end);
                 let fate = sh.fates.entry(id).or_default();
                 match &r {
                     Ok(()) => {
                         fate.outcomes = vec![(Some(path.clone()), 1)];
                         if let Some(s) = sh.paths.get_mut(&path) {
-                            s.acked = 1;
+                            s.acked = true;
                         }
                         live.push((path, id, 1));
                     }
@@ -682,16 +818,15 @@ fn writer(
                 let v = version + 1;
                 let tmp = format!("{dir}/tmp{next}-{v}");
                 next += 1;
-                if let Some(s) = lock().paths.get_mut(&path) {
-                    s.attempted = v;
-                }
                 let r = write_file(&root.join(&tmp), &content(id, v, len))
                     .and_then(|()| std::fs::rename(root.join(&tmp), root.join(&path)));
                 let mut sh = lock();
+                let end = r.is_ok().then(|| events.now());
+                sh.wrote(&who, &path, Some((id, v)), start, end);
                 match &r {
                     Ok(()) => {
                         if let Some(s) = sh.paths.get_mut(&path) {
-                            s.acked = v;
+                            s.acked = true;
                         }
                         sh.fates.entry(id).or_default().outcomes = vec![(Some(path.clone()), v)];
                         sh.gone.push(tmp.clone());
@@ -714,19 +849,19 @@ fn writer(
                 {
                     let mut sh = lock();
                     if let Some(s) = sh.paths.get_mut(&path) {
-                        s.leaving_since = Some(start);
+                        s.leaving = true;
                     }
-                    sh.paths.insert(
-                        to.clone(),
-                        PathState { id, acked: 0, leaving_since: None, attempted: version },
-                    );
+                    sh.paths.insert(to.clone(), PathState { acked: false, leaving: false });
                 }
                 let r = std::fs::rename(root.join(&path), root.join(&to));
                 let mut sh = lock();
+                let end = r.is_ok().then(|| events.now());
+                sh.wrote(&who, &path, None, start, end);
+                sh.wrote(&who, &to, Some((id, version)), start, end);
                 match &r {
                     Ok(()) => {
                         if let Some(s) = sh.paths.get_mut(&to) {
-                            s.acked = version;
+                            s.acked = true;
                         }
                         sh.fates.entry(id).or_default().outcomes = vec![(Some(to.clone()), version)];
                         sh.gone.push(path.clone());
@@ -743,10 +878,12 @@ fn writer(
                 let i = rng.below(live.len() as u64) as usize;
                 let (path, id, version) = live.swap_remove(i);
                 if let Some(s) = lock().paths.get_mut(&path) {
-                    s.leaving_since = Some(start);
+                    s.leaving = true;
                 }
                 let r = std::fs::remove_file(root.join(&path));
                 let mut sh = lock();
+                let end = r.is_ok().then(|| events.now());
+                sh.wrote(&who, &path, None, start, end);
                 if r.is_ok() {
                     sh.gone.push(path.clone());
                 }
@@ -783,19 +920,14 @@ fn reader(
     let who = format!("reader {r}");
     let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
     while !stop.load(Ordering::Relaxed) {
-        // An acknowledged path, with what was acknowledged there before this read began.
+        // An acknowledged path that is not being moved away.
         let pick = {
             let sh = lock();
-            let acked: Vec<(&String, &PathState)> =
-                sh.paths.iter().filter(|(_, s)| s.acked > 0 && s.leaving_since.is_none()).collect();
-            if acked.is_empty() {
-                None
-            } else {
-                let (p, s) = acked[rng.below(acked.len() as u64) as usize];
-                Some((p.clone(), s.clone()))
-            }
+            let acked: Vec<&String> =
+                sh.paths.iter().filter(|(_, s)| s.acked && !s.leaving).map(|(p, _)| p).collect();
+            (!acked.is_empty()).then(|| acked[rng.below(acked.len() as u64) as usize].clone())
         };
-        let Some((path, before)) = pick else {
+        let Some(path) = pick else {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         };
@@ -809,41 +941,27 @@ fn reader(
         // The mount was down (or restarted) during the read: its directory is not Elea's.
         let outage = !gen_before.is_multiple_of(2) || mount_gen() != gen_before;
         let mut sh = lock();
-        let now = sh.paths.get(&path).cloned();
-        let leaving = now.as_ref().and_then(|s| s.leaving_since).is_some_and(|t| t <= end);
-        match &result {
+        let seen = match &result {
             Ok(b) => match parse_content(b) {
-                Ok((id, v)) if id == before.id && v >= before.acked => {
-                    let max = now.as_ref().map_or(before.attempted, |s| s.attempted);
-                    if v > max {
-                        sh.violations.push(format!(
-                            "{who}: {path} read v{v} at {start:?}..{end:?}, never written (highest v{max})"
-                        ));
-                    } else {
-                        sh.reads_ok += 1;
-                    }
+                Ok(v) => Some(Some(v)),
+                Err(e) => {
+                    sh.violations.push(format!("{who}: {path} at {start:?}..{end:?}: {e}"));
+                    None
                 }
-                Ok((id, v)) => sh.violations.push(format!(
-                    "{who}: {path} read file {id} v{v} at {start:?}..{end:?}; expected file {} at v{} or newer",
-                    before.id, before.acked
-                )),
-                Err(e) => sh.violations.push(format!("{who}: {path} at {start:?}..{end:?}: {e}")),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && leaving => sh.reads_ok += 1,
+            // Absent: the history check tells whether it may be.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !outage => Some(None),
             Err(e) => {
                 let msg = errno_of(e);
                 events.log(&format!("{who}: read of {path} failed after {:?}: {msg}", end - start));
-                if e.kind() == std::io::ErrorKind::NotFound && !outage {
-                    sh.violations.push(format!(
-                        "{who}: {path} not found at {start:?}..{end:?}, acknowledged v{} and never moved",
-                        before.acked
-                    ));
-                }
                 sh.calls.push(Call { who: who.clone(), op: "read".into(), start, end, error: Some(msg) });
                 drop(sh);
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
+        };
+        if let Some(value) = seen {
+            sh.history.read(&path, history::Read { value, start, end, who: who.clone() });
         }
         sh.calls.push(Call { who: who.clone(), op: "read".into(), start, end, error: None });
     }

@@ -3,6 +3,8 @@
 //! The tests live in `tests/`.
 
 pub mod chaos;
+pub mod history;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,8 +40,22 @@ pub struct MetaProc {
     pub addr: String,
     pub dir: PathBuf,
     pub args: Vec<String>,
+    /// Command prefix the process runs under (e.g. `nsenter --net=...`), empty for none.
+    pub wrap: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
+}
+
+/// `elea` run under an optional command prefix (`nsenter --net=... --` for a namespace).
+fn elea_command(wrap: &[String]) -> Command {
+    match wrap.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(elea_bin());
+            c
+        }
+        None => Command::new(elea_bin()),
+    }
 }
 
 impl MetaProc {
@@ -56,12 +72,26 @@ impl MetaProc {
     }
 
     fn start_role(role: &'static str, id: u64, addr: &str, dir: &Path, extra: &[String]) -> Self {
+        Self::start_wrapped(role, id, addr, dir, extra, &[])
+    }
+
+    /// Starts `elea ROLE --node-id ID --listen ADDR --data-dir DIR <extra>` under the command
+    /// prefix `wrap` (see [`netns::Host::command_prefix`]).
+    pub fn start_wrapped(
+        role: &'static str,
+        id: u64,
+        addr: &str,
+        dir: &Path,
+        extra: &[String],
+        wrap: &[String],
+    ) -> Self {
         let mut p = Self {
             role,
             id,
             addr: addr.to_string(),
             dir: dir.to_path_buf(),
             args: extra.to_vec(),
+            wrap: wrap.to_vec(),
             child: None,
             log: dir.with_extension("log"),
         };
@@ -71,7 +101,7 @@ impl MetaProc {
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new(elea_bin())
+        let child = elea_command(&self.wrap)
             .arg(self.role)
             .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
             .arg("--data-dir")
@@ -301,6 +331,7 @@ pub fn force_unmount(path: &Path) {
 pub struct MountProc {
     pub mountpoint: PathBuf,
     args: Vec<String>,
+    wrap: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -309,16 +340,26 @@ impl MountProc {
     /// Runs `elea <args...>` (whose last argument is the mount point) and waits up to 30 s
     /// for the mount.
     pub fn start(args: &[String], mountpoint: &Path, log: &Path) -> Self {
+        Self::start_wrapped(args, mountpoint, log, &[])
+    }
+
+    /// Like [`Self::start`], under the command prefix `wrap` (a network namespace).
+    pub fn start_wrapped(args: &[String], mountpoint: &Path, log: &Path, wrap: &[String]) -> Self {
         std::fs::create_dir_all(mountpoint).expect("mount point");
-        let mut p =
-            Self { mountpoint: mountpoint.to_path_buf(), args: args.to_vec(), child: None, log: log.into() };
+        let mut p = Self {
+            mountpoint: mountpoint.to_path_buf(),
+            args: args.to_vec(),
+            wrap: wrap.to_vec(),
+            child: None,
+            log: log.into(),
+        };
         p.spawn();
         p
     }
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new(elea_bin())
+        let child = elea_command(&self.wrap)
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

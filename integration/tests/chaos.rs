@@ -149,3 +149,86 @@ async fn rolling_restart_of_every_process_under_load() {
     let r = wl.finish();
     check("rolling restart", &t, &r);
 }
+
+/// Links can only be cut when every process has its own network namespace (root and
+/// iproute2); otherwise the scenario says so and is skipped.
+fn network_available(name: &str, t: &Topology) -> bool {
+    if !t.has_network() {
+        eprintln!("SKIPPED {name}: needs network namespaces (root, ip, tc, nsenter)");
+    }
+    t.has_network()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_voters_minority_partition_then_a_slow_link() {
+    let name = "five_voters_minority_partition_then_a_slow_link";
+    if !fuse_available(name) {
+        return;
+    }
+    let _g = SERIAL.lock().await;
+    let mut cfg = config(2, 2);
+    cfg.metas = 5;
+    let t = Topology::start(cfg).await;
+    if !network_available(name, &t) {
+        return;
+    }
+    let wl = Workload::start(&t, 3, 2, 64 << 10);
+    run_for(phase()).await;
+    let leader = t.leader().await;
+    let minority: Vec<u64> = (1..=5).filter(|id| *id != leader).take(2).collect();
+    let side_a: Vec<String> = minority.iter().map(|id| format!("meta{id}")).collect();
+    let side_b: Vec<String> = t.names().into_iter().filter(|n| !side_a.contains(n)).collect();
+    t.partition(&side_a, &side_b);
+    let cut_at = t.events.now();
+    run_for(phase() * 2).await;
+    t.heal();
+    for id in &minority {
+        t.wait_caught_up(*id, Duration::from_secs(30)).await;
+    }
+    // Pre-vote: the healed nodes, behind and with no quorum of their own, disrupt nothing.
+    let after = t.wait_new_leader(0, Duration::from_secs(10)).await;
+    t.events.log(&format!("leader after the heal: node {after} (before: node {leader})"));
+    let slow_at = t.events.now();
+    t.throttle(&format!("meta{leader}"), Some(2_000));
+    run_for(phase()).await;
+    t.throttle(&format!("meta{leader}"), None);
+    run_for(Duration::from_secs(1)).await;
+    let r = wl.finish();
+    check("five voters: minority partition, then a slow leader link", &t, &r);
+    let during: usize =
+        r.all_calls.iter().filter(|c| c.error.is_none() && c.start > cut_at && c.end < slow_at).count();
+    assert!(during > 10, "service did not go on while two of five voters were cut off: {during}");
+    assert_eq!(after, leader, "the healed minority took leadership away\n{}", t.logs());
+    assert!(acked_after(&r, slow_at) > 10, "service did not go on over the slow link");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_leader_cut_off_from_the_other_voters() {
+    let name = "metadata_leader_cut_off_from_the_other_voters";
+    if !fuse_available(name) {
+        return;
+    }
+    let _g = SERIAL.lock().await;
+    let t = Topology::start(config(2, 2)).await;
+    if !network_available(name, &t) {
+        return;
+    }
+    let wl = Workload::start(&t, 3, 2, 64 << 10);
+    run_for(phase()).await;
+    let old = t.leader().await;
+    // Gateways and cache nodes still reach the old leader; only the voters lose it.
+    let others: Vec<String> = (1..=3).filter(|id| *id != old).map(|id| format!("meta{id}")).collect();
+    t.partition(&[format!("meta{old}")], &others);
+    let cut_at = t.events.now();
+    let t0 = Instant::now();
+    let new = t.wait_new_leader(old, Duration::from_secs(20)).await;
+    t.events.log(&format!("node {new} leads, {:?} after the cut", t0.elapsed()));
+    run_for(phase() * 2).await;
+    t.heal();
+    t.wait_caught_up(old, Duration::from_secs(30)).await;
+    run_for(phase()).await;
+    let r = wl.finish();
+    check("metadata leader cut off from the other voters", &t, &r);
+    let after = acked_after(&r, cut_at + Duration::from_secs(5));
+    assert!(after > 10, "service did not go on while the old leader was cut off: {after}");
+}

@@ -28,6 +28,10 @@ pub const MAX_REQUEST: usize = 2 << 20;
 pub const MAX_RESPONSE: usize = 64 << 20;
 /// How long a request may wait for the group (commit and apply).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a read or write forwarded to the leader: well under a client's attempt
+/// timeout, so a leader this node cannot reach (a cut link, a hung process) costs the client
+/// one short wait before it tries another node, not its whole attempt.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub const LEADER_ID_KEY: &str = "elea-leader-id";
 pub const LEADER_ADDR_KEY: &str = "elea-leader-addr";
@@ -116,10 +120,26 @@ struct Forward {
     leader: String,
 }
 
-impl Forward {
-    fn tag<T>(&self, r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+impl MetaService {
+    /// The answer to a forwarded request, tagged with the leader's address. When the leader
+    /// did not answer in time its connection is dropped (the next forward connects afresh)
+    /// and the client is told to retry elsewhere.
+    fn forwarded<T>(
+        &self,
+        f: &Forward,
+        r: Result<Result<Response<T>, Status>, tokio::time::error::Elapsed>,
+    ) -> Result<Response<T>, Status> {
+        let Ok(r) = r else {
+            if let Ok(mut map) = self.forward.lock() {
+                map.remove(&f.leader);
+            }
+            return Err(Status::unavailable(format!(
+                "node {} forwarded the request to the leader at {}, which did not answer in time; retry",
+                self.id, f.leader
+            )));
+        };
         r.map(|mut resp| {
-            if let Ok(v) = self.leader.parse() {
+            if let Ok(v) = f.leader.parse() {
                 resp.metadata_mut().insert(LEADER_ADDR_KEY, v);
             }
             resp
@@ -192,8 +212,12 @@ impl proto::meta_server::Meta for MetaService {
             }
             Ok(Err(e)) => match self.forward_target(&e, req.hops) {
                 Some(mut f) => {
-                    let r = f.client.write(proto::WriteRequest { hops: req.hops + 1, ..req }).await;
-                    f.tag(r)
+                    let r = tokio::time::timeout(
+                        FORWARD_TIMEOUT,
+                        f.client.write(proto::WriteRequest { hops: req.hops + 1, ..req }),
+                    )
+                    .await;
+                    self.forwarded(&f, r)
                 }
                 None => Err(self.to_status(e)),
             },
@@ -216,8 +240,12 @@ impl proto::meta_server::Meta for MetaService {
             }
             Ok(Err(e)) => match self.forward_target(&e, req.hops) {
                 Some(mut f) => {
-                    let r = f.client.read(proto::ReadRequest { hops: req.hops + 1, ..req }).await;
-                    f.tag(r)
+                    let r = tokio::time::timeout(
+                        FORWARD_TIMEOUT,
+                        f.client.read(proto::ReadRequest { hops: req.hops + 1, ..req }),
+                    )
+                    .await;
+                    self.forwarded(&f, r)
                 }
                 None => Err(self.to_status(e)),
             },
@@ -248,11 +276,12 @@ impl proto::meta_server::Meta for MetaService {
                     // The whole batch went to a follower: forward it, or redirect the client.
                     return match self.forward_target(&e, req.hops) {
                         Some(mut f) => {
-                            let r = f
-                                .client
-                                .write_batch(proto::WriteBatchRequest { hops: req.hops + 1, ..req })
-                                .await;
-                            f.tag(r)
+                            let r = tokio::time::timeout(
+                                FORWARD_TIMEOUT,
+                                f.client.write_batch(proto::WriteBatchRequest { hops: req.hops + 1, ..req }),
+                            )
+                            .await;
+                            self.forwarded(&f, r)
                         }
                         None => Err(self.to_status(e)),
                     };
@@ -286,11 +315,12 @@ impl proto::meta_server::Meta for MetaService {
                 Ok(Err(e)) if items.is_empty() && matches!(e, CoreError::NotLeader { .. }) => {
                     return match self.forward_target(&e, req.hops) {
                         Some(mut f) => {
-                            let r = f
-                                .client
-                                .read_batch(proto::ReadBatchRequest { hops: req.hops + 1, ..req })
-                                .await;
-                            f.tag(r)
+                            let r = tokio::time::timeout(
+                                FORWARD_TIMEOUT,
+                                f.client.read_batch(proto::ReadBatchRequest { hops: req.hops + 1, ..req }),
+                            )
+                            .await;
+                            self.forwarded(&f, r)
                         }
                         None => Err(self.to_status(e)),
                     };
@@ -386,11 +416,13 @@ impl proto::meta_server::Meta for MetaService {
             }
             Ok(Err(e)) => match self.forward_target(&e, req.hops) {
                 Some(mut f) => {
-                    let r = f
-                        .client
-                        .change_membership(proto::ChangeMembershipRequest { hops: req.hops + 1, ..req })
-                        .await;
-                    f.tag(r)
+                    let r = tokio::time::timeout(
+                        APPLY_TIMEOUT,
+                        f.client
+                            .change_membership(proto::ChangeMembershipRequest { hops: req.hops + 1, ..req }),
+                    )
+                    .await;
+                    self.forwarded(&f, r)
                 }
                 None => Err(self.to_status(e)),
             },
@@ -408,11 +440,12 @@ impl proto::meta_server::Meta for MetaService {
             Ok(()) => Ok(Response::new(proto::TransferLeaderReply {})),
             Err(e) => match self.forward_target(&e, req.hops) {
                 Some(mut f) => {
-                    let r = f
-                        .client
-                        .transfer_leader(proto::TransferLeaderRequest { hops: req.hops + 1, ..req })
-                        .await;
-                    f.tag(r)
+                    let r = tokio::time::timeout(
+                        APPLY_TIMEOUT,
+                        f.client.transfer_leader(proto::TransferLeaderRequest { hops: req.hops + 1, ..req }),
+                    )
+                    .await;
+                    self.forwarded(&f, r)
                 }
                 None => Err(self.to_status(e)),
             },
