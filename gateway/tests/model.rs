@@ -1166,6 +1166,10 @@ impl Harness {
                 }
             }
             let live = 1 + seen.len() as u64;
+            // Closes on the other gateways are told to metadata shortly after (SEMANTICS.md).
+            for gw in &self.gw {
+                gw.release_closed().await;
+            }
             let st = self.gw[g].statfs().await.map_err(|e| format!("statfs: {e:?}"))?;
             ensure(st.used_inodes == live, || {
                 format!(
