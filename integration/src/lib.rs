@@ -38,6 +38,9 @@ pub struct MetaProc {
     pub addr: String,
     pub dir: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment variables of the process (object store credentials), kept across
+    /// restarts.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -50,18 +53,44 @@ impl MetaProc {
 
     /// Starts `elea cache --node-id ID --listen ADDR --data-dir DIR --site SITE --meta META <extra>`.
     pub fn start_cache(id: u64, addr: &str, dir: &Path, site: &str, meta: &str, extra: &[&str]) -> Self {
+        Self::start_cache_env(id, addr, dir, site, meta, extra, &[])
+    }
+
+    /// Like [`Self::start_cache`], with extra environment variables (e.g. object store
+    /// credentials) for this and every restarted process.
+    pub fn start_cache_env(
+        id: u64,
+        addr: &str,
+        dir: &Path,
+        site: &str,
+        meta: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let mut args: Vec<String> = vec!["--site".into(), site.into(), "--meta".into(), meta.into()];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_role("cache", id, addr, dir, &args)
+        Self::start_role_env("cache", id, addr, dir, &args, env)
     }
 
     fn start_role(role: &'static str, id: u64, addr: &str, dir: &Path, extra: &[String]) -> Self {
+        Self::start_role_env(role, id, addr, dir, extra, &[])
+    }
+
+    fn start_role_env(
+        role: &'static str,
+        id: u64,
+        addr: &str,
+        dir: &Path,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> Self {
         let mut p = Self {
             role,
             id,
             addr: addr.to_string(),
             dir: dir.to_path_buf(),
             args: extra.to_vec(),
+            env: env.to_vec(),
             child: None,
             log: dir.with_extension("log"),
         };
@@ -77,6 +106,7 @@ impl MetaProc {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -253,7 +283,17 @@ pub async fn wait_status(
 
 /// Runs the `elea` CLI with arguments; returns (success, stdout, stderr).
 pub fn elea_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(elea_bin()).args(args).stdin(Stdio::null()).output().expect("run elea");
+    elea_cli_env(args, &[])
+}
+
+/// Like [`elea_cli`], with extra environment variables (e.g. object store credentials).
+pub fn elea_cli_env(args: &[&str], env: &[(String, String)]) -> (bool, String, String) {
+    let out = Command::new(elea_bin())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run elea");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -301,6 +341,8 @@ pub fn force_unmount(path: &Path) {
 pub struct MountProc {
     pub mountpoint: PathBuf,
     args: Vec<String>,
+    /// Extra environment variables (object store credentials), kept across restarts.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -309,9 +351,19 @@ impl MountProc {
     /// Runs `elea <args...>` (whose last argument is the mount point) and waits up to 30 s
     /// for the mount.
     pub fn start(args: &[String], mountpoint: &Path, log: &Path) -> Self {
+        Self::start_env(args, mountpoint, log, &[])
+    }
+
+    /// Like [`Self::start`], with extra environment variables (e.g. object store credentials).
+    pub fn start_env(args: &[String], mountpoint: &Path, log: &Path, env: &[(String, String)]) -> Self {
         std::fs::create_dir_all(mountpoint).expect("mount point");
-        let mut p =
-            Self { mountpoint: mountpoint.to_path_buf(), args: args.to_vec(), child: None, log: log.into() };
+        let mut p = Self {
+            mountpoint: mountpoint.to_path_buf(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+            child: None,
+            log: log.into(),
+        };
         p.spawn();
         p
     }
@@ -320,6 +372,7 @@ impl MountProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let child = Command::new(elea_bin())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
