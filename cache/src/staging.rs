@@ -27,7 +27,7 @@ use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
@@ -43,6 +43,9 @@ pub const HEADER_LEN: usize = 48;
 const SEGMENT_SHIFT: u8 = 16;
 /// Bytes covered by one checksum of a version-2 file's segment table.
 pub const SEGMENT: usize = 1 << SEGMENT_SHIFT;
+
+/// While block writes keep failing, at most one error line per this period.
+const WRITE_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A block's identity: (slice id, block index).
 pub type BlockId = (u64, u32);
@@ -95,6 +98,10 @@ pub struct StagingStats {
     pub oldest_ms: Option<u64>,
     /// Torn, corrupt or missing files found (at open, on read or by a scrub) and discarded.
     pub discarded: u64,
+    /// Puts whose file could not be written (a full or failing disk); each was refused.
+    pub write_errors: u64,
+    /// Whether the last block write failed (the disk is full or failing now).
+    pub writes_failing: bool,
 }
 
 struct Inner {
@@ -104,6 +111,10 @@ struct Inner {
     discarded: u64,
     /// Blocks discarded or found missing that metadata has not been told about yet.
     lost: Vec<BlockId>,
+    write_errors: u64,
+    /// Since when block writes have been failing (none succeeded since), and when that was
+    /// last logged at error level.
+    failing: Option<(Instant, Instant)>,
 }
 
 /// See the module docs.
@@ -316,7 +327,7 @@ impl Staging {
         Ok(Arc::new(Self {
             dir,
             capacity,
-            inner: Mutex::new(Inner { blocks, used, discarded, lost }),
+            inner: Mutex::new(Inner { blocks, used, discarded, lost, write_errors: 0, failing: None }),
             space: Notify::new(),
             lost: Notify::new(),
         }))
@@ -397,6 +408,51 @@ impl Staging {
             capacity: self.capacity,
             oldest_ms: g.blocks.values().map(|m| m.created_ms).min(),
             discarded: g.discarded,
+            write_errors: g.write_errors,
+            writes_failing: g.failing.is_some(),
+        }
+    }
+
+    /// Counts a block write that failed (the put is refused; the writer goes to another
+    /// node). A full or failing disk fails every put: the first failure of a run is logged
+    /// as an error, then at most one line per [`WRITE_ERROR_LOG_EVERY`], so the node says
+    /// clearly why it refuses writes without flooding its log.
+    fn write_failed(&self, e: &CacheError) {
+        let now = Instant::now();
+        let log = {
+            let mut g = self.lock();
+            g.write_errors += 1;
+            match &mut g.failing {
+                None => {
+                    g.failing = Some((now, now));
+                    Some(Duration::ZERO)
+                }
+                Some((since, logged)) if now.duration_since(*logged) >= WRITE_ERROR_LOG_EVERY => {
+                    *logged = now;
+                    Some(now.duration_since(*since))
+                }
+                Some(_) => None,
+            }
+        };
+        match log {
+            Some(failing_for) => tracing::error!(
+                dir = %self.dir.display(),
+                error = %e,
+                ?failing_for,
+                "staging cannot write blocks (disk full or failing): puts are refused until writes succeed again"
+            ),
+            None => tracing::debug!(error = %e, "staging a block failed"),
+        }
+    }
+
+    /// A block write succeeded: ends a run of failures (logged).
+    fn write_succeeded(&self) {
+        let ended = {
+            let mut g = self.lock();
+            g.failing.take().map(|(since, _)| (since.elapsed(), g.write_errors))
+        };
+        if let Some((after, total)) = ended {
+            tracing::info!(dir = %self.dir.display(), ?after, write_errors = total, "staging writes succeed again");
         }
     }
 
@@ -475,6 +531,7 @@ impl Staging {
                 .and_then(|r| r);
             match res {
                 Ok(()) => {
+                    this.write_succeeded();
                     let mut g = this.lock();
                     if g.blocks.insert(id, meta).is_some() {
                         // A concurrent put of the same block won; give back our reservation.
@@ -483,6 +540,7 @@ impl Staging {
                     Ok(())
                 }
                 Err(e) => {
+                    this.write_failed(&e);
                     this.unreserve(u64::from(len));
                     Err(e)
                 }
@@ -905,6 +963,30 @@ mod tests {
         f[HEADER_LEN + BLOCK - 1] ^= 1;
         fs::write(&p, f).unwrap();
         assert!(matches!(s.get_range((8, 0), n, 0, 10).await, Err(CacheError::Checksum(_))));
+    }
+
+    #[tokio::test]
+    async fn a_failing_disk_refuses_puts_returns_their_space_and_recovers() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Staging::open(d.path(), 1 << 20).unwrap();
+        // A regular file where slice 7's directory goes: every write of slice 7 fails, as on
+        // a full disk.
+        fs::write(d.path().join("07"), b"in the way").unwrap();
+        let b = block(1000, 1);
+        let crc = crc32c::crc32c(&b);
+        for i in 0..3 {
+            assert!(matches!(s.put(1, (7, i), b.clone(), crc).await, Err(CacheError::Io { .. })));
+        }
+        let st = s.stats();
+        assert_eq!((st.write_errors, st.writes_failing, st.blocks), (3, true, 0));
+        assert_eq!(s.fill(), 0.0, "a refused put keeps no space reserved");
+        assert!(!s.contains((7, 0)));
+        // Room again: puts succeed, the run of failures ends, the count stays.
+        fs::remove_file(d.path().join("07")).unwrap();
+        s.put(1, (7, 0), b.clone(), crc).await.unwrap();
+        let st = s.stats();
+        assert_eq!((st.write_errors, st.writes_failing, st.blocks, st.bytes), (3, false, 1, 1000));
+        assert_eq!(s.get((7, 0)).await.unwrap().unwrap().1, b.to_vec());
     }
 
     #[tokio::test]

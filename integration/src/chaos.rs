@@ -18,16 +18,18 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use elea_metadata::client::{ClientConfig, MetaClient};
+use elea_tiering::testing::S3TestServer;
 
 use crate::history::{self, History, Value};
 use crate::netns::{self, Host, Network};
-use crate::{MetaProc, MountProc, elea_cli, free_port, wait_leader};
+use crate::{MetaProc, MountProc, elea_cli_env, free_port, wait_leader};
 
 /// What the harness did and when, relative to its start (also written to `events.log`).
 pub struct Events {
@@ -72,6 +74,39 @@ pub struct TopologyConfig {
     pub mounts: usize,
     /// Copies of each staged block.
     pub replicas: u8,
+    /// Where the volume's objects go.
+    pub store: StoreKind,
+    /// The volume's `--tier-after` (1 h by default: nothing is tiered during a run).
+    pub tier_after: Duration,
+    /// Cache nodes whose data directory is a tmpfs of the given size in bytes (a small disk
+    /// that [`Topology::fill_disk`] fills); needs root. Unmounted when the topology is
+    /// dropped.
+    pub small_disks: Vec<(u64, u64)>,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            metas: 3,
+            caches: 2,
+            mounts: 2,
+            replicas: 2,
+            store: StoreKind::Dir,
+            tier_after: Duration::from_secs(3600),
+            small_disks: Vec::new(),
+        }
+    }
+}
+
+/// The volume's object store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A local directory (`file://`).
+    #[default]
+    Dir,
+    /// An S3 protocol server (`elea-s3-test-server`) in a process of its own, which
+    /// [`Topology::store_outage`] and [`Topology::store_hang`] stop, hang and bring back.
+    S3,
 }
 
 /// A running deployment in a temporary directory. Dropping it stops everything (mounts are
@@ -87,8 +122,13 @@ pub struct Topology {
     /// while down), so readers can tell an outage of their mount from a missing file.
     pub mount_gen: Arc<Vec<AtomicU64>>,
     pub cfg: TopologyConfig,
-    /// Each process's network namespace, by name ("meta1", "cache2", "mount0").
+    /// Each process's network namespace, by name ("meta1", "cache2", "mount0", "s3").
     hosts: BTreeMap<String, Host>,
+    /// The S3 server of [`StoreKind::S3`].
+    pub s3: Option<S3Proc>,
+    /// The tmpfs mounts of [`TopologyConfig::small_disks`] (unmounted after every process
+    /// above has stopped).
+    pub small_disks: Vec<Tmpfs>,
     /// Removed after every process above has stopped.
     net: Option<Network>,
     // Last: removed after every process above has stopped.
@@ -99,6 +139,7 @@ pub struct Topology {
 const META_K: u64 = 10;
 const CACHE_K: u64 = 30;
 const MOUNT_K: u64 = 50;
+const S3_K: u64 = 70;
 
 impl Topology {
     pub async fn start(cfg: TopologyConfig) -> Self {
@@ -124,6 +165,8 @@ impl Topology {
             mount_gen: Arc::new((0..cfg.mounts).map(|_| AtomicU64::new(0)).collect()),
             cfg: cfg.clone(),
             hosts: BTreeMap::new(),
+            s3: None,
+            small_disks: Vec::new(),
             net,
             dir,
         };
@@ -135,7 +178,7 @@ impl Topology {
         for (i, (_, wrap)) in meta_places.iter().enumerate() {
             let id = i as u64 + 1;
             let d = t.dir.path().join(format!("meta{id}"));
-            t.metas.push(MetaProc::start_wrapped("meta", id, &t.meta_addrs[i], &d, &args, wrap));
+            t.metas.push(MetaProc::start_wrapped("meta", id, &t.meta_addrs[i], &d, &args, wrap, &[]));
         }
         t.events.log(&format!("started {} metadata voters{}", cfg.metas, t.net_note()));
         let c = t.client();
@@ -143,22 +186,24 @@ impl Topology {
             .await
             .unwrap_or_else(|| panic!("no metadata leader\n{}", t.logs()));
         let all = t.meta_addrs.join(",");
+        // The object store and small disks (TopologyConfig::store, ::small_disks).
+        t.start_store_and_disks();
+        let env = t.store_env();
         for id in 1..=cfg.caches {
             let (ip, wrap) = t.place(&format!("cache{id}"), CACHE_K + id);
             let addr = format!("{ip}:{}", free_port());
             let d = t.dir.path().join(format!("cache{id}"));
             let args: Vec<String> =
                 ["--site", "a", "--meta", &all, "--staging-size", "1G"].map(String::from).into();
-            t.caches.push(MetaProc::start_wrapped("cache", id, &addr, &d, &args, &wrap));
+            t.caches.push(MetaProc::start_wrapped("cache", id, &addr, &d, &args, &wrap, &env));
         }
         let want: Vec<u64> = (1..=cfg.caches).collect();
         t.wait_cache_nodes(&want, Duration::from_secs(30)).await;
         t.events.log(&format!("started {} cache nodes", cfg.caches));
-        let store = t.dir.path().join("objects");
-        std::fs::create_dir_all(&store).expect("store dir");
-        let store = format!("file://{}", store.display());
+        let store = t.store_url();
         let replicas = cfg.replicas.to_string();
-        let (ok, out, err) = elea_cli(&[
+        let tier_after = format!("{}ms", cfg.tier_after.as_millis());
+        let create = [
             "volume",
             "create",
             "v",
@@ -169,8 +214,9 @@ impl Topology {
             "--replicas",
             &replicas,
             "--tier-after",
-            "1h",
-        ]);
+            &tier_after,
+        ];
+        let (ok, out, err) = elea_cli_env(&create, &env);
         assert!(ok, "volume create: {out}{err}");
         for i in 0..cfg.mounts {
             let (_, wrap) = t.place(&format!("mount{i}"), MOUNT_K + i as u64);
@@ -181,7 +227,7 @@ impl Topology {
                 .map(|s| s.to_string())
                 .chain([mp.display().to_string()])
                 .collect();
-            t.mounts.push(MountProc::start_wrapped(&args, &mp, &log, &wrap));
+            t.mounts.push(MountProc::start_wrapped(&args, &mp, &log, &wrap, &env));
         }
         t.events.log(&format!("mounted {} gateways", cfg.mounts));
         t
@@ -254,7 +300,8 @@ impl Topology {
     pub fn names(&self) -> Vec<String> {
         let metas = self.metas.iter().map(|m| format!("meta{}", m.id));
         let caches = self.caches.iter().map(|c| format!("cache{}", c.id));
-        metas.chain(caches).chain((0..self.mounts.len()).map(|i| format!("mount{i}"))).collect()
+        let mounts = (0..self.mounts.len()).map(|i| format!("mount{i}"));
+        metas.chain(caches).chain(mounts).chain(self.s3.iter().map(|_| "s3".to_string())).collect()
     }
 
     /// Waits until a node other than `old` leads, as seen by a majority of the voters
@@ -499,9 +546,355 @@ impl Topology {
         for (i, m) in self.mounts.iter().enumerate() {
             out += &format!("--- mount {i} ---\n{}\n", m.log_tail());
         }
+        if let Some(s3) = &self.s3 {
+            out += &format!("--- S3 server ---\n{}\n", s3.log_tail());
+        }
         out += "--- events ---\n";
         out += &self.events.lines().join("\n");
         out
+    }
+}
+
+// ---- object store and disks ---------------------------------------------------------------
+
+/// The S3 server's bucket.
+const S3_BUCKET: &str = "elea";
+
+/// The `elea-s3-test-server` binary: `$ELEA_S3_SERVER_BIN`, or the one in this test
+/// executable's target directory (`cargo build -p elea-integration` builds it, and so does
+/// `cargo test -p elea-integration`).
+pub fn s3_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ELEA_S3_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("elea-s3-test-server");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p elea-integration` first (or set ELEA_S3_SERVER_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// An `elea-s3-test-server` process (an S3 protocol server over a local directory) on a
+/// fixed port, so that it can be stopped and brought back where clients expect it.
+pub struct S3Proc {
+    /// The address it listens on (its namespace's, or 127.0.0.1).
+    pub ip: String,
+    pub port: u16,
+    /// Command prefix (its network namespace).
+    wrap: Vec<String>,
+    /// Objects are files under `root/elea/`.
+    pub root: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl S3Proc {
+    /// Starts the server and waits (up to 10 s) until it accepts connections.
+    pub fn start(root: &Path, ip: &str, port: u16, log: &Path, wrap: &[String]) -> Self {
+        let mut p = Self {
+            ip: ip.to_string(),
+            port,
+            wrap: wrap.to_vec(),
+            root: root.to_path_buf(),
+            child: None,
+            log: log.to_path_buf(),
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(s3_server_bin());
+                c
+            }
+            None => Command::new(s3_server_bin()),
+        };
+        let child = cmd
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--bucket", S3_BUCKET, "--host", &self.ip, "--port", &self.port.to_string()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn elea-s3-test-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((self.ip.as_str(), self.port)).is_err() {
+            let running = self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            assert!(
+                running && Instant::now() < deadline,
+                "the S3 server did not start on port {}: {}",
+                self.port,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The store URL of the volume (prefix `data`).
+    pub fn url(&self) -> String {
+        format!("s3://{S3_BUCKET}/data?endpoint=http://{}:{}&region=us-east-1", self.ip, self.port)
+    }
+
+    /// The credentials every process that opens the store needs.
+    pub fn env() -> Vec<(String, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), S3TestServer::ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), S3TestServer::SECRET_KEY.into()),
+        ]
+    }
+
+    /// SIGKILL: connections are reset and refused until [`Self::restart`].
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and root.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Sends a signal by name ("STOP", "CONT").
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+        }
+    }
+
+    /// Objects stored under the volume's prefix (each is one file; the server keeps its
+    /// temporary and internal files elsewhere).
+    pub fn objects(&self) -> usize {
+        fn count(dir: &Path) -> usize {
+            let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+            rd.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        count(&p)
+                    } else {
+                        usize::from(!e.file_name().to_string_lossy().starts_with('.'))
+                    }
+                })
+                .sum()
+        }
+        count(&self.root.join(S3_BUCKET).join("data"))
+    }
+
+    pub fn log_tail(&self) -> String {
+        crate::log_tail(&self.log)
+    }
+}
+
+impl Drop for S3Proc {
+    fn drop(&mut self) {
+        // SIGKILL ends a stopped process too.
+        self.kill9();
+    }
+}
+
+/// A tmpfs mounted on a directory (a small disk), unmounted when dropped.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `bytes` on `path` (created); needs root.
+    pub fn mount(path: &Path, bytes: u64) -> Result<Self, String> {
+        std::fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs on {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(Self { path: path.to_path_buf() })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if crate::is_mounted(&self.path) {
+            // Lazy: a process that still holds a file there must not keep the mount alive.
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+impl Topology {
+    /// Starts what [`TopologyConfig::store`] and [`TopologyConfig::small_disks`] ask for,
+    /// before the cache nodes.
+    fn start_store_and_disks(&mut self) {
+        if self.cfg.store == StoreKind::S3 {
+            let port = free_port();
+            let root = self.dir.path().join("s3");
+            let (ip, wrap) = self.place("s3", S3_K);
+            self.s3 = Some(S3Proc::start(&root, &ip, port, &self.dir.path().join("s3.log"), &wrap));
+            self.events.log(&format!("started the S3 server at {ip}:{port}"));
+        }
+        for (id, bytes) in self.cfg.small_disks.clone() {
+            let d = self.dir.path().join(format!("cache{id}"));
+            let m = Tmpfs::mount(&d, bytes).unwrap_or_else(|e| panic!("cache node {id}: {e}"));
+            self.small_disks.push(m);
+            self.events.log(&format!("cache node {id}: data directory on a tmpfs of {} MiB", bytes >> 20));
+        }
+    }
+
+    /// Environment variables of every process that opens the volume's store.
+    fn store_env(&self) -> Vec<(String, String)> {
+        if self.s3.is_some() { S3Proc::env() } else { Vec::new() }
+    }
+
+    /// The volume's store URL.
+    fn store_url(&self) -> String {
+        match &self.s3 {
+            Some(s3) => s3.url(),
+            None => {
+                let store = self.dir.path().join("objects");
+                std::fs::create_dir_all(&store).expect("store dir");
+                format!("file://{}", store.display())
+            }
+        }
+    }
+
+    fn s3(&mut self) -> &mut S3Proc {
+        self.s3.as_mut().expect("the topology has no S3 server (TopologyConfig::store)")
+    }
+
+    /// An object store outage: with `down`, kill -9 of the S3 server (connections reset, then
+    /// refused); otherwise it starts again on the same port and data.
+    pub fn store_outage(&mut self, down: bool) {
+        if down {
+            self.events.log("object store down (kill -9 of the S3 server)");
+            self.s3().kill9();
+        } else {
+            self.events.log("object store: restarting the S3 server");
+            self.s3().restart();
+            self.events.log("object store back");
+        }
+    }
+
+    /// A hung object store: with `hung`, SIGSTOP of the S3 server (the kernel still accepts
+    /// connections, nothing answers); otherwise SIGCONT.
+    pub fn store_hang(&mut self, hung: bool) {
+        self.events.log(&format!("object store {} (S3 server)", if hung { "SIGSTOP" } else { "SIGCONT" }));
+        self.s3().signal(if hung { "STOP" } else { "CONT" });
+    }
+
+    /// Objects in the S3 server under the volume's prefix.
+    pub fn store_objects(&self) -> usize {
+        self.s3.as_ref().map_or(0, S3Proc::objects)
+    }
+
+    /// Blocks committed and not tiered yet (deleted slices excluded).
+    pub async fn staged_blocks(&self) -> Vec<elea_fsm::StagedBlock> {
+        let c = self.client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match c.staged_blocks().await {
+                Ok(b) => return b,
+                Err(e) => assert!(Instant::now() < deadline, "staged blocks: {e}\n{}", self.logs()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until none of `blocks` (slice, index) is staged any more (each was tiered, or
+    /// its file deleted); returns how long that took (`None`: not within `timeout`).
+    pub async fn wait_tiered(&self, blocks: &[(u64, u32)], timeout: Duration) -> Option<Duration> {
+        let c = self.client();
+        let want: std::collections::HashSet<(u64, u32)> = blocks.iter().copied().collect();
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Ok(staged) = c.staged_blocks().await
+                && !staged.iter().any(|b| want.contains(&(b.slice, b.index)))
+            {
+                return Some(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    fn small_disk(&self, id: u64) -> &Path {
+        let want = self.dir.path().join(format!("cache{id}"));
+        &self.small_disks.iter().find(|d| d.path == want).expect("cache node has no small disk").path
+    }
+
+    /// Fills cache node `id`'s small disk: writes a filler file until the disk is full.
+    /// Returns the bytes written.
+    pub fn fill_disk(&self, id: u64) -> u64 {
+        let path = self.small_disk(id).join("filler");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("filler");
+        let chunk = vec![0xa5u8; 64 << 10];
+        let mut n = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(k) => n += k as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        self.events.log(&format!("cache node {id}: disk full ({} MiB of filler written)", n >> 20));
+        n
+    }
+
+    /// Frees cache node `id`'s small disk: removes the filler file.
+    pub fn free_disk(&self, id: u64) {
+        let path = self.small_disk(id).join("filler");
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("removing {}: {e}", path.display()));
+        self.events.log(&format!("cache node {id}: filler removed, the disk has room again"));
+    }
+
+    /// Reads up to `n` of the staged blocks metadata lists on cache node `id` from that node
+    /// alone (no peers, no store). Returns (blocks tried, blocks read and checked, first
+    /// error).
+    pub async fn read_staged_from(&self, id: u64, n: usize) -> (usize, usize, Option<String>) {
+        let addr = self.caches.iter().find(|c| c.id == id).expect("no such cache node").addr.clone();
+        let blocks: Vec<_> =
+            self.staged_blocks().await.into_iter().filter(|b| b.nodes.contains(&id)).take(n).collect();
+        let clients = elea_cache::client::BlockClients::default();
+        let (mut ok, mut first_err) = (0, None);
+        for b in &blocks {
+            let req = elea_cache::proto::GetRequest {
+                block: Some(elea_cache::proto::BlockRef { vol: b.vol, slice: b.slice, index: b.index }),
+                len: b.len,
+                tiered_store: None,
+                peers: Vec::new(),
+                cache: false,
+                range: None,
+            };
+            match clients.get(&addr, req).await {
+                Ok(d) if d.len() == b.len as usize => ok += 1,
+                Ok(d) => {
+                    first_err.get_or_insert(format!("block {}/{}: {} bytes", b.slice, b.index, d.len()));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(format!("block {}/{}: {e}", b.slice, b.index));
+                }
+            }
+        }
+        (blocks.len(), ok, first_err)
     }
 }
 

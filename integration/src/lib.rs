@@ -42,6 +42,9 @@ pub struct MetaProc {
     pub args: Vec<String>,
     /// Command prefix the process runs under (e.g. `nsenter --net=...`), empty for none.
     pub wrap: Vec<String>,
+    /// Extra environment variables of the process (object store credentials), kept across
+    /// restarts.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -72,11 +75,11 @@ impl MetaProc {
     }
 
     fn start_role(role: &'static str, id: u64, addr: &str, dir: &Path, extra: &[String]) -> Self {
-        Self::start_wrapped(role, id, addr, dir, extra, &[])
+        Self::start_wrapped(role, id, addr, dir, extra, &[], &[])
     }
 
     /// Starts `elea ROLE --node-id ID --listen ADDR --data-dir DIR <extra>` under the command
-    /// prefix `wrap` (see [`netns::Host::command_prefix`]).
+    /// prefix `wrap` (see [`netns::Host::command_prefix`]) with extra environment variables.
     pub fn start_wrapped(
         role: &'static str,
         id: u64,
@@ -84,6 +87,7 @@ impl MetaProc {
         dir: &Path,
         extra: &[String],
         wrap: &[String],
+        env: &[(String, String)],
     ) -> Self {
         let mut p = Self {
             role,
@@ -92,6 +96,7 @@ impl MetaProc {
             dir: dir.to_path_buf(),
             args: extra.to_vec(),
             wrap: wrap.to_vec(),
+            env: env.to_vec(),
             child: None,
             log: dir.with_extension("log"),
         };
@@ -107,6 +112,7 @@ impl MetaProc {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -283,7 +289,17 @@ pub async fn wait_status(
 
 /// Runs the `elea` CLI with arguments; returns (success, stdout, stderr).
 pub fn elea_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(elea_bin()).args(args).stdin(Stdio::null()).output().expect("run elea");
+    elea_cli_env(args, &[])
+}
+
+/// Like [`elea_cli`], with extra environment variables (e.g. object store credentials).
+pub fn elea_cli_env(args: &[&str], env: &[(String, String)]) -> (bool, String, String) {
+    let out = Command::new(elea_bin())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run elea");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -332,6 +348,8 @@ pub struct MountProc {
     pub mountpoint: PathBuf,
     args: Vec<String>,
     wrap: Vec<String>,
+    /// Extra environment variables (object store credentials), kept across restarts.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -340,16 +358,24 @@ impl MountProc {
     /// Runs `elea <args...>` (whose last argument is the mount point) and waits up to 30 s
     /// for the mount.
     pub fn start(args: &[String], mountpoint: &Path, log: &Path) -> Self {
-        Self::start_wrapped(args, mountpoint, log, &[])
+        Self::start_wrapped(args, mountpoint, log, &[], &[])
     }
 
-    /// Like [`Self::start`], under the command prefix `wrap` (a network namespace).
-    pub fn start_wrapped(args: &[String], mountpoint: &Path, log: &Path, wrap: &[String]) -> Self {
+    /// Like [`Self::start`], under the command prefix `wrap` (a network namespace), with extra
+    /// environment variables (e.g. object store credentials).
+    pub fn start_wrapped(
+        args: &[String],
+        mountpoint: &Path,
+        log: &Path,
+        wrap: &[String],
+        env: &[(String, String)],
+    ) -> Self {
         std::fs::create_dir_all(mountpoint).expect("mount point");
         let mut p = Self {
             mountpoint: mountpoint.to_path_buf(),
             args: args.to_vec(),
             wrap: wrap.to_vec(),
+            env: env.to_vec(),
             child: None,
             log: log.into(),
         };
@@ -361,6 +387,7 @@ impl MountProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let child = elea_command(&self.wrap)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

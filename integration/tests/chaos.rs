@@ -7,11 +7,17 @@
 
 use std::time::{Duration, Instant};
 
-use elea_integration::chaos::{Report, Topology, TopologyConfig, Workload};
+use elea_integration::chaos::{Report, StoreKind, Topology, TopologyConfig, Workload};
 use elea_integration::fuse_available;
 
 /// Scenarios share two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long the object store is down: 5 s, or `CHAOS_SECS` when set (the long version).
+fn outage() -> Duration {
+    let secs = std::env::var("CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    Duration::from_secs(secs)
+}
 
 fn phase() -> Duration {
     let secs = std::env::var("CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
@@ -45,7 +51,7 @@ fn acked_after(r: &Report, t: Duration) -> usize {
 }
 
 fn config(caches: u64, replicas: u8) -> TopologyConfig {
-    TopologyConfig { metas: 3, caches, mounts: 2, replicas }
+    TopologyConfig { metas: 3, caches, mounts: 2, replicas, ..TopologyConfig::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,4 +237,156 @@ async fn metadata_leader_cut_off_from_the_other_voters() {
     check("metadata leader cut off from the other voters", &t, &r);
     let after = acked_after(&r, cut_at + Duration::from_secs(5));
     assert!(after > 10, "service did not go on while the old leader was cut off: {after}");
+}
+
+/// Acknowledged and failed calls that both started and ended within `[from, to]`.
+fn calls_within(r: &Report, from: Duration, to: Duration) -> (usize, usize) {
+    let within: Vec<_> = r.all_calls.iter().filter(|c| c.start >= from && c.end <= to).collect();
+    (within.iter().filter(|c| c.error.is_none()).count(), within.iter().filter(|c| c.error.is_some()).count())
+}
+
+/// The object store down (kill -9) or hung (SIGSTOP) under the write load, then back: writes
+/// go on into staging, and the backlog is tiered once the store is back.
+async fn object_store_fault(name: &str, hang: bool) {
+    let cfg = TopologyConfig { store: StoreKind::S3, tier_after: Duration::from_secs(1), ..config(2, 2) };
+    let mut t = Topology::start(cfg).await;
+    let wl = Workload::start(&t, 3, 2, 64 << 10);
+    run_for(phase()).await;
+    // Tiering works before the fault.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.store_objects() == 0 {
+        assert!(Instant::now() < deadline, "{name}: nothing was tiered before the fault\n{}", t.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let objects_before = t.store_objects();
+    if hang {
+        t.store_hang(true);
+    } else {
+        t.store_outage(true);
+    }
+    let down_at = t.events.now();
+    run_for(outage()).await;
+    let backlog: Vec<(u64, u32)> = t.staged_blocks().await.iter().map(|b| (b.slice, b.index)).collect();
+    let up_at = t.events.now();
+    if hang {
+        t.store_hang(false);
+    } else {
+        t.store_outage(false);
+    }
+    let drained = t.wait_tiered(&backlog, Duration::from_secs(120)).await;
+    t.events.log(&format!(
+        "{} blocks staged at the end of the fault, all tiered {drained:?} after the store came back",
+        backlog.len()
+    ));
+    run_for(phase()).await;
+    let r = wl.finish();
+    check(name, &t, &r);
+    // Nothing is written any more: every staged block gets tiered.
+    let rest: Vec<(u64, u32)> = t.staged_blocks().await.iter().map(|b| (b.slice, b.index)).collect();
+    let all_tiered = t.wait_tiered(&rest, Duration::from_secs(60)).await;
+    let (acked, failed) = calls_within(&r, down_at, up_at);
+    println!(
+        "{name}: store down {:?}; {acked} calls acknowledged and {failed} failed while it was down; \
+         {} blocks staged at its end, tiered {drained:?} after it was back; objects {objects_before} \
+         before, {} at the end ({} staged blocks left at the end, tiered within {all_tiered:?})",
+        up_at - down_at,
+        backlog.len(),
+        t.store_objects(),
+        rest.len(),
+    );
+    assert!(acked > 10, "{name}: service did not go on during the fault: {acked} calls acknowledged");
+    assert_eq!(failed, 0, "{name}: application calls failed during the fault");
+    assert!(!backlog.is_empty(), "{name}: nothing was staged during the fault");
+    assert!(drained.is_some(), "{name}: the backlog was not tiered after the store came back\n{}", t.logs());
+    assert!(all_tiered.is_some(), "{name}: staged blocks left untiered\n{}", t.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_outage_under_write_load() {
+    if !fuse_available("object_store_outage_under_write_load") {
+        return;
+    }
+    let _g = SERIAL.lock().await;
+    object_store_fault("object store kill -9, then back", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_hung_under_write_load() {
+    if !fuse_available("object_store_hung_under_write_load") {
+        return;
+    }
+    let _g = SERIAL.lock().await;
+    object_store_fault("object store SIGSTOP, then SIGCONT", true).await;
+}
+
+fn wall_ms(t: elea_common::Timespec) -> u64 {
+    u64::try_from(t.sec).unwrap_or(0) * 1000 + u64::from(t.nsec) / 1_000_000
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_node_staging_disk_full() {
+    // The small disk is a tmpfs: root, as for the mounts.
+    if !fuse_available("cache_node_staging_disk_full") {
+        return;
+    }
+    let _g = SERIAL.lock().await;
+    let cfg = TopologyConfig { small_disks: vec![(1, 256 << 20)], ..config(3, 2) };
+    let mut t = Topology::start(cfg).await;
+    let wl = Workload::start(&t, 3, 2, 256 << 10);
+    run_for(phase()).await;
+    t.fill_disk(1);
+    let full_at = t.events.now();
+    run_for(phase().max(Duration::from_secs(5))).await;
+    // The full node keeps running and serving what it holds.
+    let (tried, read, err) = t.read_staged_from(1, 32).await;
+    t.events.log(&format!("cache node 1 (disk full) served {read} of {tried} staged blocks read from it"));
+    let running = t.cache(1).is_running();
+    t.free_disk(1);
+    let freed_at = t.events.now();
+    let freed_ms = now_ms();
+    // It takes writes again: blocks committed after the disk was freed list it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let back = loop {
+        let fresh = t
+            .staged_blocks()
+            .await
+            .iter()
+            .filter(|b| b.nodes.contains(&1) && wall_ms(b.created) > freed_ms)
+            .count();
+        if fresh > 0 {
+            break Some(t.events.now() - freed_at);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    t.events.log(&format!("cache node 1 holds new blocks again, {back:?} after the disk was freed"));
+    run_for(phase()).await;
+    let r = wl.finish();
+    check("cache node staging disk full", &t, &r);
+    let redundancy = t.wait_redundancy(2, Duration::from_secs(60)).await;
+    let (acked, failed) = calls_within(&r, full_at, freed_at);
+    let enospc = t.cache(1).log_count("No space left on device");
+    println!(
+        "cache node staging disk full: {acked} calls acknowledged and {failed} failed while the disk was \
+         full; the full node served {read}/{tried} staged blocks; its log names the full disk {enospc} \
+         times; it took writes again {back:?} after the disk was freed; every block had 2 copies \
+         {redundancy:?} after the workload stopped"
+    );
+    assert!(running, "cache node 1 died when its disk filled up\n{}", t.logs());
+    assert!(tried > 0 && read == tried, "the full node did not serve its blocks: {err:?}\n{}", t.logs());
+    assert!(acked > 10, "service did not go on while the disk was full: {acked}");
+    assert!(
+        r.errors.is_empty(),
+        "application calls failed: {:?}",
+        r.errors.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(enospc > 0, "cache node 1 did not log the full disk\n{}", t.cache(1).log_tail());
+    assert!(back.is_some(), "cache node 1 took no writes after its disk was freed\n{}", t.logs());
+    assert!(redundancy.is_some(), "redundancy was not restored\n{}", t.logs());
 }

@@ -38,13 +38,18 @@ impl S3TestServer {
     /// Like [`S3TestServer::start`] on a given port (0 picks one), e.g. to restart on the port
     /// of a stopped server.
     pub async fn start_on(root: &Path, bucket: &str, port: u16) -> io::Result<S3TestServer> {
+        Self::start_at(root, bucket, SocketAddr::from(([127, 0, 0, 1], port))).await
+    }
+
+    /// Like [`S3TestServer::start_on`] on a given address (e.g. a network namespace's).
+    pub async fn start_at(root: &Path, bucket: &str, at: SocketAddr) -> io::Result<S3TestServer> {
         std::fs::create_dir_all(root.join(bucket))?;
         let fs = s3s_fs::FileSystem::new(root).map_err(|e| io::Error::other(format!("s3s-fs: {e:?}")))?;
         let mut builder = s3s::service::S3ServiceBuilder::new(fs);
         builder.set_auth(s3s::auth::SimpleAuth::from_single(Self::ACCESS_KEY, Self::SECRET_KEY));
         let service = builder.build();
 
-        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let listener = TcpListener::bind(at).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -89,9 +94,9 @@ impl S3TestServer {
     }
 
     /// A store URL for `prefix` in the bucket:
-    /// `s3://{bucket}/{prefix}?endpoint=http://127.0.0.1:{port}&region=us-east-1`.
+    /// `s3://{bucket}/{prefix}?endpoint=http://{addr}&region=us-east-1`.
     pub fn url(&self, prefix: &str) -> String {
-        format!("s3://{}/{}?endpoint=http://127.0.0.1:{}&region=us-east-1", self.bucket, prefix, self.port())
+        format!("s3://{}/{}?endpoint=http://{}&region=us-east-1", self.bucket, prefix, self.addr)
     }
 
     /// A default [`StoreConfig`] carrying this server's credentials.
