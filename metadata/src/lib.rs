@@ -1,5 +1,5 @@
 //! Elea's metadata service: Raft groups (raft-rs) replicating the pure namespace state machine
-//! ([`elea_fsm`]), durable storage (redb), the gRPC service (tonic) and the client library.
+//! ([`elea_fsm`]), durable storage (raft-engine), the gRPC service (tonic) and the client library.
 //!
 //! Layers, from the bottom: [`raft::storage`] (durable log), [`raft::core`] (deterministic
 //! Raft + state machine, no I/O besides storage), [`raft::node`] (the thread that drives a

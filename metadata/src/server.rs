@@ -12,7 +12,7 @@ use crate::proto::meta_server::MetaServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::raft::core::{CoreConfig, GroupCore, Member, validate_addr};
 use crate::raft::node::{self, NodeConfig, NodeHandle};
-use crate::raft::storage::{GroupStorage, open_db};
+use crate::raft::storage::{GroupStorage, LogStore, LogStoreConfig};
 use crate::raft::transport::{MAX_RAFT_MESSAGE, Transport};
 use crate::service::{MAX_REQUEST, MAX_RESPONSE, MetaService};
 
@@ -103,8 +103,19 @@ pub async fn serve(
     validate_addr(&cfg.advertise).map_err(|e| ServeError::Config(e.to_string()))?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServeError::Storage(format!("{}: {e}", cfg.data_dir.display())))?;
-    let db = open_db(&cfg.data_dir.join("raft.redb")).map_err(|e| ServeError::Storage(e.to_string()))?;
-    let mut storage = GroupStorage::open(db, cfg.group).map_err(|e| ServeError::Storage(e.to_string()))?;
+    let old_format = cfg.data_dir.join("raft.redb");
+    if old_format.exists() {
+        // Not converted: an earlier version kept the Raft log in one redb file.
+        return Err(ServeError::Storage(format!(
+            "{} holds Raft state in the format of an earlier version (redb), which this version \
+             does not read; run the earlier version, or remove this node from the cluster and \
+             join it again with an empty data dir (it catches up from a snapshot)",
+            old_format.display()
+        )));
+    }
+    let store = LogStore::open(&cfg.data_dir.join("raft"), &LogStoreConfig::default())
+        .map_err(|e| ServeError::Storage(e.to_string()))?;
+    let mut storage = GroupStorage::open(store, cfg.group).map_err(|e| ServeError::Storage(e.to_string()))?;
     let transport = Transport::new(cfg.node_id, cfg.advertise.clone(), cfg.group);
     if storage.is_fresh() {
         if !cfg.join.is_empty() {

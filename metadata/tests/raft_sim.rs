@@ -4,7 +4,8 @@
 //! Each step delivers the messages that are due (in random order: reordering), ticks every live
 //! node, calls `process()` and collects messages and events. The network drops, delays and
 //! duplicates messages and honours partitions; a "nemesis" partitions and heals, crashes and
-//! restarts nodes (a restart reopens the node's durable storage; everything in memory is lost)
+//! restarts nodes (a restart reopens the node's log store from its files, so raft-engine replays
+//! them; everything in memory is lost)
 //! and moves leadership. Simulated clients retry like the real client (same client id and seq)
 //! and their history is checked: acknowledged writes survive, replicas converge, and a
 //! register (an xattr on a volume's root) is linearizable, reads included.
@@ -31,12 +32,16 @@ use elea_metadata::fsm::{Command, Op, OpResult, Query, Reply};
 use elea_metadata::raft::core::{
     CoreConfig, CoreError, Event, GroupCore, Member, MemberChange, Write, is_snapshot,
 };
-use elea_metadata::raft::storage::{GroupStorage, memory_db};
+use elea_metadata::raft::storage::{GroupStorage, LogStore, LogStoreConfig};
 use raft::Storage as _;
 use raft::prelude::{Message, MessageType};
-use redb::Database;
 
 const GROUP: u64 = 1;
+
+/// Small log files, so that rotation and the deletion of compacted files happen often.
+fn open_store(dir: &std::path::Path) -> Arc<LogStore> {
+    LogStore::open(dir, &LogStoreConfig { sync: false, file_size: 1 << 20 }).unwrap()
+}
 const VOL: u64 = 1;
 const REG: &[u8] = b"user.reg";
 /// Steps a client waits for one attempt's answer before trying another node.
@@ -183,7 +188,10 @@ struct Packet {
 }
 
 struct SimNode {
-    db: Arc<Database>,
+    /// The node's disk: a log store without fsyncs (a crash loses only what the writer had
+    /// not written), reopened from its files at every restart.
+    dir: tempfile::TempDir,
+    db: Option<Arc<LogStore>>,
     core: Option<GroupCore>,
     inc: u64,
     /// Snapshots installed from a leader (`Event::Reset`).
@@ -203,8 +211,21 @@ struct SimNode {
 }
 
 impl SimNode {
-    fn new(db: Arc<Database>) -> Self {
+    fn store(&self) -> Arc<LogStore> {
+        self.db.clone().unwrap()
+    }
+
+    /// Closes the log store and opens it again from its files (raft-engine replays them).
+    fn reopen_store(&mut self) {
+        self.db = None;
+        self.db = Some(open_store(self.dir.path()));
+    }
+
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Some(open_store(dir.path()));
         Self {
+            dir,
             db,
             core: None,
             inc: 0,
@@ -284,11 +305,11 @@ impl Sim {
         };
         let members: Vec<Member> = (1..=n).map(|id| Member { id, addr: addr(id), learner: false }).collect();
         for id in 1..=n {
-            let db = memory_db().unwrap();
-            let mut storage = GroupStorage::open(db.clone(), GROUP).unwrap();
+            let node = SimNode::new();
+            let mut storage = GroupStorage::open(node.store(), GROUP).unwrap();
             GroupCore::bootstrap(&mut storage, &members).unwrap();
             drop(storage);
-            sim.nodes.insert(id, SimNode::new(db));
+            sim.nodes.insert(id, node);
             sim.open(id);
         }
         sim
@@ -322,7 +343,7 @@ impl Sim {
         let slow_disk = self.mode == Mode::Async && self.rng.chance(300);
         let node = self.nodes.get_mut(&id).unwrap();
         node.slow_disk = slow_disk;
-        let storage = GroupStorage::open(node.db.clone(), GROUP).unwrap();
+        let storage = GroupStorage::open(node.store(), GROUP).unwrap();
         let core = GroupCore::open(cfg, storage)
             .unwrap_or_else(|e| panic!("seed {}: reopening node {id} failed: {e}", self.seed));
         node.last_applied = core.applied();
@@ -333,8 +354,7 @@ impl Sim {
 
     /// Adds a node with empty storage (not bootstrapped): it must learn everything from a leader.
     fn add_fresh(&mut self, id: NodeId) {
-        let db = memory_db().unwrap();
-        self.nodes.insert(id, SimNode::new(db));
+        self.nodes.insert(id, SimNode::new());
         self.open(id);
     }
 
@@ -356,6 +376,7 @@ impl Sim {
         if self.nodes[&id].core.is_none() {
             self.stats.restarts += 1;
             self.trace(&format!("restart {id}"));
+            self.nodes.get_mut(&id).unwrap().reopen_store();
             self.open(id);
         }
     }
@@ -536,7 +557,7 @@ impl Sim {
             panic!("seed {seed}: node {id} failed at step {now}: {e}");
         }
         if std::env::var_os("SIM_DISK").is_some() {
-            let disk = GroupStorage::open(node.db.clone(), GROUP).unwrap();
+            let disk = GroupStorage::open(node.db.clone().unwrap(), GROUP).unwrap();
             let (c, si) = (disk.hard_state().commit, disk.latest_snapshot().get_metadata().index);
             assert!(
                 c >= si,
@@ -630,7 +651,7 @@ impl Sim {
 
     /// What node `id` has on disk (what it would restart from).
     fn durable(&self, id: NodeId) -> GroupStorage {
-        GroupStorage::open(self.nodes[&id].db.clone(), GROUP).unwrap()
+        GroupStorage::open(self.nodes[&id].store(), GROUP).unwrap()
     }
 
     /// A message that may leave a node only once something is durable finds it on its disk

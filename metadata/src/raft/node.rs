@@ -213,7 +213,7 @@ pub fn spawn(
 }
 
 /// The writer thread: makes the core's disk work durable in order, taking everything queued
-/// into one transaction (one fsync), then sends the messages that had to wait for it and
+/// into one log batch (one fsync), then sends the messages that had to wait for it and
 /// tells the group thread how far it got.
 fn write_loop(
     store: GroupStorage,

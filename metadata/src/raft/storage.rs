@@ -1,27 +1,30 @@
 //! Durable Raft storage for one group: the log, the hard state, the configuration and the
-//! latest snapshot, kept in redb and mirrored in memory.
+//! latest snapshot, mirrored in memory.
 //!
-//! Every key starts with the group id, so many groups can share one database file. The whole
-//! un-compacted log is also held in memory (compaction keeps it short), so `raft::Storage`
-//! reads never touch the disk; the disk is written once per Ready, in one transaction with
-//! one fsync, whatever number of entries and proposals it carries (group commit).
+//! On disk a node has one raft-engine log ([`LogStore`]) shared by all its groups (the group id
+//! is raft-engine's region id, so every record carries it) and one file per group holding the
+//! latest snapshot's data. The whole un-compacted log is also held in memory (compaction keeps
+//! it short), so `raft::Storage` reads never touch the disk; the disk is written once per Ready,
+//! in one log batch with one fdatasync, whatever number of entries and proposals it carries
+//! (group commit).
 
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use elea_common::GroupId;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use raft_engine::{Command as LogCommand, Engine, LogBatch, MessageExt, ReadableSize};
+use serde::{Deserialize, Serialize};
 
-/// (group, index) -> protobuf-encoded `Entry`.
-const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("raft_log");
-/// (group, key) -> protobuf-encoded value; keys below.
-const STATE: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("raft_state");
-
-const KEY_HARD_STATE: &str = "hard_state";
-const KEY_CONF_STATE: &str = "conf_state";
-const KEY_SNAPSHOT: &str = "snapshot";
-const KEY_MEMBERS: &str = "members";
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+const KEY_CONF_STATE: &[u8] = b"conf_state";
+/// The latest snapshot's metadata (protobuf `Snapshot` without data) and its data file's
+/// length and checksum.
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+const KEY_SNAPSHOT_FILE: &[u8] = b"snapshot_file";
+const KEY_MEMBERS: &[u8] = b"members";
 
 /// A storage failure. Any of these stops the group: the node refuses to go on rather than
 /// risk acknowledging what is not durable.
@@ -36,23 +39,16 @@ pub enum StoreError {
     Invalid(String),
 }
 
-macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::Db(e.to_string())
+impl From<raft_engine::Error> for StoreError {
+    fn from(e: raft_engine::Error) -> Self {
+        match e {
+            raft_engine::Error::Corruption(_) | raft_engine::Error::Protobuf(_) => {
+                StoreError::Corrupt(e.to_string())
             }
+            e => StoreError::Db(e.to_string()),
         }
-    )*};
+    }
 }
-db_err!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 impl From<StoreError> for raft::Error {
     fn from(e: StoreError) -> Self {
@@ -60,36 +56,143 @@ impl From<StoreError> for raft::Error {
     }
 }
 
-fn decode<M: protobuf::Message>(what: &str, bytes: &[u8]) -> Result<M, StoreError> {
-    M::parse_from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+fn io_err(what: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Db(format!("{}: {e}", what.display()))
 }
 
-fn encode<M: protobuf::Message>(m: &M) -> Result<Vec<u8>, StoreError> {
-    m.write_to_bytes().map_err(|e| StoreError::Invalid(format!("encode: {e}")))
+/// How raft-engine finds an entry's index.
+struct EntryExt;
+
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+
+    fn index(e: &Entry) -> u64 {
+        e.index
+    }
 }
 
-/// Opens (or creates) the database file that holds every group's Raft state on this node.
-pub fn open_db(path: &std::path::Path) -> Result<Arc<Database>, StoreError> {
-    let db = Database::create(path)?;
-    let tx = db.begin_write()?;
-    tx.open_table(LOG)?;
-    tx.open_table(STATE)?;
-    tx.commit()?;
-    Ok(Arc::new(db))
+/// Settings of a node's Raft log store.
+#[derive(Debug, Clone)]
+pub struct LogStoreConfig {
+    /// Flush every write to the device (fdatasync) before it counts as done. Default on; off
+    /// only where durability is simulated (tests).
+    pub sync: bool,
+    /// The log rotates to a new file at this size (bytes); a file is deleted (or kept for
+    /// reuse) once every group has compacted past it. Default 32 MiB.
+    pub file_size: u64,
 }
 
-/// An in-memory database, for deterministic simulation tests.
-pub fn memory_db() -> Result<Arc<Database>, StoreError> {
-    let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-    let tx = db.begin_write()?;
-    tx.open_table(LOG)?;
-    tx.open_table(STATE)?;
-    tx.commit()?;
-    Ok(Arc::new(db))
+impl Default for LogStoreConfig {
+    fn default() -> Self {
+        Self { sync: true, file_size: 32 << 20 }
+    }
+}
+
+/// A node's Raft log store: a raft-engine log under `DIR/log` for entries and small state
+/// records of every group, and snapshot data files under `DIR/snapshots`.
+pub struct LogStore {
+    engine: Engine,
+    snap_dir: PathBuf,
+    sync: bool,
+}
+
+/// Length and checksum of a snapshot data file, stored with the snapshot's metadata.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    index: u64,
+    len: u64,
+    crc32c: u32,
+}
+
+impl LogStore {
+    /// Opens (or creates) the store in `dir`, replaying the log.
+    pub fn open(dir: &Path, cfg: &LogStoreConfig) -> Result<Arc<Self>, StoreError> {
+        let log_dir = dir.join("log");
+        let snap_dir = dir.join("snapshots");
+        for d in [&log_dir, &snap_dir] {
+            std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
+        }
+        let dir_str = log_dir
+            .to_str()
+            .ok_or_else(|| StoreError::Invalid(format!("{}: not a UTF-8 path", log_dir.display())))?;
+        let file_size = cfg.file_size.max(1 << 20);
+        let engine_cfg = raft_engine::Config {
+            dir: dir_str.to_owned(),
+            target_file_size: ReadableSize(file_size),
+            // Every group rewrites all its state records with each snapshot, so old files empty
+            // out by compaction alone; rewriting live records is only a backstop.
+            purge_threshold: ReadableSize(file_size.saturating_mul(8)),
+            ..Default::default()
+        };
+        let engine = Engine::open(engine_cfg)?;
+        Ok(Arc::new(Self { engine, snap_dir, sync: cfg.sync }))
+    }
+
+    fn snap_path(&self, group: GroupId, index: u64) -> PathBuf {
+        self.snap_dir.join(format!("{group:016x}-{index:016x}.snap"))
+    }
+
+    /// Writes a snapshot's data to its file (durably when syncing) and returns its record.
+    fn write_snapshot_file(
+        &self,
+        group: GroupId,
+        index: u64,
+        data: &[u8],
+    ) -> Result<SnapshotFile, StoreError> {
+        let path = self.snap_path(group, index);
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        f.write_all(data).map_err(|e| io_err(&tmp, e))?;
+        if self.sync {
+            f.sync_data().map_err(|e| io_err(&tmp, e))?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+        if self.sync {
+            let d = std::fs::File::open(&self.snap_dir).map_err(|e| io_err(&self.snap_dir, e))?;
+            d.sync_all().map_err(|e| io_err(&self.snap_dir, e))?;
+        }
+        Ok(SnapshotFile { index, len: data.len() as u64, crc32c: crc32c::crc32c(data) })
+    }
+
+    fn read_snapshot_file(&self, group: GroupId, rec: &SnapshotFile) -> Result<Vec<u8>, StoreError> {
+        let path = self.snap_path(group, rec.index);
+        let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+        if data.len() as u64 != rec.len || crc32c::crc32c(&data) != rec.crc32c {
+            return Err(StoreError::Corrupt(format!(
+                "{}: length or checksum differs from the log's record",
+                path.display()
+            )));
+        }
+        Ok(data)
+    }
+
+    /// Deletes this group's snapshot files other than `keep` (left by a crash between writing
+    /// a file and the log batch that refers to it, or superseded).
+    fn remove_snapshot_files_except(&self, group: GroupId, keep: u64) -> Result<(), StoreError> {
+        let prefix = format!("{group:016x}-");
+        let keep_name = self.snap_path(group, keep);
+        let rd = std::fs::read_dir(&self.snap_dir).map_err(|e| io_err(&self.snap_dir, e))?;
+        for item in rd {
+            let item = item.map_err(|e| io_err(&self.snap_dir, e))?;
+            let name = item.file_name();
+            let is_ours = name.to_str().is_some_and(|n| n.starts_with(&prefix));
+            if is_ours && item.path() != keep_name {
+                std::fs::remove_file(item.path()).map_err(|e| io_err(&item.path(), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn get_message<M: protobuf::Message>(&self, group: GroupId, key: &[u8]) -> Result<Option<M>, StoreError> {
+        self.engine
+            .get_message::<M>(group, key)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(key))))
+    }
 }
 
 /// One group's Raft storage. Implements [`raft::Storage`] from memory; the mutating methods
-/// write through to redb durably before returning.
+/// write through to the log store durably before returning.
 ///
 /// Cloning gives another handle to the same storage. The in-memory mirror is behind a lock
 /// that is held only to read or update memory, never across a disk write, so a thread that
@@ -98,15 +201,15 @@ pub fn memory_db() -> Result<Arc<Database>, StoreError> {
 #[derive(Clone)]
 pub struct GroupStorage {
     group: GroupId,
-    db: Arc<Database>,
+    store: Arc<LogStore>,
     mem: Arc<RwLock<Mem>>,
     disk: Arc<std::sync::Mutex<DiskState>>,
 }
 
 /// What the disk holds, as the writer of the disk halves tracks it.
 struct DiskState {
-    /// Last log index on disk (or the snapshot index).
-    last: u64,
+    /// Index of the snapshot whose data file the log refers to (0: none).
+    snapshot_file: u64,
 }
 
 /// The disk half of a storage mutation; see [`GroupStorage::write`].
@@ -115,7 +218,7 @@ pub enum DiskJob {
     Append { entries: Vec<Entry>, hs: Option<HardState> },
     ConfState { cs: ConfState, members: Vec<u8> },
     InstallSnapshot { snap: Snapshot, hs: HardState, cs: ConfState, members: Vec<u8> },
-    SaveSnapshot { snap: Snapshot, hs: HardState, compact_below: u64 },
+    SaveSnapshot { snap: Snapshot, hs: HardState, cs: ConfState, members: Vec<u8>, compact_below: u64 },
 }
 
 struct Mem {
@@ -123,6 +226,8 @@ struct Mem {
     scheduled_term_vote: (u64, u64),
     hard_state: HardState,
     conf_state: ConfState,
+    /// The member address book last staged.
+    members: Vec<u8>,
     /// Latest snapshot (metadata and data); index 0 when there is none.
     snapshot: Snapshot,
     /// Contiguous entries after the compaction point.
@@ -163,55 +268,88 @@ impl Mem {
     }
 }
 
+/// Adds the records of a snapshot (its data file already durable) to `batch`.
+fn put_snapshot(
+    batch: &mut LogBatch,
+    group: GroupId,
+    snap: &Snapshot,
+    file: &SnapshotFile,
+) -> Result<(), StoreError> {
+    let mut meta_only = Snapshot::default();
+    meta_only.set_metadata(snap.get_metadata().clone());
+    batch.put_message(group, KEY_SNAPSHOT.to_vec(), &meta_only)?;
+    let rec = postcard::to_allocvec(file).map_err(|e| StoreError::Invalid(format!("encode: {e}")))?;
+    batch.put(group, KEY_SNAPSHOT_FILE.to_vec(), rec)?;
+    Ok(())
+}
+
 impl GroupStorage {
-    /// Loads a group's state from `db` (empty when the group was never written).
-    pub fn open(db: Arc<Database>, group: GroupId) -> Result<Self, StoreError> {
-        let tx = db.begin_read()?;
-        let state = tx.open_table(STATE)?;
-        let get = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(state.get((group, key))?.map(|v| v.value().to_vec()))
-        };
-        let hard_state = match get(KEY_HARD_STATE)? {
-            Some(b) => decode("hard state", &b)?,
-            None => HardState::default(),
-        };
-        let conf_state = match get(KEY_CONF_STATE)? {
-            Some(b) => decode("conf state", &b)?,
-            None => ConfState::default(),
-        };
-        let snapshot: Snapshot = match get(KEY_SNAPSHOT)? {
-            Some(b) => decode("snapshot", &b)?,
-            None => Snapshot::default(),
-        };
-        let log = tx.open_table(LOG)?;
+    /// Loads a group's state from `store` (empty when the group was never written).
+    pub fn open(store: Arc<LogStore>, group: GroupId) -> Result<Self, StoreError> {
+        let hard_state: HardState = store.get_message(group, KEY_HARD_STATE)?.unwrap_or_default();
+        let conf_state: ConfState = store.get_message(group, KEY_CONF_STATE)?.unwrap_or_default();
+        let members = store.engine.get(group, KEY_MEMBERS).unwrap_or_default();
+        let mut snapshot: Snapshot = store.get_message(group, KEY_SNAPSHOT)?.unwrap_or_default();
+        let snap_index = snapshot.get_metadata().index;
+        if snap_index > 0 {
+            let rec = store
+                .engine
+                .get(group, KEY_SNAPSHOT_FILE)
+                .ok_or_else(|| StoreError::Corrupt("snapshot without a data file record".into()))?;
+            let rec: SnapshotFile = postcard::from_bytes(&rec)
+                .map_err(|e| StoreError::Corrupt(format!("snapshot file record: {e}")))?;
+            if rec.index != snap_index {
+                return Err(StoreError::Corrupt(format!(
+                    "snapshot at {snap_index} refers to a data file of index {}",
+                    rec.index
+                )));
+            }
+            snapshot.set_data(store.read_snapshot_file(group, &rec)?.into());
+        }
+        store.remove_snapshot_files_except(group, snap_index)?;
         let mut entries = Vec::new();
-        for item in log.range((group, 0)..=(group, u64::MAX))? {
-            let (k, v) = item?;
-            let e: Entry = decode("log entry", v.value())?;
-            let (_, index) = k.value();
-            if e.index != index {
-                return Err(StoreError::Corrupt(format!("entry at key {index} has index {}", e.index)));
+        if let (Some(first), Some(last)) = (store.engine.first_index(group), store.engine.last_index(group)) {
+            // raft-engine caches the last block it read in a thread-local keyed by file number
+            // and offset, not by engine: on a thread that has read from another engine (two
+            // nodes in one process, as in tests) it would return that engine's block. A thread
+            // of its own starts with an empty cache.
+            let engine = &store.engine;
+            entries = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut v = Vec::new();
+                    engine.fetch_entries_to::<EntryExt>(group, first, last + 1, None, &mut v).map(|_| v)
+                })
+                .join()
+            })
+            .map_err(|_| StoreError::Db("reading the raft log panicked".into()))??;
+        }
+        for (i, e) in entries.iter().enumerate() {
+            let expected = entries[0].index + i as u64;
+            if e.index != expected {
+                return Err(StoreError::Corrupt(format!("log entry {expected} has index {}", e.index)));
             }
-            if let Some(last) = entries.last().map(|l: &Entry| l.index)
-                && index != last + 1
-            {
-                return Err(StoreError::Corrupt(format!("log gap between {last} and {index}")));
-            }
-            entries.push(e);
+        }
+        if let (Some(f), Some(l)) = (entries.first(), entries.last())
+            && (f.index > snap_index + 1 || l.index < snap_index)
+        {
+            return Err(StoreError::Corrupt(format!(
+                "log {}..={} does not reach the snapshot at {snap_index}",
+                f.index, l.index
+            )));
         }
         let mem = Mem {
             scheduled_term_vote: (hard_state.term, hard_state.vote),
             hard_state,
             conf_state,
+            members,
             snapshot,
             entries,
         };
-        let last = mem.last();
         Ok(Self {
             group,
-            db,
+            store,
             mem: Arc::new(RwLock::new(mem)),
-            disk: Arc::new(std::sync::Mutex::new(DiskState { last })),
+            disk: Arc::new(std::sync::Mutex::new(DiskState { snapshot_file: snap_index })),
         })
     }
 
@@ -247,29 +385,25 @@ impl GroupStorage {
         snap.mut_metadata().term = 1;
         snap.mut_metadata().set_conf_state(cs.clone());
         let hs = HardState { term: 1, commit: 1, ..Default::default() };
-        let group = self.group;
-        self.write_txn(|_, state| {
-            state.insert((group, KEY_CONF_STATE), encode(&cs)?.as_slice())?;
-            state.insert((group, KEY_MEMBERS), members)?;
-            state.insert((group, KEY_SNAPSHOT), encode(&snap)?.as_slice())?;
-            state.insert((group, KEY_HARD_STATE), encode(&hs)?.as_slice())?;
-            Ok(())
-        })?;
+        self.write(vec![DiskJob::InstallSnapshot {
+            snap: snap.clone(),
+            hs: hs.clone(),
+            cs: cs.clone(),
+            members: members.to_vec(),
+        }])?;
         let mut m = self.wr();
         m.scheduled_term_vote = (hs.term, hs.vote);
         m.conf_state = cs;
         m.hard_state = hs;
+        m.members = members.to_vec();
         m.snapshot = snap;
-        self.disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last = 1;
         Ok(())
     }
 
     /// The member address book last stored with [`GroupStorage::set_conf_state`] or
     /// [`GroupStorage::bootstrap`].
     pub fn members_blob(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let state = tx.open_table(STATE)?;
-        Ok(state.get((self.group, KEY_MEMBERS))?.map(|v| v.value().to_vec()))
+        Ok(self.store.engine.get(self.group, KEY_MEMBERS))
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -298,26 +432,8 @@ impl GroupStorage {
         self.rd().last()
     }
 
-    fn write_txn(
-        &self,
-        f: impl FnOnce(
-            &mut redb::Table<'_, (u64, u64), &'static [u8]>,
-            &mut redb::Table<'_, (u64, &'static str), &'static [u8]>,
-        ) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Immediate).map_err(|e| StoreError::Db(e.to_string()))?;
-        {
-            let mut log = tx.open_table(LOG)?;
-            let mut state = tx.open_table(STATE)?;
-            f(&mut log, &mut state)?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
     /// Durably appends `entries` (replacing any conflicting suffix) and records `hs`, in one
-    /// transaction with one fsync.
+    /// log batch with one fdatasync.
     pub fn persist(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), StoreError> {
         match self.stage_append(entries, hs)? {
             Some(job) => self.write(vec![job]),
@@ -390,7 +506,9 @@ impl GroupStorage {
 
     /// Memory half of [`GroupStorage::set_conf_state`].
     pub fn stage_conf_state(&self, cs: ConfState, members: &[u8]) -> DiskJob {
-        self.wr().conf_state = cs.clone();
+        let mut m = self.wr();
+        m.conf_state = cs.clone();
+        m.members = members.to_vec();
         DiskJob::ConfState { cs, members: members.to_vec() }
     }
 
@@ -401,7 +519,7 @@ impl GroupStorage {
     }
 
     /// Memory half of [`GroupStorage::apply_snapshot`]. The member book is written in the same
-    /// transaction, so a crash cannot leave one older than the snapshot.
+    /// log batch, so a crash cannot leave one older than the snapshot.
     pub fn stage_install_snapshot(&self, snap: Snapshot, members: &[u8]) -> Result<DiskJob, StoreError> {
         let mut m = self.wr();
         let meta = snap.get_metadata();
@@ -420,6 +538,7 @@ impl GroupStorage {
         m.hard_state = hs.clone();
         m.scheduled_term_vote = (hs.term, hs.vote);
         m.conf_state = cs.clone();
+        m.members = members.to_vec();
         m.snapshot = snap.clone();
         Ok(DiskJob::InstallSnapshot { snap, hs, cs, members: members.to_vec() })
     }
@@ -465,57 +584,79 @@ impl GroupStorage {
         let drop = usize::try_from(compact_below.saturating_sub(first)).unwrap_or(0).min(m.entries.len());
         m.entries.drain(..drop);
         m.snapshot = snap.clone();
-        Ok(DiskJob::SaveSnapshot { snap, hs, compact_below })
+        // The configuration and the member book are written again with the snapshot, so that
+        // every record of the group is newer than the compacted entries and the log files
+        // behind them can be deleted.
+        let (cs, members) = (m.conf_state.clone(), m.members.clone());
+        Ok(DiskJob::SaveSnapshot { snap, hs, cs, members, compact_below })
     }
 
-    /// Disk half: makes `jobs` durable, in order, in one transaction with one fsync. Jobs must
-    /// be written in the order they were staged, by one thread at a time.
+    /// Disk half: makes `jobs` durable, in order, in one log batch with one fdatasync
+    /// (snapshot data files are written, and flushed, before it). Jobs must be written in the
+    /// order they were staged, by one thread at a time. On error nothing after the failing
+    /// job is durable; the caller must stop.
     pub fn write(&self, jobs: Vec<DiskJob>) -> Result<(), StoreError> {
         if jobs.is_empty() {
             return Ok(());
         }
         let group = self.group;
         let mut disk = self.disk.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut last = disk.last;
-        self.write_txn(|log, state| {
-            for job in jobs {
-                match job {
-                    DiskJob::Append { entries, hs } => {
-                        if let Some(first) = entries.first() {
-                            for i in first.index..=last {
-                                log.remove((group, i))?;
-                            }
-                            for e in &entries {
-                                log.insert((group, e.index), encode(e)?.as_slice())?;
-                            }
-                            last = entries.last().map_or(last, |e| e.index);
-                        }
-                        if let Some(hs) = hs {
-                            state.insert((group, KEY_HARD_STATE), encode(&hs)?.as_slice())?;
-                        }
-                    }
-                    DiskJob::ConfState { cs, members } => {
-                        state.insert((group, KEY_CONF_STATE), encode(&cs)?.as_slice())?;
-                        state.insert((group, KEY_MEMBERS), members.as_slice())?;
-                    }
-                    DiskJob::InstallSnapshot { snap, hs, cs, members } => {
-                        log.retain_in((group, 0)..=(group, u64::MAX), |_, _| false)?;
-                        state.insert((group, KEY_SNAPSHOT), encode(&snap)?.as_slice())?;
-                        state.insert((group, KEY_HARD_STATE), encode(&hs)?.as_slice())?;
-                        state.insert((group, KEY_CONF_STATE), encode(&cs)?.as_slice())?;
-                        state.insert((group, KEY_MEMBERS), members.as_slice())?;
-                        last = snap.get_metadata().index;
-                    }
-                    DiskJob::SaveSnapshot { snap, hs, compact_below } => {
-                        state.insert((group, KEY_SNAPSHOT), encode(&snap)?.as_slice())?;
-                        state.insert((group, KEY_HARD_STATE), encode(&hs)?.as_slice())?;
-                        log.retain_in((group, 0)..(group, compact_below), |_, _| false)?;
+        let mut batch = LogBatch::default();
+        let mut snapshot_file = None;
+        let mut compacted = false;
+        for job in jobs {
+            match job {
+                DiskJob::Append { entries, hs } => {
+                    // raft-engine replaces a conflicting suffix itself.
+                    batch.add_entries::<EntryExt>(group, &entries)?;
+                    if let Some(hs) = hs {
+                        batch.put_message(group, KEY_HARD_STATE.to_vec(), &hs)?;
                     }
                 }
+                DiskJob::ConfState { cs, members } => {
+                    batch.put_message(group, KEY_CONF_STATE.to_vec(), &cs)?;
+                    batch.put(group, KEY_MEMBERS.to_vec(), members)?;
+                }
+                DiskJob::InstallSnapshot { snap, hs, cs, members } => {
+                    let index = snap.get_metadata().index;
+                    let file = self.store.write_snapshot_file(group, index, &snap.data)?;
+                    snapshot_file = Some(index);
+                    // Drops the group's whole log and records; they are written anew below.
+                    batch.add_command(group, LogCommand::Clean);
+                    put_snapshot(&mut batch, group, &snap, &file)?;
+                    batch.put_message(group, KEY_HARD_STATE.to_vec(), &hs)?;
+                    batch.put_message(group, KEY_CONF_STATE.to_vec(), &cs)?;
+                    batch.put(group, KEY_MEMBERS.to_vec(), members)?;
+                }
+                DiskJob::SaveSnapshot { snap, hs, cs, members, compact_below } => {
+                    let index = snap.get_metadata().index;
+                    let file = self.store.write_snapshot_file(group, index, &snap.data)?;
+                    snapshot_file = Some(index);
+                    put_snapshot(&mut batch, group, &snap, &file)?;
+                    batch.put_message(group, KEY_HARD_STATE.to_vec(), &hs)?;
+                    batch.put_message(group, KEY_CONF_STATE.to_vec(), &cs)?;
+                    batch.put(group, KEY_MEMBERS.to_vec(), members)?;
+                    batch.add_command(group, LogCommand::Compact { index: compact_below });
+                    compacted = true;
+                }
             }
-            Ok(())
-        })?;
-        disk.last = last;
+        }
+        self.store.engine.write(&mut batch, self.store.sync)?;
+        if let Some(index) = snapshot_file {
+            disk.snapshot_file = index;
+            self.store.remove_snapshot_files_except(group, index)?;
+        }
+        if compacted {
+            // Deletes (or keeps for reuse) log files that hold nothing live any more. It may
+            // read entries to rewrite them: on a thread of its own, for the reason given in
+            // `open`.
+            let engine = &self.store.engine;
+            let lagging = std::thread::scope(|s| s.spawn(|| engine.purge_expired_files()).join())
+                .map_err(|_| StoreError::Db("purging the raft log panicked".into()))??;
+            if !lagging.is_empty() {
+                tracing::warn!(?lagging, "raft log: groups hold entries in old log files");
+            }
+        }
         Ok(())
     }
 
@@ -589,11 +730,15 @@ mod tests {
         Entry { index, term, data: vec![index as u8; 8].into(), ..Default::default() }
     }
 
+    fn open(dir: &Path) -> Arc<LogStore> {
+        LogStore::open(dir, &LogStoreConfig::default()).unwrap()
+    }
+
     #[test]
     fn append_truncate_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let db = open_db(&dir.path().join("raft.redb")).unwrap();
-        let s = GroupStorage::open(db.clone(), 7).unwrap();
+        let store = open(dir.path());
+        let s = GroupStorage::open(store.clone(), 7).unwrap();
         assert!(s.is_fresh());
         s.bootstrap(vec![1, 2, 3], b"m", vec![]).unwrap();
         assert_eq!(s.first_index().unwrap(), 2);
@@ -605,14 +750,21 @@ mod tests {
         assert_eq!(s.term(4).unwrap(), 2);
         assert!(s.persist(&[entry(9, 2)], None).is_err(), "a gap is refused");
         drop(s);
-        let s = GroupStorage::open(db.clone(), 7).unwrap();
+        let s = GroupStorage::open(store.clone(), 7).unwrap();
+        assert_eq!(s.last_index().unwrap(), 4);
+        assert_eq!(s.term(4).unwrap(), 2);
+        // Another group in the same store is independent.
+        assert!(GroupStorage::open(store.clone(), 8).unwrap().is_fresh());
+        drop((s, store));
+        // The same after the store itself is reopened (the log is replayed from its files).
+        let store = open(dir.path());
+        let s = GroupStorage::open(store.clone(), 7).unwrap();
         assert_eq!(s.last_index().unwrap(), 4);
         assert_eq!(s.term(4).unwrap(), 2);
         assert_eq!(s.hard_state().vote, 1);
         assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
         assert_eq!(s.members_blob().unwrap().as_deref(), Some(&b"m"[..]));
-        // Another group in the same file is independent.
-        assert!(GroupStorage::open(db, 8).unwrap().is_fresh());
+        assert!(GroupStorage::open(store, 8).unwrap().is_fresh());
     }
 
     #[test]
@@ -620,23 +772,25 @@ mod tests {
         // A commit-only hard state change stays in memory; a snapshot that compacts past the
         // durable commit index must record it, else raft-rs refuses to restart
         // ("hs.commit is out of range").
-        let db = memory_db().unwrap();
-        let s = GroupStorage::open(db.clone(), 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let s = GroupStorage::open(store.clone(), 1).unwrap();
         s.bootstrap(vec![1], b"", vec![]).unwrap();
         let hs = HardState { term: 3, vote: 1, commit: 1, ..Default::default() };
         s.persist(&(2..=10).map(|i| entry(i, 3)).collect::<Vec<_>>(), Some(&hs)).unwrap();
         s.persist(&[], Some(&HardState { commit: 10, ..hs.clone() })).unwrap();
-        assert_eq!(GroupStorage::open(db.clone(), 1).unwrap().hard_state().commit, 1);
+        assert_eq!(GroupStorage::open(store.clone(), 1).unwrap().hard_state().commit, 1);
         s.save_snapshot(10, s.conf_state().clone(), vec![], 11).unwrap();
-        let s2 = GroupStorage::open(db, 1).unwrap();
+        let s2 = GroupStorage::open(store, 1).unwrap();
         assert_eq!(s2.first_index().unwrap(), 11);
         assert_eq!((s2.hard_state().term, s2.hard_state().vote, s2.hard_state().commit), (3, 1, 10));
     }
 
     #[test]
     fn snapshot_and_compaction() {
-        let db = memory_db().unwrap();
-        let s = GroupStorage::open(db.clone(), 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let s = GroupStorage::open(store.clone(), 1).unwrap();
         s.bootstrap(vec![1], b"", vec![]).unwrap();
         s.persist(&(2..=10).map(|i| entry(i, 3)).collect::<Vec<_>>(), None).unwrap();
         s.save_snapshot(8, s.conf_state().clone(), b"state".to_vec(), 6).unwrap();
@@ -647,7 +801,7 @@ mod tests {
         ));
         assert_eq!(s.entries(6, 11, None, GetEntriesContext::empty(false)).unwrap().len(), 5);
         assert_eq!(s.snapshot(0, 2).unwrap().get_metadata().index, 8);
-        let s2 = GroupStorage::open(db, 1).unwrap();
+        let s2 = GroupStorage::open(store.clone(), 1).unwrap();
         assert_eq!(s2.first_index().unwrap(), 6);
         assert_eq!(s2.last_index().unwrap(), 10);
         assert_eq!(&s2.latest_snapshot().data[..], b"state");
@@ -655,13 +809,42 @@ mod tests {
         // Installing a newer snapshot replaces the log.
         let s3 = s2;
         let mut snap = Snapshot::default();
+        snap.set_data(b"newer".to_vec().into());
         snap.mut_metadata().index = 20;
         snap.mut_metadata().term = 4;
         snap.mut_metadata().set_conf_state(ConfState::from((vec![1, 2], vec![])));
-        s3.apply_snapshot(snap, b"").unwrap();
+        s3.apply_snapshot(snap, b"book").unwrap();
         assert_eq!(s3.first_index().unwrap(), 21);
         assert_eq!(s3.last_index().unwrap(), 20);
         assert_eq!(s3.term(20).unwrap(), 4);
         assert_eq!(s3.hard_state().commit, 20);
+        s3.persist(&(21..=23).map(|i| entry(i, 4)).collect::<Vec<_>>(), None).unwrap();
+        drop((s, s3, store));
+
+        // After a restart of the store: the installed snapshot, the log after it, and only
+        // the newest snapshot file is left.
+        let store = open(dir.path());
+        let s = GroupStorage::open(store, 1).unwrap();
+        assert_eq!(s.first_index().unwrap(), 21);
+        assert_eq!(s.last_index().unwrap(), 23);
+        assert_eq!(s.term(20).unwrap(), 4);
+        assert_eq!(&s.latest_snapshot().data[..], b"newer");
+        assert_eq!(s.conf_state().voters, vec![1, 2]);
+        assert_eq!(s.members_blob().unwrap().as_deref(), Some(&b"book"[..]));
+        let files = std::fs::read_dir(dir.path().join("snapshots")).unwrap().count();
+        assert_eq!(files, 1);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let s = GroupStorage::open(store.clone(), 1).unwrap();
+        s.bootstrap(vec![1], b"", b"state".to_vec()).unwrap();
+        drop((s, store));
+        let file = std::fs::read_dir(dir.path().join("snapshots")).unwrap().next().unwrap().unwrap();
+        std::fs::write(file.path(), b"stale").unwrap();
+        let store = open(dir.path());
+        assert!(matches!(GroupStorage::open(store, 1), Err(StoreError::Corrupt(_))));
     }
 }
