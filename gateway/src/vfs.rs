@@ -6,7 +6,10 @@
 //! - Writes are buffered per inode on this node and become visible to every node when they
 //!   are flushed: on `flush` (close), `fsync`, a `getattr` or read of the same inode here,
 //!   when the buffer passes its limit, or after `flush_delay`. A flush stores the data on the
-//!   volume's `R` cache nodes and commits it to metadata before it returns.
+//!   volume's `R` cache nodes and commits it to metadata before it returns. The flush a
+//!   buffer passing its limit starts runs in the background (write-behind) while the writer
+//!   fills the next buffer; an inode's flushes commit one at a time, in the order their bytes
+//!   were taken, and every other flush waits for the ones before it.
 //! - Reads of an open file use a per-inode cache of its size and slice lists. `open` drops it
 //!   (close-to-open), and the metadata watch stream drops it whenever the inode changes
 //!   anywhere (an already-open reader sees new data within the push delay). Front ends get
@@ -102,6 +105,12 @@ struct Dirty {
 }
 
 impl Dirty {
+    /// Takes every buffered extent out, with the bytes they count for.
+    fn take(&mut self) -> (BTreeMap<u64, Vec<u8>>, usize) {
+        self.since = None;
+        (std::mem::take(&mut self.extents), std::mem::take(&mut self.bytes))
+    }
+
     fn end(&self) -> u64 {
         self.extents.iter().next_back().map_or(0, |(s, v)| s + v.len() as u64)
     }
@@ -156,6 +165,22 @@ impl Dirty {
     }
 }
 
+/// Buffered writes of an inode taken out of [`Dirty`] by a flush that failed: they are
+/// older than anything still buffered, so the next flush commits them first (newer bytes
+/// over them).
+#[derive(Default)]
+struct Unflushed {
+    extents: BTreeMap<u64, Vec<u8>>,
+    /// What they count for in the node's buffered total.
+    counted: usize,
+}
+
+impl Unflushed {
+    fn end(&self) -> u64 {
+        self.extents.iter().next_back().map_or(0, |(s, v)| s + v.len() as u64)
+    }
+}
+
 /// What this node caches about an inode it has open.
 #[derive(Default)]
 struct Cached {
@@ -170,6 +195,12 @@ struct InodeState {
     ino: Ino,
     opens: AtomicUsize,
     dirty: tokio::sync::Mutex<Dirty>,
+    /// Held by a flush from the moment it takes its extents out of `dirty` (while it still
+    /// holds that lock) until its commits are done, so the inode's flushes commit in the
+    /// order they took their bytes. Always locked after `dirty`, never before.
+    commit: Arc<tokio::sync::Mutex<Unflushed>>,
+    /// Set by a write; cleared only by a flush that found nothing buffered, in flight or
+    /// failed.
     has_dirty: AtomicBool,
     cache: Mutex<Cached>,
     /// Signalled when the inode changes anywhere (lock waiters retry).
@@ -184,6 +215,7 @@ impl InodeState {
             ino,
             opens: AtomicUsize::new(0),
             dirty: tokio::sync::Mutex::default(),
+            commit: Arc::default(),
             has_dirty: AtomicBool::new(false),
             cache: Mutex::default(),
             changed: Notify::new(),
@@ -822,17 +854,35 @@ impl Vfs {
             return Ok(0);
         }
         let n = &h.node;
+        let cfg = &self.inner.cfg;
         let mut d = n.dirty.lock().await;
-        let offset = if h.flags & libc::O_APPEND != 0 {
-            // The end of this node's buffered writes, or the committed size when larger.
-            let cached = n.cache().attr.as_ref().map(|a| a.size);
-            let committed = match cached {
-                Some(size) if !d.extents.is_empty() => size,
-                _ => self.attr_of(h.ino).await?.size,
-            };
-            d.end().max(committed)
-        } else {
-            offset
+        let append = h.flags & libc::O_APPEND != 0;
+        let over = d.bytes + data.len() >= cfg.dirty_limit
+            || self.inner.dirty_total.load(Ordering::Relaxed) + data.len() >= cfg.dirty_total_limit;
+        // The commit lock waits for the inode's flushes in flight: an append needs the end
+        // of their bytes, and a write that fills the buffer starts no flush before the one
+        // in flight is done (which bounds what is buffered).
+        let mut unflushed = if append || over { Some(n.commit.clone().lock_owned().await) } else { None };
+        if over
+            && let Some(u) = unflushed.as_mut()
+            && !u.extents.is_empty()
+        {
+            // The flush before failed: retry it before taking more bytes; this write fails
+            // with it, and buffers nothing.
+            self.commit(n, u, BTreeMap::new(), 0).await?;
+        }
+        let offset = match &unflushed {
+            Some(u) if append => {
+                // The end of this node's buffered writes (in flight or failed too), or the
+                // committed size when larger.
+                let cached = n.cache().attr.as_ref().map(|a| a.size);
+                let committed = match cached {
+                    Some(size) if !d.extents.is_empty() => size,
+                    _ => self.attr_of(h.ino).await?.size,
+                };
+                d.end().max(u.end()).max(committed)
+            }
+            _ => offset,
         };
         if offset.checked_add(data.len() as u64).is_none_or(|e| e > elea_fsm::limits::FILE_SIZE_MAX) {
             return Err(Errno::EFBIG);
@@ -842,8 +892,21 @@ impl Vfs {
         n.has_dirty.store(true, Ordering::Release);
         let grown = d.bytes.saturating_sub(before);
         let total = self.inner.dirty_total.fetch_add(grown, Ordering::Relaxed) + grown;
-        if d.bytes >= self.inner.cfg.dirty_limit || total >= self.inner.cfg.dirty_total_limit {
-            self.flush_locked(n, &mut d).await?;
+        if d.bytes >= cfg.dirty_limit || total >= cfg.dirty_total_limit {
+            // Write-behind: the buffer is flushed in the background while writers fill the
+            // next one. It commits after (and over) anything an earlier flush left behind.
+            let mut u = match unflushed {
+                Some(u) => u,
+                None => n.commit.clone().lock_owned().await,
+            };
+            let (extents, counted) = d.take();
+            drop(d);
+            let (vfs, node) = (self.clone(), n.clone());
+            tokio::spawn(async move {
+                if let Err(e) = vfs.commit(&node, &mut u, extents, counted).await {
+                    tracing::warn!(ino = node.ino, error = ?e, "background flush failed; its bytes stay buffered");
+                }
+            });
         }
         Ok(data.len() as u32)
     }
@@ -868,34 +931,63 @@ impl Vfs {
         self.flush_locked(n, &mut d).await
     }
 
+    /// Flushes `d` (the inode's buffer, locked by the caller) after the flushes in flight.
     async fn flush_locked(&self, n: &InodeState, d: &mut Dirty) -> Result<(), Errno> {
-        if d.extents.is_empty() {
-            n.has_dirty.store(false, Ordering::Release);
-            return Ok(());
-        }
-        let extents: Vec<(u64, Bytes)> =
-            std::mem::take(&mut d.extents).into_iter().map(|(o, v)| (o, Bytes::from(v))).collect();
-        let (vol, ino) = (self.inner.vol, n.ino);
-        let data = &self.inner.data;
-        // The extents of each chunk go out packed in one slice with one commit.
-        let result = data.write_extents(vol, ino, &extents).await;
-        // Committed slices changed the file: drop what this node cached about it.
-        n.invalidate();
-        if let Err(e) = result {
-            // Nothing is dropped: the extents stay buffered (rewriting ones that did commit
-            // is harmless) and the caller sees the error.
-            for (off, b) in extents {
-                d.extents.insert(off, b.to_vec());
-            }
-            return Err(data_err(e));
-        }
-        self.inner
-            .dirty_total
-            .fetch_sub(d.bytes.min(self.inner.dirty_total.load(Ordering::Relaxed)), Ordering::Relaxed);
-        d.bytes = 0;
-        d.since = None;
+        let (extents, counted) = d.take();
+        let mut unflushed = n.commit.lock().await;
+        self.commit(n, &mut unflushed, extents, counted).await?;
+        // Nothing is buffered (`d` is locked), in flight (the commit lock is held) or
+        // failed.
         n.has_dirty.store(false, Ordering::Release);
         Ok(())
+    }
+
+    /// Commits `extents` (just taken from the inode's buffer; `counted` bytes of the node's
+    /// buffered total), after and over the extents of a flush that failed before. The
+    /// caller holds the inode's commit lock (`unflushed`), taken while it still held the
+    /// buffer. On failure nothing is dropped: everything stays in `unflushed` for the next
+    /// flush (rewriting pieces that did commit is harmless) and the caller sees the error.
+    async fn commit(
+        &self,
+        n: &InodeState,
+        unflushed: &mut Unflushed,
+        extents: BTreeMap<u64, Vec<u8>>,
+        counted: usize,
+    ) -> Result<(), Errno> {
+        let counted = counted + std::mem::take(&mut unflushed.counted);
+        let older = std::mem::take(&mut unflushed.extents);
+        let all = if older.is_empty() {
+            extents
+        } else {
+            let bytes = older.values().map(Vec::len).sum();
+            let mut merged = Dirty { extents: older, bytes, since: None };
+            for (off, v) in &extents {
+                merged.add(*off, v);
+            }
+            merged.extents
+        };
+        if all.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<(u64, Bytes)> = all.into_iter().map(|(o, v)| (o, Bytes::from(v))).collect();
+        // The extents of each chunk go out packed in one slice with one commit.
+        let result = self.inner.data.write_extents(self.inner.vol, n.ino, &list).await;
+        // Committed slices changed the file: drop what this node cached about it.
+        n.invalidate();
+        match result {
+            Ok(_) => {
+                let _ = self
+                    .inner
+                    .dirty_total
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(counted)));
+                Ok(())
+            }
+            Err(e) => {
+                unflushed.extents = list.into_iter().map(|(o, b)| (o, b.to_vec())).collect();
+                unflushed.counted = counted;
+                Err(data_err(e))
+            }
+        }
     }
 
     /// Closes a handle (after a final flush); the last close anywhere of an unlinked file
@@ -1511,7 +1603,9 @@ async fn flush_loop(weak: Weak<Inner>) {
             .collect();
         for n in nodes {
             let Ok(mut d) = n.dirty.try_lock() else { continue };
-            if d.since.is_some_and(|t| t.elapsed() >= delay)
+            // Bytes of a background flush that failed are retried here too.
+            let failed = n.commit.try_lock().is_ok_and(|u| !u.extents.is_empty());
+            if (failed || d.since.is_some_and(|t| t.elapsed() >= delay))
                 && let Err(e) = vfs.flush_locked(&n, &mut d).await
             {
                 tracing::warn!(ino = n.ino, error = %e, "background flush failed; will retry");

@@ -1,6 +1,9 @@
 //! In-process test cluster for the gateway: one metadata voter, cache nodes and a `file://`
 //! object store in a temporary directory, and gateways (a [`Vfs`] with its own metadata and
 //! data clients) on it.
+//!
+//! Each test crate uses part of it.
+#![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -79,6 +82,16 @@ impl TestCluster {
         }
     }
 
+    /// Starts cache node `id` and waits until metadata lists it alive.
+    pub async fn add_node(&mut self, id: u64) {
+        self.start_node(id).await;
+        let meta = self.meta.clone();
+        wait_until(Duration::from_secs(20), "the new cache node alive", || async {
+            meta.cache_nodes().await.map(|v| v.iter().any(|x| x.id == id && x.alive)).unwrap_or(false)
+        })
+        .await;
+    }
+
     async fn start_node(&mut self, id: u64) {
         let l = free_listener().await;
         let addr = l.local_addr().unwrap().to_string();
@@ -104,10 +117,15 @@ impl TestCluster {
 
     /// A new volume (one copy of each block, nothing tiered during a test).
     pub async fn volume(&self) -> VolumeId {
+        self.volume_with_replicas(1).await
+    }
+
+    /// A new volume with `replicas` copies of each block.
+    pub async fn volume_with_replicas(&self, replicas: u8) -> VolumeId {
         let n = self.next_volume.fetch_add(1, Ordering::Relaxed) + 1;
         let config = VolumeConfig {
             stores: vec![self.store_url()],
-            replicas: 1,
+            replicas,
             tier_after_ms: 3_600_000,
             ..VolumeConfig::default()
         };
@@ -118,17 +136,19 @@ impl TestCluster {
     /// A gateway on `vol` with clients of its own. Buffered writes are only flushed when
     /// asked (`flush_delay` is an hour), so what another gateway sees is deterministic.
     pub async fn gateway(&self, vol: VolumeId, name: &str) -> Vfs {
+        let cfg = VfsConfig { flush_delay: Duration::from_secs(3600), ..VfsConfig::default() };
+        self.gateway_with(vol, name, cfg).await
+    }
+
+    /// A gateway on `vol` with the given settings (its session is named `name`).
+    pub async fn gateway_with(&self, vol: VolumeId, name: &str, cfg: VfsConfig) -> Vfs {
         let meta = MetaClient::connect(std::slice::from_ref(&self.meta_addr), ClientConfig::default())
             .expect("metadata client");
         let mut dcfg = DataConfig::new("a");
         dcfg.store = Self::store_cfg();
         dcfg.node_refresh = Duration::from_millis(200);
         let data = DataClient::new(meta.clone(), dcfg);
-        let cfg = VfsConfig {
-            flush_delay: Duration::from_secs(3600),
-            session_name: name.to_string(),
-            ..VfsConfig::default()
-        };
+        let cfg = VfsConfig { session_name: name.to_string(), ..cfg };
         Vfs::new(meta, data, vol, cfg).await.expect("vfs")
     }
 }
