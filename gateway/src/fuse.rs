@@ -1,6 +1,9 @@
 //! The FUSE adapter: a thin translation of kernel requests into [`Vfs`] calls (fuser, with
-//! its pure-Rust mount: no libfuse). Requests run as tasks on a tokio runtime, so slow ones
-//! never hold up others. Changes made elsewhere reach the kernel as inode and entry
+//! its pure-Rust mount: no libfuse). Namespace requests (lookup, getattr, create, mkdir,
+//! unlink, rename and the like: a metadata round each) run on the FUSE thread that read
+//! them, which saves two thread hand-offs per request; every other request (reads, writes,
+//! flushes, opens, locks: anything that can wait on data or on another process) becomes a
+//! task on a tokio runtime, so slow ones never hold up others. Changes made elsewhere reach the kernel as inode and entry
 //! invalidations (`notify_inval_inode`/`notify_inval_entry`), sent from a thread of their own
 //! so a notification never blocks a request.
 
@@ -136,6 +139,16 @@ impl EleaFs {
         self.rt.spawn(f(self.vfs.clone()));
     }
 
+    /// Runs a short request on the FUSE thread itself instead of handing it to a runtime
+    /// worker: one thread wake-up fewer each way, which is most of what a metadata read
+    /// answered in this process costs.
+    fn inline<F>(&self, f: impl FnOnce(Vfs) -> F)
+    where
+        F: Future<Output = ()>,
+    {
+        self.rt.block_on(f(self.vfs.clone()));
+    }
+
     fn ttls(&self) -> (Duration, Duration) {
         (self.vfs.config().attr_ttl, self.vfs.config().entry_ttl)
     }
@@ -177,12 +190,12 @@ impl Filesystem for EleaFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
-        self.spawn(|v| async move { entry(reply, v.lookup(&c, parent.0, &name).await, at, et) });
+        self.inline(|v| async move { entry(reply, v.lookup(&c, parent.0, &name).await, at, et) });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let at = self.ttls().0;
-        self.spawn(|v| async move {
+        self.inline(|v| async move {
             match stale(v.getattr(ino.0).await) {
                 Ok(a) => reply.attr(&at, &file_attr(&a)),
                 Err(e) => reply.error(errno(e)),
@@ -247,30 +260,30 @@ impl Filesystem for EleaFs {
         reply: ReplyEntry,
     ) {
         let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
-        self.spawn(|v| async move {
+        self.inline(|v| async move {
             entry(reply, v.mknod(&c, parent.0, &name, mode, umask, u64::from(rdev)).await, at, et)
         });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
-        self.spawn(|v| async move { entry(reply, v.mkdir(&c, parent.0, &name, mode, umask).await, at, et) });
+        self.inline(|v| async move { entry(reply, v.mkdir(&c, parent.0, &name, mode, umask).await, at, et) });
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (c, name) = (creds(req), name.as_bytes().to_vec());
-        self.spawn(|v| async move { empty(reply, v.unlink(&c, parent.0, &name).await) });
+        self.inline(|v| async move { empty(reply, v.unlink(&c, parent.0, &name).await) });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (c, name) = (creds(req), name.as_bytes().to_vec());
-        self.spawn(|v| async move { empty(reply, v.rmdir(&c, parent.0, &name).await) });
+        self.inline(|v| async move { empty(reply, v.rmdir(&c, parent.0, &name).await) });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let (c, name, (at, et)) = (creds(req), link_name.as_bytes().to_vec(), self.ttls());
         let target = target.as_os_str().as_bytes().to_vec();
-        self.spawn(|v| async move { entry(reply, v.symlink(&c, parent.0, &name, &target).await, at, et) });
+        self.inline(|v| async move { entry(reply, v.symlink(&c, parent.0, &name, &target).await, at, et) });
     }
 
     fn rename(
@@ -284,14 +297,14 @@ impl Filesystem for EleaFs {
         reply: ReplyEmpty,
     ) {
         let (c, name, newname) = (creds(req), name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.spawn(|v| async move {
+        self.inline(|v| async move {
             empty(reply, v.rename(&c, parent.0, &name, newparent.0, &newname, flags.bits()).await)
         });
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let (c, name, (at, et)) = (creds(req), newname.as_bytes().to_vec(), self.ttls());
-        self.spawn(|v| async move { entry(reply, v.link(&c, ino.0, newparent.0, &name).await, at, et) });
+        self.inline(|v| async move { entry(reply, v.link(&c, ino.0, newparent.0, &name).await, at, et) });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -501,7 +514,7 @@ impl Filesystem for EleaFs {
         reply: ReplyCreate,
     ) {
         let (c, name, at) = (creds(req), name.as_bytes().to_vec(), self.ttls().0);
-        self.spawn(|v| async move {
+        self.inline(|v| async move {
             match v.create(&c, parent.0, &name, mode, umask, flags).await {
                 Ok((fh, a)) => reply.created(
                     &at,
@@ -667,7 +680,9 @@ pub fn mount(
         MountOption::Exec,
     ];
     cfg.acl = SessionACL::All;
-    cfg.n_threads = Some(2);
+    // Namespace requests run on these threads (see `EleaFs::inline`): enough of them that
+    // a few waiting on a slow metadata answer do not hold up reads and writes.
+    cfg.n_threads = Some(4);
     let fs = EleaFs::new(vfs.clone(), rt);
     let mut session = fuser::Session::new(fs, mountpoint, &cfg)?;
     start_notifier(&vfs, session.notifier());
