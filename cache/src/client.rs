@@ -65,7 +65,9 @@ impl BlockClients {
             .map_err(|e| CacheError::BadRequest(format!("bad cache node address {addr:?}: {e}")))?
             .connect_timeout(self.cfg.connect_timeout)
             .tcp_nodelay(true)
-            .http2_adaptive_window(true);
+            .initial_stream_window_size(crate::node::BLOCK_WINDOW)
+            .initial_connection_window_size(4 * crate::node::BLOCK_WINDOW)
+            .max_frame_size(crate::node::FRAME);
         let c = BlockClient::new(ep.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);

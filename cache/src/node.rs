@@ -17,6 +17,12 @@ use tokio::sync::{Notify, watch};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
+/// HTTP/2 flow-control window of one block transfer (each way): a whole block, so a put or
+/// a get never stops to wait for a window update.
+pub(crate) const BLOCK_WINDOW: u32 = 2 * BLOCK_SIZE as u32;
+/// Largest HTTP/2 frame a peer may send us (the protocol's default is 16 KiB).
+pub(crate) const FRAME: u32 = 1 << 20;
+
 use crate::client::{BlockClients, CHUNK, MAX_MESSAGE};
 use crate::error::CacheError;
 use crate::proto::block_server::{Block, BlockServer};
@@ -489,6 +495,9 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     let r = tonic::transport::Server::builder()
+        .initial_stream_window_size(BLOCK_WINDOW)
+        .initial_connection_window_size(4 * BLOCK_WINDOW)
+        .max_frame_size(FRAME)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = graceful.wait_for(|s| *s).await;
