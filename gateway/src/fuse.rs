@@ -1,9 +1,11 @@
 //! The FUSE adapter: a thin translation of kernel requests into [`Vfs`] calls (fuser, with
 //! its pure-Rust mount: no libfuse). Namespace requests (lookup, getattr, create, mkdir,
 //! unlink, rename and the like: a metadata round each) run on the FUSE thread that read
-//! them, which saves two thread hand-offs per request; every other request (reads, writes,
-//! flushes, opens, locks: anything that can wait on data or on another process) becomes a
-//! task on a tokio runtime, so slow ones never hold up others. Changes made elsewhere reach the kernel as inode and entry
+//! them, which saves two thread hand-offs per request. Reads, writes, flushes, fsyncs and
+//! closes are polled once there and go on as tokio tasks only if they have to wait (a read
+//! of cached blocks or a buffered write then costs no hand-off at all); every other request
+//! (opens, readdir, locks: anything that can wait on another process) becomes a task at
+//! once, so slow ones never hold up others. Changes made elsewhere reach the kernel as inode and entry
 //! invalidations (`notify_inval_inode`/`notify_inval_entry`), sent from a thread of their own
 //! so a notification never blocks a request.
 
@@ -137,6 +139,22 @@ impl EleaFs {
         F: Future<Output = ()> + Send + 'static,
     {
         self.rt.spawn(f(self.vfs.clone()));
+    }
+
+    /// Polls a data request once on the FUSE thread: one that finishes without waiting (a
+    /// read of cached blocks, a write into the buffer, a close with nothing to flush) costs
+    /// no thread hand-off; one that has to wait (a fetch, a flush, a metadata round) goes on
+    /// as a runtime task from where it stopped, as if it had been spawned at once.
+    fn fast_or_spawn<F>(&self, f: impl FnOnce(Vfs) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let _in_runtime = self.rt.enter();
+        let mut fut = Box::pin(f(self.vfs.clone()));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if fut.as_mut().poll(&mut cx).is_pending() {
+            self.rt.spawn(fut);
+        }
     }
 
     /// Runs a short request on the FUSE thread itself instead of handing it to a runtime
@@ -328,7 +346,7 @@ impl Filesystem for EleaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(|v| async move {
+        self.fast_or_spawn(|v| async move {
             match v.read(fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(e)),
@@ -349,7 +367,7 @@ impl Filesystem for EleaFs {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        self.spawn(|v| async move {
+        self.fast_or_spawn(|v| async move {
             match v.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
@@ -358,7 +376,7 @@ impl Filesystem for EleaFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.spawn(|v| async move {
+        self.fast_or_spawn(|v| async move {
             // The kernel keeps no record of remote POSIX locks: a close drops the closing
             // owner's locks here.
             let unlocked = v.release_locks(fh.0, lock_owner.0).await;
@@ -377,11 +395,11 @@ impl Filesystem for EleaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|v| async move { empty(reply, v.release(fh.0).await) });
+        self.fast_or_spawn(|v| async move { empty(reply, v.release(fh.0).await) });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn(|v| async move { empty(reply, v.fsync(fh.0).await) });
+        self.fast_or_spawn(|v| async move { empty(reply, v.fsync(fh.0).await) });
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
