@@ -5,9 +5,9 @@
 //! closes are polled once there and go on as tokio tasks only if they have to wait (a read
 //! of cached blocks or a buffered write then costs no hand-off at all); every other request
 //! (opens, readdir, locks: anything that can wait on another process) becomes a task at
-//! once, so slow ones never hold up others. Changes made elsewhere reach the kernel as inode and entry
-//! invalidations (`notify_inval_inode`/`notify_inval_entry`), sent from a thread of their own
-//! so a notification never blocks a request.
+//! once, so slow ones never hold up others. Changes made elsewhere reach the kernel as inode
+//! and entry invalidations (`notify_inval_inode`/`notify_inval_entry`), sent from a thread of
+//! their own so a notification never blocks a request.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt as _;
@@ -698,8 +698,9 @@ pub fn mount(
         MountOption::Exec,
     ];
     cfg.acl = SessionACL::All;
-    // Namespace requests run on these threads (see `EleaFs::inline`): enough of them that
-    // a few waiting on a slow metadata answer do not hold up reads and writes.
+    // Namespace requests run on these threads, and reads and writes start on them (see
+    // `EleaFs::inline` and `EleaFs::fast_or_spawn`): enough of them that a few waiting on a
+    // slow metadata answer do not hold up reads and writes.
     cfg.n_threads = Some(4);
     let fs = EleaFs::new(vfs.clone(), rt);
     let mut session = fuser::Session::new(fs, mountpoint, &cfg)?;

@@ -97,7 +97,7 @@ fn is_dir(a: &Attr) -> bool {
 }
 
 /// Buffered writes of one inode: disjoint extents by offset.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Dirty {
     extents: BTreeMap<u64, Vec<u8>>,
     bytes: usize,
@@ -105,6 +105,11 @@ struct Dirty {
 }
 
 impl Dirty {
+    fn of(extents: BTreeMap<u64, Vec<u8>>) -> Self {
+        let bytes = extents.values().map(Vec::len).sum();
+        Self { extents, bytes, since: None }
+    }
+
     /// Takes every buffered extent out, with the bytes they count for.
     fn take(&mut self) -> (BTreeMap<u64, Vec<u8>>, usize) {
         self.since = None;
@@ -170,15 +175,9 @@ impl Dirty {
 /// over them).
 #[derive(Default)]
 struct Unflushed {
-    extents: BTreeMap<u64, Vec<u8>>,
+    buf: Dirty,
     /// What they count for in the node's buffered total.
     counted: usize,
-}
-
-impl Unflushed {
-    fn end(&self) -> u64 {
-        self.extents.iter().next_back().map_or(0, |(s, v)| s + v.len() as u64)
-    }
 }
 
 /// What this node caches about an inode it has open.
@@ -865,7 +864,7 @@ impl Vfs {
         let mut unflushed = if append || over { Some(n.commit.clone().lock_owned().await) } else { None };
         if over
             && let Some(u) = unflushed.as_mut()
-            && !u.extents.is_empty()
+            && !u.buf.extents.is_empty()
         {
             // The flush before failed: retry it before taking more bytes; this write fails
             // with it, and buffers nothing.
@@ -880,7 +879,7 @@ impl Vfs {
                     Some(size) if !d.extents.is_empty() => size,
                     _ => self.attr_of(h.ino).await?.size,
                 };
-                d.end().max(u.end()).max(committed)
+                d.end().max(u.buf.end()).max(committed)
             }
             _ => offset,
         };
@@ -954,13 +953,12 @@ impl Vfs {
         extents: BTreeMap<u64, Vec<u8>>,
         counted: usize,
     ) -> Result<(), Errno> {
-        let counted = counted + std::mem::take(&mut unflushed.counted);
-        let older = std::mem::take(&mut unflushed.extents);
-        let all = if older.is_empty() {
+        let counted = counted + unflushed.counted;
+        let all = if unflushed.buf.extents.is_empty() {
             extents
         } else {
-            let bytes = older.values().map(Vec::len).sum();
-            let mut merged = Dirty { extents: older, bytes, since: None };
+            // The failed bytes stay where they are until a commit of them succeeds.
+            let mut merged = unflushed.buf.clone();
             for (off, v) in &extents {
                 merged.add(*off, v);
             }
@@ -976,6 +974,7 @@ impl Vfs {
         n.invalidate();
         match result {
             Ok(_) => {
+                *unflushed = Unflushed::default();
                 let _ = self
                     .inner
                     .dirty_total
@@ -983,7 +982,7 @@ impl Vfs {
                 Ok(())
             }
             Err(e) => {
-                unflushed.extents = list.into_iter().map(|(o, b)| (o, b.to_vec())).collect();
+                unflushed.buf = Dirty::of(list.into_iter().map(|(o, b)| (o, b.to_vec())).collect());
                 unflushed.counted = counted;
                 Err(data_err(e))
             }
@@ -1604,7 +1603,7 @@ async fn flush_loop(weak: Weak<Inner>) {
         for n in nodes {
             let Ok(mut d) = n.dirty.try_lock() else { continue };
             // Bytes of a background flush that failed are retried here too.
-            let failed = n.commit.try_lock().is_ok_and(|u| !u.extents.is_empty());
+            let failed = n.commit.try_lock().is_ok_and(|u| !u.buf.extents.is_empty());
             if (failed || d.since.is_some_and(|t| t.elapsed() >= delay))
                 && let Err(e) = vfs.flush_locked(&n, &mut d).await
             {
