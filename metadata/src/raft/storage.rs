@@ -91,7 +91,7 @@ impl Default for LogStoreConfig {
 /// A node's Raft log store: a raft-engine log under `DIR/log` for entries and small state
 /// records of every group, and snapshot data files under `DIR/snapshots`.
 pub struct LogStore {
-    engine: Engine,
+    engine: Engine<super::logfile::ZeroFillFs>,
     snap_dir: PathBuf,
     sync: bool,
 }
@@ -124,7 +124,7 @@ impl LogStore {
             purge_threshold: ReadableSize(file_size.saturating_mul(8)),
             ..Default::default()
         };
-        let engine = Engine::open(engine_cfg)?;
+        let engine = Engine::open_with_file_system(engine_cfg, Arc::new(super::logfile::ZeroFillFs::new()))?;
         Ok(Arc::new(Self { engine, snap_dir, sync: cfg.sync }))
     }
 
