@@ -12,6 +12,7 @@
 pub mod client;
 pub mod data;
 pub mod error;
+mod local;
 pub mod node;
 pub mod placement;
 pub mod readcache;

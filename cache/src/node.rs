@@ -66,6 +66,10 @@ pub struct CacheNodeConfig {
     /// A staged block of a slice metadata never committed is dropped once older than this.
     pub orphan_grace: Duration,
     pub store: StoreConfig,
+    /// Also serve block clients of this process directly, without gRPC over loopback (what
+    /// `elea up` does: its gateway and cache node share the process). Peers and other
+    /// processes use gRPC either way.
+    pub in_process: bool,
 }
 
 impl CacheNodeConfig {
@@ -89,6 +93,7 @@ impl CacheNodeConfig {
             stale_grace: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(3600),
             store: StoreConfig::default(),
+            in_process: false,
         }
     }
 }
@@ -211,6 +216,35 @@ impl Node {
                 return;
             }
         }
+    }
+
+    /// Stages a block here and on every node in `forward` (this node's own address there is
+    /// skipped); succeeds once every copy is durable. `crc` is the block's crc32c, checked
+    /// against the bytes before anything is stored.
+    pub(crate) async fn store_block(
+        &self,
+        b: BlockRef,
+        data: Bytes,
+        crc: u32,
+        forward: &[String],
+    ) -> Result<(), CacheError> {
+        let id = check_ref(&b)?;
+        if data.is_empty() || data.len() as u64 > BLOCK_SIZE {
+            return Err(CacheError::BadRequest(format!("bad block length {}", data.len())));
+        }
+        if forward.len() > usize::from(elea_fsm::limits::REPLICAS_MAX) {
+            return Err(CacheError::BadRequest("too many replicas".into()));
+        }
+        let local = self.staging.put(b.vol, id, data.clone(), crc);
+        let remote = futures::future::join_all(
+            forward
+                .iter()
+                .filter(|a| **a != self.cfg.advertise)
+                .map(|a| self.peers.put(a, b, data.clone(), crc, vec![])),
+        );
+        let (l, r) = tokio::join!(local, remote);
+        l?;
+        r.into_iter().collect()
     }
 
     /// Reads a block, or the range of it the request names, for a client or peer: staging,
@@ -345,7 +379,7 @@ impl Block for Svc {
             .header
             .ok_or_else(|| Status::invalid_argument("the first message must carry the header"))?;
         let b = h.block.ok_or_else(|| Status::invalid_argument("missing block"))?;
-        let id = check_ref(&b)?;
+        check_ref(&b)?;
         if h.len == 0 || u64::from(h.len) > BLOCK_SIZE {
             return Err(Status::invalid_argument(format!("bad block length {}", h.len)));
         }
@@ -364,19 +398,7 @@ impl Block for Svc {
         if buf.len() != h.len as usize {
             return Err(Status::invalid_argument(format!("got {} of {} bytes", buf.len(), h.len)));
         }
-        let data: Bytes = buf.freeze();
-        let local = node.staging.put(b.vol, id, data.clone(), h.crc32c);
-        let remote = futures::future::join_all(
-            h.forward
-                .iter()
-                .filter(|a| **a != node.cfg.advertise)
-                .map(|a| node.peers.put(a, b, data.clone(), h.crc32c, vec![])),
-        );
-        let (l, r) = tokio::join!(local, remote);
-        l?;
-        if let Some(e) = r.into_iter().find_map(Result::err) {
-            return Err(e.into());
-        }
+        node.store_block(b, buf.freeze(), h.crc32c, &h.forward).await?;
         Ok(Response::new(PutReply {}))
     }
 
@@ -489,6 +511,8 @@ pub async fn serve(
     let svc = BlockServer::new(Svc(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+    // Clients in this process reach the node directly while it serves, if asked to.
+    let _local = node.cfg.in_process.then(|| crate::local::register(&node));
     let mut graceful = stop_rx.clone();
     let stopper = tokio::spawn(async move {
         shutdown.await;

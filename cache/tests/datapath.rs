@@ -85,9 +85,29 @@ fn data_offset(bytes: &[u8]) -> usize {
     elea_cache::staging::data_offset(bytes.len() as u32)
 }
 
+/// `n` cache nodes, reached through gRPC or, `in_process`, directly by this process's clients.
+async fn cluster_of(n: u64, in_process: bool) -> TestCluster {
+    let mut c = TestCluster::start(0).await;
+    for id in 1..=n {
+        c.start_node_with(id, |cfg| cfg.in_process = in_process).await;
+    }
+    c.wait_alive(n as usize).await;
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn write_tier_and_read_from_every_tier() {
-    let c = TestCluster::start(2).await;
+    write_tier_and_read(false).await;
+}
+
+/// The same through the in-process path `elea up` uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_tier_and_read_from_every_tier_in_process() {
+    write_tier_and_read(true).await;
+}
+
+async fn write_tier_and_read(in_process: bool) {
+    let c = cluster_of(2, in_process).await;
     let vol = c.volume("t", 2, 3_600_000).await;
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let d = c.data();
@@ -259,11 +279,21 @@ async fn a_dead_node_blocks_are_re_replicated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
+    bad_requests(false).await;
+}
+
+/// In process, every error is the one the same request gets over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_in_process_get_the_same_errors() {
+    bad_requests(true).await;
+}
+
+async fn bad_requests(in_process: bool) {
     use elea_cache::CacheError;
     use elea_cache::proto::block_client::BlockClient;
     use elea_cache::proto::{GetRequest, PutChunk, PutHeader};
 
-    let c = TestCluster::start(1).await;
+    let c = cluster_of(1, in_process).await;
     let addr = c.nodes[0].addr.clone();
     let p = BlockClients::default();
     let r = BlockRef { vol: 1, slice: 77, index: 0 };
@@ -285,6 +315,8 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     assert!(matches!(p.get(&addr, get(bad, 1000)).await, Err(CacheError::BadRequest(_))));
     assert!(matches!(p.get(&addr, get(r, 0)).await, Err(CacheError::BadRequest(_))));
     assert!(matches!(p.get(&addr, get(r, 1000)).await, Err(CacheError::NotFound(_))));
+    // In process, none of that went through a connection.
+    assert_eq!(p.connections(), usize::from(!in_process));
     // Raw streams: no header, more bytes than announced, an oversized block.
     let mut raw = BlockClient::connect(format!("http://{addr}")).await.unwrap();
     let no_header = vec![PutChunk { header: None, data: data.clone() }];

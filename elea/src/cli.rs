@@ -391,6 +391,7 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         vec![a.listen.clone()],
     );
     cache_cfg.staging_size = a.staging_size;
+    cache_cfg.in_process = true;
     let mut cache = tokio::spawn(elea_cache::serve(cache_cfg, cache_listener, stopped(stop_rx)));
     // The cache node is up once it is in the registry.
     let registered = async {
