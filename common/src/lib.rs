@@ -4,6 +4,7 @@
 
 pub mod errno;
 pub mod ids;
+pub mod local;
 pub mod pattern;
 pub mod time;
 
