@@ -156,6 +156,9 @@ pub struct Staging {
 const DIRECT_ALIGN: usize = 4096;
 /// Direct-write buffers kept for reuse.
 const KEPT_BUFFERS: usize = 8;
+/// Size of a direct-write buffer: a whole block's file (its header and checksum table take
+/// less than one page), padded to a page, plus a page of room to align it.
+const DIRECT_BUF: usize = elea_common::ids::BLOCK_SIZE as usize + 2 * DIRECT_ALIGN;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -625,6 +628,13 @@ impl Staging {
         let f = match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(tmp) {
             Ok(f) => f,
             Err(e) if refused(&e) => {
+                // Linux creates the file before it finds the file system cannot do direct
+                // I/O: remove it, or the ordinary write (create_new) finds it there.
+                match fs::remove_file(tmp) {
+                    Ok(()) => {}
+                    Err(r) if r.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(r) => return Err(r),
+                }
                 self.no_direct(&e);
                 return Ok(false);
             }
@@ -662,11 +672,13 @@ impl Staging {
         }
     }
 
+    /// A buffer of at least `len` bytes. New ones are made large enough for any block, so
+    /// every kept buffer serves every later write.
     fn take_buf(&self, len: usize) -> Vec<u8> {
         let mut bufs = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
         match bufs.iter().position(|b| b.len() >= len) {
             Some(i) => bufs.swap_remove(i),
-            None => vec![0u8; len],
+            None => vec![0u8; len.max(DIRECT_BUF)],
         }
     }
 
