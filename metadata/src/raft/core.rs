@@ -10,6 +10,7 @@
 //! Ready: group commit), send persisted messages, advance, then the light ready.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use elea_common::{GroupId, NodeId, Timespec};
 use elea_fsm::{ChangeSet, Command, OpResult, Query, StateMachine};
@@ -196,7 +197,9 @@ struct ReadRound {
 pub struct GroupCore {
     cfg: CoreConfig,
     raw: RawNode<GroupStorage>,
-    sm: StateMachine,
+    /// The applied state. Shared so that a driver can answer reads inside a read lease on
+    /// its callers' threads ([`GroupCore::local_read_until`]); only this core writes it.
+    sm: Arc<RwLock<StateMachine>>,
     members: BTreeMap<NodeId, Member>,
     applied: u64,
     /// Proposals waiting for their entry to apply, by log index.
@@ -232,6 +235,11 @@ pub struct GroupCore {
     transfer_term: u64,
     /// Ticks since this node last heard from a leader, or since it started.
     quiet_ticks: usize,
+    /// The term in which this leader had applied everything committed before it (so its
+    /// applied state holds every acknowledged operation); 0 = not yet.
+    caught_up_term: u64,
+    /// Reads were answered outside the core since the last lease renewal.
+    local_reads_seen: bool,
 }
 
 fn role_name(r: StateRole) -> &'static str {
@@ -308,7 +316,7 @@ impl GroupCore {
         Ok(Self {
             cfg,
             raw,
-            sm,
+            sm: Arc::new(RwLock::new(sm)),
             members,
             applied: snap_index,
             pending: BTreeMap::new(),
@@ -330,6 +338,8 @@ impl GroupCore {
             lease_term: 0,
             transfer_term: 0,
             quiet_ticks: 0,
+            caught_up_term: 0,
+            local_reads_seen: false,
         })
     }
 
@@ -367,8 +377,50 @@ impl GroupCore {
     }
 
     /// The applied state (for tests and read-only diagnostics; clients use `read`).
-    pub fn state(&self) -> &StateMachine {
-        &self.sm
+    pub fn state(&self) -> RwLockReadGuard<'_, StateMachine> {
+        self.sm.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn state_mut(&self) -> RwLockWriteGuard<'_, StateMachine> {
+        self.sm.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Another handle to the applied state, for reads answered outside the core within
+    /// [`Self::local_read_until`].
+    pub fn shared_state(&self) -> Arc<RwLock<StateMachine>> {
+        self.sm.clone()
+    }
+
+    /// Until when (driver clock, exclusive) a read may be answered from the applied state
+    /// without the core: 0 when it may not.
+    ///
+    /// That holds while this node is a leader inside its read lease (see [`Self::read`]) and
+    /// has applied every entry committed before its term. A write is acknowledged only once
+    /// applied here, and within the lease no other leader can acknowledge anything, so the
+    /// applied state then holds every operation acknowledged before the read. A reader must
+    /// hold the state's read lock when it compares the clock with this instant: an operation
+    /// applied later was acknowledged later.
+    ///
+    /// The driver must publish this value before it sends the messages of the same step: a
+    /// leader transfer ends the lease at once, before the transferee is told to campaign.
+    pub fn local_read_until(&mut self) -> u64 {
+        if !self.is_leader() || !self.in_lease() {
+            return 0;
+        }
+        let term = self.raw.raft.term;
+        if self.caught_up_term != term {
+            if self.applied < self.raw.raft.raft_log.committed {
+                return 0;
+            }
+            self.caught_up_term = term;
+        }
+        self.lease_until
+    }
+
+    /// Tells the core that reads were answered outside it ([`Self::local_read_until`]): it
+    /// renews the read lease as it does for its own steady reads.
+    pub fn note_local_reads(&mut self) {
+        self.local_reads_seen = true;
     }
 
     pub fn applied(&self) -> u64 {
@@ -706,12 +758,13 @@ impl GroupCore {
             let renew = self.cfg.read_lease > 0
                 && self.in_lease()
                 && half_gone
-                && !self.reads_waiting.is_empty()
+                && (!self.reads_waiting.is_empty() || self.local_reads_seen)
                 && self.reads_inflight.is_empty();
             if !renew {
                 return;
             }
         }
+        self.local_reads_seen = false;
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
         let batch = std::mem::take(&mut self.read_queue);
@@ -833,7 +886,7 @@ impl GroupCore {
             }
             let Some((_, batch)) = self.reads_waiting.pop_front() else { break };
             for (token, q) in batch {
-                let result = self.sm.query(&q);
+                let result = self.state().query(&q);
                 self.events.push(Event::Read { token, result: Ok(result) });
             }
         }
@@ -849,7 +902,7 @@ impl GroupCore {
             self.raw.store().stage_install_snapshot(snap, &encode_members(&members)).map_err(store_err)?;
         self.disk(job)?;
         self.snapshot_index = index;
-        self.sm = sm;
+        *self.state_mut() = sm;
         self.members = members;
         self.members_epoch += 1;
         self.applied = index;
@@ -891,7 +944,7 @@ impl GroupCore {
         }
         let result = match postcard::from_bytes::<Command>(&e.data) {
             Ok(cmd) => {
-                let (result, mut cs) = self.sm.apply(&cmd);
+                let (result, mut cs) = self.state_mut().apply(&cmd);
                 changes.append(&mut cs);
                 Ok((result, e.index))
             }
@@ -978,8 +1031,10 @@ impl GroupCore {
 
     /// Takes a snapshot of the applied state now and compacts the log behind it.
     pub fn snapshot_now(&mut self) -> Result<(), CoreError> {
-        let data =
-            SnapshotData { members: self.members.values().cloned().collect(), state: self.sm.snapshot() };
+        let data = SnapshotData {
+            members: self.members.values().cloned().collect(),
+            state: self.state().snapshot(),
+        };
         let data = postcard::to_allocvec(&data).map_err(|e| CoreError::Store(e.to_string()))?;
         let index = self.applied;
         let cs = self.raw.raft.prs().conf().to_conf_state();

@@ -6,12 +6,13 @@
 //! machine a blocked runtime worker would stall the gRPC service.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use elea_common::{NodeId, Timespec};
-use elea_fsm::{Command, Op, OpResult, Query};
+use elea_fsm::{Command, Op, OpResult, Query, StateMachine};
 use raft::prelude::Message;
 use tokio::sync::oneshot;
 
@@ -73,10 +74,45 @@ impl<T> Future for Waiting<T> {
     }
 }
 
+/// Reads answered on the caller's thread: while the group thread has published a read lease
+/// ([`GroupCore::local_read_until`]), a read takes the applied state's read lock and answers
+/// from it, with no hand-off to the group thread and back.
+struct LocalReads {
+    /// The group thread's clock counts nanoseconds since this instant.
+    base: Instant,
+    /// Lease end on that clock (exclusive); 0 = no lease.
+    until: AtomicU64,
+    /// A read was answered here since the group thread last looked (it renews the lease).
+    used: AtomicBool,
+    state: Arc<RwLock<StateMachine>>,
+}
+
+impl LocalReads {
+    fn clock(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn try_read(&self, q: &Query) -> Option<OpResult> {
+        if self.until.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        // Checked with the state held: nothing applied after this instant is in it.
+        if self.clock() >= self.until.load(Ordering::Acquire) {
+            return None;
+        }
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+        Some(state.query(q))
+    }
+}
+
 /// A cheap, cloneable handle to a running group.
 #[derive(Clone)]
 pub struct NodeHandle {
     tx: mpsc::Sender<NodeMsg>,
+    local: Arc<LocalReads>,
     /// Member id -> address, refreshed by the thread after every membership change.
     members: Arc<RwLock<HashMap<NodeId, String>>>,
     pub hub: Arc<WatchHub>,
@@ -97,7 +133,12 @@ impl NodeHandle {
         self.call(|r| NodeMsg::Write(cmd, r)).await
     }
 
+    /// A linearizable read: answered here within the leader's read lease, otherwise by the
+    /// group thread.
     pub async fn read(&self, q: Query) -> Result<OpResult, CoreError> {
+        if let Some(r) = self.local.try_read(&q) {
+            return Ok(r);
+        }
         self.call(|r| NodeMsg::Read(q, r)).await
     }
 
@@ -116,18 +157,26 @@ impl NodeHandle {
         waits
     }
 
-    /// Submits many queries in one message (they share one ReadIndex round).
+    /// Submits many queries in one message (they share one ReadIndex round), or answers them
+    /// here within the leader's read lease.
     pub fn read_many(&self, qs: Vec<Query>) -> Vec<Waiting<OpResult>> {
         let mut msgs = Vec::with_capacity(qs.len());
         let waits = qs
             .into_iter()
             .map(|q| {
                 let (tx, rx) = oneshot::channel();
-                msgs.push(NodeMsg::Read(q, tx));
+                match self.local.try_read(&q) {
+                    Some(r) => {
+                        let _ = tx.send(Ok(r));
+                    }
+                    None => msgs.push(NodeMsg::Read(q, tx)),
+                }
                 Waiting(rx)
             })
             .collect();
-        let _ = self.send(NodeMsg::Many(msgs));
+        if !msgs.is_empty() {
+            let _ = self.send(NodeMsg::Many(msgs));
+        }
         waits
     }
 
@@ -184,7 +233,13 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel();
     let members = Arc::new(RwLock::new(HashMap::new()));
     let hub = Arc::new(WatchHub::new());
-    let handle = NodeHandle { tx, members: members.clone(), hub: hub.clone() };
+    let local = Arc::new(LocalReads {
+        base: Instant::now(),
+        until: AtomicU64::new(0),
+        used: AtomicBool::new(false),
+        state: core.shared_state(),
+    });
+    let handle = NodeHandle { tx, local: local.clone(), members: members.clone(), hub: hub.clone() };
     transport.attach(handle.clone());
     let writer = core.async_writes().then(|| {
         let (wtx, wrx) = mpsc::channel();
@@ -201,7 +256,8 @@ pub fn spawn(
         .name(name)
         .spawn(move || {
             let (wtx, wjoin) = writer.map_or((None, None), |(tx, j)| (Some(tx), Some(j)));
-            run(core, cfg, rx, transport, members, hub, wtx);
+            run(core, cfg, rx, transport, Published { members, hub, local: &local }, wtx);
+            local.until.store(0, Ordering::Release);
             // The writer finishes what it was given (dropping its channel ends its loop).
             if let Some(j) = wjoin {
                 let _ = j.join();
@@ -250,18 +306,24 @@ fn write_loop(
     }
 }
 
+/// What the group thread keeps up to date for the group's handles.
+struct Published<'a> {
+    members: Arc<RwLock<HashMap<NodeId, String>>>,
+    hub: Arc<WatchHub>,
+    local: &'a LocalReads,
+}
+
 fn run(
     mut core: GroupCore,
     cfg: NodeConfig,
     rx: mpsc::Receiver<NodeMsg>,
     transport: Transport,
-    members: Arc<RwLock<HashMap<NodeId, String>>>,
-    hub: Arc<WatchHub>,
+    out: Published<'_>,
     writer: Option<mpsc::Sender<Vec<Write>>>,
 ) {
+    let Published { members, hub, local } = out;
     let mut waiters: HashMap<u64, Waiter> = HashMap::new();
     let mut next_token: u64 = 1;
-    let clock_start = Instant::now();
     let mut next_tick = Instant::now() + cfg.tick;
     let mut next_expire = Instant::now() + cfg.expire_every;
     let mut book_epoch = u64::MAX;
@@ -289,7 +351,10 @@ fn run(
         }
         // Read after taking the batch: every request in it arrived before this instant, which
         // is what the read lease is checked against.
-        core.set_clock(u64::try_from(clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        core.set_clock(local.clock());
+        if local.used.swap(false, Ordering::Relaxed) {
+            core.note_local_reads();
+        }
         for msg in batch {
             match msg {
                 NodeMsg::Write(cmd, reply) => {
@@ -353,11 +418,14 @@ fn run(
         if let Err(e) = core.process() {
             // A storage failure: stop rather than acknowledge anything not durable.
             tracing::error!(error = %e, "raft group failed; stopping");
+            local.until.store(0, Ordering::Release);
             for (_, w) in waiters.drain() {
                 fail(w, e.clone());
             }
             return;
         }
+        // Before this step's messages leave: a leader transfer among them ends the lease.
+        local.until.store(core.local_read_until(), Ordering::Release);
         let msgs = core.take_messages();
         if !msgs.is_empty() {
             transport.send(msgs);
