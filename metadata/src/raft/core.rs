@@ -367,6 +367,11 @@ impl GroupCore {
         self.leader
     }
 
+    /// Whether this node is the group's only voter (its own log write is all a commit waits for).
+    pub fn sole_voter(&self) -> bool {
+        self.raw.raft.prs().is_singleton() && self.raw.raft.prs().conf().voters().contains(self.raw.raft.id)
+    }
+
     pub fn members(&self) -> impl Iterator<Item = &Member> {
         self.members.values()
     }
