@@ -404,13 +404,30 @@ impl Sim {
 
     /// A read answered from `id`'s applied state, outside its core, if the lease it published
     /// at its last step still runs.
+    ///
+    /// Checks that no node has applied more than the one answering: anything applied
+    /// elsewhere was committed, may have been acknowledged or announced on a watch stream,
+    /// and must be in the answer.
     fn local_read(&mut self, id: NodeId, q: &Query) -> Option<OpResult> {
         let now = self.now;
-        let node = self.nodes.get_mut(&id)?;
-        let core = node.core.as_mut()?;
+        let node = self.nodes.get(&id)?;
+        let applied = node.core.as_ref()?.applied();
         if now >= node.local_until {
             return None;
         }
+        let ahead = self
+            .nodes
+            .iter()
+            .filter(|(i, _)| **i != id)
+            .filter_map(|(i, n)| Some((*i, n.core.as_ref()?.applied())))
+            .find(|&(_, a)| a > applied);
+        if let Some((other, a)) = ahead {
+            panic!(
+                "seed {}: node {id} reads locally at applied index {applied}; node {other} applied {a}",
+                self.seed
+            );
+        }
+        let core = self.nodes.get_mut(&id)?.core.as_mut()?;
         core.note_local_reads();
         self.stats.local_reads += 1;
         Some(core.state().query(q))

@@ -235,9 +235,6 @@ pub struct GroupCore {
     transfer_term: u64,
     /// Ticks since this node last heard from a leader, or since it started.
     quiet_ticks: usize,
-    /// The term in which this leader had applied everything committed before it (so its
-    /// applied state holds every acknowledged operation); 0 = not yet.
-    caught_up_term: u64,
     /// Reads were answered outside the core since the last lease renewal.
     local_reads_seen: bool,
 }
@@ -338,7 +335,6 @@ impl GroupCore {
             lease_term: 0,
             transfer_term: 0,
             quiet_ticks: 0,
-            caught_up_term: 0,
             local_reads_seen: false,
         })
     }
@@ -400,24 +396,21 @@ impl GroupCore {
     /// without the core: 0 when it may not.
     ///
     /// That holds while this node is a leader inside its read lease (see [`Self::read`]) and
-    /// has applied every entry committed before its term. A write is acknowledged only once
-    /// applied here, and within the lease no other leader can acknowledge anything, so the
-    /// applied state then holds every operation acknowledged before the read. A reader must
-    /// hold the state's read lock when it compares the clock with this instant: an operation
-    /// applied later was acknowledged later.
+    /// has applied everything it knows committed. A write is acknowledged only once applied
+    /// here, and within the lease no other leader can acknowledge anything, so the applied
+    /// state then holds every operation acknowledged before the read. It also holds every
+    /// change a follower may already have announced on its watch stream: a follower learns
+    /// of a commit only from this node's messages, sent after this value is published, so
+    /// an entry committed but not yet applied here (the leader's own log write still under
+    /// way while two followers acknowledged it) ends local reads until it is applied. A
+    /// reader must hold the state's read lock when it compares the clock with this instant:
+    /// an operation applied later was acknowledged later.
     ///
     /// The driver must publish this value before it sends the messages of the same step: a
     /// leader transfer ends the lease at once, before the transferee is told to campaign.
-    pub fn local_read_until(&mut self) -> u64 {
-        if !self.is_leader() || !self.in_lease() {
+    pub fn local_read_until(&self) -> u64 {
+        if !self.is_leader() || !self.in_lease() || self.applied < self.raw.raft.raft_log.committed {
             return 0;
-        }
-        let term = self.raw.raft.term;
-        if self.caught_up_term != term {
-            if self.applied < self.raw.raft.raft_log.committed {
-                return 0;
-            }
-            self.caught_up_term = term;
         }
         self.lease_until
     }

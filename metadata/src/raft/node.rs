@@ -96,7 +96,8 @@ impl LocalReads {
         if self.until.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        // A poisoned lock: an apply panicked half-way; the group thread answers (or fails).
+        let state = self.state.read().ok()?;
         // Checked with the state held: nothing applied after this instant is in it.
         if self.clock() >= self.until.load(Ordering::Acquire) {
             return None;
