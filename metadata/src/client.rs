@@ -743,11 +743,14 @@ impl MetaClient {
 
     /// Streams a volume's changes from one node (the first that answers). Each item is the
     /// volume's change sequence and its changes, or `None` for "reset: drop all caches".
-    pub async fn watch(
-        &self,
-        vol: VolumeId,
-        from_seq: u64,
-    ) -> Result<impl tokio_stream::Stream<Item = Result<WatchItem, ClientError>> + use<>, ClientError> {
+    ///
+    /// When a node of this process is among the client's addresses (and is the leader as far
+    /// as the client knows), the stream comes straight from that node's change hub: the same
+    /// items as its gRPC watch, without encoding them, a loopback TCP hop and decoding them.
+    pub async fn watch(&self, vol: VolumeId, from_seq: u64) -> Result<WatchStream, ClientError> {
+        if let Some((node, _)) = self.local_node() {
+            return Ok(local_watch(&node.hub, vol, from_seq));
+        }
         let group = self.inner.cfg.group;
         let stream = self
             .with_retries(|mut c, addr| async move {
@@ -757,13 +760,15 @@ impl MetaClient {
                 }
             })
             .await?;
-        Ok(stream.map(|item| match item {
-            Ok(ev) if ev.reset => Ok(WatchItem::Reset),
-            Ok(ev) => postcard::from_bytes::<Vec<Change>>(&ev.changes)
-                .map(|changes| WatchItem::Changes { seq: ev.seq, changes })
-                .map_err(|e| ClientError::Protocol(e.to_string())),
-            Err(s) => Err(ClientError::Unavailable(s.message().to_string())),
-        }))
+        Ok(Box::pin(stream.map(|item| {
+            match item {
+                Ok(ev) if ev.reset => Ok(WatchItem::Reset),
+                Ok(ev) => postcard::from_bytes::<Vec<Change>>(&ev.changes)
+                    .map(|changes| WatchItem::Changes { seq: ev.seq, changes })
+                    .map_err(|e| ClientError::Protocol(e.to_string())),
+                Err(s) => Err(ClientError::Unavailable(s.message().to_string())),
+            }
+        })))
     }
 
     // Typed helpers.
@@ -930,6 +935,37 @@ impl MetaClient {
     }
 }
 
+/// A volume's change stream (see [`MetaClient::watch`]).
+pub type WatchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchItem, ClientError>> + Send + 'static>>;
+
+/// A watch served by the change hub of a node in this process, item for item what its gRPC
+/// watch sends: a reset first when `from_seq` is older than the hub's history, the missed
+/// changes after `from_seq`, then every new change of `vol` (a reset when the stream fell
+/// behind or the node installed a snapshot). Ends when the node stops.
+fn local_watch(hub: &crate::watch::WatchHub, vol: VolumeId, from_seq: u64) -> WatchStream {
+    use crate::watch::HubEvent;
+    use tokio_stream::wrappers::BroadcastStream;
+    use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+    let sub = hub.subscribe(vol, from_seq);
+    let mut head: Vec<Result<WatchItem, ClientError>> = Vec::with_capacity(sub.backlog.len() + 1);
+    if sub.reset {
+        head.push(Ok(WatchItem::Reset));
+    }
+    head.extend(
+        sub.backlog.iter().map(|set| Ok(WatchItem::Changes { seq: set.seq, changes: set.changes.clone() })),
+    );
+    let live = BroadcastStream::new(sub.rx).filter_map(move |ev| match ev {
+        Ok(HubEvent::Changes(set)) if set.vol == vol => {
+            Some(Ok(WatchItem::Changes { seq: set.seq, changes: set.changes.clone() }))
+        }
+        Ok(HubEvent::Changes(_)) => None,
+        Ok(HubEvent::Reset) | Err(BroadcastStreamRecvError::Lagged(_)) => Some(Ok(WatchItem::Reset)),
+    });
+    Box::pin(tokio_stream::iter(head).chain(live))
+}
+
 /// One item of a watch stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchItem {
@@ -949,5 +985,54 @@ fn attr_of(r: Reply) -> Result<Attr, ClientError> {
     match r {
         Reply::Attr(a) | Reply::Entry { attr: a, .. } => Ok(a),
         other => Err(unexpected(&other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::WatchHub;
+    use elea_fsm::{Change, ChangeSet};
+
+    fn set(vol: u64, seq: u64, ino: u64) -> ChangeSet {
+        ChangeSet { vol, seq, changes: vec![Change::Inode(ino)] }
+    }
+
+    fn changes(seq: u64, ino: u64) -> WatchItem {
+        WatchItem::Changes { seq, changes: vec![Change::Inode(ino)] }
+    }
+
+    async fn next(s: &mut WatchStream) -> Option<WatchItem> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+            .await
+            .expect("watch item in time")
+            .map(|r| r.expect("no error"))
+    }
+
+    #[tokio::test]
+    async fn local_watch_resumes_then_follows_its_volume_only() {
+        let hub = WatchHub::new();
+        hub.publish(vec![set(1, 1, 10), set(2, 1, 20), set(1, 2, 11)]);
+        let mut s = local_watch(&hub, 1, 1);
+        assert_eq!(next(&mut s).await, Some(changes(2, 11)), "backlog after from_seq");
+        hub.publish(vec![set(2, 2, 21), set(1, 3, 12)]);
+        assert_eq!(next(&mut s).await, Some(changes(3, 12)), "live, other volume filtered out");
+        hub.reset();
+        assert_eq!(next(&mut s).await, Some(WatchItem::Reset), "snapshot install resets");
+        drop(hub);
+        assert_eq!(next(&mut s).await, None, "ends when the node stops");
+    }
+
+    #[tokio::test]
+    async fn local_watch_from_before_history_starts_with_reset() {
+        let hub = WatchHub::new();
+        hub.publish(vec![set(1, 5, 10), set(1, 6, 11)]);
+        let mut s = local_watch(&hub, 1, 2);
+        assert_eq!(next(&mut s).await, Some(WatchItem::Reset));
+        hub.publish(vec![set(1, 7, 12)]);
+        assert_eq!(next(&mut s).await, Some(changes(7, 12)));
+        let mut fresh = local_watch(&hub, 1, 0);
+        hub.publish(vec![set(1, 8, 13)]);
+        assert_eq!(next(&mut fresh).await, Some(changes(8, 13)), "from 0: live only, no reset");
     }
 }
