@@ -332,7 +332,7 @@ impl Vfs {
         let weak = Arc::downgrade(&vfs.inner);
         tokio::spawn(release_loop(weak.clone(), vfs.inner.release_wake.clone()));
         tokio::spawn(session_loop(weak.clone()));
-        tokio::spawn(watch_loop(weak.clone(), from_seq));
+        spawn_watch(weak.clone(), from_seq);
         tokio::spawn(flush_loop(weak));
         Ok(vfs)
     }
@@ -1483,6 +1483,30 @@ async fn session_loop(weak: Weak<Inner>) {
             }
             Err(e) => tracing::warn!(session, error = %e, "session heartbeat failed"),
         }
+    }
+}
+
+/// Runs [`watch_loop`] on a thread of its own with a single-threaded runtime. A change set
+/// then wakes that one thread (the node's thread wakes it directly when the metadata node is
+/// in this process) instead of a worker of the shared runtime, which in turn wakes a second
+/// worker to look for more work: measured through an `elea up` mount, about a hundred
+/// microseconds of CPU and several context switches per create. Falls back to a task of the
+/// shared runtime if the thread cannot be started.
+fn spawn_watch(weak: Weak<Inner>, from_seq: u64) {
+    let fallback = weak.clone();
+    let started = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            std::thread::Builder::new()
+                .name("elea-watch".into())
+                .spawn(move || rt.block_on(watch_loop(weak, from_seq)))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "cannot start the watch thread; following changes on the runtime");
+        tokio::spawn(watch_loop(fallback, from_seq));
     }
 }
 
