@@ -1489,9 +1489,9 @@ async fn session_loop(weak: Weak<Inner>) {
 /// Runs [`watch_loop`] on a thread of its own with a single-threaded runtime. A change set
 /// then wakes that one thread (the node's thread wakes it directly when the metadata node is
 /// in this process) instead of a worker of the shared runtime, which in turn wakes a second
-/// worker to look for more work: measured through an `elea up` mount, about a hundred
-/// microseconds of CPU and several context switches per create. Falls back to a task of the
-/// shared runtime if the thread cannot be started.
+/// worker to look for more work: measured through an `elea up` mount, one context switch
+/// and up to 40 microseconds of CPU per create fewer (docs/BENCHMARKS.md). Falls back to a
+/// task of the shared runtime if the thread cannot be started.
 fn spawn_watch(weak: Weak<Inner>, from_seq: u64) {
     let fallback = weak.clone();
     let started = tokio::runtime::Builder::new_current_thread()
