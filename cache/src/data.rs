@@ -2,8 +2,10 @@
 //! hashing, stored on `R` cache nodes, then committed to metadata) and reads byte ranges of
 //! files by resolving their slices.
 //!
-//! Reads fetch in one of two ways. A sequential reader fetches whole blocks, and the next
-//! blocks of its slice ahead of it. Any other read fetches only the aligned windows
+//! Reads fetch in one of two ways. A sequential reader fetches whole blocks, and its caller
+//! has the next [`DataConfig::readahead`] blocks' worth of the file fetched ahead of it
+//! ([`DataClient::readahead_due`], [`DataClient::prefetch`]): by file offset, across slice and
+//! chunk boundaries, nearest first. Any other read fetches only the aligned windows
 //! ([`DataConfig::window`] bytes) of each block that hold the bytes it wants, as ranges from
 //! the cache nodes, so a small random read moves a window instead of a 4 MiB block (a read
 //! that wants at least half of a block still fetches all of it). Whole blocks and windows
@@ -42,7 +44,8 @@ pub struct DataConfig {
     pub site: String,
     /// Block transfers in flight per call.
     pub concurrency: usize,
-    /// Blocks fetched ahead of a sequential reader.
+    /// How far ahead of a sequential reader its file is fetched, in blocks (`BLOCK_SIZE`
+    /// bytes each). Zero turns read-ahead off.
     pub readahead: usize,
     /// Bytes of whole blocks and windows kept in the client's cache. Default 256 MiB.
     pub cache_bytes: usize,
@@ -90,11 +93,18 @@ const WHOLE: u32 = u32::MAX;
 /// of order).
 const SEQ_SLACK: u64 = 256 << 10;
 
-/// Per inode: where its last read ended, and how many reads in a row started near there.
+/// Block fetches of one read-ahead in flight at once: in file order, so the block the reader
+/// wants next does not share the disk with the whole window.
+const READAHEAD_PARALLEL: usize = 4;
+
+/// Per inode: where its last read ended, how many reads in a row started near there, whether
+/// that read was sequential, and how far the file has been fetched ahead of it.
 #[derive(Debug, Clone, Copy)]
 struct ReadRun {
     end: u64,
     run: u32,
+    sequential: bool,
+    ahead: u64,
 }
 
 type Cell = Arc<OnceCell<Bytes>>;
@@ -134,6 +144,31 @@ struct Want {
     out_off: usize,
 }
 
+/// The pieces of slices that hold bytes `[offset, end)` of a file, from its chunks' slice
+/// lists, in list order (oldest first: where two overlap, the later one's bytes win).
+fn wants(offset: u64, end: u64, chunks: &[(u64, Arc<Vec<Slice>>)]) -> Vec<Want> {
+    let mut wants = Vec::new();
+    for (chunk, slices) in chunks {
+        let base = chunk * CHUNK_SIZE;
+        for p in slices.iter().filter(|p| p.id != 0) {
+            let ps = base + u64::from(p.offset);
+            let pe = ps + u64::from(p.len);
+            let (a, b) = (ps.max(offset), pe.min(end));
+            if a >= b {
+                continue;
+            }
+            wants.push(Want {
+                slice: p.id,
+                slice_len: p.slice_len,
+                slice_off: u64::from(p.slice_offset) + (a - ps),
+                len: (b - a) as usize,
+                out_off: (a - offset) as usize,
+            });
+        }
+    }
+    wants
+}
+
 impl DataClient {
     pub fn new(meta: MetaClient, cfg: DataConfig) -> Self {
         let vols = Volumes::new(meta.clone(), cfg.store.clone());
@@ -169,6 +204,11 @@ impl DataClient {
 
     pub fn meta(&self) -> &MetaClient {
         &self.inner.meta
+    }
+
+    /// Whether the client's cache holds block `index` of `slice` whole (diagnostics).
+    pub fn holds(&self, slice: u64, index: u32) -> bool {
+        self.inner.cache.contains(&PieceKey { slice, index, piece: WHOLE })
     }
 
     /// The cache node registry (refreshed every `node_refresh`, or now with `force`).
@@ -412,6 +452,31 @@ impl DataClient {
             return Ok(Vec::new());
         }
         let end = size.min(offset.saturating_add(len as u64));
+        let chunks = self.chunk_lists(vol, ino, offset, end).await?;
+        let out = self.read_slices(vol, ino, offset, end, &chunks).await?;
+        if let Some((from, to)) = self.readahead_due(vol, ino, size) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let r = match this.chunk_lists(vol, ino, from, to).await {
+                    Ok(chunks) => this.prefetch(vol, from, to, &chunks).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    tracing::debug!(ino, from, to, error = %e, "read-ahead failed");
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// The slice lists of the chunks `[offset, end)` touches, from metadata.
+    async fn chunk_lists(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, Arc<Vec<Slice>>)>, CacheError> {
         let mut chunks = Vec::new();
         for chunk in offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE) {
             match self.inner.meta.query(Query::ReadChunk { vol, ino, chunk }).await? {
@@ -419,7 +484,7 @@ impl DataClient {
                 other => return Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
             }
         }
-        self.read_slices(vol, ino, offset, end, &chunks).await
+        Ok(chunks)
     }
 
     /// Reads bytes `[offset, end)` of a file whose chunk slice lists the caller already
@@ -437,25 +502,7 @@ impl DataClient {
             return Ok(Vec::new());
         }
         let mut out = vec![0u8; (end - offset) as usize];
-        let mut wants = Vec::new();
-        for (chunk, slices) in chunks {
-            let base = chunk * CHUNK_SIZE;
-            for p in slices.iter().filter(|p| p.id != 0) {
-                let ps = base + u64::from(p.offset);
-                let pe = ps + u64::from(p.len);
-                let (a, b) = (ps.max(offset), pe.min(end));
-                if a >= b {
-                    continue;
-                }
-                wants.push(Want {
-                    slice: p.id,
-                    slice_len: p.slice_len,
-                    slice_off: u64::from(p.slice_offset) + (a - ps),
-                    len: (b - a) as usize,
-                    out_off: (a - offset) as usize,
-                });
-            }
-        }
+        let wants = wants(offset, end, chunks);
         if wants.is_empty() {
             return Ok(out);
         }
@@ -526,9 +573,6 @@ impl DataClient {
                 done += n;
             }
         }
-        if sequential {
-            self.readahead(vol, &wants, &locs);
-        }
         Ok(out)
     }
 
@@ -543,8 +587,76 @@ impl DataClient {
         let prev = g.get(&(vol, ino)).copied();
         let near = prev.is_some_and(|p| offset.abs_diff(p.end) <= SEQ_SLACK);
         let run = if near { prev.map_or(0, |p| p.run).saturating_add(1) } else { 0 };
-        g.insert((vol, ino), ReadRun { end, run });
-        prev.is_some_and(|p| p.end == offset) || run >= 2
+        let sequential = prev.is_some_and(|p| p.end == offset) || run >= 2;
+        // What was fetched ahead still counts while the run goes on.
+        let ahead = match prev {
+            Some(p) if sequential => p.ahead.max(end),
+            _ => end,
+        };
+        g.insert((vol, ino), ReadRun { end, run, sequential, ahead });
+        sequential
+    }
+
+    /// The part of a file of `size` bytes to fetch ahead of its reader now: `Some` when the
+    /// inode's last read (through [`Self::read_slices`]) was sequential and the read-ahead
+    /// window past it reaches a block further than what was already asked for. The range
+    /// counts as asked for from here on; pass it, with its chunks' slice lists, to
+    /// [`Self::prefetch`].
+    pub fn readahead_due(&self, vol: VolumeId, ino: Ino, size: u64) -> Option<(u64, u64)> {
+        let window = (self.inner.cfg.readahead as u64).saturating_mul(BLOCK_SIZE);
+        if window == 0 {
+            return None;
+        }
+        let mut g = self.inner.last_read.lock().unwrap_or_else(|p| p.into_inner());
+        let r = g.get_mut(&(vol, ino)).filter(|r| r.sequential)?;
+        // Whole blocks at a time (the end of the file excepted), so that one read-ahead is
+        // asked for per block the reader passes, not per read.
+        let reach = r.end.saturating_add(window);
+        let to = if reach >= size { size } else { reach - reach % BLOCK_SIZE };
+        if to <= r.ahead {
+            return None;
+        }
+        let from = r.ahead.max(r.end);
+        r.ahead = to;
+        Some((from, to))
+    }
+
+    /// Fetches the blocks that hold bytes `[from, to)` of a file (`chunks`: the slice lists
+    /// of the chunks the range touches, as for [`Self::read_slices`]) into the client's cache,
+    /// whole, nearest first, a few at a time. Blocks already cached or in flight are not
+    /// fetched again.
+    pub async fn prefetch(
+        &self,
+        vol: VolumeId,
+        from: u64,
+        to: u64,
+        chunks: &[(u64, Arc<Vec<Slice>>)],
+    ) -> Result<(), CacheError> {
+        let wants = wants(from, to, chunks);
+        let mut ids: Vec<u64> = wants.iter().map(|w| w.slice).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let locs = self.locations(&ids).await?;
+        let mut pieces: Vec<(PieceKey, u32)> = Vec::new();
+        for w in &wants {
+            let (start, end) = (w.slice_off, w.slice_off + w.len as u64);
+            for i in start / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
+                let key = PieceKey { slice: w.slice, index: i as u32, piece: WHOLE };
+                if !pieces.iter().any(|(k, _)| *k == key) && !self.inner.cache.contains(&key) {
+                    pieces.push((key, w.slice_len));
+                }
+            }
+        }
+        let mut fetches = futures::stream::iter(pieces)
+            .map(|(key, slice_len)| {
+                let loc = locs.get(&key.slice).cloned().flatten();
+                async move { self.piece(vol, key, slice_len, loc).await.map(|_| ()) }
+            })
+            .buffered(READAHEAD_PARALLEL);
+        while let Some(r) = fetches.next().await {
+            r?;
+        }
+        Ok(())
     }
 
     /// Locations of `ids`, from the location cache or metadata (`None`: metadata has none).
@@ -581,31 +693,6 @@ impl DataClient {
             self.inner.locs.insert(id, l.clone());
         }
         l
-    }
-
-    /// A sequential reader gets the next blocks of the slice it is reading fetched ahead.
-    fn readahead(&self, vol: VolumeId, wants: &[Want], locs: &HashMap<u64, Option<Arc<SliceLoc>>>) {
-        let Some(w) = wants.last() else { return };
-        if self.inner.cfg.readahead == 0 {
-            return;
-        }
-        let next = (w.slice_off + w.len as u64) / BLOCK_SIZE;
-        let total = elea_fsm::blocks_of(w.slice_len) as u64;
-        let loc = locs.get(&w.slice).cloned().flatten();
-        for i in next..(next + self.inner.cfg.readahead as u64).min(total) {
-            let key = PieceKey { slice: w.slice, index: i as u32, piece: WHOLE };
-            if self.inner.cache.contains(&key) {
-                continue;
-            }
-            let this = self.clone();
-            let loc = loc.clone();
-            let slice_len = w.slice_len;
-            tokio::spawn(async move {
-                if let Err(e) = this.piece(vol, key, slice_len, loc).await {
-                    tracing::debug!(slice = key.slice, index = i, error = %e, "read-ahead failed");
-                }
-            });
-        }
     }
 
     /// One piece of a block, from the client's cache (a window also from its whole block)

@@ -150,6 +150,61 @@ async fn write_tier_and_read(in_process: bool) {
     assert_eq!(cold.read(vol, f.ino, b_off, 3 * MIB).await.unwrap(), b);
 }
 
+/// A sequential reader gets the file fetched ahead of it by file offset: past the end of the
+/// slice it reads and into the next chunk's slices, nearest first; a reader that jumps
+/// around gets nothing fetched ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_ahead_crosses_slices_and_chunks() {
+    let c = cluster_of(1, false).await;
+    let vol = c.volume("ra", 1, 3_600_000).await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let d = c.data();
+    // Three slices: [56, 60) MiB, and [60, 64) plus [64, 69) MiB from one write across the
+    // chunk boundary.
+    let start = 56 * MIB;
+    let a = content(7, 4 * MIB);
+    let b = content(8, 9 * MIB);
+    d.write(vol, f.ino, start as u64, Bytes::from(a.clone())).await.unwrap();
+    d.write(vol, f.ino, (start + 4 * MIB) as u64, Bytes::from(b.clone())).await.unwrap();
+    let (first, next) = (slice_ids(&c, vol, f.ino, 0).await, slice_ids(&c, vol, f.ino, 1).await);
+    assert_eq!((first.len(), next.len()), (2, 1), "{first:?} {next:?}");
+    let (sa, sb, sc) = (first[0], first[1], next[0]);
+
+    // Random reads: nothing is due.
+    let cold = c.data();
+    for off in [start + 3 * MIB, start + MIB, start + 2 * MIB + 5] {
+        let got = cold.read(vol, f.ino, off as u64, 4096).await.unwrap();
+        assert_eq!(got, a[off - start..off - start + 4096]);
+    }
+    assert_eq!(cold.readahead_due(vol, f.ino, (start + 13 * MIB) as u64), None);
+    assert!(!cold.holds(sb, 0) && !cold.holds(sc, 0));
+
+    // Two reads in a row from the start of the first slice: sequential. Everything up to the
+    // end of the file (within the window) is fetched, across both boundaries.
+    let r = c.data();
+    for i in 0..2 {
+        let off = start + i * 128 * 1024;
+        assert_eq!(
+            r.read(vol, f.ino, off as u64, 128 * 1024).await.unwrap(),
+            a[off - start..off - start + 128 * 1024]
+        );
+    }
+    // The window reached the end of the file at once: nothing more is due.
+    assert_eq!(r.readahead_due(vol, f.ino, (start + 13 * MIB) as u64), None);
+    wait_until(Duration::from_secs(10), "read-ahead into the next slice and chunk", || async {
+        r.holds(sa, 0) && r.holds(sb, 0) && r.holds(sc, 0) && r.holds(sc, 1)
+    })
+    .await;
+    assert_eq!(r.read(vol, f.ino, (start + 4 * MIB) as u64, 9 * MIB).await.unwrap(), b);
+}
+
+async fn slice_ids(c: &TestCluster, vol: u64, ino: u64, chunk: u64) -> Vec<u64> {
+    match c.meta.query(elea_fsm::Query::ReadChunk { vol, ino, chunk }).await.unwrap() {
+        elea_fsm::Reply::Slices(s) => s.iter().map(|s| s.id).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_outage_keeps_writes_acknowledged_and_the_backlog_drains() {
     let mut c = TestCluster::start(2).await;

@@ -794,7 +794,7 @@ impl Vfs {
         }
     }
 
-    async fn read_cached(&self, n: &InodeState, offset: u64, len: u32) -> Result<Bytes, Errno> {
+    async fn read_cached(&self, n: &Arc<InodeState>, offset: u64, len: u32) -> Result<Bytes, Errno> {
         let (epoch, attr) = {
             let c = n.cache();
             (c.epoch, c.attr.clone())
@@ -814,6 +814,41 @@ impl Vfs {
             return Ok(Bytes::new());
         }
         let end = attr.size.min(offset + u64::from(len));
+        let chunks = self.chunk_lists(n, epoch, offset, end).await?;
+        let out = self
+            .inner
+            .data
+            .read_slices(self.inner.vol, n.ino, offset, end, &chunks)
+            .await
+            .map_err(data_err)?;
+        if let Some((from, to)) = self.inner.data.readahead_due(self.inner.vol, n.ino, attr.size) {
+            // A sequential reader: the next stretch of the file is fetched in the background,
+            // past the end of this slice and chunk too.
+            let (this, n) = (self.clone(), n.clone());
+            tokio::spawn(async move {
+                let r = match this.chunk_lists(&n, epoch, from, to).await {
+                    Ok(chunks) => {
+                        this.inner.data.prefetch(this.inner.vol, from, to, &chunks).await.map_err(data_err)
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    tracing::debug!(ino = n.ino, from, to, error = %e, "read-ahead failed");
+                }
+            });
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// The slice lists of the chunks `[offset, end)` touches: cached ones, the others from
+    /// metadata (kept unless the inode was invalidated after `epoch`).
+    async fn chunk_lists(
+        &self,
+        n: &InodeState,
+        epoch: u64,
+        offset: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, Arc<Vec<Slice>>)>, Errno> {
         let mut chunks = Vec::new();
         for chunk in offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE) {
             let cached = n.cache().chunks.get(&chunk).cloned();
@@ -834,13 +869,7 @@ impl Vfs {
             };
             chunks.push((chunk, list));
         }
-        let out = self
-            .inner
-            .data
-            .read_slices(self.inner.vol, n.ino, offset, end, &chunks)
-            .await
-            .map_err(data_err)?;
-        Ok(Bytes::from(out))
+        Ok(chunks)
     }
 
     /// Buffers a write; returns the bytes taken. `O_APPEND` handles write at the end.
