@@ -150,6 +150,7 @@ pub async fn serve(
     core_cfg.snapshot_every = cfg.snapshot_every;
     core_cfg.compact_margin = cfg.compact_margin;
     core_cfg.async_writes = true;
+    core_cfg.defer_commit_broadcast = !cfg.node.announce_commit_after.is_zero();
     core_cfg.read_lease =
         core_cfg.lease_for_tick(u64::try_from(cfg.node.tick.as_nanos()).unwrap_or(u64::MAX));
     let core = GroupCore::open(core_cfg, storage).map_err(|e| ServeError::Storage(e.to_string()))?;

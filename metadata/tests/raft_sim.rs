@@ -267,6 +267,8 @@ struct Stats {
     acks_checked: u64,
     /// Reads answered from a leader's applied state outside its core.
     local_reads: u64,
+    /// Commit indexes a leader announced on its own (`GroupCore::announce_commit`).
+    commit_announces: u64,
 }
 
 struct Sim {
@@ -291,11 +293,26 @@ struct Sim {
     /// Clients' reads are answered from a leader's applied state, outside its core, whenever
     /// its published lease allows (as the node thread's callers do).
     local_reads: bool,
+    /// `CoreConfig::defer_commit_broadcast`, with the chance (per mille, each step) that a
+    /// leader with an unannounced commit announces it, as the node thread's timer does.
+    defer_commit: Option<u64>,
 }
 
 impl Sim {
-    /// `n` bootstrapped voters, ids `1..=n`.
+    /// `n` bootstrapped voters, ids `1..=n`; a third of the seeds defer commit broadcasts.
     fn new(seed: u64, mode: Mode, n: u64, snapshot_every: u64, compact_margin: u64) -> Self {
+        let defer = (seed % 3 == 1).then_some(300);
+        Self::with_defer(seed, mode, n, snapshot_every, compact_margin, defer)
+    }
+
+    fn with_defer(
+        seed: u64,
+        mode: Mode,
+        n: u64,
+        snapshot_every: u64,
+        compact_margin: u64,
+        defer_commit: Option<u64>,
+    ) -> Self {
         let mut sim = Sim {
             seed,
             mode,
@@ -313,6 +330,7 @@ impl Sim {
             fp_at: BTreeMap::new(),
             stats: Stats::default(),
             local_reads: false,
+            defer_commit,
         };
         let members: Vec<Member> = (1..=n).map(|id| Member { id, addr: addr(id), learner: false }).collect();
         for id in 1..=n {
@@ -345,6 +363,7 @@ impl Sim {
         cfg.async_writes = self.mode == Mode::Async;
         // One step is one tick (or less, when a tick is skipped): leases in steps.
         cfg.read_lease = cfg.lease_for_tick(lease_tick());
+        cfg.defer_commit_broadcast = self.defer_commit.is_some();
         cfg
     }
 
@@ -576,6 +595,15 @@ impl Sim {
             self.process(id, &mut out);
             if self.mode == Mode::Async {
                 self.run_writer(id, &mut out);
+            }
+            let announce = self.defer_commit.is_some_and(|p| self.rng.chance(p));
+            if let Some(core) = self.core_mut(id)
+                && announce
+                && core.commit_unannounced()
+            {
+                core.announce_commit();
+                self.stats.commit_announces += 1;
+                self.process(id, &mut out);
             }
         }
         self.stats.events += out.len() as u64;
@@ -1534,6 +1562,7 @@ fn acknowledged_writes_survive_crashes() {
 #[test]
 fn register_is_linearizable() {
     let mut local_reads = 0;
+    let mut announces = 0;
     for (seed, mode) in runs(100) {
         let _run = RunGuard(seed, mode);
         let mut sim = Sim::new(seed, mode, if seed % 2 == 0 { 3 } else { 5 }, 20, seed % 4);
@@ -1583,8 +1612,10 @@ fn register_is_linearizable() {
         sim.trace(&format!("{} ops, {reads} reads, {open} incomplete; {:?}", h.len(), sim.stats));
         assert!(reads >= 3, "seed {seed}: only {reads} reads completed");
         local_reads += sim.stats.local_reads;
+        announces += sim.stats.commit_announces;
     }
     assert!(local_reads > 0, "no read was answered outside a core");
+    assert!(announces > 0, "no leader announced a deferred commit");
 }
 
 impl Workload {
@@ -2122,4 +2153,57 @@ fn lease_reads_stop_before_a_new_leader_can_be_elected() {
     }
     assert!(served_from_lease > 0, "no read was ever answered from a lease");
     assert!(served_locally > 0, "no read was ever answered outside a core");
+}
+
+/// With deferred commit broadcasts, followers learn a commit index from the next append, or
+/// from the leader's own announcement when none follows: with no ticks (so no heartbeats),
+/// the followers of a quiet leader stay behind until it announces, then catch up. Without
+/// deferral they catch up at once.
+#[test]
+fn deferred_commit_is_announced_when_no_append_follows() {
+    let mut announced = 0;
+    for seed in seeds(10) {
+        for defer in [true, false] {
+            let _run = RunGuard(seed, Mode::Async);
+            let mut sim = Sim::with_defer(seed, Mode::Async, 3, 20_000, 0, defer.then_some(0));
+            sim.faults = Faults::FIFO;
+            let mut wl = Workload::none();
+            let leader = await_leader(&mut sim);
+            Workload::create_volume(&mut sim);
+            // No more ticks: no heartbeats, no elections.
+            sim.faults.skip_tick = 1000;
+            write_register(&mut sim, 50, 1, &mut wl);
+            for _ in 0..10 {
+                sim.step();
+            }
+            let others: Vec<NodeId> = sim.ids().into_iter().filter(|&i| i != leader).collect();
+            let applied = sim.core(leader).applied();
+            let behind = others.iter().any(|&o| sim.core(o).applied() < applied);
+            assert_eq!(
+                behind,
+                defer,
+                "seed {seed} defer {defer}: followers behind the leader's {applied}: {behind}\n{}",
+                sim.describe()
+            );
+            assert_eq!(sim.core(leader).commit_unannounced(), defer, "seed {seed} defer {defer}");
+            if defer {
+                let mut out = Vec::new();
+                sim.core_mut(leader).unwrap().announce_commit();
+                sim.process(leader, &mut out);
+                assert!(!sim.core(leader).commit_unannounced(), "seed {seed}: still unannounced");
+                for _ in 0..10 {
+                    sim.step();
+                }
+                for &o in &others {
+                    assert_eq!(
+                        sim.core(o).applied(),
+                        applied,
+                        "seed {seed}: follower {o} after the announcement"
+                    );
+                }
+                announced += 1;
+            }
+        }
+    }
+    assert!(announced > 0);
 }

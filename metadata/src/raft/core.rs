@@ -9,7 +9,7 @@
 //! committed entries, persist entries and hard state (one durable write for everything in the
 //! Ready: group commit), send persisted messages, advance, then the light ready.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use elea_common::{GroupId, NodeId, Timespec};
@@ -18,7 +18,7 @@ use protobuf::Message as _;
 use raft::prelude::{
     ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
 };
-use raft::{RawNode, ReadOnlyOption, StateRole};
+use raft::{ProgressState, RawNode, ReadOnlyOption, StateRole};
 use serde::{Deserialize, Serialize};
 
 use super::storage::{DiskJob, GroupStorage, StoreError};
@@ -54,6 +54,12 @@ pub struct CoreConfig {
     /// started; 0 = every read takes a ReadIndex round. Must stay below `election_tick - 1`
     /// ticks (see [`GroupCore::read`]); [`CoreConfig::lease_for_tick`] picks a safe value.
     pub read_lease: u64,
+    /// A leader does not send an append of its own just to tell followers a new commit
+    /// index: the next append carries it. The driver asks [`GroupCore::commit_unannounced`]
+    /// and, when no append followed soon enough, calls [`GroupCore::announce_commit`].
+    /// Under load this saves two messages and their answers per commit round; followers
+    /// apply (and announce on their watch streams) that much later.
+    pub defer_commit_broadcast: bool,
 }
 
 impl CoreConfig {
@@ -71,6 +77,7 @@ impl CoreConfig {
             max_inflight_msgs: 256,
             async_writes: false,
             read_lease: 0,
+            defer_commit_broadcast: false,
         }
     }
 
@@ -237,6 +244,8 @@ pub struct GroupCore {
     quiet_ticks: usize,
     /// Reads were answered outside the core since the last lease renewal.
     local_reads_seen: bool,
+    /// The highest commit index sent to each peer in an append (or announced to all).
+    commit_sent: HashMap<NodeId, u64>,
 }
 
 fn role_name(r: StateRole) -> &'static str {
@@ -305,6 +314,7 @@ impl GroupCore {
             check_quorum: true,
             pre_vote: true,
             read_only_option: ReadOnlyOption::Safe,
+            skip_bcast_commit: cfg.defer_commit_broadcast,
             ..Default::default()
         };
         raft_cfg.validate().map_err(|e| CoreError::Invalid(e.to_string()))?;
@@ -336,6 +346,7 @@ impl GroupCore {
             transfer_term: 0,
             quiet_ticks: 0,
             local_reads_seen: false,
+            commit_sent: HashMap::new(),
         })
     }
 
@@ -673,7 +684,47 @@ impl GroupCore {
     }
 
     pub fn take_messages(&mut self) -> Vec<Message> {
+        if self.cfg.defer_commit_broadcast && self.is_leader() {
+            for m in &self.outbox {
+                if m.get_msg_type() == MessageType::MsgAppend {
+                    let sent = self.commit_sent.entry(m.to).or_default();
+                    *sent = (*sent).max(m.commit);
+                }
+            }
+        }
         std::mem::take(&mut self.outbox)
+    }
+
+    /// With [`CoreConfig::defer_commit_broadcast`]: this leader committed entries that a
+    /// follower it replicates to has not been told about yet.
+    pub fn commit_unannounced(&self) -> bool {
+        if !self.cfg.defer_commit_broadcast || !self.is_leader() {
+            return false;
+        }
+        let committed = self.raw.raft.raft_log.committed;
+        let me = self.cfg.node_id;
+        self.raw.raft.prs().iter().any(|(id, pr)| {
+            *id != me
+                && pr.state == ProgressState::Replicate
+                && self.commit_sent.get(id).copied().unwrap_or(0) < committed
+        })
+    }
+
+    /// Sends every follower an append (empty if it is up to date) carrying the commit index;
+    /// [`GroupCore::process`] then hands the messages out. A follower that cannot take one
+    /// now (too many appends in flight, or probing) learns it with its next append or
+    /// heartbeat, so it counts as told.
+    pub fn announce_commit(&mut self) {
+        if !self.is_leader() {
+            return;
+        }
+        self.raw.raft.bcast_append();
+        let committed = self.raw.raft.raft_log.committed;
+        let me = self.cfg.node_id;
+        for id in self.raw.raft.prs().iter().map(|(id, _)| *id).filter(|id| *id != me) {
+            let sent = self.commit_sent.entry(id).or_default();
+            *sent = (*sent).max(committed);
+        }
     }
 
     pub fn take_events(&mut self) -> Vec<Event> {

@@ -28,11 +28,21 @@ pub struct NodeConfig {
     pub tick: Duration,
     /// How often the leader expires sessions whose lease ended.
     pub expire_every: Duration,
+    /// How long a leader waits for an append to carry a new commit index to its followers
+    /// before it sends one for that alone (see `CoreConfig::defer_commit_broadcast`, which
+    /// the service sets unless this is zero). Bounds how much later than the leader a
+    /// follower applies an entry, and so how much later a watch served by a follower
+    /// announces it.
+    pub announce_commit_after: Duration,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        Self { tick: Duration::from_millis(100), expire_every: Duration::from_secs(1) }
+        Self {
+            tick: Duration::from_millis(100),
+            expire_every: Duration::from_secs(1),
+            announce_commit_after: Duration::from_millis(2),
+        }
     }
 }
 
@@ -358,8 +368,11 @@ fn run(
     let mut next_tick = Instant::now() + cfg.tick;
     let mut next_expire = Instant::now() + cfg.expire_every;
     let mut book_epoch = u64::MAX;
+    // When to send followers a commit index no append has carried yet.
+    let mut announce_at: Option<Instant> = None;
     loop {
-        let timeout = next_tick.saturating_duration_since(Instant::now());
+        let wake = announce_at.map_or(next_tick, |a| a.min(next_tick));
+        let timeout = wake.saturating_duration_since(Instant::now());
         let first = match rx.recv_timeout(timeout) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
@@ -441,6 +454,10 @@ fn run(
                 next_tick = Instant::now() + cfg.tick;
             }
         }
+        if announce_at.is_some_and(|a| Instant::now() >= a) {
+            announce_at = None;
+            core.announce_commit();
+        }
         if core.is_leader() && Instant::now() >= next_expire {
             next_expire = Instant::now() + cfg.expire_every;
             let cmd = Command { client: 0, seq: 0, acked_below: 0, time: now, op: Op::ExpireSessions };
@@ -493,6 +510,12 @@ fn run(
                 return;
             }
             break;
+        }
+        // Under load the next proposal's append carries the commit index well before this.
+        if !core.commit_unannounced() {
+            announce_at = None;
+        } else if announce_at.is_none() {
+            announce_at = Some(Instant::now() + cfg.announce_commit_after);
         }
         // Refresh the shared address book when membership changed.
         if core.members_epoch() != book_epoch {
