@@ -1,6 +1,6 @@
 //! Malformed, oversized and misdirected requests get clear errors, and the node keeps serving
 //! with its state intact. Also: a retried command is applied once, and the watch stream
-//! delivers changes.
+//! delivers changes. Bad peer links are refused or closed.
 
 use std::time::Duration;
 
@@ -102,6 +102,87 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     assert!(!ok && err.contains("HOST:PORT"), "{err}");
     let (ok, _, err) = elea_cli(&["status", "--meta", "127.0.0.1:1"]);
     assert!(!ok && err.contains("no metadata node answered"), "{err}");
+}
+
+/// Opens a raw peer link to `addr` and writes `bytes`.
+fn raw_link(addr: &str, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(bytes).expect("write");
+    s
+}
+
+/// Reads until the node closes the connection; panics if it stays open.
+fn assert_closed(mut s: std::net::TcpStream, what: &str) {
+    use std::io::Read as _;
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what}: link still open ({e})"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peer_links_are_refused_and_the_node_keeps_serving() {
+    use elea_metadata::raft::link::{self, Hello, LinkError};
+    let cl = Cluster::start(1, &[]);
+    let c = cl.client();
+    let addr = cl.nodes[0].addr.clone();
+    wait_leader(&c, std::slice::from_ref(&addr), Duration::from_secs(15)).await.expect("leader");
+    let vol = c.create_volume("links", Default::default()).await.expect("volume");
+    let hello =
+        |group, from, to, from_addr: &str| Hello { group, from, to, from_addr: from_addr.into() }.encode();
+    let refused = |bytes: Vec<u8>, want: &str| {
+        let mut s = raw_link(&addr, &bytes);
+        match link::read_answer(&mut s) {
+            Err(LinkError::Refused(why)) => assert!(why.contains(want), "{why:?} lacks {want:?}"),
+            r => panic!("want a refusal containing {want:?}, got {r:?}"),
+        }
+        assert_closed(s, want);
+    };
+    refused(hello(1, 2, 5, "127.0.0.1:9"), "this is node 1, not node 5");
+    refused(hello(42, 2, 1, "127.0.0.1:9"), "serves raft group 1, not 42");
+    refused(hello(1, 1, 1, "127.0.0.1:9"), "from node 1 makes no sense");
+    refused(hello(1, 2, 1, "nohost"), "bad address");
+
+    // A bad magic (after the NUL that marks a link), then a hello cut short.
+    let mut bad = hello(1, 2, 1, "127.0.0.1:9");
+    bad[4] = b'X';
+    assert_closed(raw_link(&addr, &bad), "bad magic");
+    let good = hello(1, 2, 1, "127.0.0.1:9");
+    let s = raw_link(&addr, &good[..good.len() - 3]);
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    assert_closed(s, "short hello");
+
+    // Accepted links that then send an oversized frame, garbage, or a message that claims
+    // another sender: closed, nothing delivered.
+    let accepted = |frames: &[u8], what: &str| {
+        let mut s = raw_link(&addr, &good);
+        link::read_answer(&mut s).unwrap_or_else(|e| panic!("{what}: hello refused: {e}"));
+        use std::io::Write as _;
+        s.write_all(frames).expect("write frames");
+        assert_closed(s, what);
+    };
+    let frame = |body: &[u8]| {
+        let mut f = u32::try_from(body.len()).expect("len").to_le_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    };
+    accepted(&u32::try_from(link::MAX_FRAME + 1).expect("len").to_le_bytes(), "oversized frame");
+    accepted(&frame(&[0xff; 5]), "garbage frame");
+    // eraftpb.Message { msg_type: MsgHeartbeat, to: 1, from: 9, term: 1 } in protobuf-2.
+    accepted(&frame(&[0x08, 0x08, 0x10, 0x01, 0x18, 0x09, 0x20, 0x01]), "sender other than the hello's");
+
+    // Still serving, state intact, and still the leader of its own cluster.
+    c.mkdir(vol.id, ROOT_INO, b"after-bad-links", 0o755).await.expect("node still serves");
+    let st = c.status_of(&addr).await.expect("status");
+    assert_eq!(st.leader_id, 1, "{st:?}");
+    assert_eq!(st.members.len(), 1, "{st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use elea_common::ids::DEFAULT_GROUP;
 use elea_common::{GroupId, NodeId};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::proto::meta_server::MetaServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::raft::core::{CoreConfig, GroupCore, Member, validate_addr};
+use crate::raft::link::MAGIC;
 use crate::raft::node::{self, NodeConfig, NodeHandle};
 use crate::raft::storage::{GroupStorage, LogStore, LogStoreConfig};
 use crate::raft::transport::{MAX_RAFT_MESSAGE, Transport};
@@ -154,16 +155,20 @@ pub async fn serve(
     core_cfg.read_lease =
         core_cfg.lease_for_tick(u64::try_from(cfg.node.tick.as_nanos()).unwrap_or(u64::MAX));
     let core = GroupCore::open(core_cfg, storage).map_err(|e| ServeError::Storage(e.to_string()))?;
-    let (handle, join, mut ended) = node::spawn(core, cfg.node.clone(), transport.clone());
+    let (handle, join, mut ended) = node::spawn(core, cfg.node.clone(), transport.clone())
+        .map_err(|e| ServeError::Storage(format!("cannot start the raft group: {e}")))?;
     let svc = std::sync::Arc::new(MetaService::new(
         handle.clone(),
-        transport,
+        transport.clone(),
         cfg.node_id,
         cfg.advertise.clone(),
         cfg.group,
     ));
     let _local = crate::local::register(&cfg.advertise, handle.clone());
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // One port for both: gRPC connections go to tonic, peer links to the transport.
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<TcpStream>>(64);
+    let accept = tokio::spawn(accept_loop(listener, transport.clone(), conn_tx));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     // Peers keep long-lived streams open, so a graceful shutdown would wait for ever: after
     // the signal, open connections get SHUTDOWN_GRACE to finish, then the server is dropped.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -202,9 +207,49 @@ pub async fn serve(
         // answers but can do nothing; clients fail over to the others.
         _ = &mut ended => Err(ServeError::Storage("the raft group stopped after a fatal error (see the log)".into())),
     };
+    accept.abort();
+    transport.shutdown();
     handle.stop();
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
     result
+}
+
+/// How long a new connection may take to send its first byte before it is handed to gRPC.
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections and tells peer links (whose first byte is NUL, which no HTTP/2 client
+/// sends) from gRPC connections. Ends when the gRPC server stops taking connections.
+async fn accept_loop(
+    listener: TcpListener,
+    transport: Transport,
+    grpc: tokio::sync::mpsc::Sender<std::io::Result<TcpStream>>,
+) {
+    while !grpc.is_closed() {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors, for example: keep serving the connections we have.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (transport, grpc) = (transport.clone(), grpc.clone());
+        tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(SNIFF_TIMEOUT, stream.peek(&mut first)).await {
+                Ok(Ok(0) | Err(_)) => {}
+                Ok(Ok(_)) if first[0] == MAGIC[0] => match stream.into_std() {
+                    Ok(s) => transport.accept_link(s),
+                    Err(e) => tracing::warn!(error = %e, "cannot take over a peer link"),
+                },
+                _ => {
+                    let _ = grpc.send(Ok(stream)).await;
+                }
+            }
+        });
+    }
 }
 
 /// A joining node asks the cluster for its member book (so it can answer the leader) and

@@ -459,17 +459,6 @@ impl proto::raft_peer_server::RaftPeer for MetaService {
         self.deliver_batch(req.into_inner())?;
         Ok(Response::new(proto::RaftAck {}))
     }
-
-    async fn stream(
-        &self,
-        req: Request<tonic::Streaming<proto::RaftBatch>>,
-    ) -> Result<Response<proto::RaftAck>, Status> {
-        let mut stream = req.into_inner();
-        while let Some(batch) = stream.message().await? {
-            self.deliver_batch(batch)?;
-        }
-        Ok(Response::new(proto::RaftAck {}))
-    }
 }
 
 impl MetaService {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use raft::prelude::Message;
 use tokio::sync::oneshot;
 
 use super::core::{CoreError, CoreStatus, Event, GroupCore, Member, MemberChange, Write};
+use super::inbox::{self, Inbox, Mailbox};
 use super::storage::{GroupStorage, StoreError};
 use super::transport::Transport;
 use crate::watch::WatchHub;
@@ -57,6 +58,8 @@ pub enum NodeMsg {
     Status(oneshot::Sender<CoreStatus>),
     /// Messages from a peer.
     Raft(Vec<Message>),
+    /// A link a peer opened to us, its hello accepted: the group thread reads it from now on.
+    Link(std::net::TcpStream, NodeId),
     Unreachable(NodeId),
     SnapshotDone(NodeId, bool),
     /// Several requests delivered with one channel operation.
@@ -122,7 +125,7 @@ impl LocalReads {
 /// A cheap, cloneable handle to a running group.
 #[derive(Clone)]
 pub struct NodeHandle {
-    tx: mpsc::Sender<NodeMsg>,
+    tx: Mailbox,
     local: Arc<LocalReads>,
     /// Member id -> address, refreshed by the thread after every membership change.
     members: Arc<RwLock<HashMap<NodeId, String>>>,
@@ -222,6 +225,11 @@ impl NodeHandle {
         self.members.read().ok()?.get(&id).cloned()
     }
 
+    /// Whether the member book lists `id` at `addr`; `None` when it does not list `id`.
+    pub fn addr_is(&self, id: NodeId, addr: &str) -> Option<bool> {
+        self.members.read().ok()?.get(&id).map(|a| a == addr)
+    }
+
     pub fn stop(&self) {
         let _ = self.tx.send(NodeMsg::Stop);
     }
@@ -239,9 +247,9 @@ pub fn spawn(
     core: GroupCore,
     cfg: NodeConfig,
     transport: Transport,
-) -> (NodeHandle, std::thread::JoinHandle<()>, oneshot::Receiver<()>) {
+) -> std::io::Result<(NodeHandle, std::thread::JoinHandle<()>, oneshot::Receiver<()>)> {
     let (ended_tx, ended_rx) = oneshot::channel();
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = inbox::new(core.node_id())?;
     let members = Arc::new(RwLock::new(HashMap::new()));
     let hub = Arc::new(WatchHub::new());
     let local = Arc::new(LocalReads {
@@ -257,27 +265,23 @@ pub fn spawn(
         let queued = Arc::new(AtomicUsize::new(0));
         let (store, node_tx, t, q) = (core.storage(), handle.tx.clone(), transport.clone(), queued.clone());
         let name = format!("raft-writer-{}", core.node_id());
-        let join = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || write_loop(store, wrx, node_tx, t, &q))
-            .unwrap_or_else(|e| panic!("cannot start the raft writer thread: {e}"));
-        (Writer { tx: wtx, queued, store: core.storage() }, join)
+        let join =
+            std::thread::Builder::new().name(name).spawn(move || write_loop(store, wrx, node_tx, t, &q))?;
+        Ok::<_, std::io::Error>((Writer { tx: wtx, queued, store: core.storage() }, join))
     });
+    let writer = writer.transpose()?;
     let name = format!("raft-{}", core.node_id());
-    let join = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            let (w, wjoin) = writer.map_or((None, None), |(w, j)| (Some(w), Some(j)));
-            run(core, cfg, rx, transport, Published { members, hub, local: &local }, w);
-            local.until.store(0, Ordering::Release);
-            // The writer finishes what it was given (dropping its channel ends its loop).
-            if let Some(j) = wjoin {
-                let _ = j.join();
-            }
-            let _ = ended_tx.send(());
-        })
-        .unwrap_or_else(|e| panic!("cannot start the raft thread: {e}"));
-    (handle, join, ended_rx)
+    let join = std::thread::Builder::new().name(name).spawn(move || {
+        let (w, wjoin) = writer.map_or((None, None), |(w, j)| (Some(w), Some(j)));
+        run(core, cfg, rx, transport, Published { members, hub, local: &local }, w);
+        local.until.store(0, Ordering::Release);
+        // The writer finishes what it was given (dropping its channel ends its loop).
+        if let Some(j) = wjoin {
+            let _ = j.join();
+        }
+        let _ = ended_tx.send(());
+    })?;
+    Ok((handle, join, ended_rx))
 }
 
 /// The writer thread: makes the core's disk work durable in order, taking everything queued
@@ -286,7 +290,7 @@ pub fn spawn(
 fn write_loop(
     store: GroupStorage,
     rx: mpsc::Receiver<Vec<Write>>,
-    node: mpsc::Sender<NodeMsg>,
+    node: Mailbox,
     transport: Transport,
     queued: &AtomicUsize,
 ) {
@@ -357,7 +361,7 @@ struct Published<'a> {
 fn run(
     mut core: GroupCore,
     cfg: NodeConfig,
-    rx: mpsc::Receiver<NodeMsg>,
+    mut inbox: Inbox,
     transport: Transport,
     out: Published<'_>,
     writer: Option<Writer>,
@@ -373,26 +377,11 @@ fn run(
     loop {
         let wake = announce_at.map_or(next_tick, |a| a.min(next_tick));
         let timeout = wake.saturating_duration_since(Instant::now());
-        let first = match rx.recv_timeout(timeout) {
-            Ok(m) => Some(m),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        let now = Timespec::now();
         let mut batch: Vec<NodeMsg> = Vec::new();
-        let push = |m: NodeMsg, batch: &mut Vec<NodeMsg>| match m {
-            NodeMsg::Many(ms) => batch.extend(ms),
-            m => batch.push(m),
-        };
-        if let Some(m) = first {
-            push(m, &mut batch);
+        if inbox.wait(timeout, &mut batch, 8192).is_err() {
+            return;
         }
-        while batch.len() < 8192 {
-            match rx.try_recv() {
-                Ok(m) => push(m, &mut batch),
-                Err(_) => break,
-            }
-        }
+        let now = Timespec::now();
         // Read after taking the batch: every request in it arrived before this instant, which
         // is what the read lease is checked against.
         core.set_clock(local.clock());
@@ -430,6 +419,7 @@ fn run(
                         core.step(m);
                     }
                 }
+                NodeMsg::Link(stream, from) => inbox.adopt(stream, from),
                 NodeMsg::Unreachable(id) => core.report_unreachable(id),
                 NodeMsg::SnapshotDone(id, ok) => core.report_snapshot(id, ok),
                 NodeMsg::Many(_) => {}

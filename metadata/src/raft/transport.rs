@@ -1,34 +1,58 @@
-//! Peer transport: sends this node's Raft messages to other nodes over gRPC.
+//! Peer transport: this node's Raft messages to the other nodes, over peer links (see
+//! [`super::link`]) for everything but snapshots, which go as a gRPC call each so raft-rs
+//! learns whether they arrived.
 //!
-//! One tokio task per peer keeps per-peer order, batches whatever is queued into one RPC, and
-//! reports failures back to raft-rs (unreachable peers, failed snapshots) so it backs off.
+//! Sending never blocks the caller (the group thread or the log writer): a message to a peer
+//! whose link is connected and idle is written to the socket at once, without a thread
+//! hand-off; when the socket is full, or the link is not connected, the bytes wait for the
+//! link's own thread, which connects and writes them in order. A link that fails drops what
+//! waited and tells raft-rs the peer is unreachable, so it resends what matters.
+//!
+//! The links peers open to us are read by the group thread itself (see [`super::inbox`]),
+//! once a short-lived thread has checked their hello.
+//!
 //! Addresses come from the replicated member book, or for a node that is not yet in our book
-//! (a joining node talking to us first) from the address it sent with its own messages.
+//! (a joining node talking to us first) from the address it sent when it opened its link.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::io::{self, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use elea_common::{GroupId, NodeId};
 use raft::prelude::Message;
-use tokio::sync::mpsc;
 
 use super::core::{encode_message, is_snapshot};
+use super::link::{self, Hello, LinkError};
 use super::node::{NodeHandle, NodeMsg};
 use crate::proto::RaftBatch;
 use crate::proto::raft_peer_client::RaftPeerClient;
 
 /// Largest Raft RPC (snapshots travel in one message).
 pub const MAX_RAFT_MESSAGE: usize = 1 << 30;
+/// How long connecting, and the peer's answer to our hello, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A link whose written bytes go unacknowledged (or whose socket stays full) this long is
+/// taken for dead: a peer that stopped answering without closing, such as across a partition.
+const STALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes a link may hold for a peer that does not keep up before it drops them.
+const MAX_BACKLOG: usize = 256 << 20;
+/// Links peers may be opening to this node at once (hellos not yet checked).
+const MAX_HANDSHAKES: usize = 64;
 
 struct Inner {
     id: NodeId,
     addr: String,
     group: GroupId,
-    peers: Mutex<HashMap<NodeId, mpsc::UnboundedSender<Message>>>,
+    links: Mutex<HashMap<NodeId, Arc<Link>>>,
     learned: RwLock<HashMap<NodeId, String>>,
     node: OnceLock<NodeHandle>,
     rt: tokio::runtime::Handle,
+    /// Hellos of links peers opened to us being checked.
+    handshakes: AtomicUsize,
+    closed: AtomicBool,
 }
 
 /// Cloneable; see the module docs.
@@ -38,17 +62,19 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// Must be created inside a tokio runtime (the peer tasks run on it).
+    /// Must be created inside a tokio runtime (snapshots are sent from it).
     pub fn new(id: NodeId, addr: String, group: GroupId) -> Self {
         Self {
             inner: Arc::new(Inner {
                 id,
                 addr,
                 group,
-                peers: Mutex::new(HashMap::new()),
+                links: Mutex::new(HashMap::new()),
                 learned: RwLock::new(HashMap::new()),
                 node: OnceLock::new(),
                 rt: tokio::runtime::Handle::current(),
+                handshakes: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
             }),
         }
     }
@@ -59,33 +85,124 @@ impl Transport {
 
     /// Remembers where a peer that messaged us listens.
     pub fn learn(&self, id: NodeId, addr: &str) {
-        if id == self.inner.id || super::core::validate_addr(addr).is_err() {
-            return;
-        }
-        if let Ok(mut l) = self.inner.learned.write()
-            && l.get(&id).map(String::as_str) != Some(addr)
-        {
-            l.insert(id, addr.to_string());
-        }
+        learn(&self.inner, id, addr);
     }
 
-    /// Queues messages for their peers. Never blocks.
+    /// Sends messages to their peers. Never blocks on a peer.
     pub fn send(&self, msgs: Vec<Message>) {
-        let Ok(mut peers) = self.inner.peers.lock() else { return };
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        // Frames per peer, in order.
+        let mut out: Vec<(NodeId, Vec<u8>)> = Vec::new();
         for m in msgs {
             let to = m.to;
             if to == self.inner.id || to == 0 {
                 continue;
             }
-            let tx = peers.entry(to).or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                self.inner.rt.spawn(peer_loop(self.inner.clone(), to, rx));
-                tx
-            });
-            if tx.send(m).is_err() {
-                peers.remove(&to);
+            if is_snapshot(&m) {
+                send_snapshot(&self.inner, m);
+                continue;
+            }
+            let i = match out.iter().position(|(t, _)| *t == to) {
+                Some(i) => i,
+                None => {
+                    out.push((to, Vec::with_capacity(512)));
+                    out.len() - 1
+                }
+            };
+            if let Err(e) = link::push_frame(&mut out[i].1, &m) {
+                tracing::warn!(peer = to, error = %e, "raft message not sent");
             }
         }
+        for (to, frames) in out {
+            if frames.is_empty() {
+                continue;
+            }
+            let Some(link) = self.link(to) else { return };
+            link.send(&self.inner, frames);
+        }
+    }
+
+    fn link(&self, to: NodeId) -> Option<Arc<Link>> {
+        let mut links = self.inner.links.lock().ok()?;
+        if let Some(l) = links.get(&to) {
+            return Some(l.clone());
+        }
+        let l = Arc::new(Link { to, state: Mutex::new(LinkState::default()), wake: Condvar::new() });
+        let (inner, thread_link) = (self.inner.clone(), l.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("raft-link-{to}"))
+            .spawn(move || thread_link.run(&inner));
+        if let Err(e) = spawned {
+            tracing::error!(peer = to, error = %e, "cannot start a raft link thread");
+            return None;
+        }
+        links.insert(to, l.clone());
+        Some(l)
+    }
+
+    /// Takes a link a peer opened to us (the listener saw its first byte): a short-lived
+    /// thread checks the hello and hands the link to the group thread, which reads it.
+    pub fn accept_link(&self, stream: TcpStream) {
+        let inner = self.inner.clone();
+        if inner.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        if inner.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+            inner.handshakes.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("too many peer links being opened at once; closing one");
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("raft-link-hello".into()).spawn({
+            let inner = inner.clone();
+            move || {
+                let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                match handshake(&inner, &stream) {
+                    Ok(from) => {
+                        if let Some(n) = inner.node.get() {
+                            n.report(NodeMsg::Link(stream, from));
+                        }
+                    }
+                    Err(LinkError::Io(e)) => {
+                        tracing::debug!(%peer, error = %e, "raft link from a peer failed")
+                    }
+                    Err(e) => tracing::warn!(%peer, error = %e, "raft link from a peer refused"),
+                }
+                inner.handshakes.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread for a raft link");
+            inner.handshakes.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Closes the links to peers and drops later sends. (The group thread closes the links
+    /// from peers when it stops.)
+    pub fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        if let Ok(links) = self.inner.links.lock() {
+            for l in links.values() {
+                if let Ok(mut st) = l.state.lock() {
+                    st.closed = true;
+                    if let Some((c, _)) = st.conn.take() {
+                        let _ = c.shutdown(Shutdown::Both);
+                    }
+                }
+                l.wake.notify_all();
+            }
+        }
+    }
+}
+
+fn learn(inner: &Inner, id: NodeId, addr: &str) {
+    if id == inner.id || super::core::validate_addr(addr).is_err() {
+        return;
+    }
+    let known = inner.learned.read().is_ok_and(|l| l.get(&id).map(String::as_str) == Some(addr));
+    if !known && let Ok(mut l) = inner.learned.write() {
+        l.insert(id, addr.to_string());
     }
 }
 
@@ -93,101 +210,258 @@ fn addr_of(inner: &Inner, id: NodeId) -> Option<String> {
     inner.node.get().and_then(|n| n.addr_of(id)).or_else(|| inner.learned.read().ok()?.get(&id).cloned())
 }
 
-type PeerClient = RaftPeerClient<tonic::transport::Channel>;
-
-/// An open stream to one peer; sending fails once the stream has ended.
-struct PeerStream {
-    addr: String,
-    tx: mpsc::Sender<RaftBatch>,
-}
-
-async fn peer_loop(inner: Arc<Inner>, to: NodeId, mut rx: mpsc::UnboundedReceiver<Message>) {
-    let mut client: Option<(String, PeerClient)> = None;
-    let mut stream: Option<PeerStream> = None;
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let node = inner.node.get();
-        let report = |snapshot: bool| {
-            if let Some(n) = node {
-                n.report(NodeMsg::Unreachable(to));
-                if snapshot {
-                    n.report(NodeMsg::SnapshotDone(to, false));
-                }
-            }
-        };
-        let has_snapshot = batch.iter().any(is_snapshot);
-        let Some(addr) = addr_of(&inner, to) else {
-            report(has_snapshot);
-            continue;
-        };
-        if client.as_ref().is_none_or(|(a, _)| *a != addr) {
-            client = connect(&addr).map(|c| (addr.clone(), c));
-            stream = None;
-        }
-        let Some((_, c)) = client.as_mut() else { continue };
-        let messages: Vec<Vec<u8>> = batch.iter().filter_map(|m| encode_message(m).ok()).collect();
-        let req =
-            RaftBatch { group_id: inner.group, from: inner.id, from_addr: inner.addr.clone(), to, messages };
-        if has_snapshot {
-            // Snapshots go alone and are acknowledged, so raft-rs learns whether they arrived.
-            let mut request = tonic::Request::new(req);
-            request.set_timeout(Duration::from_secs(120));
-            let ok = c.send(request).await.is_ok();
-            if let Some(n) = node {
-                n.report(NodeMsg::SnapshotDone(to, ok));
-            }
-            if !ok {
-                report(false);
-            }
-            continue;
-        }
-        if stream.as_ref().is_none_or(|s| s.addr != addr || s.tx.is_closed()) {
-            stream = Some(open_stream(c.clone(), addr.clone(), to));
-        }
-        // Never wait on a peer: if its stream is backed up (or dead), drop the batch and tell
-        // raft-rs, which resends what matters.
-        let sent = match &stream {
-            Some(s) => s.tx.try_send(req).is_ok(),
-            None => false,
-        };
-        if !sent {
-            tracing::debug!(peer = to, %addr, "raft stream closed");
-            stream = None;
-            client = None;
-            // Drop what queued up meanwhile: raft-rs resends what matters.
-            while rx.try_recv().is_ok() {}
-            report(false);
-        }
+fn addr_is(inner: &Inner, id: NodeId, addr: &str) -> bool {
+    match inner.node.get().and_then(|n| n.addr_is(id, addr)) {
+        Some(same) => same,
+        None => inner.learned.read().is_ok_and(|l| l.get(&id).is_some_and(|a| a == addr)),
     }
 }
 
-/// Starts a streaming RPC to a peer; the stream ends (and `tx` closes) when the RPC fails.
-fn open_stream(mut c: PeerClient, addr: String, to: NodeId) -> PeerStream {
-    let (tx, rx) = mpsc::channel::<RaftBatch>(256);
-    tokio::spawn(async move {
-        let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
-        if let Err(status) = c.stream(outbound).await {
-            tracing::debug!(peer = to, error = %status.message(), "raft stream ended");
-        }
-    });
-    PeerStream { addr, tx }
+fn report(inner: &Inner, msg: NodeMsg) {
+    if let Some(n) = inner.node.get() {
+        n.report(msg);
+    }
 }
 
-fn connect(addr: &str) -> Option<RaftPeerClient<tonic::transport::Channel>> {
+/// A link to one peer.
+struct Link {
+    to: NodeId,
+    state: Mutex<LinkState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// The connection and the address it goes to. Senders write to it directly only while the
+    /// link's thread is not `flushing` and nothing waits in `backlog`.
+    conn: Option<(TcpStream, String)>,
+    /// Frames waiting for the link's thread, in order.
+    backlog: Vec<u8>,
+    /// `backlog` starts with the rest of a frame partly written to `conn`: it can only go to
+    /// that connection.
+    mid_frame: bool,
+    /// The link's thread owns the connection (connecting, or writing what it took).
+    flushing: bool,
+    closed: bool,
+    /// The last failure logged, so a peer that stays down is logged once.
+    last_error: Option<String>,
+}
+
+impl Link {
+    fn send(&self, inner: &Inner, frames: Vec<u8>) {
+        let Ok(mut st) = self.state.lock() else { return };
+        if st.closed {
+            return;
+        }
+        if !st.flushing
+            && st.backlog.is_empty()
+            && let Some((c, _)) = st.conn.as_ref().filter(|(_, a)| addr_is(inner, self.to, a))
+        {
+            match (&*c).write(&frames) {
+                Ok(n) if n == frames.len() => return,
+                Ok(n) => {
+                    st.backlog.extend_from_slice(&frames[n..]);
+                    st.mid_frame = n > 0;
+                    self.wake.notify_one();
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    st.conn = None;
+                    drop(st);
+                    self.failed(inner, &e.to_string());
+                    return;
+                }
+            }
+        }
+        if st.backlog.len() + frames.len() > MAX_BACKLOG {
+            // The peer does not keep up: drop what waits (raft-rs resends what matters).
+            st.backlog.clear();
+            if std::mem::take(&mut st.mid_frame) {
+                st.conn = None;
+            }
+            drop(st);
+            report(inner, NodeMsg::Unreachable(self.to));
+            return;
+        }
+        if st.backlog.is_empty() {
+            st.backlog = frames;
+        } else {
+            st.backlog.extend_from_slice(&frames);
+        }
+        self.wake.notify_one();
+    }
+
+    fn failed(&self, inner: &Inner, why: &str) {
+        if let Ok(mut st) = self.state.lock()
+            && st.last_error.as_deref() != Some(why)
+        {
+            tracing::info!(peer = self.to, error = why, "raft link to a peer failed");
+            st.last_error = Some(why.to_string());
+        }
+        report(inner, NodeMsg::Unreachable(self.to));
+    }
+
+    /// The link's thread: connects when needed and writes what waits, blocking up to
+    /// `STALL_TIMEOUT` on a full socket.
+    fn run(&self, inner: &Inner) {
+        loop {
+            let (data, mid_frame, conn) = {
+                let Ok(mut st) = self.state.lock() else { return };
+                while !st.closed && st.backlog.is_empty() {
+                    st = match self.wake.wait(st) {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                }
+                if st.closed {
+                    return;
+                }
+                st.flushing = true;
+                (std::mem::take(&mut st.backlog), std::mem::take(&mut st.mid_frame), st.conn.take())
+            };
+            let result = self.flush(inner, data, mid_frame, conn);
+            let Ok(mut st) = self.state.lock() else { return };
+            st.flushing = false;
+            match result {
+                Ok(c) => {
+                    if st.closed {
+                        let _ = c.0.shutdown(Shutdown::Both);
+                    } else if c.0.set_nonblocking(true).is_ok() {
+                        st.conn = Some(c);
+                        st.last_error = None;
+                    }
+                }
+                Err(e) => {
+                    // What queued meanwhile is whole frames; it goes on a new connection.
+                    drop(st);
+                    self.failed(inner, &e.to_string());
+                }
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        inner: &Inner,
+        data: Vec<u8>,
+        mid_frame: bool,
+        conn: Option<(TcpStream, String)>,
+    ) -> Result<(TcpStream, String), LinkError> {
+        let addr = addr_of(inner, self.to)
+            .ok_or_else(|| LinkError::Protocol(format!("no address known for node {}", self.to)))?;
+        let (c, data) = match conn {
+            Some((c, a)) if a == addr => (c, &data[..]),
+            _ if mid_frame => {
+                // The rest of a frame cannot start a new connection.
+                return Err(LinkError::Protocol("connection replaced in the middle of a frame".into()));
+            }
+            _ => (self.connect(inner, &addr)?, &data[..]),
+        };
+        c.set_nonblocking(false)?;
+        (&c).write_all(data)?;
+        Ok((c, addr))
+    }
+
+    fn connect(&self, inner: &Inner, addr: &str) -> Result<TcpStream, LinkError> {
+        let sa = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| LinkError::Protocol(format!("{addr} resolves to no address")))?;
+        let c = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)?;
+        c.set_nodelay(true)?;
+        let sock = socket2::SockRef::from(&c);
+        sock.set_tcp_user_timeout(Some(STALL_TIMEOUT))?;
+        c.set_write_timeout(Some(STALL_TIMEOUT))?;
+        c.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        let hello = Hello { group: inner.group, from: inner.id, to: self.to, from_addr: inner.addr.clone() };
+        (&c).write_all(&hello.encode())?;
+        link::read_answer(&mut &c)?;
+        Ok(c)
+    }
+}
+
+/// Checks the hello of a link a peer opened to us and answers it; returns the sender.
+fn handshake(inner: &Inner, stream: &TcpStream) -> Result<NodeId, LinkError> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+    // Unbuffered: nothing past the hello may be read here (the group thread reads the rest).
+    let hello = Hello::read(&mut &*stream)?;
+    let refusal = if hello.group != inner.group {
+        Some(format!("this node serves raft group {}, not {}", inner.group, hello.group))
+    } else if hello.to != inner.id {
+        Some(format!("this is node {}, not node {}", inner.id, hello.to))
+    } else if hello.from == 0 || hello.from == inner.id {
+        Some(format!("a link from node {} makes no sense", hello.from))
+    } else if let Err(e) = super::core::validate_addr(&hello.from_addr) {
+        Some(e.to_string())
+    } else if inner.node.get().is_none() {
+        Some("this node is starting".into())
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        let _ = link::refuse(&mut &*stream, &why);
+        return Err(LinkError::Protocol(format!("refused a link from node {}: {why}", hello.from)));
+    }
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(5);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)?;
+    stream.set_read_timeout(None)?;
+    (&*stream).write_all(&[link::ACCEPTED])?;
+    learn(inner, hello.from, &hello.from_addr);
+    Ok(hello.from)
+}
+
+type PeerClient = RaftPeerClient<tonic::transport::Channel>;
+
+/// Sends a snapshot as one acknowledged gRPC call, and tells raft-rs how it went.
+fn send_snapshot(inner: &Arc<Inner>, m: Message) {
+    let to = m.to;
+    let Some(addr) = addr_of(inner, to) else {
+        report(inner, NodeMsg::Unreachable(to));
+        report(inner, NodeMsg::SnapshotDone(to, false));
+        return;
+    };
+    let inner2 = inner.clone();
+    inner.rt.spawn(async move {
+        let inner = inner2;
+        let ok = match (connect_grpc(&addr), encode_message(&m)) {
+            (Some(mut c), Ok(bytes)) => {
+                let req = RaftBatch {
+                    group_id: inner.group,
+                    from: inner.id,
+                    from_addr: inner.addr.clone(),
+                    to,
+                    messages: vec![bytes],
+                };
+                let mut request = tonic::Request::new(req);
+                request.set_timeout(Duration::from_secs(120));
+                match c.send(request).await {
+                    Ok(_) => true,
+                    Err(status) => {
+                        tracing::info!(peer = to, error = %status.message(), "snapshot not delivered");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        report(&inner, NodeMsg::SnapshotDone(to, ok));
+        if !ok {
+            report(&inner, NodeMsg::Unreachable(to));
+        }
+    });
+}
+
+fn connect_grpc(addr: &str) -> Option<PeerClient> {
     let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        // Detect a peer that silently stopped answering (no RST, e.g. a partition).
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true);
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
     Some(
         RaftPeerClient::new(ep.connect_lazy())
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
