@@ -173,25 +173,30 @@ fn drain<T>(first: T, rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
 }
 
 /// The batching loop: a batch leaves as soon as a sending slot is free, so an idle client
-/// sends every request at once and a busy one sends fewer, larger RPCs.
+/// sends every request at once and a busy one sends fewer, larger RPCs. The batches in flight
+/// run inside this task rather than a task each: a spawned task per batch cost a hand-off to
+/// another runtime thread per batch, both ways.
 async fn batch_loop<T: Send + 'static>(
     inner: Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<T>,
     slots: usize,
     send: SendBatch<Vec<T>>,
 ) {
-    let sem = Arc::new(tokio::sync::Semaphore::new(slots.max(1)));
+    let slots = slots.max(1);
+    let mut inflight = futures::stream::FuturesUnordered::new();
     loop {
-        let Ok(permit) = sem.clone().acquire_owned().await else { return };
-        let Some(first) = rx.recv().await else { return };
-        let jobs = drain(first, &mut rx);
-        let Some(inner) = inner.upgrade() else { return };
-        let client = MetaClient { inner };
-        tokio::spawn(async move {
-            send(client, jobs).await;
-            drop(permit);
-        });
+        tokio::select! {
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            job = rx.recv(), if inflight.len() < slots => {
+                let Some(first) = job else { break };
+                let jobs = drain(first, &mut rx);
+                let Some(inner) = inner.upgrade() else { return };
+                inflight.push(send(MetaClient { inner }, jobs));
+            }
+        }
     }
+    // Every handle is gone: finish what was sent.
+    while inflight.next().await.is_some() {}
 }
 
 /// A request number that is outstanding until dropped (also when the caller gives up), so
