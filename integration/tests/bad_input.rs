@@ -159,19 +159,29 @@ async fn bad_peer_links_are_refused_and_the_node_keeps_serving() {
     s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     assert_closed(s, "short hello");
 
-    // Accepted links that then send an oversized frame, garbage, or a message that claims
-    // another sender: closed, nothing delivered.
-    let accepted = |frames: &[u8], what: &str| {
-        let mut s = raw_link(&addr, &good);
-        link::read_answer(&mut s).unwrap_or_else(|e| panic!("{what}: hello refused: {e}"));
-        use std::io::Write as _;
-        s.write_all(frames).expect("write frames");
-        assert_closed(s, what);
-    };
+    // Accepted links that carry a well-formed message (from a stale term, so the node only
+    // answers it) and stay open, then send an oversized frame, garbage, or a message that
+    // claims another sender: closed.
     let frame = |body: &[u8]| {
         let mut f = u32::try_from(body.len()).expect("len").to_le_bytes().to_vec();
         f.extend_from_slice(body);
         f
+    };
+    // eraftpb.Message { msg_type: MsgHeartbeat, to: 1, from: 2, term: 1 } in protobuf-2.
+    let heartbeat = frame(&[0x08, 0x08, 0x10, 0x01, 0x18, 0x02, 0x20, 0x01]);
+    let accepted = |frames: &[u8], what: &str| {
+        use std::io::{Read as _, Write as _};
+        let mut s = raw_link(&addr, &good);
+        link::read_answer(&mut s).unwrap_or_else(|e| panic!("{what}: hello refused: {e}"));
+        s.write_all(&heartbeat).expect("write a good frame");
+        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        match s.read(&mut [0u8; 16]) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            r => panic!("{what}: a link that sent a well-formed frame ended: {r:?}"),
+        }
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.write_all(frames).expect("write frames");
+        assert_closed(s, what);
     };
     accepted(&u32::try_from(link::MAX_FRAME + 1).expect("len").to_le_bytes(), "oversized frame");
     accepted(&frame(&[0xff; 5]), "garbage frame");

@@ -10,7 +10,7 @@ use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use elea_common::NodeId;
 use mio::net::TcpStream;
@@ -21,8 +21,11 @@ use super::link::{self, LinkError};
 use super::node::NodeMsg;
 
 const WAKER: Token = Token(0);
-/// Links peers may have open to one group at once.
-pub const MAX_LINKS: usize = 256;
+/// Links peers may have open to one group at once; past it, the one idle longest is closed.
+pub const MAX_LINKS: usize = 64;
+/// Bytes all links of a group may hold beyond their initial buffers (for frames larger than
+/// those); a link that needs more is closed.
+const MAX_BUFFERED: usize = 256 << 20;
 /// Bytes read from one link per wake-up before the others get their turn.
 const READ_CHUNK: usize = 1 << 20;
 /// A link's read buffer to start with.
@@ -57,6 +60,7 @@ struct InLink {
     /// Read to the end of what the socket had (edge-triggered: no event comes until more
     /// arrives). False when the thread stopped at `READ_CHUNK` and must come back.
     drained: bool,
+    last_read: Instant,
 }
 
 /// The group thread's side.
@@ -145,9 +149,16 @@ impl Inbox {
 
     /// Takes over a link whose hello was accepted.
     pub fn adopt(&mut self, stream: std::net::TcpStream, from: NodeId) {
-        if self.links.len() >= MAX_LINKS {
-            tracing::warn!(from, "too many peer links open; closing a new one");
-            return;
+        // A peer opens a new link when its old one failed: the old one is done with. Past
+        // the limit, the link idle longest goes.
+        let stale = self.links.iter().find(|(_, l)| l.from == from).map(|(t, _)| *t).or_else(|| {
+            (self.links.len() >= MAX_LINKS)
+                .then(|| self.links.iter().min_by_key(|(_, l)| l.last_read).map(|(t, _)| *t))
+                .flatten()
+        });
+        if let Some(t) = stale {
+            tracing::debug!(from, "closing a peer link for a newer one");
+            self.close(t);
         }
         if let Err(e) = stream.set_nonblocking(true) {
             tracing::warn!(from, error = %e, "cannot take over a peer link");
@@ -161,15 +172,30 @@ impl Inbox {
             return;
         }
         // Whatever arrived before registration is read on the first pass.
-        self.links
-            .insert(token, InLink { stream, from, buf: vec![0; INITIAL_BUFFER], filled: 0, drained: false });
+        let link = InLink {
+            stream,
+            from,
+            buf: vec![0; INITIAL_BUFFER],
+            filled: 0,
+            drained: false,
+            last_read: Instant::now(),
+        };
+        self.links.insert(token, link);
+    }
+
+    fn close(&mut self, token: Token) {
+        if let Some(mut l) = self.links.remove(&token) {
+            let _ = self.poll.registry().deregister(&mut l.stream);
+        }
     }
 
     fn read_links(&mut self, out: &mut Vec<NodeMsg>) {
         let mut msgs = Vec::new();
         let mut closed = Vec::new();
+        let mut budget = MAX_BUFFERED
+            .saturating_sub(self.links.values().map(|l| l.buf.len().saturating_sub(INITIAL_BUFFER)).sum());
         for (token, l) in self.links.iter_mut().filter(|(_, l)| !l.drained) {
-            match read_link(l, self.me, &mut msgs) {
+            match read_link(l, self.me, &mut msgs, &mut budget) {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::debug!(from = l.from, "raft link from a peer ended");
@@ -186,9 +212,7 @@ impl Inbox {
             }
         }
         for t in closed {
-            if let Some(mut l) = self.links.remove(&t) {
-                let _ = self.poll.registry().deregister(&mut l.stream);
-            }
+            self.close(t);
         }
         if !msgs.is_empty() {
             out.push(NodeMsg::Raft(msgs));
@@ -199,14 +223,23 @@ impl Inbox {
 /// Reads what one link has (up to `READ_CHUNK`) and decodes its whole frames. `Ok(false)`
 /// when the peer closed it. A message that claims another sender or recipient than the
 /// link's is an error, and nothing of that read is delivered.
-fn read_link(l: &mut InLink, me: NodeId, msgs: &mut Vec<Message>) -> Result<bool, LinkError> {
+fn read_link(
+    l: &mut InLink,
+    me: NodeId,
+    msgs: &mut Vec<Message>,
+    budget: &mut usize,
+) -> Result<bool, LinkError> {
     let mut read = 0;
     let mut open = true;
     while read < READ_CHUNK {
         if l.filled == l.buf.len() {
             // A frame larger than the buffer (up to `link::MAX_FRAME`, checked when decoding).
-            let grown = (l.buf.len() * 2).max(INITIAL_BUFFER);
-            l.buf.resize(grown, 0);
+            let more = l.buf.len().max(INITIAL_BUFFER);
+            if more > *budget {
+                return Err(LinkError::Protocol("peer links hold too many bytes; closing this one".into()));
+            }
+            *budget -= more;
+            l.buf.resize(l.buf.len() + more, 0);
         }
         match l.stream.read(&mut l.buf[l.filled..]) {
             Ok(0) => {
@@ -217,6 +250,7 @@ fn read_link(l: &mut InLink, me: NodeId, msgs: &mut Vec<Message>) -> Result<bool
             Ok(n) => {
                 l.filled += n;
                 read += n;
+                l.last_read = Instant::now();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 l.drained = true;
@@ -241,8 +275,8 @@ fn read_link(l: &mut InLink, me: NodeId, msgs: &mut Vec<Message>) -> Result<bool
 }
 
 /// Decodes the whole frames in a link's buffer and keeps the rest. A message that claims
-/// another sender or recipient than the link's is an error, and nothing of that buffer is
-/// delivered.
+/// another sender or recipient than the link's is an error, and no message decoded in this
+/// call is delivered (earlier ones from the same link may have been).
 fn take(l: &mut InLink, me: NodeId, msgs: &mut Vec<Message>) -> Result<(), LinkError> {
     let start = msgs.len();
     let used = link::take_frames(&l.buf[..l.filled], msgs)?;
@@ -252,8 +286,10 @@ fn take(l: &mut InLink, me: NodeId, msgs: &mut Vec<Message>) -> Result<(), LinkE
         msgs.truncate(start);
         return Err(LinkError::Protocol(e));
     }
-    l.buf.copy_within(used..l.filled, 0);
-    l.filled -= used;
+    if used > 0 {
+        l.buf.copy_within(used..l.filled, 0);
+        l.filled -= used;
+    }
     Ok(())
 }
 
@@ -261,7 +297,6 @@ fn take(l: &mut InLink, me: NodeId, msgs: &mut Vec<Message>) -> Result<(), LinkE
 mod tests {
     use std::io::Write as _;
     use std::net::{TcpListener, TcpStream as StdStream};
-    use std::time::Instant;
 
     use raft::prelude::{Entry, MessageType};
 
@@ -357,6 +392,28 @@ mod tests {
         let got = collect(&mut inbox, 2);
         assert_eq!(got, vec![msg(2, 1, 0, 10)]);
         assert!(inbox.links.is_empty());
+    }
+
+    #[test]
+    fn a_newer_link_from_the_same_peer_replaces_the_older() {
+        let (_mailbox, mut inbox) = new(1).unwrap();
+        let (mut old_w, old_r) = pair();
+        inbox.adopt(old_r, 2);
+        let (mut w, r) = pair();
+        inbox.adopt(r, 2);
+        assert_eq!(inbox.links.len(), 1);
+        // The older one is closed: its peer sees the end.
+        old_w.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(std::io::Read::read(&mut old_w, &mut b), Ok(0) | Err(_)));
+        let mut bytes = Vec::new();
+        link::push_frame(&mut bytes, &msg(2, 1, 5, 10)).unwrap();
+        w.write_all(&bytes).unwrap();
+        assert_eq!(collect(&mut inbox, 1), vec![msg(2, 1, 5, 10)]);
+        // Another peer's link is kept alongside.
+        let (_w3, r3) = pair();
+        inbox.adopt(r3, 3);
+        assert_eq!(inbox.links.len(), 2);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use elea_common::{GroupId, NodeId};
 use raft::prelude::Message;
@@ -41,6 +41,10 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_BACKLOG: usize = 256 << 20;
 /// Links peers may be opening to this node at once (hellos not yet checked).
 const MAX_HANDSHAKES: usize = 64;
+/// Addresses learned from hellos of nodes that are not (yet) in the member book.
+const MAX_LEARNED: usize = 16;
+/// How long a link's thread waits after a failed connection before it tries again.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 struct Inner {
     id: NodeId,
@@ -119,15 +123,23 @@ impl Transport {
             if frames.is_empty() {
                 continue;
             }
-            let Some(link) = self.link(to) else { return };
-            link.send(&self.inner, frames);
+            match self.link(to) {
+                Some(link) => link.send(&self.inner, frames),
+                None => report(&self.inner, NodeMsg::Unreachable(to)),
+            }
         }
     }
 
+    /// The link to `to`, started on first use. Only for a node whose address is known (a
+    /// member, or one of the few learned from hellos), so a peer naming made-up senders
+    /// cannot make this node start a thread for each.
     fn link(&self, to: NodeId) -> Option<Arc<Link>> {
         let mut links = self.inner.links.lock().ok()?;
         if let Some(l) = links.get(&to) {
             return Some(l.clone());
+        }
+        if self.inner.closed.load(Ordering::Relaxed) || addr_of(&self.inner, to).is_none() {
+            return None;
         }
         let l = Arc::new(Link { to, state: Mutex::new(LinkState::default()), wake: Condvar::new() });
         let (inner, thread_link) = (self.inner.clone(), l.clone());
@@ -196,12 +208,17 @@ impl Transport {
     }
 }
 
+/// Remembers a peer's address from its hello. At most `MAX_LEARNED` nodes: members are in the
+/// member book anyway, and this only bridges a joining node's first messages.
 fn learn(inner: &Inner, id: NodeId, addr: &str) {
     if id == inner.id || super::core::validate_addr(addr).is_err() {
         return;
     }
     let known = inner.learned.read().is_ok_and(|l| l.get(&id).map(String::as_str) == Some(addr));
-    if !known && let Ok(mut l) = inner.learned.write() {
+    if !known
+        && let Ok(mut l) = inner.learned.write()
+        && (l.len() < MAX_LEARNED || l.contains_key(&id))
+    {
         l.insert(id, addr.to_string());
     }
 }
@@ -333,9 +350,12 @@ impl Link {
                     }
                 }
                 Err(e) => {
-                    // What queued meanwhile is whole frames; it goes on a new connection.
+                    // What queued meanwhile is whole frames; it goes on a new connection, after
+                    // a pause so that a peer that is down costs a connection attempt per
+                    // `RETRY_AFTER` rather than per message.
                     drop(st);
                     self.failed(inner, &e.to_string());
+                    std::thread::sleep(RETRY_AFTER);
                 }
             }
         }
@@ -384,10 +404,11 @@ impl Link {
 /// Checks the hello of a link a peer opened to us and answers it; returns the sender.
 fn handshake(inner: &Inner, stream: &TcpStream) -> Result<NodeId, LinkError> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
     stream.set_write_timeout(Some(CONNECT_TIMEOUT))?;
-    // Unbuffered: nothing past the hello may be read here (the group thread reads the rest).
-    let hello = Hello::read(&mut &*stream)?;
+    // Unbuffered (nothing past the hello may be read here: the group thread reads the rest),
+    // and one deadline for the whole hello, not one per read: a peer trickling a byte at a
+    // time would otherwise hold a handshake slot for minutes.
+    let hello = Hello::read(&mut Deadline { stream, until: Instant::now() + CONNECT_TIMEOUT })?;
     let refusal = if hello.group != inner.group {
         Some(format!("this node serves raft group {}, not {}", inner.group, hello.group))
     } else if hello.to != inner.id {
@@ -414,6 +435,23 @@ fn handshake(inner: &Inner, stream: &TcpStream) -> Result<NodeId, LinkError> {
     (&*stream).write_all(&[link::ACCEPTED])?;
     learn(inner, hello.from, &hello.from_addr);
     Ok(hello.from)
+}
+
+/// Reads from a socket until a deadline.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
 }
 
 type PeerClient = RaftPeerClient<tonic::transport::Channel>;
@@ -467,4 +505,68 @@ fn connect_grpc(addr: &str) -> Option<PeerClient> {
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
             .max_encoding_message_size(MAX_RAFT_MESSAGE),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use raft::prelude::{Entry, MessageType};
+
+    use super::*;
+
+    fn msg(i: u64, data: usize) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = 2;
+        m.index = i;
+        m.entries =
+            vec![Entry { index: i + 1, data: vec![i as u8; data].into(), ..Default::default() }].into();
+        m
+    }
+
+    /// Far more than the sockets buffer, sent while the peer does not read: the sending
+    /// thread's writes come up short, the rest waits for the link's thread, and the peer
+    /// still gets every frame whole and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_peer_that_reads_late_gets_every_frame_in_order() {
+        const N: u64 = 300;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = Transport::new(1, "127.0.0.1:1".into(), 7);
+        t.learn(2, &addr);
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let hello = Hello::read(&mut s).unwrap();
+            assert_eq!((hello.group, hello.from, hello.to), (7, 1, 2));
+            s.write_all(&[link::ACCEPTED]).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            // Not reading yet: the sender fills the socket buffers meanwhile.
+            std::thread::sleep(Duration::from_millis(500));
+            let (mut buf, mut got) = (Vec::new(), Vec::new());
+            let mut chunk = vec![0u8; 1 << 16];
+            while (got.len() as u64) < N {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "link closed after {} frames", got.len());
+                buf.extend_from_slice(&chunk[..n]);
+                let used = link::take_frames(&buf, &mut got).unwrap();
+                buf.drain(..used);
+            }
+            assert!(buf.is_empty());
+            got
+        });
+        // The first message opens the link (on the link's thread); the rest, once it is up,
+        // go out on the sending thread until the socket is full.
+        t.send(vec![msg(0, 10)]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for i in 1..N {
+            t.send(vec![msg(i, 64 << 10)]);
+        }
+        let got = tokio::task::spawn_blocking(move || peer.join().unwrap()).await.unwrap();
+        let want: Vec<Message> = (0..N).map(|i| msg(i, if i == 0 { 10 } else { 64 << 10 })).collect();
+        assert!(got == want, "frames arrived out of order or damaged");
+        t.shutdown();
+    }
 }
