@@ -22,9 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use elea_common::ids::{BLOCK_SIZE, CHUNK_SIZE};
+use elea_common::ids::BLOCK_SIZE;
 use elea_common::{Ino, VolumeId};
-use elea_fsm::{Attr, CacheNodeInfo, Op, Query, Reply, Slice, SliceLoc, block_len};
+use elea_fsm::{Attr, CacheNodeInfo, Slice, SliceLoc, block_len};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
 use elea_tiering::{BlockKey, StoreConfig};
 use foyer::{Cache, CacheBuilder, LruConfig};
@@ -32,6 +33,7 @@ use futures::StreamExt as _;
 use tokio::sync::OnceCell;
 
 use crate::client::BlockClients;
+use crate::datapath::{ChunkSource, DataPath, MetaChunks, Staged, group_by_chunk, pack, wants};
 use crate::error::CacheError;
 use crate::placement::rank;
 use crate::proto::{BlockRef, ByteRange, GetRequest};
@@ -59,6 +61,9 @@ pub struct DataConfig {
     /// How long a read keeps retrying while no copy of a block is reachable (nodes
     /// restarting, a store outage) before it fails.
     pub read_timeout: Duration,
+    /// How long a write waits for enough of the site's cache nodes to be registered and
+    /// alive (a whole site restarting) before it fails with `NoNodes`. Default 60 s.
+    pub node_wait: Duration,
     pub store: StoreConfig,
 }
 
@@ -73,6 +78,7 @@ impl DataConfig {
             locations: 65536,
             node_refresh: Duration::from_secs(2),
             read_timeout: Duration::from_secs(30),
+            node_wait: Duration::from_secs(60),
             store: StoreConfig::default(),
         }
     }
@@ -133,40 +139,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct DataClient {
     inner: Arc<Inner>,
-}
-
-/// One piece of a read: bytes of a slice that land at `out_off` in the caller's buffer.
-struct Want {
-    slice: u64,
-    slice_len: u32,
-    slice_off: u64,
-    len: usize,
-    out_off: usize,
-}
-
-/// The pieces of slices that hold bytes `[offset, end)` of a file, from its chunks' slice
-/// lists, in list order (oldest first: where two overlap, the later one's bytes win).
-fn wants(offset: u64, end: u64, chunks: &[(u64, Arc<Vec<Slice>>)]) -> Vec<Want> {
-    let mut wants = Vec::new();
-    for (chunk, slices) in chunks {
-        let base = chunk * CHUNK_SIZE;
-        for p in slices.iter().filter(|p| p.id != 0) {
-            let ps = base + u64::from(p.offset);
-            let pe = ps + u64::from(p.len);
-            let (a, b) = (ps.max(offset), pe.min(end));
-            if a >= b {
-                continue;
-            }
-            wants.push(Want {
-                slice: p.id,
-                slice_len: p.slice_len,
-                slice_off: u64::from(p.slice_offset) + (a - ps),
-                len: (b - a) as usize,
-                out_off: (a - offset) as usize,
-            });
-        }
-    }
-    wants
 }
 
 impl DataClient {
@@ -258,8 +230,12 @@ impl DataClient {
         let mut failed: Vec<u64> = Vec::new();
         let mut held: Vec<u64> = Vec::new();
         let mut last_err: Option<CacheError> = None;
-        for attempt in 0..3 {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
             let live = self.site_nodes(attempt > 0).await?;
+            attempt += 1;
             let ids: Vec<u64> = live.iter().map(|n| n.id).filter(|id| !failed.contains(id)).collect();
             let order = rank(slice, index, &ids);
             let need = replicas - held.len();
@@ -270,12 +246,24 @@ impl DataClient {
                 .filter_map(|id| live.iter().find(|n| n.id == *id))
                 .collect();
             if targets.len() < need {
+                // Too few nodes now (a site restarting, a node just died): wait for them to
+                // register or come back, like any other backpressure, up to `node_wait`.
+                // Nodes that failed a put are tried again after a while.
                 let e = CacheError::NoNodes(format!(
                     "site {:?} has {} usable cache nodes, the volume needs {replicas} copies",
                     self.inner.cfg.site,
                     ids.len()
                 ));
-                last_err = Some(e);
+                if started.elapsed() + backoff > self.inner.cfg.node_wait {
+                    // A put's own failure says more than the count of nodes left.
+                    return Err(last_err.unwrap_or(e));
+                }
+                if attempt == 1 || attempt.is_power_of_two() {
+                    tracing::warn!(error = %e, waited_ms = started.elapsed().as_millis() as u64, "waiting for cache nodes");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                failed.clear();
                 continue;
             }
             let puts = targets.iter().map(|n| {
@@ -296,7 +284,6 @@ impl DataClient {
                 return Ok(held);
             }
         }
-        Err(last_err.unwrap_or_else(|| CacheError::NoNodes("no cache node took the block".into())))
     }
 
     /// Stores a new slice's bytes as blocks on `replicas` nodes each; returns each block's
@@ -322,125 +309,48 @@ impl DataClient {
             .collect()
     }
 
-    /// Writes `data` at `offset` of a regular file: one new slice per chunk touched, each
-    /// durable on the volume's replica count of cache nodes before it is committed. Returns
-    /// the attributes after the last commit.
-    pub async fn write(&self, vol: VolumeId, ino: Ino, offset: u64, data: Bytes) -> Result<Attr, CacheError> {
-        if data.is_empty() {
-            return Ok(self.inner.meta.getattr(vol, ino).await?);
-        }
+    /// Stores sorted, disjoint extents as new slices (see [`DataPath::stage`]): each chunk's
+    /// pieces packed into one slice, its blocks on `replicas` cache nodes, up to four chunks
+    /// at a time.
+    async fn stage_extents(&self, vol: VolumeId, extents: &[(u64, Bytes)]) -> Result<Staged, CacheError> {
         let replicas = usize::from(self.inner.vols.get(vol).await?.config.replicas);
-        let mut pieces = Vec::new();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let at = offset + pos as u64;
-            let chunk = at / CHUNK_SIZE;
-            let in_chunk = at % CHUNK_SIZE;
-            let n = ((CHUNK_SIZE - in_chunk) as usize).min(data.len() - pos);
-            pieces.push((chunk, in_chunk as u32, data.slice(pos..pos + n)));
-            pos += n;
+        let groups = group_by_chunk(extents)?;
+        let chunks: Vec<(u64, Vec<Slice>, Vec<Vec<u64>>)> = futures::stream::iter(groups)
+            .map(|(chunk, pieces)| async move {
+                let id = self.next_slice_id().await?;
+                let (list, bytes) = pack(id, &pieces);
+                let holders = self.put_slice(vol, id, &bytes, replicas).await?;
+                Ok::<_, CacheError>((chunk, list, holders))
+            })
+            .buffered(4)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let mut staged = Staged::default();
+        for (chunk, list, holders) in chunks {
+            staged.push(chunk, list, holders);
         }
-        let mut attr = None;
-        for (chunk, in_chunk, bytes) in pieces {
-            let slice = self.next_slice_id().await?;
-            let len = bytes.len() as u32;
-            let staged = self.put_slice(vol, slice, &bytes, replicas).await?;
-            let s = Slice { id: slice, offset: in_chunk, len, slice_len: len, slice_offset: 0 };
-            match self.inner.meta.op(Op::WriteSlice { vol, ino, chunk, slice: s, staged }).await? {
-                Reply::Attr(a) => attr = Some(a),
-                other => return Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
-            }
-        }
-        attr.ok_or_else(|| CacheError::Internal("nothing written".into()))
+        Ok(staged)
     }
 
-    /// Writes many disjoint extents of one file (`(offset, bytes)`, sorted by offset), as a
-    /// flush of buffered writes does: the extents of each chunk are packed into one new slice
-    /// (one set of block puts) and committed with one [`Op::WriteSlicePieces`], instead of a
-    /// slice, a put and a commit per extent. Each chunk's commit is atomic; chunks commit
-    /// independently. Returns the attributes after the last commit.
+    /// Stores and commits extents of a file in one go (for tools; a VFS stages and commits
+    /// separately, so that a failed commit is retried without uploading again). Returns the
+    /// attributes after the last commit.
     pub async fn write_extents(
         &self,
         vol: VolumeId,
         ino: Ino,
         extents: &[(u64, Bytes)],
-    ) -> Result<Attr, CacheError> {
-        if let [(offset, data)] = extents {
-            return self.write(vol, ino, *offset, data.clone()).await;
-        }
-        if extents.iter().all(|(_, d)| d.is_empty()) {
-            return Ok(self.inner.meta.getattr(vol, ino).await?);
-        }
-        let replicas = usize::from(self.inner.vols.get(vol).await?.config.replicas);
-        // Each chunk's pieces, in offset order, cut at chunk boundaries.
-        let mut groups: Vec<(u64, Vec<(u32, Bytes)>)> = Vec::new();
-        let mut last_end = 0u64;
-        for (offset, data) in extents {
-            if *offset < last_end {
-                return Err(CacheError::Internal("write_extents: extents overlap or are unsorted".into()));
-            }
-            last_end = offset + data.len() as u64;
-            let mut pos = 0usize;
-            while pos < data.len() {
-                let at = offset + pos as u64;
-                let chunk = at / CHUNK_SIZE;
-                let in_chunk = at % CHUNK_SIZE;
-                let n = ((CHUNK_SIZE - in_chunk) as usize).min(data.len() - pos);
-                let piece = (in_chunk as u32, data.slice(pos..pos + n));
-                match groups.last_mut() {
-                    Some((c, g)) if *c == chunk && g.len() < elea_fsm::limits::PIECES_MAX => g.push(piece),
-                    _ => groups.push((chunk, vec![piece])),
-                }
-                pos += n;
-            }
-        }
-        let attrs: Vec<Attr> = futures::stream::iter(groups)
-            .map(|(chunk, pieces)| self.write_packed(vol, ino, chunk, pieces, replicas))
-            .buffer_unordered(4)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
-        // The newest attributes: the largest size, then the latest change.
-        attrs
-            .into_iter()
-            .max_by_key(|a| (a.size, a.ctime))
-            .ok_or_else(|| CacheError::Internal("nothing written".into()))
+    ) -> Result<Option<Attr>, CacheError> {
+        let mut staged = self.stage_extents(vol, extents).await?;
+        staged.commit_with(&self.inner.meta, vol, ino).await
     }
 
-    /// One slice holding `pieces` (sorted, disjoint, within `chunk`) back to back.
-    async fn write_packed(
-        &self,
-        vol: VolumeId,
-        ino: Ino,
-        chunk: u64,
-        pieces: Vec<(u32, Bytes)>,
-        replicas: usize,
-    ) -> Result<Attr, CacheError> {
-        let total: usize = pieces.iter().map(|(_, b)| b.len()).sum();
-        let mut buf = bytes::BytesMut::with_capacity(total);
-        let mut list = Vec::with_capacity(pieces.len());
-        let slice = self.next_slice_id().await?;
-        for (in_chunk, b) in &pieces {
-            list.push(Slice {
-                id: slice,
-                offset: *in_chunk,
-                len: b.len() as u32,
-                slice_len: total as u32,
-                slice_offset: buf.len() as u32,
-            });
-            buf.extend_from_slice(b);
-        }
-        let bytes = buf.freeze();
-        let staged = self.put_slice(vol, slice, &bytes, replicas).await?;
-        match self.inner.meta.op(Op::WriteSlicePieces { vol, ino, chunk, pieces: list, staged }).await? {
-            Reply::Attr(a) => Ok(a),
-            other => Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
-        }
-    }
-
-    /// Reads up to `len` bytes at `offset` (short at end of file; holes read as zeros).
-    pub async fn read(
+    /// Reads up to `len` bytes at `offset` of a file, its size and slice lists read from
+    /// metadata (for tools; short at the end of the file, holes read as zeros). The same
+    /// read path as a VFS's, read-ahead included.
+    pub async fn read_file(
         &self,
         vol: VolumeId,
         ino: Ino,
@@ -448,16 +358,33 @@ impl DataClient {
         len: usize,
     ) -> Result<Vec<u8>, CacheError> {
         let size = self.inner.meta.getattr(vol, ino).await?.size;
-        if offset >= size || len == 0 {
+        let end = size.min(offset.saturating_add(len as u64));
+        let src = Arc::new(MetaChunks { meta: self.inner.meta.clone(), vol, ino });
+        self.read_range(vol, ino, offset, end, size, src).await
+    }
+
+    /// Reads bytes `[offset, end)` of a file of `size` bytes (see [`DataPath::read`]), and
+    /// starts a read-ahead when the read continues a sequential run.
+    async fn read_range(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        size: u64,
+        src: Arc<dyn ChunkSource>,
+    ) -> Result<Vec<u8>, CacheError> {
+        if end <= offset {
             return Ok(Vec::new());
         }
-        let end = size.min(offset.saturating_add(len as u64));
-        let chunks = self.chunk_lists(vol, ino, offset, end).await?;
+        let chunks = src.chunks(offset, end).await?;
         let out = self.read_slices(vol, ino, offset, end, &chunks).await?;
         if let Some((from, to)) = self.readahead_due(vol, ino, size) {
+            // A sequential reader: the next stretch of the file is fetched in the background,
+            // past the end of this slice and chunk too.
             let this = self.clone();
             tokio::spawn(async move {
-                let r = match this.chunk_lists(vol, ino, from, to).await {
+                let r = match src.chunks(from, to).await {
                     Ok(chunks) => this.prefetch(vol, from, to, &chunks).await,
                     Err(e) => Err(e),
                 };
@@ -469,28 +396,10 @@ impl DataClient {
         Ok(out)
     }
 
-    /// The slice lists of the chunks `[offset, end)` touches, from metadata.
-    async fn chunk_lists(
-        &self,
-        vol: VolumeId,
-        ino: Ino,
-        offset: u64,
-        end: u64,
-    ) -> Result<Vec<(u64, Arc<Vec<Slice>>)>, CacheError> {
-        let mut chunks = Vec::new();
-        for chunk in offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE) {
-            match self.inner.meta.query(Query::ReadChunk { vol, ino, chunk }).await? {
-                Reply::Slices(s) => chunks.push((chunk, Arc::new(s))),
-                other => return Err(CacheError::Internal(format!("unexpected reply {other:?}"))),
-            }
-        }
-        Ok(chunks)
-    }
-
-    /// Reads bytes `[offset, end)` of a file whose chunk slice lists the caller already
-    /// resolved (`chunks`: every chunk the range touches, with its list oldest first). The
-    /// caller clips `end` to the file size; ranges no slice covers read as zeros.
-    pub async fn read_slices(
+    /// Reads bytes `[offset, end)` of a file whose chunk slice lists are resolved (`chunks`:
+    /// every chunk the range touches, with its list oldest first). The caller clips `end` to
+    /// the file size; ranges no slice covers read as zeros.
+    async fn read_slices(
         &self,
         vol: VolumeId,
         ino: Ino,
@@ -600,8 +509,8 @@ impl DataClient {
     /// The part of a file of `size` bytes to fetch ahead of its reader now: `Some` when the
     /// inode's last read (through [`Self::read_slices`]) was sequential and the read-ahead
     /// window past it reaches a block further than what was already asked for. The range
-    /// counts as asked for from here on; pass it, with its chunks' slice lists, to
-    /// [`Self::prefetch`].
+    /// counts as asked for from here on (public for tests that check what a read-ahead
+    /// would fetch).
     pub fn readahead_due(&self, vol: VolumeId, ino: Ino, size: u64) -> Option<(u64, u64)> {
         let window = (self.inner.cfg.readahead as u64).saturating_mul(BLOCK_SIZE);
         if window == 0 {
@@ -625,7 +534,7 @@ impl DataClient {
     /// of the chunks the range touches, as for [`Self::read_slices`]) into the client's cache,
     /// whole, nearest first, a few at a time. Blocks already cached or in flight are not
     /// fetched again.
-    pub async fn prefetch(
+    async fn prefetch(
         &self,
         vol: VolumeId,
         from: u64,
@@ -870,5 +779,27 @@ impl DataClient {
     /// Drops the client's own cache of blocks and windows (slice locations stay).
     pub fn clear_cache(&self) {
         self.inner.cache.clear();
+    }
+}
+
+impl DataPath for DataClient {
+    async fn stage(&self, vol: VolumeId, extents: &[(u64, Bytes)]) -> Result<Staged, CacheError> {
+        self.stage_extents(vol, extents).await
+    }
+
+    async fn commit(&self, vol: VolumeId, ino: Ino, staged: &mut Staged) -> Result<Option<Attr>, CacheError> {
+        staged.commit_with(&self.inner.meta, vol, ino).await
+    }
+
+    async fn read(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        size: u64,
+        src: Arc<dyn ChunkSource>,
+    ) -> Result<Vec<u8>, CacheError> {
+        self.read_range(vol, ino, offset, end, size, src).await
     }
 }

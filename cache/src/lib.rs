@@ -7,10 +7,11 @@
 //!   with the metadata service; [`workers`]: tiering, re-replication, GC, reconcile.
 //! - [`placement`]: rendezvous hashing of blocks over a site's live cache nodes.
 //! - [`client`]: the block service client; [`data`]: the data client (write slices, read
-//!   byte ranges).
+//!   byte ranges), one implementation of [`datapath::DataPath`], the seam a VFS drives.
 
 pub mod client;
 pub mod data;
+pub mod datapath;
 pub mod error;
 mod local;
 pub mod node;
@@ -21,6 +22,7 @@ pub mod volumes;
 mod workers;
 
 pub use data::{DataClient, DataConfig};
+pub use datapath::{ChunkLists, ChunkSource, DataPath, MemData, MetaChunks, Staged};
 pub use error::CacheError;
 pub use node::{CacheNodeConfig, ServeError, serve};
 

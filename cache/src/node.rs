@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use elea_common::ids::BLOCK_SIZE;
 use elea_fsm::{CacheNodeInfo, CacheStats};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, ClientError, MetaClient};
 use elea_tiering::{BlockKey, StoreConfig};
 use tokio::sync::{Notify, watch};
@@ -179,24 +180,13 @@ impl Node {
 
     async fn register(&self) -> Result<(), ClientError> {
         self.meta
-            .op(elea_fsm::Op::RegisterCacheNode {
-                id: self.cfg.node_id,
-                site: self.cfg.site.clone(),
-                addr: self.cfg.advertise.clone(),
-                incarnation: self.incarnation,
-            })
+            .register_cache_node(self.cfg.node_id, &self.cfg.site, &self.cfg.advertise, self.incarnation)
             .await
-            .map(|_| ())
     }
 
     async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
-            let hb = elea_fsm::Op::CacheHeartbeat {
-                id: self.cfg.node_id,
-                incarnation: self.incarnation,
-                stats: self.stats(),
-            };
-            match self.meta.op(hb).await {
+            match self.meta.cache_heartbeat(self.cfg.node_id, self.incarnation, self.stats()).await {
                 Ok(_) => {}
                 Err(ClientError::Fs(elea_common::Errno::ESTALE)) => {
                     tracing::warn!(

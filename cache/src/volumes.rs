@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use elea_fsm::{BlockCodec, VolumeConfig};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
 use elea_tiering::{Compression, Store, StoreConfig};
 

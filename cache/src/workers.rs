@@ -28,7 +28,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use elea_fsm::{Op, StagedBlock};
+use elea_fsm::StagedBlock;
+use elea_metadata::MetaApi as _;
 use elea_tiering::{BlockKey, encode_block};
 use futures::StreamExt as _;
 use tokio::sync::watch;
@@ -281,7 +282,7 @@ impl Node {
             }
             if !ok.is_empty() {
                 let blocks = ok.iter().map(|b| (b.slice, b.index)).collect();
-                self.meta.op(Op::MarkTiered { store: 0, blocks }).await?;
+                self.meta.mark_tiered(0, blocks).await?;
                 done += ok.len();
                 for b in &ok {
                     self.free_copies(b).await;
@@ -394,7 +395,7 @@ impl Node {
         let r = BlockRef { vol: b.vol, slice: b.slice, index: b.index };
         self.peers.put(addr, r, Bytes::from(data), crc, vec![]).await?;
         let old = b.nodes.iter().copied().find(|n| !alive.contains(n));
-        self.meta.op(Op::ReplaceReplica { slice: b.slice, index: b.index, old, new: target }).await?;
+        self.meta.replace_replica(b.slice, b.index, old, target).await?;
         Ok(old)
     }
 
@@ -467,7 +468,7 @@ impl Node {
             }
             if !forget.is_empty() {
                 forgotten += forget.len();
-                self.meta.op(Op::ForgetSlices { ids: forget.clone() }).await?;
+                self.meta.forget_slices(forget.clone()).await?;
                 let mut b = self.gc_backoff.lock().unwrap_or_else(|p| p.into_inner());
                 for id in forget {
                     b.done(id);

@@ -11,6 +11,7 @@ use common::{CacheProc, TestCluster, content, wait_until};
 use elea_cache::client::BlockClients;
 use elea_cache::proto::BlockRef;
 use elea_common::ROOT_INO;
+use elea_metadata::MetaApi as _;
 use elea_tiering::BlockKey;
 
 const MIB: usize = 1 << 20;
@@ -112,11 +113,12 @@ async fn write_tier_and_read(in_process: bool) {
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let d = c.data();
     let a = content(1, 10 * MIB);
-    d.write(vol, f.ino, 0, Bytes::from(a.clone())).await.unwrap();
+    d.write_extents(vol, f.ino, &[(0, Bytes::from(a.clone()))]).await.unwrap();
     // A write across the first chunk boundary (two slices).
     let b_off = (64 * MIB - MIB) as u64;
     let b = content(2, 3 * MIB);
-    let attr = d.write(vol, f.ino, b_off, Bytes::from(b.clone())).await.unwrap();
+    let attr =
+        d.write_extents(vol, f.ino, &[(b_off, Bytes::from(b.clone()))]).await.unwrap().expect("committed");
     assert_eq!(attr.size, b_off + b.len() as u64);
     // Every block is staged on both nodes.
     let blocks = c.meta.staged_blocks().await.unwrap();
@@ -126,10 +128,10 @@ async fn write_tier_and_read(in_process: bool) {
         assert_eq!(staged_anywhere(&c, BlockRef { vol, slice: bl.slice, index: bl.index }).await, 2);
     }
     // Hot reads, unaligned, and the hole between the writes reads as zeros.
-    assert_eq!(d.read(vol, f.ino, 0, 10 * MIB).await.unwrap(), a);
-    assert_eq!(d.read(vol, f.ino, 12345, 5 * MIB).await.unwrap(), a[12345..12345 + 5 * MIB]);
-    assert_eq!(d.read(vol, f.ino, 20 * MIB as u64, 100).await.unwrap(), vec![0; 100]);
-    assert_eq!(d.read(vol, f.ino, b_off, 4 * MIB).await.unwrap(), b);
+    assert_eq!(d.read_file(vol, f.ino, 0, 10 * MIB).await.unwrap(), a);
+    assert_eq!(d.read_file(vol, f.ino, 12345, 5 * MIB).await.unwrap(), a[12345..12345 + 5 * MIB]);
+    assert_eq!(d.read_file(vol, f.ino, 20 * MIB as u64, 100).await.unwrap(), vec![0; 100]);
+    assert_eq!(d.read_file(vol, f.ino, b_off, 4 * MIB).await.unwrap(), b);
     // Tier on demand: objects land in the store, metadata records them, staging empties.
     tier_now(&c, vol).await;
     wait_until(Duration::from_secs(20), "everything tiered", || async { staged_count(&c, vol).await == 0 })
@@ -146,8 +148,8 @@ async fn write_tier_and_read(in_process: bool) {
     // Cold: no staging, no read cache, a new client.
     drop_caches(&c).await;
     let cold = c.data();
-    assert_eq!(cold.read(vol, f.ino, 0, 10 * MIB).await.unwrap(), a);
-    assert_eq!(cold.read(vol, f.ino, b_off, 3 * MIB).await.unwrap(), b);
+    assert_eq!(cold.read_file(vol, f.ino, 0, 10 * MIB).await.unwrap(), a);
+    assert_eq!(cold.read_file(vol, f.ino, b_off, 3 * MIB).await.unwrap(), b);
 }
 
 /// A sequential reader gets the file fetched ahead of it by file offset: past the end of the
@@ -164,8 +166,8 @@ async fn read_ahead_crosses_slices_and_chunks() {
     let start = 56 * MIB;
     let a = content(7, 4 * MIB);
     let b = content(8, 9 * MIB);
-    d.write(vol, f.ino, start as u64, Bytes::from(a.clone())).await.unwrap();
-    d.write(vol, f.ino, (start + 4 * MIB) as u64, Bytes::from(b.clone())).await.unwrap();
+    d.write_extents(vol, f.ino, &[(start as u64, Bytes::from(a.clone()))]).await.unwrap();
+    d.write_extents(vol, f.ino, &[((start + 4 * MIB) as u64, Bytes::from(b.clone()))]).await.unwrap();
     let (first, next) = (slice_ids(&c, vol, f.ino, 0).await, slice_ids(&c, vol, f.ino, 1).await);
     assert_eq!((first.len(), next.len()), (2, 1), "{first:?} {next:?}");
     let (sa, sb, sc) = (first[0], first[1], next[0]);
@@ -173,7 +175,7 @@ async fn read_ahead_crosses_slices_and_chunks() {
     // Random reads: nothing is due.
     let cold = c.data();
     for off in [start + 3 * MIB, start + MIB, start + 2 * MIB + 5] {
-        let got = cold.read(vol, f.ino, off as u64, 4096).await.unwrap();
+        let got = cold.read_file(vol, f.ino, off as u64, 4096).await.unwrap();
         assert_eq!(got, a[off - start..off - start + 4096]);
     }
     assert_eq!(cold.readahead_due(vol, f.ino, (start + 13 * MIB) as u64), None);
@@ -185,7 +187,7 @@ async fn read_ahead_crosses_slices_and_chunks() {
     for i in 0..2 {
         let off = start + i * 128 * 1024;
         assert_eq!(
-            r.read(vol, f.ino, off as u64, 128 * 1024).await.unwrap(),
+            r.read_file(vol, f.ino, off as u64, 128 * 1024).await.unwrap(),
             a[off - start..off - start + 128 * 1024]
         );
     }
@@ -195,7 +197,7 @@ async fn read_ahead_crosses_slices_and_chunks() {
         r.holds(sa, 0) && r.holds(sb, 0) && r.holds(sc, 0) && r.holds(sc, 1)
     })
     .await;
-    assert_eq!(r.read(vol, f.ino, (start + 4 * MIB) as u64, 9 * MIB).await.unwrap(), b);
+    assert_eq!(r.read_file(vol, f.ino, (start + 4 * MIB) as u64, 9 * MIB).await.unwrap(), b);
 }
 
 async fn slice_ids(c: &TestCluster, vol: u64, ino: u64, chunk: u64) -> Vec<u64> {
@@ -215,13 +217,13 @@ async fn store_outage_keeps_writes_acknowledged_and_the_backlog_drains() {
     for i in 0..3u64 {
         let f = c.meta.create(vol, ROOT_INO, format!("f{i}").as_bytes(), 0o644).await.unwrap();
         let data = content(10 + i, 5 * MIB + 7);
-        d.write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+        d.write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
         files.push((f.ino, data));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(staged_count(&c, vol).await, 6, "nothing can be tiered while the store is down");
     for (ino, data) in &files {
-        assert_eq!(&d.read(vol, *ino, 0, data.len()).await.unwrap(), data);
+        assert_eq!(&d.read_file(vol, *ino, 0, data.len()).await.unwrap(), data);
     }
     c.start_s3().await;
     wait_until(Duration::from_secs(60), "backlog drained", || async { staged_count(&c, vol).await == 0 })
@@ -229,7 +231,7 @@ async fn store_outage_keeps_writes_acknowledged_and_the_backlog_drains() {
     drop_caches(&c).await;
     let cold = c.data();
     for (ino, data) in &files {
-        assert_eq!(&cold.read(vol, *ino, 0, data.len()).await.unwrap(), data);
+        assert_eq!(&cold.read_file(vol, *ino, 0, data.len()).await.unwrap(), data);
     }
     assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 6);
 }
@@ -243,14 +245,14 @@ async fn garbage_collection_removes_deleted_data_only() {
     let fb = c.meta.create(vol, ROOT_INO, b"b", 0o644).await.unwrap();
     let a = content(3, 6 * MIB);
     let b = content(4, MIB);
-    d.write(vol, fa.ino, 0, Bytes::from(a)).await.unwrap();
-    d.write(vol, fb.ino, 0, Bytes::from(b.clone())).await.unwrap();
+    d.write_extents(vol, fa.ino, &[(0, Bytes::from(a))]).await.unwrap();
+    d.write_extents(vol, fb.ino, &[(0, Bytes::from(b.clone()))]).await.unwrap();
     wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol).await == 0 }).await;
     assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 3);
     // Unlink a; overwrite b (its first slice becomes garbage too).
     c.meta.unlink(vol, ROOT_INO, b"a").await.unwrap();
     let b2 = content(5, MIB);
-    d.write(vol, fb.ino, 0, Bytes::from(b2.clone())).await.unwrap();
+    d.write_extents(vol, fb.ino, &[(0, Bytes::from(b2.clone()))]).await.unwrap();
     wait_until(Duration::from_secs(20), "garbage collected", || async {
         let (pending, _) = c.meta.pending_deletes(0, 100).await.unwrap();
         pending.is_empty() && staged_count(&c, vol).await == 0
@@ -261,11 +263,11 @@ async fn garbage_collection_removes_deleted_data_only() {
     })
     .await;
     drop_caches(&c).await;
-    assert_eq!(c.data().read(vol, fb.ino, 0, MIB).await.unwrap(), b2);
+    assert_eq!(c.data().read_file(vol, fb.ino, 0, MIB).await.unwrap(), b2);
     // Staged-only data (never tiered) is collected too.
     let vol2 = c.volume("g2", 2, 3_600_000).await;
     let fc = c.meta.create(vol2, ROOT_INO, b"c", 0o644).await.unwrap();
-    d.write(vol2, fc.ino, 0, Bytes::from(content(6, MIB))).await.unwrap();
+    d.write_extents(vol2, fc.ino, &[(0, Bytes::from(content(6, MIB)))]).await.unwrap();
     let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol2).unwrap();
     let r = BlockRef { vol: vol2, slice: bl.slice, index: bl.index };
     assert_eq!(staged_anywhere(&c, r).await, 2);
@@ -283,7 +285,7 @@ async fn corruption_is_detected_never_returned() {
     // A corrupt object: reading it fails, it never returns wrong bytes.
     let vol2 = c.volume("c2", 2, 0).await;
     let g = c.meta.create(vol2, ROOT_INO, b"g", 0o644).await.unwrap();
-    c.data().write(vol2, g.ino, 0, Bytes::from(content(8, MIB))).await.unwrap();
+    c.data().write_extents(vol2, g.ino, &[(0, Bytes::from(content(8, MIB)))]).await.unwrap();
     wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol2).await == 0 }).await;
     let key: BlockKey = c.store().list_volume(vol2).await.unwrap()[0];
     let mut obj = c.store().get_raw(&key.path()).await.unwrap().to_vec();
@@ -291,7 +293,7 @@ async fn corruption_is_detected_never_returned() {
     obj[n - 1] ^= 1;
     c.store().put_raw(&key.path(), Bytes::from(obj)).await.unwrap();
     drop_caches(&c).await;
-    let r = c.data().read(vol2, g.ino, 0, MIB).await;
+    let r = c.data().read_file(vol2, g.ino, 0, MIB).await;
     assert!(r.is_err(), "a corrupt object must not be returned as data");
 }
 
@@ -301,7 +303,7 @@ async fn a_dead_node_blocks_are_re_replicated() {
     let vol = c.volume("r", 2, 3_600_000).await;
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let data = content(9, 24 * MIB);
-    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
     let blocks = c.meta.staged_blocks().await.unwrap();
     // Kill the node holding the most copies.
     let victim = (1..=3u64).max_by_key(|id| blocks.iter().filter(|b| b.nodes.contains(id)).count()).unwrap();
@@ -321,15 +323,15 @@ async fn a_dead_node_blocks_are_re_replicated() {
         assert!(!b.nodes.contains(&victim));
         assert_eq!(staged_anywhere(&c, BlockRef { vol, slice: b.slice, index: b.index }).await, 2);
     }
-    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+    assert_eq!(c.data().read_file(vol, f.ino, 0, data.len()).await.unwrap(), data);
     // The node comes back with an empty disk: it registers as a new incarnation and takes
     // new blocks.
     std::fs::remove_dir_all(c.tmp.path().join(format!("cache{victim}"))).unwrap();
     c.start_node(victim).await;
     c.wait_alive(3).await;
     let g = c.meta.create(vol, ROOT_INO, b"g", 0o644).await.unwrap();
-    c.data().write(vol, g.ino, 0, Bytes::from(content(10, 8 * MIB))).await.unwrap();
-    assert_eq!(c.data().read(vol, g.ino, 0, 8 * MIB).await.unwrap(), content(10, 8 * MIB));
+    c.data().write_extents(vol, g.ino, &[(0, Bytes::from(content(10, 8 * MIB)))]).await.unwrap();
+    assert_eq!(c.data().read_file(vol, g.ino, 0, 8 * MIB).await.unwrap(), content(10, 8 * MIB));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -401,7 +403,7 @@ async fn staging_above_its_high_watermark_tiers_early() {
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let d = c.data();
     let a = content(12, 20 * MIB);
-    d.write(vol, f.ino, 0, Bytes::from(a.clone())).await.unwrap();
+    d.write_extents(vol, f.ino, &[(0, Bytes::from(a.clone()))]).await.unwrap();
     wait_until(Duration::from_secs(20), "staging drained below the watermark", || async {
         staged_count(&c, vol).await <= 4
     })
@@ -412,10 +414,10 @@ async fn staging_above_its_high_watermark_tiers_early() {
     let b = content(13, 40 * MIB);
     for i in 0..10 {
         let part = Bytes::from(b[i * 4 * MIB..(i + 1) * 4 * MIB].to_vec());
-        d.write(vol, f.ino, (20 * MIB + i * 4 * MIB) as u64, part).await.unwrap();
+        d.write_extents(vol, f.ino, &[((20 * MIB + i * 4 * MIB) as u64, part)]).await.unwrap();
     }
     drop_caches(&c).await;
-    let all = c.data().read(vol, f.ino, 0, 60 * MIB).await.unwrap();
+    let all = c.data().read_file(vol, f.ino, 0, 60 * MIB).await.unwrap();
     assert!(all[..20 * MIB] == a[..] && all[20 * MIB..] == b[..]);
 }
 
@@ -436,7 +438,7 @@ async fn a_staged_copy_deleted_behind_the_nodes_back_is_restored() {
     let vol = c.volume("l", 2, 3_600_000).await;
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let data = content(14, 6 * MIB);
-    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
     let bl =
         c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol && b.index == 1).unwrap();
     let bytes = block_of(&data, 1);
@@ -452,7 +454,7 @@ async fn a_staged_copy_deleted_behind_the_nodes_back_is_restored() {
     .await;
     assert!(really_held(&c, vol, bl.slice, 0, block_of(&data, 0), 2).await);
     drop_caches(&c).await;
-    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+    assert_eq!(c.data().read_file(vol, f.ino, 0, data.len()).await.unwrap(), data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -462,7 +464,7 @@ async fn a_node_restarted_without_its_staged_files_gets_them_back() {
     let vol = c.volume("w", 2, 3_600_000).await;
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let data = content(15, 9 * MIB);
-    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
     let slice = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap().slice;
     c.stop_node(2).await;
     std::fs::remove_dir_all(c.tmp.path().join("cache2").join("staging")).unwrap();
@@ -478,7 +480,7 @@ async fn a_node_restarted_without_its_staged_files_gets_them_back() {
     .await;
     c.stop_node(1).await;
     drop_caches(&c).await;
-    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data, "node 2 alone serves it");
+    assert_eq!(c.data().read_file(vol, f.ino, 0, data.len()).await.unwrap(), data, "node 2 alone serves it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -487,7 +489,7 @@ async fn a_corrupt_staged_copy_is_replaced() {
     let vol = c.volume("c", 2, 3_600_000).await;
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let data = content(7, 2 * MIB);
-    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
     let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap();
     // The first holder is the one a reader asks first.
     let first = c.nodes.iter().find(|n| n.id == bl.nodes[0]).unwrap();
@@ -497,13 +499,13 @@ async fn a_corrupt_staged_copy_is_replaced() {
     bytes[n - 10] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
     // Served from the other copy; the corrupt one is discarded and reported at once.
-    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+    assert_eq!(c.data().read_file(vol, f.ino, 0, data.len()).await.unwrap(), data);
     wait_until(Duration::from_secs(30), "two real copies again", || async {
         really_held(&c, vol, bl.slice, bl.index, &data, 2).await
     })
     .await;
     drop_caches(&c).await;
-    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+    assert_eq!(c.data().read_file(vol, f.ino, 0, data.len()).await.unwrap(), data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -512,7 +514,7 @@ async fn a_torn_copy_found_at_restart_is_replaced() {
     let vol = c.volume("t", 2, 3_600_000).await;
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let data = content(16, 3 * MIB);
-    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
     let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap();
     let victim = bl.nodes[1];
     c.stop_node(victim).await;
@@ -528,7 +530,7 @@ async fn a_torn_copy_found_at_restart_is_replaced() {
     })
     .await;
     drop_caches(&c).await;
-    assert_eq!(c.data().read(vol, f.ino, 0, data.len()).await.unwrap(), data);
+    assert_eq!(c.data().read_file(vol, f.ino, 0, data.len()).await.unwrap(), data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -536,7 +538,7 @@ async fn garbage_collection_retries_after_a_store_outage() {
     let mut c = TestCluster::start(2).await;
     let vol = c.volume("b", 2, 0).await;
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
-    c.data().write(vol, f.ino, 0, Bytes::from(content(17, 5 * MIB))).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(content(17, 5 * MIB)))]).await.unwrap();
     wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol).await == 0 }).await;
     assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 2);
     // Deletes fail while the store is down: the slice waits, with growing delays.
@@ -586,7 +588,7 @@ async fn range_gets_from_staging_the_read_cache_and_the_store() {
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     // A full block and a short one.
     let data = content(21, 6 * MIB + 12345);
-    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
     let blocks = c.meta.staged_blocks().await.unwrap();
     assert_eq!(blocks.len(), 2);
     let slice = blocks[0].slice;
@@ -659,11 +661,13 @@ async fn random_small_reads_match_the_written_bytes_on_every_tier() {
     // Two chunks' worth of slices: 70 MiB written in two pieces, plus an overwrite in the
     // middle so reads cross slice boundaries.
     let mut reference = content(31, 70 * MIB);
-    d.write(vol, f.ino, 0, Bytes::from(reference[..40 * MIB].to_vec())).await.unwrap();
-    d.write(vol, f.ino, 40 * MIB as u64, Bytes::from(reference[40 * MIB..].to_vec())).await.unwrap();
+    d.write_extents(vol, f.ino, &[(0, Bytes::from(reference[..40 * MIB].to_vec()))]).await.unwrap();
+    d.write_extents(vol, f.ino, &[(40 * MIB as u64, Bytes::from(reference[40 * MIB..].to_vec()))])
+        .await
+        .unwrap();
     let patch = content(32, 3 * MIB + 777);
     let at = 10 * MIB + 4321;
-    d.write(vol, f.ino, at as u64, Bytes::from(patch.clone())).await.unwrap();
+    d.write_extents(vol, f.ino, &[(at as u64, Bytes::from(patch.clone()))]).await.unwrap();
     reference[at..at + patch.len()].copy_from_slice(&patch);
     let size = reference.len() as u64;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -682,7 +686,7 @@ async fn random_small_reads_match_the_written_bytes_on_every_tier() {
                     0 => size - rng.below(10_000).min(size),
                     _ => rng.below(size),
                 };
-                let got = d.read(vol, f.ino, off, len).await.unwrap();
+                let got = d.read_file(vol, f.ino, off, len).await.unwrap();
                 let end = (off + len as u64).min(size) as usize;
                 assert!(got == reference[off as usize..end], "read {len} at {off}: wrong bytes");
             }
@@ -692,7 +696,7 @@ async fn random_small_reads_match_the_written_bytes_on_every_tier() {
     // A sequential pass with the same client mixes whole blocks into its cache.
     let mut off = 0u64;
     while off < size {
-        let got = d.read(vol, f.ino, off, 1 << 20).await.unwrap();
+        let got = d.read_file(vol, f.ino, off, 1 << 20).await.unwrap();
         assert!(got == reference[off as usize..(off as usize + got.len())], "sequential at {off}");
         off += got.len() as u64;
     }
@@ -726,7 +730,7 @@ async fn a_corrupt_segment_is_read_from_the_other_copy() {
     let vol = c.volume("s", 2, 3_600_000).await;
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     let data = content(41, 4 * MIB);
-    c.data().write(vol, f.ino, 0, Bytes::from(data.clone())).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
     let bl = c.meta.staged_blocks().await.unwrap().into_iter().find(|b| b.vol == vol).unwrap();
     // Damage one byte of the copy a reader asks first.
     let first = c.nodes.iter().find(|n| n.id == bl.nodes[0]).unwrap();
@@ -738,13 +742,13 @@ async fn a_corrupt_segment_is_read_from_the_other_copy() {
     let d = c.data();
     // Small reads elsewhere come from the damaged copy's good segments.
     for off in [0usize, MIB, 2 * MIB + 100] {
-        assert_eq!(d.read(vol, f.ino, off as u64, 4096).await.unwrap(), data[off..off + 4096]);
+        assert_eq!(d.read_file(vol, f.ino, off as u64, 4096).await.unwrap(), data[off..off + 4096]);
     }
     let p = BlockClients::default();
     let r = BlockRef { vol, slice: bl.slice, index: bl.index };
     assert!(p.has(&first.addr, r).await.unwrap().staged);
     // The damaged range is served from the other copy, and the damaged one is dropped.
-    assert_eq!(d.read(vol, f.ino, (at - 100) as u64, 4096).await.unwrap(), data[at - 100..at + 3996]);
+    assert_eq!(d.read_file(vol, f.ino, (at - 100) as u64, 4096).await.unwrap(), data[at - 100..at + 3996]);
     assert!(!p.has(&first.addr, r).await.unwrap().staged);
     wait_until(Duration::from_secs(30), "two real copies again", || async {
         really_held(&c, vol, bl.slice, bl.index, &data, 2).await

@@ -1,9 +1,11 @@
-//! Small types shared by every Elea crate: ids, POSIX error numbers and time stamps.
+//! Small types shared by every Elea crate: ids, layout math, POSIX error numbers and time
+//! stamps.
 //!
 //! This crate has no I/O and few dependencies so that every layer can use it.
 
 pub mod errno;
 pub mod ids;
+pub mod layout;
 pub mod local;
 pub mod pattern;
 pub mod time;

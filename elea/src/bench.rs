@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Args;
 use elea_common::{Ino, ROOT_INO, VolumeId};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientError, MetaClient};
 use serde_json::json;
 
@@ -43,7 +44,7 @@ struct PhaseResult {
 async fn one_op(c: &MetaClient, vol: VolumeId, dir: Ino, phase: &str, i: usize) -> Result<(), ClientError> {
     let name = |p: &str| format!("{p}{i}").into_bytes();
     match phase {
-        "mkdir" => c.mkdir(vol, dir, &name("d"), 0o755).await.map(drop),
+        "mkdir" => c.mkdir(vol, dir, &name("d"), 0o755, 0, 0).await.map(drop),
         "create" => c.create(vol, dir, &name("f"), 0o644).await.map(drop),
         "stat" => c.lookup(vol, dir, &name("f")).await.map(drop),
         "rename" => c.rename(vol, dir, &name("f"), dir, &name("r"), 0).await.map(drop),
@@ -78,11 +79,12 @@ pub async fn run_meta_bench(a: MetaBenchArgs) -> anyhow::Result<()> {
             .context("creating the benchmark volume")?,
         Err(e) => return Err(e).context("looking up the benchmark volume"),
     };
-    let top =
-        c.mkdir(vol.id, ROOT_INO, format!("bench-{stamp}-{}", std::process::id()).as_bytes(), 0o755).await?;
+    let top = c
+        .mkdir(vol.id, ROOT_INO, format!("bench-{stamp}-{}", std::process::id()).as_bytes(), 0o755, 0, 0)
+        .await?;
     let mut dirs = Vec::with_capacity(a.threads);
     for t in 0..a.threads {
-        dirs.push(c.mkdir(vol.id, top.ino, format!("w{t}").as_bytes(), 0o755).await?.ino);
+        dirs.push(c.mkdir(vol.id, top.ino, format!("w{t}").as_bytes(), 0o755, 0, 0).await?.ino);
     }
     let per = a.files.div_ceil(a.threads);
     let mut results = Vec::new();

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, MetaClient, parse_addrs};
 use elea_metadata::proto::change_membership_request::Kind;
 use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
@@ -143,9 +144,9 @@ pub struct CacheArgs {
     pub stale_grace: Duration,
 }
 
-/// Kernel cache lifetimes of a mount.
+/// Kernel cache lifetimes and trust settings of a mount.
 #[derive(Args, Debug, Clone)]
-pub struct CacheTtls {
+pub struct MountFlags {
     /// How long the kernel may cache attributes. 0 (the default) keeps every stat
     /// linearizable; a longer time trades that for fewer metadata reads.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
@@ -153,6 +154,13 @@ pub struct CacheTtls {
     /// How long the kernel may cache name lookups (0 by default, for the same reason).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub entry_ttl: Duration,
+    /// Honour set-user-id and set-group-id bits on the mount. Off by default: anyone who can
+    /// write to the volume from any host could otherwise plant a set-id program here.
+    #[arg(long)]
+    pub suid: bool,
+    /// Honour device nodes on the mount (off by default, for the same reason).
+    #[arg(long)]
+    pub dev: bool,
 }
 
 #[derive(Args, Debug)]
@@ -166,7 +174,7 @@ pub struct MountArgs {
     #[arg(long, default_value = "local")]
     pub site: String,
     #[command(flatten)]
-    pub ttls: CacheTtls,
+    pub ttls: MountFlags,
     /// Where to mount it (an existing directory).
     pub mountpoint: PathBuf,
 }
@@ -189,7 +197,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub staging_size: u64,
     #[command(flatten)]
-    pub ttls: CacheTtls,
+    pub ttls: MountFlags,
     /// Where to mount the default volume (created when missing). Without it, the services
     /// run without a mount.
     pub mountpoint: Option<PathBuf>,
@@ -444,11 +452,7 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         match &a.mountpoint {
             Some(mp) => {
                 std::fs::create_dir_all(mp).with_context(|| format!("creating {}", mp.display()))?;
-                let opts = crate::mount::MountOpts {
-                    site: "local".into(),
-                    attr_ttl: a.ttls.attr_ttl,
-                    entry_ttl: a.ttls.entry_ttl,
-                };
+                let opts = crate::mount::MountOpts::new("local", &a.ttls);
                 crate::mount::serve_mount(c.clone(), &vol, mp, &opts, shutdown_signal()).await
             }
             None => {
@@ -478,11 +482,7 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
 async fn run_mount(a: MountArgs) -> anyhow::Result<()> {
     let c = client(&a.meta)?;
     let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
-    let opts = crate::mount::MountOpts {
-        site: a.site.clone(),
-        attr_ttl: a.ttls.attr_ttl,
-        entry_ttl: a.ttls.entry_ttl,
-    };
+    let opts = crate::mount::MountOpts::new(a.site.clone(), &a.ttls);
     crate::mount::serve_mount(c, &vol, &a.mountpoint, &opts, shutdown_signal()).await
 }
 

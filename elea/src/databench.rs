@@ -11,6 +11,7 @@ use clap::Args;
 use elea_cache::{DataClient, DataConfig};
 use elea_common::ROOT_INO;
 use elea_common::pattern::pattern as content;
+use elea_metadata::MetaApi as _;
 use futures::StreamExt as _;
 use serde_json::json;
 
@@ -78,7 +79,9 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
             let data = data.clone();
             let bytes = blocks[&off].clone();
             async move {
-                data.write(vol.id, file.ino, off, bytes).await.with_context(|| format!("write at {off}"))?;
+                data.write_extents(vol.id, file.ino, &[(off, bytes)])
+                    .await
+                    .with_context(|| format!("write at {off}"))?;
                 Ok(())
             }
         })
@@ -100,7 +103,7 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
                     let want = blocks[&off].clone();
                     async move {
                         let got = data
-                            .read(vol.id, file.ino, off, len_at(off))
+                            .read_file(vol.id, file.ino, off, len_at(off))
                             .await
                             .with_context(|| format!("{label} read at {off}"))?;
                         if got != want {

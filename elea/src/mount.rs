@@ -16,6 +16,14 @@ pub struct MountOpts {
     pub site: String,
     pub attr_ttl: Duration,
     pub entry_ttl: Duration,
+    pub suid: bool,
+    pub dev: bool,
+}
+
+impl MountOpts {
+    pub fn new(site: impl Into<String>, f: &crate::cli::MountFlags) -> Self {
+        Self { site: site.into(), attr_ttl: f.attr_ttl, entry_ttl: f.entry_ttl, suid: f.suid, dev: f.dev }
+    }
 }
 
 /// A mount point left behind by a process that died ("Transport endpoint is not
@@ -71,8 +79,12 @@ pub async fn serve_mount(
     let vfs = Vfs::new(meta, data, vol.id, cfg)
         .await
         .map_err(|e| anyhow::anyhow!("opening a gateway session for volume {:?}: {e}", vol.name))?;
-    let fsname = format!("elea:{}", vol.name);
-    let mounted = elea_gateway::mount(vfs.clone(), &mp, tokio::runtime::Handle::current(), &fsname)
+    let mcfg = elea_gateway::MountConfig {
+        suid: opts.suid,
+        dev: opts.dev,
+        ..elea_gateway::MountConfig::new(&format!("elea:{}", vol.name))
+    };
+    let mounted = elea_gateway::mount(vfs.clone(), &mp, tokio::runtime::Handle::current(), &mcfg)
         .with_context(|| format!("mounting volume {:?} at {}", vol.name, mp.display()))?;
     println!("elea: volume {:?} mounted at {} (site {:?})", vol.name, mp.display(), opts.site);
     let gone = async {

@@ -24,6 +24,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
+use crate::error::{VfsError, VfsResult};
 use crate::perm::Creds;
 use crate::vfs::{Inval, SetAttrReq, Vfs};
 
@@ -32,16 +33,18 @@ const BLKSIZE: u32 = 4096;
 /// `F_SETLK` ranges reaching this end mean "to end of file".
 const OFFSET_MAX: u64 = i64::MAX as u64;
 
-fn errno(e: Errno) -> fuser::Errno {
-    fuser::Errno::from_i32(e.0)
+/// The one place a failed operation is logged and counted, and its errno given to the
+/// kernel.
+fn errno(op: &'static str, e: VfsError) -> fuser::Errno {
+    fuser::Errno::from_i32(e.report(op).0)
 }
 
 /// For requests that name an inode the kernel looked up earlier: if it is gone (unlinked
 /// and freed in between, say by a rename over its name from another mount), `ESTALE`, on
 /// which the kernel looks the path up again and retries (an `open` racing an atomic replace
 /// then opens the new file instead of failing with `ENOENT`).
-fn stale<T>(r: Result<T, Errno>) -> Result<T, Errno> {
-    r.map_err(|e| if e == Errno::ENOENT { Errno::ESTALE } else { e })
+fn stale<T>(r: VfsResult<T>) -> VfsResult<T> {
+    r.map_err(|e| if e.errno() == Errno::ENOENT { Errno::ESTALE.into() } else { e })
 }
 
 fn to_system(t: Timespec) -> SystemTime {
@@ -110,12 +113,12 @@ fn time_set(t: TimeOrNow) -> TimeSet {
     }
 }
 
-fn lock_kind(typ: i32) -> Result<LockKind, Errno> {
+fn lock_kind(typ: i32) -> VfsResult<LockKind> {
     match typ {
         libc::F_RDLCK => Ok(LockKind::Read),
         libc::F_WRLCK => Ok(LockKind::Write),
         libc::F_UNLCK => Ok(LockKind::Unlock),
-        _ => Err(Errno::EINVAL),
+        _ => Err(Errno::EINVAL.into()),
     }
 }
 
@@ -172,26 +175,26 @@ impl EleaFs {
     }
 }
 
-fn entry(reply: ReplyEntry, r: Result<Attr, Errno>, attr_ttl: Duration, entry_ttl: Duration) {
+fn entry(op: &'static str, reply: ReplyEntry, r: VfsResult<Attr>, attr_ttl: Duration, entry_ttl: Duration) {
     match r {
         Ok(a) => reply.entry_with_ttls(&attr_ttl, &entry_ttl, &file_attr(&a), Generation(a.generation)),
-        Err(e) => reply.error(errno(e)),
+        Err(e) => reply.error(errno(op, e)),
     }
 }
 
-fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+fn empty(op: &'static str, reply: ReplyEmpty, r: VfsResult<()>) {
     match r {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(e)),
+        Err(e) => reply.error(errno(op, e)),
     }
 }
 
-fn xattr_reply(reply: ReplyXattr, data: Result<Vec<u8>, Errno>, size: u32) {
+fn xattr_reply(op: &'static str, reply: ReplyXattr, data: VfsResult<Vec<u8>>, size: u32) {
     match data {
         Ok(d) if size == 0 => reply.size(d.len() as u32),
         Ok(d) if d.len() > size as usize => reply.error(fuser::Errno::ERANGE),
         Ok(d) => reply.data(&d),
-        Err(e) => reply.error(errno(e)),
+        Err(e) => reply.error(errno(op, e)),
     }
 }
 
@@ -208,7 +211,7 @@ impl Filesystem for EleaFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
-        self.inline(|v| async move { entry(reply, v.lookup(&c, parent.0, &name).await, at, et) });
+        self.inline(|v| async move { entry("lookup", reply, v.lookup(&c, parent.0, &name).await, at, et) });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -216,7 +219,7 @@ impl Filesystem for EleaFs {
         self.inline(|v| async move {
             match stale(v.getattr(ino.0).await) {
                 Ok(a) => reply.attr(&at, &file_attr(&a)),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("getattr", e)),
             }
         });
     }
@@ -253,7 +256,7 @@ impl Filesystem for EleaFs {
         self.spawn(|v| async move {
             match stale(v.setattr(&c, ino.0, r).await) {
                 Ok(a) => reply.attr(&at, &file_attr(&a)),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("setattr", e)),
             }
         });
     }
@@ -262,7 +265,7 @@ impl Filesystem for EleaFs {
         self.spawn(|v| async move {
             match stale(v.readlink(ino.0).await) {
                 Ok(d) => reply.data(&d),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("readlink", e)),
             }
         });
     }
@@ -279,29 +282,33 @@ impl Filesystem for EleaFs {
     ) {
         let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
         self.inline(|v| async move {
-            entry(reply, v.mknod(&c, parent.0, &name, mode, umask, u64::from(rdev)).await, at, et)
+            entry("mknod", reply, v.mknod(&c, parent.0, &name, mode, umask, u64::from(rdev)).await, at, et)
         });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let (c, name, (at, et)) = (creds(req), name.as_bytes().to_vec(), self.ttls());
-        self.inline(|v| async move { entry(reply, v.mkdir(&c, parent.0, &name, mode, umask).await, at, et) });
+        self.inline(|v| async move {
+            entry("mkdir", reply, v.mkdir(&c, parent.0, &name, mode, umask).await, at, et)
+        });
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (c, name) = (creds(req), name.as_bytes().to_vec());
-        self.inline(|v| async move { empty(reply, v.unlink(&c, parent.0, &name).await) });
+        self.inline(|v| async move { empty("unlink", reply, v.unlink(&c, parent.0, &name).await) });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (c, name) = (creds(req), name.as_bytes().to_vec());
-        self.inline(|v| async move { empty(reply, v.rmdir(&c, parent.0, &name).await) });
+        self.inline(|v| async move { empty("rmdir", reply, v.rmdir(&c, parent.0, &name).await) });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let (c, name, (at, et)) = (creds(req), link_name.as_bytes().to_vec(), self.ttls());
         let target = target.as_os_str().as_bytes().to_vec();
-        self.inline(|v| async move { entry(reply, v.symlink(&c, parent.0, &name, &target).await, at, et) });
+        self.inline(|v| async move {
+            entry("symlink", reply, v.symlink(&c, parent.0, &name, &target).await, at, et)
+        });
     }
 
     fn rename(
@@ -316,13 +323,15 @@ impl Filesystem for EleaFs {
     ) {
         let (c, name, newname) = (creds(req), name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         self.inline(|v| async move {
-            empty(reply, v.rename(&c, parent.0, &name, newparent.0, &newname, flags.bits()).await)
+            empty("rename", reply, v.rename(&c, parent.0, &name, newparent.0, &newname, flags.bits()).await)
         });
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let (c, name, (at, et)) = (creds(req), newname.as_bytes().to_vec(), self.ttls());
-        self.inline(|v| async move { entry(reply, v.link(&c, ino.0, newparent.0, &name).await, at, et) });
+        self.inline(
+            |v| async move { entry("link", reply, v.link(&c, ino.0, newparent.0, &name).await, at, et) },
+        );
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -330,7 +339,7 @@ impl Filesystem for EleaFs {
         self.spawn(|v| async move {
             match stale(v.open(&c, ino.0, flags.0).await) {
                 Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("open", e)),
             }
         });
     }
@@ -349,7 +358,7 @@ impl Filesystem for EleaFs {
         self.fast_or_spawn(|v| async move {
             match v.read(fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("read", e)),
             }
         });
     }
@@ -370,7 +379,7 @@ impl Filesystem for EleaFs {
         self.fast_or_spawn(|v| async move {
             match v.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("write", e)),
             }
         });
     }
@@ -381,7 +390,7 @@ impl Filesystem for EleaFs {
             // owner's locks here.
             let unlocked = v.release_locks(fh.0, lock_owner.0).await;
             let flushed = v.flush(fh.0).await;
-            empty(reply, flushed.and(unlocked));
+            empty("flush", reply, flushed.and(unlocked));
         });
     }
 
@@ -395,11 +404,11 @@ impl Filesystem for EleaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fast_or_spawn(|v| async move { empty(reply, v.release(fh.0).await) });
+        self.fast_or_spawn(|v| async move { empty("release", reply, v.release(fh.0).await) });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.fast_or_spawn(|v| async move { empty(reply, v.fsync(fh.0).await) });
+        self.fast_or_spawn(|v| async move { empty("fsync", reply, v.fsync(fh.0).await) });
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -407,7 +416,7 @@ impl Filesystem for EleaFs {
         self.spawn(|v| async move {
             match stale(v.opendir(&c, ino.0).await) {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("opendir", e)),
             }
         });
     }
@@ -436,7 +445,7 @@ impl Filesystem for EleaFs {
                         }
                     }
                     Err(e) => {
-                        reply.error(errno(e));
+                        reply.error(errno("readdir", e));
                         return;
                     }
                 }
@@ -452,7 +461,7 @@ impl Filesystem for EleaFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|v| async move { empty(reply, v.releasedir(fh.0).await) });
+        self.spawn(|v| async move { empty("releasedir", reply, v.releasedir(fh.0).await) });
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -470,7 +479,7 @@ impl Filesystem for EleaFs {
                     let ffree = s.total_inodes.saturating_sub(s.used_inodes);
                     reply.statfs(blocks, free, free, s.total_inodes, ffree, BLKSIZE, 255, BLKSIZE);
                 }
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("statfs", e)),
             }
         });
     }
@@ -487,13 +496,15 @@ impl Filesystem for EleaFs {
     ) {
         let (c, name, value) = (creds(req), name.as_bytes().to_vec(), value.to_vec());
         self.spawn(|v| async move {
-            empty(reply, stale(v.setxattr(&c, ino.0, &name, &value, flags as u32).await))
+            empty("setxattr", reply, stale(v.setxattr(&c, ino.0, &name, &value, flags as u32).await))
         });
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let (c, name) = (creds(req), name.as_bytes().to_vec());
-        self.spawn(|v| async move { xattr_reply(reply, stale(v.getxattr(&c, ino.0, &name).await), size) });
+        self.spawn(|v| async move {
+            xattr_reply("getxattr", reply, stale(v.getxattr(&c, ino.0, &name).await), size)
+        });
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -507,18 +518,22 @@ impl Filesystem for EleaFs {
                 }
                 out
             });
-            xattr_reply(reply, names, size)
+            xattr_reply("listxattr", reply, names, size)
         });
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (c, name) = (creds(req), name.as_bytes().to_vec());
-        self.spawn(|v| async move { empty(reply, stale(v.removexattr(&c, ino.0, &name).await)) });
+        self.spawn(
+            |v| async move { empty("removexattr", reply, stale(v.removexattr(&c, ino.0, &name).await)) },
+        );
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let c = creds(req);
-        self.spawn(|v| async move { empty(reply, stale(v.access(&c, ino.0, mask.bits() as u32).await)) });
+        self.spawn(|v| async move {
+            empty("access", reply, stale(v.access(&c, ino.0, mask.bits() as u32).await))
+        });
     }
 
     fn create(
@@ -541,7 +556,7 @@ impl Filesystem for EleaFs {
                     FileHandle(fh),
                     FopenFlags::empty(),
                 ),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("create", e)),
             }
         });
     }
@@ -561,7 +576,7 @@ impl Filesystem for EleaFs {
         self.spawn(|v| async move {
             let k = match lock_kind(typ) {
                 Ok(k) => k,
-                Err(e) => return reply.error(errno(e)),
+                Err(e) => return reply.error(errno("getlk", e)),
             };
             match v.getlk(fh.0, lock_owner.0, k, start, lock_end(end)).await {
                 Ok(None) => reply.locked(start, end, libc::F_UNLCK, pid),
@@ -569,7 +584,7 @@ impl Filesystem for EleaFs {
                     let typ = if l.kind == LockKind::Write { libc::F_WRLCK } else { libc::F_RDLCK };
                     reply.locked(l.start, l.end.min(OFFSET_MAX), typ, l.pid)
                 }
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("getlk", e)),
             }
         });
     }
@@ -592,7 +607,7 @@ impl Filesystem for EleaFs {
                 Ok(k) => v.setlk(fh.0, lock_owner.0, pid, k, start, lock_end(end), sleep).await,
                 Err(e) => Err(e),
             };
-            empty(reply, r)
+            empty("setlk", reply, r)
         });
     }
 
@@ -606,7 +621,9 @@ impl Filesystem for EleaFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|v| async move { empty(reply, v.fallocate(fh.0, offset, length, mode as u32).await) });
+        self.spawn(|v| async move {
+            empty("fallocate", reply, v.fallocate(fh.0, offset, length, mode as u32).await)
+        });
     }
 
     fn copy_file_range(
@@ -627,7 +644,7 @@ impl Filesystem for EleaFs {
         self.spawn(|v| async move {
             match v.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len).await {
                 Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => reply.error(errno("copy_file_range", e)),
             }
         });
     }
@@ -680,24 +697,83 @@ impl Mounted {
     }
 }
 
-/// Mounts `vfs` at `mountpoint`. Every user may use the mount (`allow_other`): permissions
-/// are checked by the VFS itself.
+/// How a volume is mounted.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// The name `mount` and `/proc/mounts` show.
+    pub fsname: String,
+    /// Honour set-user-id and set-group-id bits of files on the mount. Off by default: any
+    /// host that can write to the volume could otherwise plant a set-id binary that runs
+    /// with its owner's rights here.
+    pub suid: bool,
+    /// Honour device nodes on the mount (off by default, for the same reason).
+    pub dev: bool,
+}
+
+impl MountConfig {
+    pub fn new(fsname: &str) -> Self {
+        Self { fsname: fsname.to_string(), suid: false, dev: false }
+    }
+}
+
+/// Whether every local user may use the mount (`allow_other`), and why not when not. Root
+/// may always ask for it; anyone else mounts through `fusermount3`, which refuses it unless
+/// `/etc/fuse.conf` has a `user_allow_other` line.
+fn allow_other() -> Result<(), String> {
+    // The effective uid, from /proc (the crate forbids the unsafe call to geteuid).
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .is_some_and(|euid| euid == "0");
+    if root || fuse_conf_allows_other(&std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default()) {
+        Ok(())
+    } else {
+        Err("not running as root and /etc/fuse.conf has no `user_allow_other` line: only this user \
+             can use the mount (add the line to share it with other users)"
+            .into())
+    }
+}
+
+/// Whether a fuse.conf text enables `user_allow_other` (a line of its own, not commented out).
+fn fuse_conf_allows_other(conf: &str) -> bool {
+    conf.lines().any(|l| l.split('#').next().is_some_and(|l| l.trim() == "user_allow_other"))
+}
+
+/// The kernel mount options for `cfg` (`allow_other` is the session's ACL, not listed here).
+fn mount_options(cfg: &MountConfig) -> Vec<MountOption> {
+    vec![
+        MountOption::FSName(cfg.fsname.clone()),
+        MountOption::Subtype("elea".into()),
+        MountOption::RW,
+        if cfg.dev { MountOption::Dev } else { MountOption::NoDev },
+        if cfg.suid { MountOption::Suid } else { MountOption::NoSuid },
+        MountOption::Exec,
+    ]
+}
+
+/// Mounts `vfs` at `mountpoint`. Every local user may use the mount (`allow_other`) when the
+/// process may ask for that (root, or `user_allow_other` in `/etc/fuse.conf`); permissions
+/// are then checked by the VFS itself. Otherwise only the mounting user may use it, and a
+/// warning says why.
 pub fn mount(
     vfs: Vfs,
     mountpoint: &Path,
     rt: tokio::runtime::Handle,
-    fsname: &str,
+    mcfg: &MountConfig,
 ) -> std::io::Result<Mounted> {
     let mut cfg = Config::default();
-    cfg.mount_options = vec![
-        MountOption::FSName(fsname.to_string()),
-        MountOption::Subtype("elea".into()),
-        MountOption::RW,
-        MountOption::Dev,
-        MountOption::Suid,
-        MountOption::Exec,
-    ];
-    cfg.acl = SessionACL::All;
+    cfg.mount_options = mount_options(mcfg);
+    cfg.acl = match allow_other() {
+        Ok(()) => SessionACL::All,
+        Err(why) => {
+            tracing::warn!("{why}");
+            SessionACL::Owner
+        }
+    };
     // Namespace requests run on these threads, and reads and writes start on them (see
     // `EleaFs::inline` and `EleaFs::fast_or_spawn`): enough of them that a few waiting on a
     // slow metadata answer do not hold up reads and writes.
@@ -751,4 +827,27 @@ fn fuse_minor(mountpoint: &Path) -> Option<u32> {
         (fuse && f.get(4) == Some(&want.as_str()))
             .then(|| f.get(2)?.split_once(':')?.1.parse::<u32>().ok())?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuse_conf_user_allow_other() {
+        assert!(fuse_conf_allows_other("user_allow_other\n"));
+        assert!(fuse_conf_allows_other("# comment\nmount_max = 1000\n  user_allow_other  # shared\n"));
+        assert!(!fuse_conf_allows_other("#user_allow_other\n"));
+        assert!(!fuse_conf_allows_other("# user_allow_other\nmount_max = 1000\n"));
+        assert!(!fuse_conf_allows_other(""));
+    }
+
+    #[test]
+    fn mounts_are_nosuid_and_nodev_unless_asked() {
+        let opts = mount_options(&MountConfig::new("elea:v"));
+        assert!(opts.contains(&MountOption::NoSuid) && opts.contains(&MountOption::NoDev));
+        assert!(!opts.contains(&MountOption::Suid) && !opts.contains(&MountOption::Dev));
+        let opts = mount_options(&MountConfig { suid: true, dev: true, ..MountConfig::new("elea:v") });
+        assert!(opts.contains(&MountOption::Suid) && opts.contains(&MountOption::Dev));
+    }
 }

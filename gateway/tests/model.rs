@@ -39,11 +39,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use common::TestCluster;
+use common::{Gw, MemCluster, TestCluster};
+use elea_cache::DataPath;
 use elea_common::ids::{BLOCK_SIZE, ROOT_INO};
 use elea_common::{Errno, Ino};
 use elea_fsm::{Attr, FileType, fallocate_flags, mode, rename_flags};
-use elea_gateway::{Creds, SetAttrReq, Vfs};
+use elea_gateway::{Creds, SetAttrReq};
+use elea_metadata::MetaApi;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -478,8 +480,8 @@ fn diff(exp: &[u8], got: &[u8]) -> String {
     )
 }
 
-struct Harness {
-    gw: [Vfs; 2],
+struct Harness<M, D> {
+    gw: [Gw<M, D>; 2],
     root: Creds,
     m: Model,
 }
@@ -487,7 +489,7 @@ struct Harness {
 /// How long a handle opened before another gateway's flush may return older bytes.
 const WATCH_LIMIT: Duration = Duration::from_secs(5);
 
-impl Harness {
+impl<M: MetaApi, D: DataPath> Harness<M, D> {
     fn handle(&self, h: Index) -> Option<(usize, Handle)> {
         if self.m.handles.is_empty() {
             return None;
@@ -508,8 +510,9 @@ impl Harness {
         self.gw[g].lookup(&self.root, par, p.last()).await
     }
 
-    /// Compares attributes with the model (size as committed).
-    fn check_attr(&self, n: usize, a: &Attr) -> Result<(), String> {
+    /// Compares attributes gateway `g` returned with the model (the size as `g` sees it: its
+    /// own buffered writes included, flushed or not).
+    fn check_attr(&self, g: usize, n: usize, a: &Attr) -> Result<(), String> {
         let node = &self.m.nodes[n];
         ensure(a.ino == node.ino, || format!("ino {} != model {}", a.ino, node.ino))?;
         ensure(Kind::of(a) == Some(node.kind), || {
@@ -518,7 +521,7 @@ impl Harness {
         let nlink = self.m.nlink(n);
         ensure(a.nlink == nlink, || format!("nlink of ino {} is {} != model {nlink}", a.ino, a.nlink))?;
         if node.kind != Kind::Dir {
-            let size = node.data.len() as u64;
+            let size = self.m.local_size(g, n);
             ensure(a.size == size, || format!("size of ino {} is {} != model {size}", a.ino, a.size))?;
         }
         if node.kind != Kind::Symlink {
@@ -602,7 +605,7 @@ impl Harness {
             format!("dir {ino} lists {:?}, model {:?}", s(&names), s(&want))
         })?;
         for (name, a) in &got {
-            self.check_attr(self.m.nodes[d].entries[name], a)
+            self.check_attr(g, self.m.nodes[d].entries[name], a)
                 .map_err(|e| format!("entry {:?} of dir {ino}: {e}", String::from_utf8_lossy(name)))?;
         }
         Ok(())
@@ -664,7 +667,7 @@ impl Harness {
                 };
                 self.m.stale[g].remove(&n);
                 self.m.handles.push(Handle { gw: g, fh, node: n, acc, append });
-                self.check_attr(n, &a)
+                self.check_attr(g, n, &a)
             }
             Step::Open { gw: g, path, trunc, append, acc } => {
                 let exp = self.m.resolve(path).and_then(|n| match self.m.nodes[n].kind {
@@ -689,14 +692,14 @@ impl Harness {
                 let (Ok(n), Ok((fh, a))) = (exp, got) else { return Ok(()) };
                 if self.m.is_dir(n) {
                     self.gw[g].release(fh).await.map_err(|e| format!("release of a directory: {e:?}"))?;
-                    return self.check_attr(n, &a);
+                    return self.check_attr(g, n, &a);
                 }
                 if trunc {
                     self.m.open_trunc(g, n);
                 }
                 self.m.stale[g].remove(&n);
                 self.m.handles.push(Handle { gw: g, fh, node: n, acc, append });
-                self.check_attr(n, &a)
+                self.check_attr(g, n, &a)
             }
             Step::Mkdir { gw: g, path } => {
                 let exp = (|| {
@@ -727,7 +730,7 @@ impl Harness {
                     links: 1,
                 };
                 let n = self.m.add(par, path.last(), node);
-                self.check_attr(n, &a)
+                self.check_attr(g, n, &a)
             }
             Step::Unlink { gw: g, path } => {
                 let exp = (|| {
@@ -804,7 +807,7 @@ impl Harness {
                 let (Ok((src, par)), Ok(a)) = (exp, got) else { return Ok(()) };
                 self.m.nodes[src].links += 1;
                 self.m.nodes[par].entries.insert(to.last().to_vec(), src);
-                self.check_attr(src, &a)
+                self.check_attr(g, src, &a)
             }
             Step::Symlink { gw: g, path, target } => {
                 let target = symlink_target(target);
@@ -834,7 +837,7 @@ impl Harness {
                     links: 1,
                 };
                 let n = self.m.add(par, path.last(), node);
-                self.check_attr(n, &a)
+                self.check_attr(g, n, &a)
             }
             Step::Readlink { gw: g, path } => {
                 let exp = self.m.resolve(path).and_then(|n| {
@@ -896,7 +899,7 @@ impl Harness {
                     self.m.flush(g, n);
                 }
                 self.m.set_size(g, n, size);
-                self.check_attr(n, &a)
+                self.check_attr(g, n, &a)
             }
             Step::Ftruncate { h, size } => {
                 let Some((_, h)) = self.handle(h) else { return Ok(()) };
@@ -909,7 +912,7 @@ impl Harness {
                 let a = a.map_err(|e| format!("ftruncate: {e:?}"))?;
                 self.m.flush(h.gw, h.node);
                 self.m.set_size(h.gw, h.node, size);
-                self.check_attr(h.node, &a)
+                self.check_attr(h.gw, h.node, &a)
             }
             Step::Flush { h } | Step::Fsync { h } => {
                 let Some((_, h)) = self.handle(h) else { return Ok(()) };
@@ -947,7 +950,7 @@ impl Harness {
                     self.m.flush(g, n);
                 }
                 self.m.nodes[n].mode = m;
-                self.check_attr(n, &a)
+                self.check_attr(g, n, &a)
             }
             Step::Getattr { gw: g, path } => {
                 let exp = self.m.resolve(path);
@@ -960,14 +963,14 @@ impl Harness {
                 if self.m.has_handle(g, n) {
                     self.m.flush(g, n);
                 }
-                self.check_attr(n, &a)
+                self.check_attr(g, n, &a)
             }
             Step::Fstat { h } => {
                 let Some((_, h)) = self.handle(h) else { return Ok(()) };
                 let a = self.gw[h.gw].getattr(self.m.nodes[h.node].ino).await;
                 let a = a.map_err(|e| format!("getattr of an open file: {e:?}"))?;
                 self.m.flush(h.gw, h.node);
-                self.check_attr(h.node, &a)
+                self.check_attr(h.gw, h.node, &a)
             }
             Step::Readdir { gw: g, path } => {
                 let exp = match path {
@@ -1182,10 +1185,20 @@ impl Harness {
     }
 }
 
-/// Runs one case on a new volume with two new gateways.
+/// Runs one case on a new volume of the cluster with two new gateways.
 async fn run_case(cluster: &TestCluster, steps: &[Step]) -> Result<(), String> {
     let vol = cluster.volume().await;
-    let gw = [cluster.gateway(vol, "model-a").await, cluster.gateway(vol, "model-b").await];
+    run_steps([cluster.gateway(vol, "model-a").await, cluster.gateway(vol, "model-b").await], steps).await
+}
+
+/// Runs one case on two gateways of a new in-memory service.
+async fn run_case_mem(steps: &[Step]) -> Result<(), String> {
+    let mem = MemCluster::new();
+    let vol = mem.volume().await;
+    run_steps([mem.gateway(vol, "model-a").await, mem.gateway(vol, "model-b").await], steps).await
+}
+
+async fn run_steps<M: MetaApi, D: DataPath>(gw: [Gw<M, D>; 2], steps: &[Step]) -> Result<(), String> {
     let mut h = Harness { gw, root: Creds::root(), m: Model::new() };
     let mut res = Ok(());
     for (i, s) in steps.iter().enumerate() {
@@ -1230,6 +1243,27 @@ fn vfs_matches_model_on_two_gateways() {
         runner.run(&strategy, |steps| rt.block_on(run_case(&cluster, &steps)).map_err(TestCaseError::fail));
     drop(rt);
     drop(cluster);
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// The same model test on the in-memory metadata service and data path (one process, no
+/// sockets): many more cases in the same time (`PROPTEST_CASES_MEM` sets the number, 512
+/// by default). Each case gets a service of its own.
+#[test]
+fn vfs_matches_model_on_fakes() {
+    let rt = runtime();
+    let cases = std::env::var("PROPTEST_CASES_MEM").ok().and_then(|s| s.parse().ok()).unwrap_or(512);
+    let config = Config {
+        cases,
+        max_shrink_iters: 2048,
+        max_shrink_time: 180_000,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&steps(), |steps| rt.block_on(run_case_mem(&steps)).map_err(TestCaseError::fail));
     if let Err(e) = result {
         panic!("{e}");
     }
@@ -1350,7 +1384,7 @@ fn permissions_through_the_vfs() {
 }
 
 /// Reads everything through `fh` (the file is small).
-async fn read_all(v: &Vfs, fh: u64) -> Vec<u8> {
+async fn read_all<M: MetaApi, D: DataPath>(v: &Gw<M, D>, fh: u64) -> Vec<u8> {
     v.read(fh, 0, 1 << 22).await.expect("read").to_vec()
 }
 
@@ -1428,14 +1462,14 @@ fn open_unlinked_file_and_close_to_open() {
 //
 // Minimal reproductions of VFS bugs the model found (fixed).
 
-async fn one_gateway() -> (TestCluster, Vfs) {
+async fn one_gateway() -> (TestCluster, Gw) {
     let cluster = TestCluster::start(1).await;
     let vol = cluster.volume().await;
     let v = cluster.gateway(vol, "bug").await;
     (cluster, v)
 }
 
-async fn contents(v: &Vfs, ino: Ino) -> Vec<u8> {
+async fn contents<M: MetaApi, D: DataPath>(v: &Gw<M, D>, ino: Ino) -> Vec<u8> {
     let (fh, _) = v.open(&Creds::root(), ino, libc::O_RDONLY).await.unwrap();
     let d = read_all(v, fh).await;
     v.release(fh).await.unwrap();

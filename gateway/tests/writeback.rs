@@ -11,10 +11,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestCluster;
+use common::{Gw, TestCluster};
 use elea_common::ids::ROOT_INO;
 use elea_common::{Errno, Ino};
-use elea_gateway::{Creds, Vfs, VfsConfig};
+use elea_gateway::{Creds, VfsConfig};
 
 /// Buffer limit of the writing gateway: most writes pass it.
 const LIMIT: usize = 40 << 10;
@@ -59,7 +59,7 @@ fn write_at(v: &mut Vec<u8>, off: usize, d: &[u8]) {
     v[off..off + d.len()].copy_from_slice(d);
 }
 
-async fn read_range(v: &Vfs, fh: u64, off: u64, len: u32) -> Vec<u8> {
+async fn read_range(v: &Gw, fh: u64, off: u64, len: u32) -> Vec<u8> {
     let mut out = Vec::new();
     while out.len() < len as usize {
         let got = v.read(fh, off + out.len() as u64, len - out.len() as u32).await.expect("read");
@@ -71,7 +71,7 @@ async fn read_range(v: &Vfs, fh: u64, off: u64, len: u32) -> Vec<u8> {
     out
 }
 
-async fn contents(v: &Vfs, ino: Ino) -> Vec<u8> {
+async fn contents(v: &Gw, ino: Ino) -> Vec<u8> {
     let (fh, a) = v.open(&Creds::root(), ino, libc::O_RDONLY).await.expect("open");
     let d = read_range(v, fh, 0, a.size as u32).await;
     v.release(fh).await.expect("release");
@@ -165,8 +165,9 @@ fn background_flushes_commit_in_write_order() {
     });
 }
 
-/// A volume that wants two copies on a cluster with one cache node: every flush fails until
-/// a second node joins. Nothing acknowledged is dropped meanwhile.
+/// A volume that wants two copies on a cluster with one cache node: every flush fails (once
+/// its wait for a second node runs out) until a second node joins. Nothing acknowledged is
+/// dropped meanwhile.
 #[test]
 fn a_failed_background_flush_keeps_its_bytes() {
     runtime().block_on(async {
@@ -195,6 +196,36 @@ fn a_failed_background_flush_keeps_its_bytes() {
         let r = cluster.gateway(vol, "reader").await;
         let got = contents(&r, f.ino).await;
         assert!(got == want, "{}", first_difference(&got, &want));
+        w.release(fh).await.expect("release");
+        w.shutdown().await.expect("shutdown");
+        r.shutdown().await.expect("shutdown");
+    });
+}
+
+/// A write whose site has too few cache nodes waits for them (a site restarting) instead of
+/// failing at once, and succeeds once they come.
+#[test]
+fn writes_wait_for_cache_nodes_to_come() {
+    runtime().block_on(async {
+        let mut cluster = TestCluster::start(1).await;
+        cluster.node_wait = Duration::from_secs(60);
+        let vol = cluster.volume_with_replicas(2).await;
+        let w = cluster.gateway(vol, "writer").await;
+        let root = Creds::root();
+        let (fh, f) = w.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.expect("create");
+        let data = payload(100_000, 4, 4);
+        assert_eq!(w.write(fh, 0, &data).await, Ok(100_000));
+        let fsync = tokio::spawn({
+            let w = w.clone();
+            async move { w.fsync(fh).await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!fsync.is_finished(), "the fsync waits for a second cache node");
+        cluster.add_node(2).await;
+        let done = tokio::time::timeout(Duration::from_secs(20), fsync).await;
+        assert_eq!(done.expect("the fsync ends once the node is there").expect("task"), Ok(()));
+        let r = cluster.gateway(vol, "reader").await;
+        assert!(contents(&r, f.ino).await == data);
         w.release(fh).await.expect("release");
         w.shutdown().await.expect("shutdown");
         r.shutdown().await.expect("shutdown");

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, MetaClient};
 use elea_tiering::testing::S3TestServer;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use elea_common::{Errno, ROOT_INO, Timespec};
 use elea_fsm::{Change, Command, Op, Reply};
 use elea_integration::{Cluster, elea_cli, wait_leader};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientError, WatchItem};
 use elea_metadata::proto::{self, meta_client::MetaClient as Raw, raft_peer_client::RaftPeerClient};
 use tokio_stream::StreamExt as _;
@@ -49,11 +50,11 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     assert!(matches!(e.code(), Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument), "{e:?}");
 
     // Unknown volume, bad names: precise errnos.
-    let e = c.mkdir(999, ROOT_INO, b"x", 0o755).await.unwrap_err();
+    let e = c.mkdir(999, ROOT_INO, b"x", 0o755, 0, 0).await.unwrap_err();
     assert!(matches!(e, ClientError::Fs(_)), "{e:?}");
-    let e = c.mkdir(vol.id, ROOT_INO, b"a/b", 0o755).await.unwrap_err();
+    let e = c.mkdir(vol.id, ROOT_INO, b"a/b", 0o755, 0, 0).await.unwrap_err();
     assert!(matches!(e, ClientError::Fs(Errno::EINVAL)), "{e:?}");
-    let e = c.mkdir(vol.id, ROOT_INO, &[b'n'; 256], 0o755).await.unwrap_err();
+    let e = c.mkdir(vol.id, ROOT_INO, &[b'n'; 256], 0o755, 0, 0).await.unwrap_err();
     assert!(matches!(e, ClientError::Fs(Errno::ENAMETOOLONG)), "{e:?}");
 
     // Raft peer RPCs: garbage and misaddressed messages are refused.
@@ -83,7 +84,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     assert!(e.to_string().contains("bad address"), "{e}");
 
     // Still serving, state intact.
-    c.mkdir(vol.id, ROOT_INO, b"still-here", 0o755).await.expect("node still serves");
+    c.mkdir(vol.id, ROOT_INO, b"still-here", 0o755, 0, 0).await.expect("node still serves");
     let vols = c.list_volumes().await.expect("list");
     assert_eq!(vols.len(), 1);
 
@@ -189,7 +190,7 @@ async fn bad_peer_links_are_refused_and_the_node_keeps_serving() {
     accepted(&frame(&[0x08, 0x08, 0x10, 0x01, 0x18, 0x09, 0x20, 0x01]), "sender other than the hello's");
 
     // Still serving, state intact, and still the leader of its own cluster.
-    c.mkdir(vol.id, ROOT_INO, b"after-bad-links", 0o755).await.expect("node still serves");
+    c.mkdir(vol.id, ROOT_INO, b"after-bad-links", 0o755, 0, 0).await.expect("node still serves");
     let st = c.status_of(&addr).await.expect("status");
     assert_eq!(st.leader_id, 1, "{st:?}");
     assert_eq!(st.members.len(), 1, "{st:?}");
@@ -243,7 +244,7 @@ async fn watch_streams_changes_with_sequence_numbers() {
     wait_leader(&c, std::slice::from_ref(&addr), Duration::from_secs(15)).await.expect("leader");
     let vol = c.create_volume("watch", Default::default()).await.expect("volume");
     let mut stream = Box::pin(c.watch(vol.id, 0).await.expect("watch"));
-    let d = c.mkdir(vol.id, ROOT_INO, b"w", 0o755).await.expect("mkdir");
+    let d = c.mkdir(vol.id, ROOT_INO, b"w", 0o755, 0, 0).await.expect("mkdir");
     let item =
         tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("an event").expect("item");
     let WatchItem::Changes { seq, changes } = item.expect("ok") else { panic!("unexpected reset") };

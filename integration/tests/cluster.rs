@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use elea_common::{Errno, Ino, ROOT_INO, VolumeId};
 use elea_fsm::{Query, Reply};
 use elea_integration::{Cluster, MetaProc, elea_cli, free_port, statuses, wait_leader, wait_status};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientError, MetaClient};
 
 /// Cluster tests share two cores: run them one at a time.
@@ -130,7 +131,7 @@ async fn leader_killed_under_load_loses_nothing_and_catches_up_by_snapshot() {
     println!("kill -9 of leader {killed}: node {} leads after {failover:?}", new_leader.node_id);
     assert!(failover < Duration::from_secs(3), "failover took {failover:?}");
     // The new leader serves: an acknowledged write right away.
-    c.mkdir(vol.id, ROOT_INO, b"after-failover", 0o755).await.expect("write after failover");
+    c.mkdir(vol.id, ROOT_INO, b"after-failover", 0o755, 0, 0).await.expect("write after failover");
 
     // Keep writing until the survivors have compacted their logs past the dead node's.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -241,7 +242,7 @@ async fn kill_all_at_once_and_restart_keeps_every_acknowledged_op() {
     let addrs = addr_list(&cl);
     wait_leader(&c, &addrs, Duration::from_secs(15)).await.expect("leader");
     let vol = c.create_volume("kill-all", Default::default()).await.expect("volume");
-    let dir = c.mkdir(vol.id, ROOT_INO, b"d", 0o755).await.expect("mkdir").ino;
+    let dir = c.mkdir(vol.id, ROOT_INO, b"d", 0o755, 0, 0).await.expect("mkdir").ino;
     let load = start_load(&c, vol.id, dir, 4, "k");
     tokio::time::sleep(Duration::from_millis(2000)).await;
     for n in &mut cl.nodes {
@@ -273,14 +274,14 @@ async fn sigterm_stops_a_node_cleanly_and_it_rejoins() {
     // A client that only knows a follower: its first request is forwarded, and the answer
     // tells it where the leader is, so later requests go there directly.
     let fc = MetaClient::connect(&[cl.node(follower).addr.clone()], Default::default()).expect("client");
-    fc.mkdir(vol.id, ROOT_INO, b"via-follower", 0o755).await.expect("forwarded write");
+    fc.mkdir(vol.id, ROOT_INO, b"via-follower", 0o755, 0, 0).await.expect("forwarded write");
     assert_eq!(fc.leader_addr(), Some(leader.addr.clone()), "the forwarded answer did not name the leader");
     fc.query(Query::GetAttr { vol: vol.id, ino: ROOT_INO }).await.expect("read at the leader");
     // Stop a follower with SIGTERM while its peers hold streams open to it.
     let status = cl.node(follower).terminate(Duration::from_secs(10));
     let status = status.unwrap_or_else(|| panic!("node {follower} ignored SIGTERM\n{}", cl.logs()));
     assert!(status.success(), "node {follower} exited with {status}");
-    c.mkdir(vol.id, ROOT_INO, b"while-down", 0o755).await.expect("two of three still serve");
+    c.mkdir(vol.id, ROOT_INO, b"while-down", 0o755, 0, 0).await.expect("two of three still serve");
     cl.node(follower).restart();
     let addr = cl.node(follower).addr.clone();
     let target = c.status_of(&leader.addr).await.expect("status").commit_index;
@@ -299,7 +300,7 @@ async fn a_node_added_to_an_idle_cluster_with_default_settings_catches_up() {
     let addrs = addr_list(&cl);
     wait_leader(&c, &addrs, Duration::from_secs(15)).await.expect("leader");
     let vol = c.create_volume("idle", Default::default()).await.expect("volume");
-    c.mkdir(vol.id, ROOT_INO, b"before-join", 0o755).await.expect("mkdir");
+    c.mkdir(vol.id, ROOT_INO, b"before-join", 0o755, 0, 0).await.expect("mkdir");
     let addr4 = format!("127.0.0.1:{}", free_port());
     let (ok, out, err) =
         elea_cli(&["cluster", "add", "--meta", &cl.addrs(), "--node-id", "4", "--addr", &addr4]);

@@ -11,6 +11,7 @@ use elea_cache::{DataClient, DataConfig};
 use elea_common::ROOT_INO;
 use elea_common::pattern::pattern as content;
 use elea_integration::{MetaProc, elea_cli, free_port};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, MetaClient};
 
 async fn wait_alive(meta: &MetaClient, want: &[u64], dead: &[u64]) {
@@ -85,7 +86,7 @@ async fn acknowledged_blocks_survive_kill9_of_either_cache_node() {
                 let Ok(f) = meta.create(vol, ROOT_INO, name.as_bytes(), 0o644).await else { continue };
                 let len = 300_000 + ((w * 7919 + i * 104_729) % 5_000_000) as usize;
                 let seed = w * 1_000_000 + i;
-                if data.write(vol, f.ino, 0, Bytes::from(content(seed, len))).await.is_ok() {
+                if data.write_extents(vol, f.ino, &[(0, Bytes::from(content(seed, len)))]).await.is_ok() {
                     acked.lock().unwrap().push((f.ino, seed, len));
                 }
             }
@@ -107,7 +108,7 @@ async fn acknowledged_blocks_survive_kill9_of_either_cache_node() {
         let acked = acked.clone();
         async move {
             for (ino, seed, len) in &acked {
-                let got = data.read(vol, *ino, 0, *len).await;
+                let got = data.read_file(vol, *ino, 0, *len).await;
                 let got = got.unwrap_or_else(|e| {
                     let log = std::fs::read_to_string(&log1).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(15).collect();

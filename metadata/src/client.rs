@@ -12,11 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use elea_common::ids::DEFAULT_GROUP;
-use elea_common::{Errno, GroupId, Ino, NodeId, SliceId, Timespec, VolumeId};
-use elea_fsm::{
-    Attr, CacheNodeInfo, Change, Command, Op, OpResult, Query, Reply, SetAttr, SliceLoc, StagedBlock,
-    VolumeConfig, VolumeInfo,
-};
+use elea_common::{Errno, GroupId, NodeId, Timespec, VolumeId};
+use elea_fsm::{Change, Command, Op, OpResult, Query, Reply};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
@@ -775,168 +772,23 @@ impl MetaClient {
             }
         })))
     }
+}
 
-    // Typed helpers.
-
-    pub async fn create_volume(&self, name: &str, config: VolumeConfig) -> Result<VolumeInfo, ClientError> {
-        match self.op(Op::CreateVolume { name: name.to_string(), config }).await? {
-            Reply::Volume(v) => Ok(v),
-            other => Err(unexpected(&other)),
-        }
+impl crate::api::MetaApi for MetaClient {
+    fn op(&self, op: Op) -> impl Future<Output = Result<Reply, ClientError>> + Send {
+        MetaClient::op(self, op)
     }
 
-    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ClientError> {
-        match self.query(Query::ListVolumes).await? {
-            Reply::Volumes(v) => Ok(v),
-            other => Err(unexpected(&other)),
-        }
+    fn query(&self, q: Query) -> impl Future<Output = Result<Reply, ClientError>> + Send {
+        MetaClient::query(self, q)
     }
 
-    pub async fn volume(&self, name: &str) -> Result<VolumeInfo, ClientError> {
-        match self.query(Query::VolumeByName { name: name.to_string() }).await? {
-            Reply::Volume(v) => Ok(v),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    pub async fn mkdir(
+    fn watch(
         &self,
         vol: VolumeId,
-        parent: Ino,
-        name: &[u8],
-        mode: u32,
-    ) -> Result<Attr, ClientError> {
-        let op = Op::Mkdir { vol, parent, name: name.to_vec(), mode, uid: 0, gid: 0, ino: None };
-        attr_of(self.op(op).await?)
-    }
-
-    /// Creates a regular file (`O_CREAT|O_EXCL`).
-    pub async fn create(
-        &self,
-        vol: VolumeId,
-        parent: Ino,
-        name: &[u8],
-        mode: u32,
-    ) -> Result<Attr, ClientError> {
-        let op = Op::Mknod {
-            vol,
-            parent,
-            name: name.to_vec(),
-            mode: elea_fsm::mode::S_IFREG | (mode & elea_fsm::mode::PERM_MASK),
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            exclusive: true,
-            ino: None,
-            session: None,
-        };
-        attr_of(self.op(op).await?)
-    }
-
-    pub async fn lookup(&self, vol: VolumeId, parent: Ino, name: &[u8]) -> Result<Attr, ClientError> {
-        attr_of(self.query(Query::Lookup { vol, parent, name: name.to_vec() }).await?)
-    }
-
-    pub async fn getattr(&self, vol: VolumeId, ino: Ino) -> Result<Attr, ClientError> {
-        attr_of(self.query(Query::GetAttr { vol, ino }).await?)
-    }
-
-    pub async fn setattr(&self, vol: VolumeId, ino: Ino, set: SetAttr) -> Result<Attr, ClientError> {
-        attr_of(self.op(Op::SetAttr { vol, ino, set }).await?)
-    }
-
-    pub async fn rename(
-        &self,
-        vol: VolumeId,
-        parent: Ino,
-        name: &[u8],
-        new_parent: Ino,
-        new_name: &[u8],
-        flags: u32,
-    ) -> Result<Reply, ClientError> {
-        let op =
-            Op::Rename { vol, parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
-        self.op(op).await
-    }
-
-    pub async fn unlink(&self, vol: VolumeId, parent: Ino, name: &[u8]) -> Result<Reply, ClientError> {
-        self.op(Op::Unlink { vol, parent, name: name.to_vec() }).await
-    }
-
-    pub async fn rmdir(&self, vol: VolumeId, parent: Ino, name: &[u8]) -> Result<Reply, ClientError> {
-        self.op(Op::Rmdir { vol, parent, name: name.to_vec() }).await
-    }
-
-    /// A volume by id (from the volume list).
-    pub async fn volume_by_id(&self, vol: VolumeId) -> Result<VolumeInfo, ClientError> {
-        self.list_volumes().await?.into_iter().find(|v| v.id == vol).ok_or(ClientError::Fs(Errno::ENODEV))
-    }
-
-    /// Reserves `count` slice ids; returns the first.
-    pub async fn alloc_slices(&self, count: u64) -> Result<u64, ClientError> {
-        match self.op(Op::AllocSlices { count }).await? {
-            Reply::Range { start, .. } => Ok(start),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    pub async fn cache_nodes(&self) -> Result<Vec<CacheNodeInfo>, ClientError> {
-        match self.query(Query::CacheNodes).await? {
-            Reply::CacheNodes(n) => Ok(n),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Locations of slices (any number: asked in pages).
-    pub async fn slice_locs(&self, ids: &[SliceId]) -> Result<Vec<(SliceId, Option<SliceLoc>)>, ClientError> {
-        let mut out = Vec::with_capacity(ids.len());
-        for part in ids.chunks(elea_fsm::limits::BATCH_MAX) {
-            match self.query(Query::SliceLocs { ids: part.to_vec() }).await? {
-                Reply::SliceLocs(l) => out.extend(l),
-                other => return Err(unexpected(&other)),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every staged block of a live slice (all pages).
-    pub async fn staged_blocks(&self) -> Result<Vec<StagedBlock>, ClientError> {
-        let mut out: Vec<StagedBlock> = Vec::new();
-        let mut after = (0, 0);
-        loop {
-            match self.query(Query::StagedBlocks { after, limit: elea_fsm::limits::BATCH_MAX as u32 }).await?
-            {
-                Reply::Blocks { blocks, more } => {
-                    if let Some(b) = blocks.last() {
-                        after = (b.slice, b.index);
-                    }
-                    out.extend(blocks);
-                    if !more {
-                        return Ok(out);
-                    }
-                }
-                other => return Err(unexpected(&other)),
-            }
-        }
-    }
-
-    /// Records that cache node `node` no longer holds its staged copy of block `index` of
-    /// `slice` ([`Op::DropReplica`]).
-    pub async fn drop_replica(&self, slice: SliceId, index: u32, node: u64) -> Result<(), ClientError> {
-        self.op(Op::DropReplica { slice, index, node }).await.map(|_| ())
-    }
-
-    /// One page of deleted slices after `after`.
-    #[allow(clippy::type_complexity)]
-    pub async fn pending_deletes(
-        &self,
-        after: SliceId,
-        limit: u32,
-    ) -> Result<(Vec<(SliceId, Timespec, Option<SliceLoc>)>, bool), ClientError> {
-        match self.query(Query::PendingDeletes { after, limit }).await? {
-            Reply::Deletes { slices, more } => Ok((slices, more)),
-            other => Err(unexpected(&other)),
-        }
+        from_seq: u64,
+    ) -> impl Future<Output = Result<WatchStream, ClientError>> + Send {
+        MetaClient::watch(self, vol, from_seq)
     }
 }
 
@@ -948,7 +800,7 @@ pub type WatchStream =
 /// watch sends: a reset first when `from_seq` is older than the hub's history, the missed
 /// changes after `from_seq`, then every new change of `vol` (a reset when the stream fell
 /// behind or the node installed a snapshot). Ends when the node stops.
-fn local_watch(hub: &crate::watch::WatchHub, vol: VolumeId, from_seq: u64) -> WatchStream {
+pub(crate) fn local_watch(hub: &crate::watch::WatchHub, vol: VolumeId, from_seq: u64) -> WatchStream {
     use crate::watch::HubEvent;
     use tokio_stream::wrappers::BroadcastStream;
     use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -980,17 +832,6 @@ pub enum WatchItem {
     },
     /// Changes were missed: drop every cached inode and entry of the volume.
     Reset,
-}
-
-fn unexpected(r: &Reply) -> ClientError {
-    ClientError::Protocol(format!("unexpected reply {r:?}"))
-}
-
-fn attr_of(r: Reply) -> Result<Attr, ClientError> {
-    match r {
-        Reply::Attr(a) | Reply::Entry { attr: a, .. } => Ok(a),
-        other => Err(unexpected(&other)),
-    }
 }
 
 #[cfg(test)]

@@ -4,10 +4,14 @@
 //! Layers, from the bottom: [`raft::storage`] (durable log), [`raft::core`] (deterministic
 //! Raft + state machine, no I/O besides storage), [`raft::node`] (the thread that drives a
 //! core), [`raft::transport`] (peer messages), [`service`] (gRPC), [`server`] (start-up),
-//! [`client`] (what gateways and the CLI use), [`watch`] (change fan-out).
+//! [`client`] (what gateways and the CLI use), [`watch`] (change fan-out). [`api`] is the
+//! typed API every caller uses, implemented by the client and by [`mem`] (the state machine
+//! in memory, for tests).
 
+pub mod api;
 pub mod client;
 mod local;
+pub mod mem;
 pub mod raft;
 pub mod server;
 pub mod service;
@@ -19,4 +23,5 @@ pub mod proto {
     tonic::include_proto!("elea.meta.v1");
 }
 
+pub use api::{LockReq, MetaApi, NewNode};
 pub use elea_fsm as fsm;

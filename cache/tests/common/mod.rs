@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use elea_cache::{CacheNodeConfig, DataClient, DataConfig};
 use elea_fsm::VolumeConfig;
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, MetaClient};
 use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
 use elea_tiering::StoreConfig;

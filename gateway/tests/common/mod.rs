@@ -8,11 +8,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use elea_cache::{CacheNodeConfig, DataClient, DataConfig};
-use elea_common::VolumeId;
-use elea_fsm::VolumeConfig;
-use elea_gateway::{Vfs, VfsConfig};
+use bytes::Bytes;
+use elea_cache::{CacheNodeConfig, DataClient, DataConfig, DataPath, MemData};
+use elea_common::{Errno, Ino, VolumeId};
+use elea_fsm::{Attr, DirEntry, LockInfo, LockKind, StatFs, VolumeConfig};
+use elea_gateway::{Creds, SetAttrReq, Vfs, VfsConfig};
+use elea_metadata::MetaApi;
 use elea_metadata::client::{ClientConfig, MetaClient};
+use elea_metadata::mem::MemMeta;
 use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
 use elea_tiering::StoreConfig;
 use tokio::sync::oneshot;
@@ -24,6 +27,8 @@ pub struct TestCluster {
     nodes: Vec<tokio::task::JoinHandle<()>>,
     meta_stop: Option<oneshot::Sender<()>>,
     next_volume: AtomicU64,
+    /// How long gateways' writes wait for enough cache nodes (see `DataConfig::node_wait`).
+    pub node_wait: Duration,
 }
 
 async fn free_listener() -> tokio::net::TcpListener {
@@ -54,6 +59,7 @@ impl TestCluster {
             nodes: Vec::new(),
             meta_stop: Some(tx),
             next_volume: AtomicU64::new(0),
+            node_wait: Duration::from_secs(2),
         };
         for id in 1..=n {
             c.start_node(id).await;
@@ -135,21 +141,23 @@ impl TestCluster {
 
     /// A gateway on `vol` with clients of its own. Buffered writes are only flushed when
     /// asked (`flush_delay` is an hour), so what another gateway sees is deterministic.
-    pub async fn gateway(&self, vol: VolumeId, name: &str) -> Vfs {
+    pub async fn gateway(&self, vol: VolumeId, name: &str) -> Gw {
         let cfg = VfsConfig { flush_delay: Duration::from_secs(3600), ..VfsConfig::default() };
         self.gateway_with(vol, name, cfg).await
     }
 
     /// A gateway on `vol` with the given settings (its session is named `name`).
-    pub async fn gateway_with(&self, vol: VolumeId, name: &str, cfg: VfsConfig) -> Vfs {
+    pub async fn gateway_with(&self, vol: VolumeId, name: &str, cfg: VfsConfig) -> Gw {
         let meta = MetaClient::connect(std::slice::from_ref(&self.meta_addr), ClientConfig::default())
             .expect("metadata client");
         let mut dcfg = DataConfig::new("a");
         dcfg.store = Self::store_cfg();
         dcfg.node_refresh = Duration::from_millis(200);
+        // Writes wait this long for enough cache nodes (tests that add one later wait on).
+        dcfg.node_wait = self.node_wait;
         let data = DataClient::new(meta.clone(), dcfg);
         let cfg = VfsConfig { session_name: name.to_string(), ..cfg };
-        Vfs::new(meta, data, vol, cfg).await.expect("vfs")
+        Gw(Vfs::new(meta, data, vol, cfg).await.expect("vfs"))
     }
 }
 
@@ -174,5 +182,114 @@ where
     while !f().await {
         assert!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A gateway as the tests drive it: a [`Vfs`] whose results carry a bare [`Errno`], so they
+/// compare with expected results directly.
+pub struct Gw<M = MetaClient, D = DataClient>(pub Vfs<M, D>);
+
+impl<M, D> Clone for Gw<M, D> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+macro_rules! forward {
+    ($( fn $name:ident($($a:ident : $t:ty),*) -> $r:ty; )*) => {
+        impl<M: MetaApi, D: DataPath> Gw<M, D> {
+            $(
+                #[allow(clippy::too_many_arguments)]
+                pub async fn $name(&self, $($a: $t),*) -> Result<$r, Errno> {
+                    self.0.$name($($a),*).await.map_err(Errno::from)
+                }
+            )*
+        }
+    };
+}
+
+forward! {
+    fn lookup(c: &Creds, parent: Ino, name: &[u8]) -> Attr;
+    fn getattr(ino: Ino) -> Attr;
+    fn setattr(c: &Creds, ino: Ino, req: SetAttrReq) -> Attr;
+    fn mknod(c: &Creds, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u64) -> Attr;
+    fn mkdir(c: &Creds, parent: Ino, name: &[u8], mode: u32, umask: u32) -> Attr;
+    fn symlink(c: &Creds, parent: Ino, name: &[u8], target: &[u8]) -> Attr;
+    fn readlink(ino: Ino) -> Vec<u8>;
+    fn link(c: &Creds, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Attr;
+    fn unlink(c: &Creds, parent: Ino, name: &[u8]) -> ();
+    fn rmdir(c: &Creds, parent: Ino, name: &[u8]) -> ();
+    fn rename(c: &Creds, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32) -> ();
+    fn open(c: &Creds, ino: Ino, flags: i32) -> (u64, Attr);
+    fn create(c: &Creds, parent: Ino, name: &[u8], mode: u32, umask: u32, flags: i32) -> (u64, Attr);
+    fn read(fh: u64, offset: u64, len: u32) -> Bytes;
+    fn write(fh: u64, offset: u64, data: &[u8]) -> u32;
+    fn flush(fh: u64) -> ();
+    fn fsync(fh: u64) -> ();
+    fn release(fh: u64) -> ();
+    fn fallocate(fh: u64, offset: u64, len: u64, mode: u32) -> ();
+    fn copy_file_range(fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64) -> u64;
+    fn opendir(c: &Creds, ino: Ino) -> u64;
+    fn readdir(fh: u64, cookie: u64, plus: bool) -> (Vec<DirEntry>, bool);
+    fn releasedir(fh: u64) -> ();
+    fn statfs() -> StatFs;
+    fn access(c: &Creds, ino: Ino, mask: u32) -> ();
+    fn setxattr(c: &Creds, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> ();
+    fn getxattr(c: &Creds, ino: Ino, name: &[u8]) -> Vec<u8>;
+    fn listxattr(c: &Creds, ino: Ino) -> Vec<Vec<u8>>;
+    fn removexattr(c: &Creds, ino: Ino, name: &[u8]) -> ();
+    fn getlk(fh: u64, owner: u64, kind: LockKind, start: u64, end: u64) -> Option<LockInfo>;
+    fn setlk(fh: u64, owner: u64, pid: u32, kind: LockKind, start: u64, end: u64, wait: bool) -> ();
+    fn release_locks(fh: u64, owner: u64) -> ();
+    fn flush_all() -> ();
+    fn shutdown() -> ();
+}
+
+impl<M: MetaApi, D: DataPath> Gw<M, D> {
+    pub fn dirty_bytes(&self) -> usize {
+        self.0.dirty_bytes()
+    }
+
+    pub async fn release_closed(&self) {
+        self.0.release_closed().await
+    }
+}
+
+/// Gateways on the in-memory metadata service and data path: the same VFS, no sockets, no
+/// disks. Every gateway of one `MemCluster` shares its metadata and its slices.
+pub struct MemCluster {
+    pub meta: MemMeta,
+    pub data: MemData<MemMeta>,
+    next_volume: AtomicU64,
+}
+
+pub type MemGw = Gw<MemMeta, MemData<MemMeta>>;
+
+impl Default for MemCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemCluster {
+    pub fn new() -> Self {
+        let meta = MemMeta::new();
+        Self { data: MemData::new(meta.clone()), meta, next_volume: AtomicU64::new(0) }
+    }
+
+    pub async fn volume(&self) -> VolumeId {
+        let n = self.next_volume.fetch_add(1, Ordering::Relaxed) + 1;
+        self.meta.create_volume(&format!("v{n}"), VolumeConfig::default()).await.expect("create volume").id
+    }
+
+    /// A gateway as [`TestCluster::gateway`] makes one (flushes only when asked).
+    pub async fn gateway(&self, vol: VolumeId, name: &str) -> MemGw {
+        let cfg = VfsConfig { flush_delay: Duration::from_secs(3600), ..VfsConfig::default() };
+        self.gateway_with(vol, name, cfg).await
+    }
+
+    pub async fn gateway_with(&self, vol: VolumeId, name: &str, cfg: VfsConfig) -> MemGw {
+        let cfg = VfsConfig { session_name: name.to_string(), ..cfg };
+        Gw(Vfs::new(self.meta.clone(), self.data.clone(), vol, cfg).await.expect("vfs"))
     }
 }

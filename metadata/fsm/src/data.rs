@@ -8,7 +8,7 @@
 
 use std::ops::Bound;
 
-use elea_common::ids::BLOCK_SIZE;
+pub use elea_common::layout::{block_len, blocks_of};
 use elea_common::{Errno, SliceId, Timespec, VolumeId};
 
 use crate::state::{CacheNode, State};
@@ -18,17 +18,6 @@ use crate::types::{
 };
 
 type R<T> = Result<T, Errno>;
-
-/// Number of blocks holding a slice of `len` bytes.
-pub fn blocks_of(len: u32) -> usize {
-    u64::from(len).div_ceil(BLOCK_SIZE) as usize
-}
-
-/// Length of block `index` of a slice of `len` bytes.
-pub fn block_len(len: u32, index: u32) -> u32 {
-    let start = u64::from(index) * BLOCK_SIZE;
-    (u64::from(len).saturating_sub(start)).min(BLOCK_SIZE) as u32
-}
 
 /// Milliseconds from `a` to `b` (0 when `b` is not later).
 pub fn millis_between(a: Timespec, b: Timespec) -> u64 {

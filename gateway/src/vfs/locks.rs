@@ -1,0 +1,111 @@
+//! POSIX record locks and `flock`, held in metadata so they exclude across nodes.
+//!
+//! A waiting lock request (`F_SETLKW`) waits at most [`crate::VfsConfig::lock_wait_slice`]
+//! here, then answers `EINTR`; the kernel turns that into a restart of the system call, so
+//! the application keeps waiting unless a signal came (then it sees `EINTR`, as with
+//! `alarm()`), and a killed process is never stuck behind the gateway for longer than one
+//! slice. Nothing waits on after the answer, so no lock is ever taken for an owner that
+//! stopped asking.
+
+use std::time::{Duration, Instant};
+
+use elea_cache::DataPath;
+use elea_common::Errno;
+use elea_fsm::{LockInfo, LockKind};
+use elea_metadata::{LockReq, MetaApi};
+
+use super::{Vfs, lock};
+use crate::error::VfsResult;
+
+/// Longest wait between retries of a blocked lock when no change of the inode was heard.
+const RECHECK: Duration = Duration::from_millis(200);
+
+impl<M: MetaApi, D: DataPath> Vfs<M, D> {
+    /// `F_GETLK`: the first lock that conflicts with the described one (`end` inclusive).
+    pub async fn getlk(
+        &self,
+        fh: u64,
+        owner: u64,
+        kind: LockKind,
+        start: u64,
+        end: u64,
+    ) -> VfsResult<Option<LockInfo>> {
+        let h = self.handle(fh)?;
+        let l = LockReq { session: self.session(), owner, pid: 0, kind, start, end };
+        Ok(self.inner.meta.getlk(self.inner.vol, h.ino, l).await?)
+    }
+
+    /// `F_SETLK` / `F_SETLKW` (with `wait`): a waiting caller retries whenever the inode's
+    /// lock state changes anywhere (and at least every 200 ms), for at most one wait slice
+    /// (see the module docs).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setlk(
+        &self,
+        fh: u64,
+        owner: u64,
+        pid: u32,
+        kind: LockKind,
+        start: u64,
+        end: u64,
+        wait: bool,
+    ) -> VfsResult<()> {
+        let h = self.handle(fh)?;
+        if kind != LockKind::Unlock {
+            // Held or waited for: either way a close of this owner must clear it.
+            lock(&h.node.lock_owners).insert(owner);
+        }
+        let until = Instant::now() + self.inner.cfg.lock_wait_slice;
+        loop {
+            let notified = h.node.changed.notified();
+            let l = LockReq { session: self.session(), owner, pid, kind, start, end };
+            match self.inner.meta.setlk(self.inner.vol, h.ino, l, wait).await {
+                Err(e) if wait && e.errno() == Errno::EAGAIN => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Errno::EINTR.into());
+                    }
+                    let _ = tokio::time::timeout(left.min(RECHECK), notified).await;
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+
+    /// Drops every POSIX lock `owner` holds or waits for on the handle's inode (a close:
+    /// POSIX releases a process's locks on a file when it closes any descriptor of it).
+    pub async fn release_locks(&self, fh: u64, owner: u64) -> VfsResult<()> {
+        let h = self.handle(fh)?;
+        if !lock(&h.node.lock_owners).remove(&owner) {
+            return Ok(());
+        }
+        let l = LockReq {
+            session: self.session(),
+            owner,
+            pid: 0,
+            kind: LockKind::Unlock,
+            start: 0,
+            end: u64::MAX,
+        };
+        Ok(self.inner.meta.setlk(self.inner.vol, h.ino, l, false).await?)
+    }
+
+    /// `flock(2)` (shared = Read, exclusive = Write, or Unlock), waiting at most one wait
+    /// slice when `wait` (then `EINTR`, as for [`Self::setlk`]).
+    pub async fn flock(&self, fh: u64, owner: u64, kind: LockKind, wait: bool) -> VfsResult<()> {
+        let h = self.handle(fh)?;
+        let until = Instant::now() + self.inner.cfg.lock_wait_slice;
+        loop {
+            let notified = h.node.changed.notified();
+            match self.inner.meta.flock(self.inner.vol, h.ino, self.session(), owner, kind).await {
+                Err(e) if wait && e.errno() == Errno::EAGAIN => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Errno::EINTR.into());
+                    }
+                    let _ = tokio::time::timeout(left.min(RECHECK), notified).await;
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Namespace and attribute operations: lookups, creation and removal of names, attribute
+//! changes, `access` and `statfs`, with Linux's permission rules.
+
+use elea_cache::DataPath;
+use elea_common::{Errno, Ino};
+use elea_fsm::{Attr, SetAttr, StatFs, TimeSet, mode, rename_flags};
+use elea_metadata::{MetaApi, NewNode};
+
+use super::{SetAttrReq, Vfs, is_dir};
+use crate::error::VfsResult;
+use crate::perm::{self, Creds, MAY_EXEC, MAY_WRITE};
+
+/// Reported capacity when a volume has no quota.
+const UNLIMITED_BYTES: u64 = 1 << 50;
+const UNLIMITED_INODES: u64 = 1 << 40;
+
+impl<M: MetaApi, D: DataPath> Vfs<M, D> {
+    /// A directory's attributes, checked for `want` access by `c` (`ENOTDIR` if it is not a
+    /// directory). Root skips the query: it may search and write any directory.
+    pub(super) async fn dir_access(&self, c: &Creds, dir: Ino, want: u32) -> VfsResult<Option<Attr>> {
+        if c.is_root() {
+            return Ok(None);
+        }
+        let a = self.attr_of(dir).await?;
+        if !is_dir(&a) {
+            return Err(Errno::ENOTDIR.into());
+        }
+        perm::check(c, &a, want)?;
+        Ok(Some(a))
+    }
+
+    pub async fn lookup(&self, c: &Creds, parent: Ino, name: &[u8]) -> VfsResult<Attr> {
+        if c.is_root() {
+            return Ok(self.local_attr(self.lookup_raw(parent, name).await?));
+        }
+        let (p, a) = tokio::join!(self.attr_of(parent), self.lookup_raw(parent, name));
+        let p = p?;
+        if !is_dir(&p) {
+            return Err(Errno::ENOTDIR.into());
+        }
+        perm::check(c, &p, MAY_EXEC)?;
+        Ok(self.local_attr(a?))
+    }
+
+    /// Fresh attributes (buffered writes of this node are flushed first, so size and mtime
+    /// are exact).
+    pub async fn getattr(&self, ino: Ino) -> VfsResult<Attr> {
+        if self.release_pending(ino) {
+            // This node closed it last: an unlinked file must be gone now, here at least.
+            self.release_closed().await;
+        }
+        if let Some(n) = self.node(ino) {
+            self.flush_node(&n).await?;
+            let epoch = n.cache().epoch;
+            let a = self.attr_of(ino).await?;
+            n.observe(epoch, &a);
+            return Ok(self.local_attr(a));
+        }
+        self.attr_of(ino).await
+    }
+
+    pub async fn setattr(&self, c: &Creds, ino: Ino, req: SetAttrReq) -> VfsResult<Attr> {
+        let node = self.node(ino);
+        if let Some(n) = &node {
+            self.flush_node(n).await?;
+        }
+        let a = self.attr_of(ino).await?;
+        let mut set = SetAttr::default();
+        if req.uid.is_some() || req.gid.is_some() {
+            perm::check_chown(c, &a, req.uid, req.gid)?;
+            set.uid = req.uid;
+            set.gid = req.gid;
+            let changes = req.uid.is_some_and(|u| u != a.uid) || req.gid.is_some_and(|g| g != a.gid);
+            // Like Linux: a chown of a non-directory drops set-id bits (the kernel sends the
+            // new mode itself; other front ends rely on this).
+            if !is_dir(&a) && req.mode.is_none() && (changes || !c.is_root()) {
+                set.clear_suid = true;
+            }
+        }
+        if let Some(m) = req.mode {
+            // Anyone may drop set-id bits (the kernel asks for that after a write by someone
+            // other than the owner); any other change is the owner's.
+            let drops_setid_only = (a.mode & mode::PERM_MASK) & !(mode::S_ISUID | mode::S_ISGID)
+                == m & mode::PERM_MASK
+                && m & !(a.mode & mode::PERM_MASK) & mode::PERM_MASK == 0;
+            if !perm::owner_or_root(c, &a) && !drops_setid_only {
+                return Err(Errno::EPERM.into());
+            }
+            let gid = req.gid.unwrap_or(a.gid);
+            set.mode = Some(perm::chmod_mode(c, gid, m & mode::PERM_MASK));
+        }
+        if let Some(size) = req.size {
+            if is_dir(&a) {
+                return Err(Errno::EISDIR.into());
+            }
+            let through_writable = match req.fh.map(|fh| self.handle(fh)) {
+                Some(Ok(h)) => h.flags & libc::O_ACCMODE != libc::O_RDONLY,
+                _ => false,
+            };
+            if !through_writable {
+                perm::check(c, &a, MAY_WRITE)?;
+            }
+            set.size = Some(size);
+        }
+        for (want, t) in [(&mut set.atime, req.atime), (&mut set.mtime, req.mtime)] {
+            let Some(t) = t else { continue };
+            match t {
+                TimeSet::Now => {
+                    if !perm::owner_or_root(c, &a) && !perm::allowed(c, &a, MAY_WRITE) {
+                        return Err(Errno::EACCES.into());
+                    }
+                }
+                TimeSet::At(_) => {
+                    if !perm::owner_or_root(c, &a) {
+                        return Err(Errno::EPERM.into());
+                    }
+                }
+            }
+            *want = Some(t);
+        }
+        let a = self.inner.meta.setattr(self.inner.vol, ino, set).await?;
+        if let Some(n) = &node {
+            n.invalidate();
+        }
+        Ok(a)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mknod(
+        &self,
+        c: &Creds,
+        parent: Ino,
+        name: &[u8],
+        mode_: u32,
+        umask: u32,
+        rdev: u64,
+    ) -> VfsResult<Attr> {
+        let t = mode_ & mode::S_IFMT;
+        if (t == mode::S_IFCHR || t == mode::S_IFBLK) && !c.is_root() {
+            return Err(Errno::EPERM.into());
+        }
+        if t == mode::S_IFDIR || t == mode::S_IFLNK {
+            return Err(Errno::EINVAL.into());
+        }
+        self.dir_access(c, parent, MAY_WRITE | MAY_EXEC).await?;
+        let n = NewNode {
+            parent,
+            name,
+            mode: t | (mode_ & !umask & mode::PERM_MASK),
+            uid: c.uid,
+            gid: c.gid,
+            rdev,
+            exclusive: true,
+            open: None,
+        };
+        Ok(self.inner.meta.mknod(self.inner.vol, n).await?.0)
+    }
+
+    pub async fn mkdir(
+        &self,
+        c: &Creds,
+        parent: Ino,
+        name: &[u8],
+        mode_: u32,
+        umask: u32,
+    ) -> VfsResult<Attr> {
+        self.dir_access(c, parent, MAY_WRITE | MAY_EXEC).await?;
+        let m = mode::S_IFDIR | (mode_ & !umask & 0o1777);
+        Ok(self.inner.meta.mkdir(self.inner.vol, parent, name, m, c.uid, c.gid).await?)
+    }
+
+    pub async fn symlink(&self, c: &Creds, parent: Ino, name: &[u8], target: &[u8]) -> VfsResult<Attr> {
+        self.dir_access(c, parent, MAY_WRITE | MAY_EXEC).await?;
+        Ok(self.inner.meta.symlink(self.inner.vol, parent, name, target, c.uid, c.gid).await?)
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> VfsResult<Vec<u8>> {
+        Ok(self.inner.meta.readlink(self.inner.vol, ino).await?)
+    }
+
+    pub async fn link(&self, c: &Creds, ino: Ino, new_parent: Ino, new_name: &[u8]) -> VfsResult<Attr> {
+        self.dir_access(c, new_parent, MAY_WRITE | MAY_EXEC).await?;
+        let a = self.inner.meta.link(self.inner.vol, ino, new_parent, new_name).await?;
+        Ok(self.local_attr(a))
+    }
+
+    /// Checks that `c` may remove `name` from `parent` (write and search permission, and the
+    /// sticky bit).
+    async fn may_delete(&self, c: &Creds, parent: Ino, name: &[u8]) -> VfsResult<()> {
+        let Some(p) = self.dir_access(c, parent, MAY_WRITE | MAY_EXEC).await? else {
+            return Ok(());
+        };
+        if p.mode & mode::S_ISVTX != 0 {
+            let victim = self.lookup_raw(parent, name).await?;
+            perm::check_sticky(c, &p, &victim)?;
+        }
+        Ok(())
+    }
+
+    pub async fn unlink(&self, c: &Creds, parent: Ino, name: &[u8]) -> VfsResult<()> {
+        self.may_delete(c, parent, name).await?;
+        Ok(self.inner.meta.unlink(self.inner.vol, parent, name).await?)
+    }
+
+    pub async fn rmdir(&self, c: &Creds, parent: Ino, name: &[u8]) -> VfsResult<()> {
+        self.may_delete(c, parent, name).await?;
+        Ok(self.inner.meta.rmdir(self.inner.vol, parent, name).await?)
+    }
+
+    pub async fn rename(
+        &self,
+        c: &Creds,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> VfsResult<()> {
+        if flags & !(rename_flags::RENAME_NOREPLACE | rename_flags::RENAME_EXCHANGE) != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        if !c.is_root() {
+            let (p, np, src, dst) = tokio::join!(
+                self.attr_of(parent),
+                self.attr_of(new_parent),
+                self.lookup_raw(parent, name),
+                self.lookup_raw(new_parent, new_name)
+            );
+            let (p, np, src) = (p?, np?, src?);
+            for d in [&p, &np] {
+                if !is_dir(d) {
+                    return Err(Errno::ENOTDIR.into());
+                }
+                perm::check(c, d, MAY_WRITE | MAY_EXEC)?;
+            }
+            perm::check_sticky(c, &p, &src)?;
+            if let Ok(dst) = &dst {
+                perm::check_sticky(c, &np, dst)?;
+            }
+            // Moving a directory to another parent rewrites its "..": it must be writable.
+            if parent != new_parent {
+                if is_dir(&src) {
+                    perm::check(c, &src, MAY_WRITE)?;
+                }
+                if flags & rename_flags::RENAME_EXCHANGE != 0
+                    && let Ok(dst) = &dst
+                    && is_dir(dst)
+                {
+                    perm::check(c, dst, MAY_WRITE)?;
+                }
+            }
+        }
+        Ok(self.inner.meta.rename(self.inner.vol, parent, name, new_parent, new_name, flags).await?)
+    }
+
+    pub async fn statfs(&self) -> VfsResult<StatFs> {
+        // Counts include what this node's closes freed.
+        self.release_closed().await;
+        let mut s = self.inner.meta.statfs(self.inner.vol).await?;
+        if s.total_bytes == u64::MAX {
+            s.total_bytes = UNLIMITED_BYTES.max(s.used_bytes.saturating_mul(2));
+        }
+        if s.total_inodes == u64::MAX {
+            s.total_inodes = UNLIMITED_INODES.max(s.used_inodes.saturating_mul(2));
+        }
+        Ok(s)
+    }
+
+    /// `access(2)`: `mask` is a combination of `MAY_*` (0 = existence).
+    pub async fn access(&self, c: &Creds, ino: Ino, mask: u32) -> VfsResult<()> {
+        let a = self.attr_of(ino).await?;
+        Ok(perm::check(c, &a, mask & 7)?)
+    }
+}

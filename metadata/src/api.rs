@@ -1,0 +1,658 @@
+//! The typed metadata API: every question and change a gateway, a data client, a cache node
+//! or the CLI puts to the metadata service, as a method with typed arguments and results.
+//!
+//! [`MetaApi`] has three required methods (apply an [`Op`], answer a [`Query`], follow a
+//! volume's changes); everything else is a provided method that builds the command and
+//! decodes its reply here, once, so no caller outside this crate speaks the Raft command
+//! vocabulary. [`crate::client::MetaClient`] implements it over gRPC (or a node in this
+//! process); [`crate::mem::MemMeta`] implements it over the state machine in memory, for
+//! tests that need no sockets.
+//!
+//! An unexpected reply variant is a [`ClientError::Protocol`] error, never a panic.
+
+use elea_common::{Ino, SessionId, SliceId, Timespec, VolumeId};
+use elea_fsm::{
+    Attr, CacheNodeInfo, CacheStats, DirEntry, LockInfo, LockKind, Op, Query, Reply, SetAttr, Slice,
+    SliceLoc, StagedBlock, StatFs, VolumeConfig, VolumeInfo,
+};
+
+use crate::client::{ClientError, WatchStream};
+
+/// A new non-directory node ([`MetaApi::mknod`]).
+#[derive(Debug, Clone)]
+pub struct NewNode<'a> {
+    pub parent: Ino,
+    pub name: &'a [u8],
+    /// Type and permission bits (type 0 is a regular file).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Device number of a character or block device.
+    pub rdev: u64,
+    /// `EEXIST` when the name exists; otherwise the existing file is returned (`O_CREAT`
+    /// without `O_EXCL`).
+    pub exclusive: bool,
+    /// Also take an open reference on the file for this session (a create that opens).
+    pub open: Option<SessionId>,
+}
+
+/// Who asks for a lock, and which one ([`MetaApi::setlk`], [`MetaApi::getlk`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockReq {
+    pub session: SessionId,
+    pub owner: u64,
+    /// The owner's process id, reported by `F_GETLK` to others.
+    pub pid: u32,
+    pub kind: LockKind,
+    pub start: u64,
+    /// Inclusive; `u64::MAX` means to the end of the file.
+    pub end: u64,
+}
+
+fn unexpected(r: &Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {r:?}"))
+}
+
+fn attr_of(r: Reply) -> Result<Attr, ClientError> {
+    match r {
+        Reply::Attr(a) | Reply::Entry { attr: a, .. } => Ok(a),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// For ops whose reply carries nothing the caller needs.
+fn ok(_: Reply) -> Result<(), ClientError> {
+    Ok(())
+}
+
+fn data(r: Reply) -> Result<Vec<u8>, ClientError> {
+    match r {
+        Reply::Data(d) => Ok(d),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// See the module docs. Implementations are cheap to clone and shared between tasks.
+pub trait MetaApi: Clone + Send + Sync + 'static {
+    /// Applies a state-changing op: linearizable and exactly once (a retried op is not
+    /// applied twice).
+    fn op(&self, op: Op) -> impl Future<Output = Result<Reply, ClientError>> + Send;
+
+    /// Answers a query from the latest committed state (linearizable).
+    fn query(&self, q: Query) -> impl Future<Output = Result<Reply, ClientError>> + Send;
+
+    /// The change stream of `vol` after sequence `from_seq` (0: from now on): every change,
+    /// in order, or [`crate::client::WatchItem::Reset`] where changes were missed.
+    fn watch(
+        &self,
+        vol: VolumeId,
+        from_seq: u64,
+    ) -> impl Future<Output = Result<WatchStream, ClientError>> + Send;
+
+    // ---- volumes ----------------------------------------------------------------------
+
+    fn create_volume(
+        &self,
+        name: &str,
+        config: VolumeConfig,
+    ) -> impl Future<Output = Result<VolumeInfo, ClientError>> + Send {
+        async move {
+            match self.op(Op::CreateVolume { name: name.to_string(), config }).await? {
+                Reply::Volume(v) => Ok(v),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    fn list_volumes(&self) -> impl Future<Output = Result<Vec<VolumeInfo>, ClientError>> + Send {
+        async move {
+            match self.query(Query::ListVolumes).await? {
+                Reply::Volumes(v) => Ok(v),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    fn volume(&self, name: &str) -> impl Future<Output = Result<VolumeInfo, ClientError>> + Send {
+        async move {
+            match self.query(Query::VolumeByName { name: name.to_string() }).await? {
+                Reply::Volume(v) => Ok(v),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// A volume by id (`ENODEV` when there is none).
+    fn volume_by_id(&self, vol: VolumeId) -> impl Future<Output = Result<VolumeInfo, ClientError>> + Send {
+        async move {
+            self.list_volumes()
+                .await?
+                .into_iter()
+                .find(|v| v.id == vol)
+                .ok_or(ClientError::Fs(elea_common::Errno::ENODEV))
+        }
+    }
+
+    // ---- namespace --------------------------------------------------------------------
+
+    fn lookup(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        async move { attr_of(self.query(Query::Lookup { vol, parent, name: name.to_vec() }).await?) }
+    }
+
+    fn getattr(&self, vol: VolumeId, ino: Ino) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        async move { attr_of(self.query(Query::GetAttr { vol, ino }).await?) }
+    }
+
+    fn setattr(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        set: SetAttr,
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        async move { attr_of(self.op(Op::SetAttr { vol, ino, set }).await?) }
+    }
+
+    /// Creates a non-directory node; returns its attributes and whether it was created
+    /// (false: an existing file, see [`NewNode::exclusive`]).
+    fn mknod(
+        &self,
+        vol: VolumeId,
+        n: NewNode<'_>,
+    ) -> impl Future<Output = Result<(Attr, bool), ClientError>> + Send {
+        let op = Op::Mknod {
+            vol,
+            parent: n.parent,
+            name: n.name.to_vec(),
+            mode: n.mode,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: n.rdev,
+            exclusive: n.exclusive,
+            ino: None,
+            session: n.open,
+        };
+        async move {
+            match self.op(op).await? {
+                Reply::Entry { attr, created } => Ok((attr, created)),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Creates a regular file as root (`O_CREAT|O_EXCL`, no open reference): for tools and
+    /// benchmarks.
+    fn create(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        let n = NewNode {
+            parent,
+            name,
+            mode: elea_fsm::mode::S_IFREG | (mode & elea_fsm::mode::PERM_MASK),
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            exclusive: true,
+            open: None,
+        };
+        let f = self.mknod(vol, n);
+        async move { f.await.map(|(a, _)| a) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mkdir(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        let op = Op::Mkdir { vol, parent, name: name.to_vec(), mode, uid, gid, ino: None };
+        async move { attr_of(self.op(op).await?) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn symlink(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        let op =
+            Op::Symlink { vol, parent, name: name.to_vec(), target: target.to_vec(), uid, gid, ino: None };
+        async move { attr_of(self.op(op).await?) }
+    }
+
+    fn readlink(&self, vol: VolumeId, ino: Ino) -> impl Future<Output = Result<Vec<u8>, ClientError>> + Send {
+        async move { data(self.query(Query::ReadLink { vol, ino }).await?) }
+    }
+
+    fn link(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: &[u8],
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        let op = Op::Link { vol, ino, new_parent, new_name: new_name.to_vec() };
+        async move { attr_of(self.op(op).await?) }
+    }
+
+    fn unlink(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::Unlink { vol, parent, name: name.to_vec() };
+        async move { ok(self.op(op).await?) }
+    }
+
+    fn rmdir(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::Rmdir { vol, parent, name: name.to_vec() };
+        async move { ok(self.op(op).await?) }
+    }
+
+    /// `renameat2` with [`elea_fsm::rename_flags`].
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &self,
+        vol: VolumeId,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op =
+            Op::Rename { vol, parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
+        async move { ok(self.op(op).await?) }
+    }
+
+    /// Entries of directory `ino` after `cookie` (at most `limit`), and whether the listing
+    /// ended.
+    fn readdir(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        cookie: u64,
+        limit: u32,
+        plus: bool,
+    ) -> impl Future<Output = Result<(Vec<DirEntry>, bool), ClientError>> + Send {
+        async move {
+            match self.query(Query::ReadDir { vol, ino, cookie, limit, plus }).await? {
+                Reply::Dir { entries, eof } => Ok((entries, eof)),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    fn statfs(&self, vol: VolumeId) -> impl Future<Output = Result<StatFs, ClientError>> + Send {
+        async move {
+            match self.query(Query::StatFs { vol }).await? {
+                Reply::StatFs(s) => Ok(s),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    // ---- extended attributes ----------------------------------------------------------
+
+    fn setxattr(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::SetXattr { vol, ino, name: name.to_vec(), value: value.to_vec(), flags };
+        async move { ok(self.op(op).await?) }
+    }
+
+    fn getxattr(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        name: &[u8],
+    ) -> impl Future<Output = Result<Vec<u8>, ClientError>> + Send {
+        async move { data(self.query(Query::GetXattr { vol, ino, name: name.to_vec() }).await?) }
+    }
+
+    fn listxattr(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, ClientError>> + Send {
+        async move {
+            match self.query(Query::ListXattr { vol, ino }).await? {
+                Reply::Names(n) => Ok(n),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    fn removexattr(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        name: &[u8],
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::RemoveXattr { vol, ino, name: name.to_vec() };
+        async move { ok(self.op(op).await?) }
+    }
+
+    // ---- file data --------------------------------------------------------------------
+
+    /// The slice list of one chunk of a file, oldest first.
+    fn read_chunk(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+    ) -> impl Future<Output = Result<Vec<Slice>, ClientError>> + Send {
+        async move {
+            match self.query(Query::ReadChunk { vol, ino, chunk }).await? {
+                Reply::Slices(s) => Ok(s),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Records a write of one slice piece into a chunk ([`Op::WriteSlice`]); `staged` lists
+    /// the holders of each block of a new slice (empty when the slice is already known).
+    fn write_slice(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        slice: Slice,
+        staged: Vec<Vec<u64>>,
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        async move { attr_of(self.op(Op::WriteSlice { vol, ino, chunk, slice, staged }).await?) }
+    }
+
+    /// Records many pieces of one new slice into one chunk, all or nothing
+    /// ([`Op::WriteSlicePieces`]).
+    fn write_slice_pieces(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        pieces: Vec<Slice>,
+        staged: Vec<Vec<u64>>,
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        async move { attr_of(self.op(Op::WriteSlicePieces { vol, ino, chunk, pieces, staged }).await?) }
+    }
+
+    /// `fallocate(2)` with [`elea_fsm::fallocate_flags`].
+    fn fallocate(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        mode: u32,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::Fallocate { vol, ino, offset, len, mode }).await?) }
+    }
+
+    /// Reserves `count` slice ids; returns the first.
+    fn alloc_slices(&self, count: u64) -> impl Future<Output = Result<u64, ClientError>> + Send {
+        async move {
+            match self.op(Op::AllocSlices { count }).await? {
+                Reply::Range { start, .. } => Ok(start),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Locations of slices (any number: asked in pages).
+    fn slice_locs(
+        &self,
+        ids: &[SliceId],
+    ) -> impl Future<Output = Result<Vec<(SliceId, Option<SliceLoc>)>, ClientError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for part in ids.chunks(elea_fsm::limits::BATCH_MAX) {
+                match self.query(Query::SliceLocs { ids: part.to_vec() }).await? {
+                    Reply::SliceLocs(l) => out.extend(l),
+                    other => return Err(unexpected(&other)),
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    // ---- sessions, open files and locks ------------------------------------------------
+
+    /// Starts a session with a lease of `ttl_ms`; returns its id.
+    fn open_session(
+        &self,
+        name: &str,
+        ttl_ms: u64,
+    ) -> impl Future<Output = Result<SessionId, ClientError>> + Send {
+        async move {
+            match self.op(Op::OpenSession { name: name.to_string(), ttl_ms }).await? {
+                Reply::Session { id, .. } => Ok(id),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Renews a session's lease (`ESTALE`: it lapsed).
+    fn heartbeat(&self, session: SessionId) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::Heartbeat { session }).await?) }
+    }
+
+    /// Ends a session, releasing its open files and locks.
+    fn close_session(&self, session: SessionId) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::CloseSession { session }).await?) }
+    }
+
+    /// Takes an open reference on `ino` for `session`.
+    fn open(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        session: SessionId,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::Open { vol, ino, session }).await?) }
+    }
+
+    /// Drops one open reference (the last one anywhere frees an unlinked file).
+    fn release(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        session: SessionId,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::Release { vol, ino, session }).await?) }
+    }
+
+    /// `F_GETLK`: the first lock that conflicts with `l`.
+    fn getlk(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        l: LockReq,
+    ) -> impl Future<Output = Result<Option<LockInfo>, ClientError>> + Send {
+        let q = Query::GetLk {
+            vol,
+            ino,
+            session: l.session,
+            owner: l.owner,
+            kind: l.kind,
+            start: l.start,
+            end: l.end,
+        };
+        async move {
+            match self.query(q).await? {
+                Reply::Lock(l) => Ok(l),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// `F_SETLK`: sets or clears a record lock (`EAGAIN` on a conflict; with `wait`, a
+    /// conflict that would deadlock is `EDEADLK` and the caller is recorded as waiting).
+    fn setlk(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        l: LockReq,
+        wait: bool,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::SetLk {
+            vol,
+            ino,
+            session: l.session,
+            owner: l.owner,
+            pid: l.pid,
+            kind: l.kind,
+            start: l.start,
+            end: l.end,
+            wait,
+        };
+        async move { ok(self.op(op).await?) }
+    }
+
+    /// `flock(2)`: shared (Read), exclusive (Write) or unlock (`EAGAIN` on a conflict).
+    fn flock(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        session: SessionId,
+        owner: u64,
+        kind: LockKind,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::Flock { vol, ino, session, owner, kind }).await?) }
+    }
+
+    // ---- cache nodes ------------------------------------------------------------------
+
+    /// Every registered cache node, with its liveness.
+    fn cache_nodes(&self) -> impl Future<Output = Result<Vec<CacheNodeInfo>, ClientError>> + Send {
+        async move {
+            match self.query(Query::CacheNodes).await? {
+                Reply::CacheNodes(n) => Ok(n),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// A cache node joins (or rejoins) the registry.
+    fn register_cache_node(
+        &self,
+        id: u64,
+        site: &str,
+        addr: &str,
+        incarnation: u64,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::RegisterCacheNode { id, site: site.to_string(), addr: addr.to_string(), incarnation };
+        async move { ok(self.op(op).await?) }
+    }
+
+    /// A cache node is alive (`ESTALE`: it must register again).
+    fn cache_heartbeat(
+        &self,
+        id: u64,
+        incarnation: u64,
+        stats: CacheStats,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::CacheHeartbeat { id, incarnation, stats }).await?) }
+    }
+
+    /// Every staged block of a live slice (all pages).
+    fn staged_blocks(&self) -> impl Future<Output = Result<Vec<StagedBlock>, ClientError>> + Send {
+        async move {
+            let mut out: Vec<StagedBlock> = Vec::new();
+            let mut after = (0, 0);
+            loop {
+                let q = Query::StagedBlocks { after, limit: elea_fsm::limits::BATCH_MAX as u32 };
+                match self.query(q).await? {
+                    Reply::Blocks { blocks, more } => {
+                        if let Some(b) = blocks.last() {
+                            after = (b.slice, b.index);
+                        }
+                        out.extend(blocks);
+                        if !more {
+                            return Ok(out);
+                        }
+                    }
+                    other => return Err(unexpected(&other)),
+                }
+            }
+        }
+    }
+
+    /// Blocks now live in store `store` of their volume ([`Op::MarkTiered`]).
+    fn mark_tiered(
+        &self,
+        store: u16,
+        blocks: Vec<(SliceId, u32)>,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::MarkTiered { store, blocks }).await?) }
+    }
+
+    /// Re-replication: `new` holds a copy of the block, replacing `old` ([`Op::ReplaceReplica`]).
+    fn replace_replica(
+        &self,
+        slice: SliceId,
+        index: u32,
+        old: Option<u64>,
+        new: u64,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::ReplaceReplica { slice, index, old, new }).await?) }
+    }
+
+    /// Garbage collection removed these deleted slices everywhere ([`Op::ForgetSlices`]).
+    fn forget_slices(&self, ids: Vec<SliceId>) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::ForgetSlices { ids }).await?) }
+    }
+
+    /// Cache node `node` no longer holds its staged copy of block `index` of `slice`
+    /// ([`Op::DropReplica`]).
+    fn drop_replica(
+        &self,
+        slice: SliceId,
+        index: u32,
+        node: u64,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::DropReplica { slice, index, node }).await?) }
+    }
+
+    /// One page of deleted slices after `after`, and whether more follow.
+    #[allow(clippy::type_complexity)]
+    fn pending_deletes(
+        &self,
+        after: SliceId,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<(SliceId, Timespec, Option<SliceLoc>)>, bool), ClientError>> + Send
+    {
+        async move {
+            match self.query(Query::PendingDeletes { after, limit }).await? {
+                Reply::Deletes { slices, more } => Ok((slices, more)),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+}
