@@ -135,7 +135,7 @@ impl Volume {
             target: new.target,
             ..Inode::default()
         };
-        let attr = inode.attr(ino);
+        let attr = inode.attr(ino, &self.chunks);
         self.inodes.insert(ino, inode);
         self.add_entry(parent, name, ino);
         ch.entry(vol, parent, name);
@@ -273,7 +273,7 @@ impl State {
             if existing.is_dir() {
                 return Err(Errno::EISDIR);
             }
-            let attr = existing.attr(slot.ino);
+            let attr = existing.attr(slot.ino, &v.chunks);
             if let Some(s) = session {
                 self.check_session(s, now)?;
                 self.take_open(vol, slot.ino, s);
@@ -414,7 +414,7 @@ impl State {
         ch.entry(vol, new_parent, new_name);
         ch.inode(vol, new_parent);
         ch.inode(vol, ino);
-        let attr = v.inode(ino)?.attr(ino);
+        let attr = v.attr(ino)?;
         Ok(Reply::Entry { attr, created: true })
     }
 
@@ -665,7 +665,7 @@ impl State {
             && set.mtime.is_none()
             && !set.clear_suid;
         if nothing {
-            return Ok(Reply::Attr(i.attr(ino)));
+            return Ok(Reply::Attr(i.attr(ino, &v.chunks)));
         }
         let old_size = i.size;
         if let Some(size) = set.size
@@ -709,7 +709,7 @@ impl State {
         }
         i.ctime = now;
         ch.inode(vol, ino);
-        Ok(Reply::Attr(i.attr(ino)))
+        Ok(Reply::Attr(v.attr(ino)?))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -803,12 +803,12 @@ impl State {
                 v.lookup(parent, name).ok_or(Errno::ENOENT)?.ino
             }
         };
-        let attr = v.inode(ino)?.attr(ino);
+        let attr = v.attr(ino)?;
         Ok(Reply::Entry { attr, created: false })
     }
 
     pub(crate) fn get_attr(&self, vol: VolumeId, ino: Ino) -> OpResult {
-        Ok(Reply::Attr(self.vol(vol)?.inode(ino)?.attr(ino)))
+        Ok(Reply::Attr(self.vol(vol)?.attr(ino)?))
     }
 
     pub(crate) fn read_dir(&self, vol: VolumeId, ino: Ino, cookie: u64, limit: u32, plus: bool) -> OpResult {
@@ -827,7 +827,7 @@ impl State {
                 ino: target,
                 kind: FileType::Directory,
                 cookie: c,
-                attr: plus.then(|| i.attr(target)),
+                attr: plus.then(|| i.attr(target, &v.chunks)),
             })
         };
         if cookie < 1 {
@@ -856,7 +856,7 @@ impl State {
                     ino: slot.ino,
                     kind: i.kind().unwrap_or(FileType::Regular),
                     cookie: *c,
-                    attr: plus.then(|| i.attr(slot.ino)),
+                    attr: plus.then(|| i.attr(slot.ino, &v.chunks)),
                 });
             }
         }

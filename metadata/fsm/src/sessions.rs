@@ -139,7 +139,7 @@ impl State {
     }
 
     pub(crate) fn open(&mut self, vol: VolumeId, ino: Ino, s: SessionId, now: Timespec) -> OpResult {
-        let attr = self.vol(vol)?.inode(ino)?.attr(ino);
+        let attr = self.vol(vol)?.attr(ino)?;
         self.check_session(s, now)?;
         self.take_open(vol, ino, s);
         Ok(Reply::Attr(attr))

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use elea_common::{Errno, Ino, SessionId, SliceId, Timespec, VolumeId};
 use serde::{Deserialize, Serialize};
 
+use crate::chunks::allocated_blocks;
 use crate::types::{Attr, CacheStats, FileType, LockKind, OpResult, Slice, SliceLoc, VolumeConfig, mode};
 
 /// A lock owner: the session and the owner id the gateway gave (a process or open file).
@@ -116,12 +117,15 @@ pub(crate) struct Volume {
     /// The same entries by (directory, cookie), for readdir.
     pub cookies: BTreeMap<(Ino, u64), Vec<u8>>,
     /// Slice lists by (inode, chunk index). Pieces in one list never overlap.
-    pub chunks: BTreeMap<(Ino, u64), Vec<Slice>>,
+    pub chunks: Chunks,
     /// Record locks per inode, by (session, owner, start).
     pub plocks: BTreeMap<Ino, BTreeMap<(SessionId, u64, u64), PLock>>,
     /// flock holders per inode.
     pub flocks: BTreeMap<Ino, BTreeMap<LockOwner, LockKind>>,
 }
+
+/// A volume's slice lists by (inode, chunk index).
+pub(crate) type Chunks = BTreeMap<(Ino, u64), Vec<Slice>>;
 
 /// A directory entry's target and readdir cookie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,7 +179,9 @@ impl Inode {
         self.mode & mode::S_IFMT == mode::S_IFREG
     }
 
-    pub fn attr(&self, ino: Ino) -> Attr {
+    /// The inode's attributes; `chunks` are its volume's chunk lists, which `blocks` is
+    /// counted from.
+    pub fn attr(&self, ino: Ino, chunks: &Chunks) -> Attr {
         Attr {
             ino,
             mode: self.mode,
@@ -189,6 +195,7 @@ impl Inode {
             rdev: self.rdev,
             generation: self.generation,
             flags: self.flags,
+            blocks: if self.is_reg() { allocated_blocks(chunks, ino, self.size) } else { 0 },
         }
     }
 }
@@ -197,6 +204,11 @@ impl Volume {
     /// The inode, or `ENOENT`.
     pub fn inode(&self, ino: Ino) -> Result<&Inode, Errno> {
         self.inodes.get(&ino).ok_or(Errno::ENOENT)
+    }
+
+    /// The inode's attributes, or `ENOENT`.
+    pub fn attr(&self, ino: Ino) -> Result<Attr, Errno> {
+        Ok(self.inode(ino)?.attr(ino, &self.chunks))
     }
 
     /// A live directory one can look up or create in: `ENOENT` when missing or unlinked,

@@ -41,7 +41,9 @@ pub mod xattr_flags {
 pub mod fallocate_flags {
     pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
     pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+    pub const FALLOC_FL_COLLAPSE_RANGE: u32 = 0x08;
     pub const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
+    pub const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
 }
 
 /// Limits enforced on every request (errors: `ENAMETOOLONG`, `E2BIG`, `ERANGE`, `EFBIG`).
@@ -58,6 +60,10 @@ pub mod limits {
     pub const XATTR_TOTAL_MAX: usize = 1 << 20;
     /// Largest file size.
     pub const FILE_SIZE_MAX: u64 = 1 << 60;
+    /// The file system block size (`st_blksize`): `FALLOC_FL_COLLAPSE_RANGE` and
+    /// `FALLOC_FL_INSERT_RANGE` take multiples of it, and [`super::Attr::blocks`] counts
+    /// allocation in whole blocks of it.
+    pub const FS_BLOCK_SIZE: u64 = 4096;
     /// Most hard links to one inode.
     pub const LINK_MAX: u32 = 65000;
     /// Most entries one readdir call returns.
@@ -143,6 +149,10 @@ pub struct Attr {
     pub generation: u64,
     /// Inode flags (reserved, 0 today).
     pub flags: u32,
+    /// `st_blocks`: 512-byte units allocated. The bytes below `size` that some written slice
+    /// covers (holes and never-written ranges count nothing), rounded up to a multiple of
+    /// [`limits::FS_BLOCK_SIZE`]. 0 for everything but regular files.
+    pub blocks: u64,
 }
 
 impl Attr {
@@ -437,7 +447,10 @@ pub enum Op {
         staged: Vec<Vec<u64>>,
     },
     /// [`fallocate_flags`]. Plain mode extends the size (unless KEEP_SIZE); PUNCH_HOLE (with
-    /// KEEP_SIZE) and ZERO_RANGE record holes over the range.
+    /// KEEP_SIZE) and ZERO_RANGE record holes over the range. COLLAPSE_RANGE removes the range
+    /// and moves the data after it down; INSERT_RANGE moves the data at and after `offset` up
+    /// by `len`, leaving a hole. Both take no other flag and multiples of
+    /// [`limits::FS_BLOCK_SIZE`], and must stay inside the file (`EINVAL`).
     Fallocate {
         vol: VolumeId,
         ino: Ino,

@@ -11,6 +11,12 @@ fn num() -> impl Strategy<Value = u64> {
     prop_oneof![4 => 0u64..12, 1 => Just(u64::MAX), 1 => Just(1 << 60), 1 => Just(64 << 20), 1 => any::<u64>()]
 }
 
+/// Offsets and lengths in whole 4 KiB blocks, as collapsing and inserting ranges take, up to
+/// a little past one chunk.
+fn block() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..8, 16380u64..16390].prop_map(|b| b * 4096)
+}
+
 fn num32() -> impl Strategy<Value = u32> {
     prop_oneof![4 => 0u32..200, 1 => Just(u32::MAX), 1 => Just(64 << 20), 1 => any::<u32>()]
 }
@@ -92,9 +98,21 @@ fn op() -> impl Strategy<Value = Op> {
         ),
         (
             ino(),
-            num(),
-            num(),
-            prop_oneof![Just(0u32), Just(1), Just(3), Just(0x10), Just(0x11), Just(0x12), Just(0x40)]
+            prop_oneof![num(), block()],
+            prop_oneof![num(), block()],
+            prop_oneof![
+                Just(0u32),
+                Just(1),
+                Just(3),
+                Just(0x10),
+                Just(0x11),
+                Just(0x12),
+                Just(0x40),
+                Just(0x08),
+                Just(0x20),
+                Just(0x09),
+                Just(0x28)
+            ]
         )
             .prop_map(|(ino, offset, len, mode)| Op::Fallocate { vol: 1, ino, offset, len, mode }),
         (0u64..3).prop_map(|t| Op::OpenSession { name: "s".into(), ttl_ms: t * 20_000 }),
