@@ -9,6 +9,7 @@ mod changes;
 mod chunks;
 mod data;
 mod dedup;
+mod legacy;
 mod locks;
 mod namespace;
 mod sessions;
@@ -23,6 +24,7 @@ pub use namespace::{ALLOC_MAX, check_name};
 pub use sessions::{CLIENT_IDLE_MS, SESSION_NAME_MAX, SESSION_TTL_MAX_MS};
 
 use elea_common::SliceId;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use changes::Changes;
@@ -31,7 +33,8 @@ use state::State;
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"ELEAFSM\0";
-/// Snapshot format this build writes and reads.
+/// Snapshot format this build writes. [`StateMachine::restore`] reads it and version 2, the
+/// format of builds before [`Attr::blocks`].
 pub const SNAPSHOT_VERSION: u32 = 3;
 
 /// Why a snapshot could not be restored.
@@ -198,21 +201,21 @@ impl StateMachine {
         postcard::to_stdvec(&out).unwrap_or_default()
     }
 
-    /// Rebuild a state machine from [`StateMachine::snapshot`] bytes.
+    /// Rebuild a state machine from [`StateMachine::snapshot`] bytes, of this build's format or
+    /// of version 2. A version 2 snapshot is converted: attributes in the replies its
+    /// de-duplication table keeps get `blocks`, counted from the restored chunk lists below the
+    /// size the reply reports (0 when the file is gone or its volume cannot be told).
     pub fn restore(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let (h, rest) = postcard::take_from_bytes::<SnapshotHeader>(bytes)
             .map_err(|e| SnapshotError::Corrupt(format!("header: {e}")))?;
         if h.magic != SNAPSHOT_MAGIC {
             return Err(SnapshotError::Corrupt("bad magic".into()));
         }
-        if h.version != SNAPSHOT_VERSION {
-            return Err(SnapshotError::Version(h.version));
-        }
-        let (st, rest) = postcard::take_from_bytes::<State>(rest)
-            .map_err(|e| SnapshotError::Corrupt(format!("state: {e}")))?;
-        if !rest.is_empty() {
-            return Err(SnapshotError::Corrupt(format!("{} trailing bytes", rest.len())));
-        }
+        let st = match h.version {
+            SNAPSHOT_VERSION => decode_state::<State>(rest)?,
+            2 => decode_state::<legacy::StateV2>(rest)?.upgrade(),
+            v => return Err(SnapshotError::Version(v)),
+        };
         Ok(Self { st })
     }
 
@@ -220,6 +223,16 @@ impl StateMachine {
     pub fn fingerprint(&self) -> u64 {
         fnv1a(&self.snapshot())
     }
+}
+
+/// The state part of a snapshot: all of `bytes`.
+fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
+    let (st, rest) =
+        postcard::take_from_bytes::<T>(bytes).map_err(|e| SnapshotError::Corrupt(format!("state: {e}")))?;
+    if !rest.is_empty() {
+        return Err(SnapshotError::Corrupt(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(st)
 }
 
 /// 64-bit FNV-1a.

@@ -1167,9 +1167,9 @@ fn snapshot_round_trip_and_corruption() {
     let mut bad = bytes.clone();
     bad[0] ^= 0xff;
     assert!(matches!(StateMachine::restore(&bad), Err(SnapshotError::Corrupt(_))));
-    let mut v2 = bytes.clone();
-    v2[8] = 9;
-    assert!(matches!(StateMachine::restore(&v2), Err(SnapshotError::Version(9))));
+    let mut unknown = bytes.clone();
+    unknown[8] = 9;
+    assert!(matches!(StateMachine::restore(&unknown), Err(SnapshotError::Version(9))));
     assert!(matches!(StateMachine::restore(&bytes[..bytes.len() - 1]), Err(SnapshotError::Corrupt(_))));
     let mut long = bytes.clone();
     long.push(0);
