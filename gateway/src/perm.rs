@@ -1,17 +1,18 @@
-//! Permission checks as Linux's `generic_permission` makes them: owner, then group (primary
-//! or supplementary), then other bits; root may read and write anything and execute anything
-//! with an execute bit (any directory can be searched). Sticky directories and set-id rules
-//! live here too, so every front end (FUSE, NFS) enforces the same rules.
+//! Who makes a request ([`Creds`]) and the permission checks the gateway makes itself. The
+//! rules are the state machine's ([`elea_fsm::perm`]): Linux's `generic_permission` (owner,
+//! then group, primary or supplementary, then other bits; root may read and write anything and
+//! execute anything with an execute bit, and search any directory), the sticky-directory rule
+//! and the set-id rules. This module binds them to a request's credentials, whose
+//! supplementary groups are read from `/proc` only when a group check needs them, so every
+//! front end (FUSE, NFS) and the state machine enforce the same rules.
 
 use std::sync::OnceLock;
 
 use elea_common::Errno;
-use elea_fsm::{Attr, FileType, mode};
+use elea_fsm::perm::{self as rules, Identity};
+use elea_fsm::{Attr, Caller, open_flags};
 
-/// Read, write and execute (search) permission bits, as in `access(2)`'s mask.
-pub const MAY_READ: u32 = 4;
-pub const MAY_WRITE: u32 = 2;
-pub const MAY_EXEC: u32 = 1;
+pub use elea_fsm::perm::{MAY_EXEC, MAY_READ, MAY_WRITE};
 
 /// Who makes a request: its file system user and group, and where to find its supplementary
 /// groups (read only when a check needs them).
@@ -49,7 +50,29 @@ impl Creds {
 
     /// Whether the caller is a member of `gid` (primary or supplementary).
     pub fn in_group(&self, gid: u32) -> bool {
-        gid == self.gid || self.groups.get_or_init(|| proc_groups(self.pid)).contains(&gid)
+        gid == self.gid || self.groups().contains(&gid)
+    }
+
+    /// The caller as the state machine checks it in an [`elea_fsm::Op::As`]: reads the
+    /// supplementary groups now if no check has yet (the state machine cannot read `/proc`).
+    /// Root's are left out: root passes every check without them.
+    pub fn caller(&self) -> Caller {
+        let groups = if self.is_root() { Vec::new() } else { self.groups().to_vec() };
+        Caller { uid: self.uid, gid: self.gid, groups }
+    }
+
+    fn groups(&self) -> &[u32] {
+        self.groups.get_or_init(|| proc_groups(self.pid))
+    }
+}
+
+impl Identity for Creds {
+    fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        Creds::in_group(self, gid)
     }
 }
 
@@ -68,89 +91,55 @@ fn proc_groups(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-fn is_dir(a: &Attr) -> bool {
-    a.file_type() == Some(FileType::Directory)
-}
-
 /// Whether `c` may access `a` with `want` (a mask of `MAY_*`).
 pub fn allowed(c: &Creds, a: &Attr, want: u32) -> bool {
-    if want == 0 {
-        return true;
-    }
-    if c.is_root() {
-        // Root bypasses read and write checks; execute needs some execute bit, except on
-        // directories (search).
-        return want & MAY_EXEC == 0 || is_dir(a) || a.mode & 0o111 != 0;
-    }
-    let bits = if c.uid == a.uid {
-        a.mode >> 6
-    } else if c.in_group(a.gid) {
-        a.mode >> 3
-    } else {
-        a.mode
-    } & 7;
-    bits & want == want
+    rules::allowed(c, a, want)
 }
 
 /// `EACCES` unless `c` may access `a` with `want`.
 pub fn check(c: &Creds, a: &Attr, want: u32) -> Result<(), Errno> {
-    if allowed(c, a, want) { Ok(()) } else { Err(Errno::EACCES) }
+    rules::check(c, a, want)
 }
 
 /// Whether `c` owns `a` or is root (who may chmod, set times explicitly, and so on).
 pub fn owner_or_root(c: &Creds, a: &Attr) -> bool {
-    c.is_root() || c.uid == a.uid
+    rules::owner_or_root(c, a)
 }
 
 /// Removing or renaming `victim` out of directory `dir`: in a sticky directory only the
 /// victim's owner, the directory's owner or root may (`EPERM` otherwise).
 pub fn check_sticky(c: &Creds, dir: &Attr, victim: &Attr) -> Result<(), Errno> {
-    if dir.mode & mode::S_ISVTX == 0 || c.is_root() || c.uid == victim.uid || c.uid == dir.uid {
-        Ok(())
-    } else {
-        Err(Errno::EPERM)
-    }
+    rules::check_sticky(c, dir, victim)
 }
 
 /// The mode a `chmod` by `c` really sets: an unprivileged caller outside the file's group
 /// cannot set S_ISGID (Linux drops the bit silently).
 pub fn chmod_mode(c: &Creds, gid: u32, new_mode: u32) -> u32 {
-    if !c.is_root() && !c.in_group(gid) { new_mode & !mode::S_ISGID } else { new_mode }
+    rules::chmod_mode(c, gid, new_mode)
 }
 
 /// May `c` change ownership of `a` to `uid`/`gid` (`None`: unchanged)? Root may do anything;
 /// the owner may change the group to one of its groups and "change" the user to itself.
 pub fn check_chown(c: &Creds, a: &Attr, uid: Option<u32>, gid: Option<u32>) -> Result<(), Errno> {
-    if c.is_root() {
-        return Ok(());
-    }
-    if let Some(u) = uid
-        && (u != a.uid || c.uid != a.uid)
-    {
-        return Err(Errno::EPERM);
-    }
-    if let Some(g) = gid
-        && (c.uid != a.uid || (g != a.gid && !c.in_group(g)))
-    {
-        return Err(Errno::EPERM);
-    }
-    Ok(())
+    rules::check_chown(c, a, uid, gid)
 }
 
-/// The access mask an `open(2)` with `flags` needs.
+/// The access mask an `open(2)` with `flags` (this host's values) needs.
 pub fn open_mask(flags: i32) -> u32 {
-    let acc = match flags & libc::O_ACCMODE {
-        libc::O_RDONLY => MAY_READ,
-        libc::O_WRONLY => MAY_WRITE,
-        _ => MAY_READ | MAY_WRITE,
-    };
-    if flags & libc::O_TRUNC != 0 { acc | MAY_WRITE } else { acc }
+    // The rules take Linux's generic flag values; the access modes are the same everywhere,
+    // but `O_TRUNC` is not (sparc, alpha), so it is carried over by name.
+    let mut f = flags & libc::O_ACCMODE;
+    if flags & libc::O_TRUNC != 0 {
+        f |= open_flags::O_TRUNC;
+    }
+    rules::open_mask(f)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use elea_common::Timespec;
+    use elea_fsm::mode;
 
     fn attr(mode_: u32, uid: u32, gid: u32) -> Attr {
         Attr {
@@ -208,5 +197,22 @@ mod tests {
         assert_eq!(check_chown(&Creds::with_groups(7, 6, vec![]), &file, Some(6), None), Err(Errno::EPERM));
         assert_eq!(chmod_mode(&owner, 9, 0o2755), 0o755);
         assert_eq!(chmod_mode(&owner, 8, 0o2755), 0o2755);
+    }
+
+    #[test]
+    fn caller_carries_the_groups_and_open_mask_reads_host_flags() {
+        let c = Creds::with_groups(6, 7, vec![8, 9]);
+        assert_eq!(c.caller(), Caller { uid: 6, gid: 7, groups: vec![8, 9] });
+        assert_eq!(Creds::root().caller(), Caller { uid: 0, gid: 0, groups: vec![] });
+        // A process that is not there has no supplementary groups.
+        assert_eq!(Creds::new(6, 7, 0).caller().groups, Vec::<u32>::new());
+        // The rules agree whichever way the caller is given.
+        let a = attr(mode::S_IFDIR | 0o070, 1, 9);
+        assert!(allowed(&c, &a, MAY_WRITE | MAY_EXEC));
+        assert!(elea_fsm::perm::allowed(&c.caller(), &a, MAY_WRITE | MAY_EXEC));
+        assert_eq!(open_mask(libc::O_RDONLY), MAY_READ);
+        assert_eq!(open_mask(libc::O_WRONLY), MAY_WRITE);
+        assert_eq!(open_mask(libc::O_RDWR | libc::O_CREAT), MAY_READ | MAY_WRITE);
+        assert_eq!(open_mask(libc::O_RDONLY | libc::O_TRUNC), MAY_READ | MAY_WRITE);
     }
 }

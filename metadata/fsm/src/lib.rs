@@ -5,6 +5,7 @@
 //! the command's leader-stamped time, so every replica that applies the same log reaches the
 //! same state, byte for byte ([`StateMachine::snapshot`] is deterministic).
 
+mod access;
 mod changes;
 mod chunks;
 mod data;
@@ -12,6 +13,7 @@ mod dedup;
 mod legacy;
 mod locks;
 mod namespace;
+pub mod perm;
 mod sessions;
 mod state;
 // The contract is formatted by hand (one-line variants); keep rustfmt off it.
@@ -153,6 +155,12 @@ impl StateMachine {
             Op::DropReplica { slice, index, node } => st.drop_replica(*slice, *index, *node),
             Op::WriteSlicePieces { vol, ino, chunk, pieces, staged } => {
                 st.write_slice_pieces(*vol, *ino, *chunk, pieces, staged, now, ch)
+            }
+            // The check refuses every op `As` does not carry, a nested `As` included, so this
+            // recursion is one level deep.
+            Op::As { caller, op } => {
+                st.check_as(caller, op)?;
+                self.exec(op, now, ch)
             }
         }
     }

@@ -65,6 +65,29 @@ struct NewInode {
     target: Vec<u8>,
 }
 
+/// `renameat2` flags other than `RENAME_NOREPLACE` and `RENAME_EXCHANGE`, or both of them,
+/// are `EINVAL`.
+pub(crate) fn check_rename_flags(flags: u32) -> R<()> {
+    use rename_flags::{RENAME_EXCHANGE, RENAME_NOREPLACE};
+    if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+        || flags & (RENAME_NOREPLACE | RENAME_EXCHANGE) == RENAME_NOREPLACE | RENAME_EXCHANGE
+    {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+/// What a rename moves, once its arguments were found valid.
+pub(crate) struct RenameEnds {
+    /// The inode `parent/name` names.
+    pub src: Ino,
+    /// Whether the source is a directory.
+    pub src_dir: bool,
+    /// The entry at `new_parent/new_name` when there is one: its inode, whether it is a
+    /// directory, and how many entries it holds.
+    pub dst: Option<(Ino, bool, u64)>,
+}
+
 impl Volume {
     /// Check an inode number for a create: a reserved, unused one, or the next free one.
     fn pick_ino(&self, req: Option<Ino>) -> R<Ino> {
@@ -84,6 +107,44 @@ impl Volume {
                 }
             }
         }
+    }
+
+    /// Validates a rename as far as Linux does before it checks permissions: the flags, both
+    /// parents, both names, that the source exists, `RENAME_EXCHANGE` and `RENAME_NOREPLACE`
+    /// against the destination, and that no directory would move into itself or replace one
+    /// of its ancestors.
+    pub(crate) fn rename_ends(&self, p1: Ino, n1: &[u8], p2: Ino, n2: &[u8], flags: u32) -> R<RenameEnds> {
+        check_rename_flags(flags)?;
+        let exchange = flags & rename_flags::RENAME_EXCHANGE != 0;
+        let noreplace = flags & rename_flags::RENAME_NOREPLACE != 0;
+        self.live_dir(p1)?;
+        self.live_dir(p2)?;
+        check_name(n1)?;
+        check_name(n2)?;
+        let src = self.lookup(p1, n1).ok_or(Errno::ENOENT)?;
+        let dst = self.lookup(p2, n2);
+        if exchange && dst.is_none() {
+            return Err(Errno::ENOENT);
+        }
+        if noreplace && dst.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let src_dir = self.inode(src.ino)?.is_dir();
+        if src_dir && self.is_ancestor_or_self(src.ino, p2) {
+            return Err(Errno::EINVAL);
+        }
+        let dst = match dst {
+            Some(d) => {
+                let di = self.inode(d.ino)?;
+                let d_dir = di.is_dir();
+                if d_dir && self.is_ancestor_or_self(d.ino, p1) {
+                    return Err(if exchange { Errno::EINVAL } else { Errno::ENOTEMPTY });
+                }
+                Some((d.ino, d_dir, di.entries))
+            }
+            None => None,
+        };
+        Ok(RenameEnds { src: src.ino, src_dir, dst })
     }
 
     /// Insert a validated new inode under `parent/name` and touch the parent.
@@ -490,44 +551,11 @@ impl State {
         now: Timespec,
         ch: &mut Changes,
     ) -> OpResult {
-        use rename_flags::{RENAME_EXCHANGE, RENAME_NOREPLACE};
         let v = self.vol_mut(vol)?;
-        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
-            || flags & (RENAME_NOREPLACE | RENAME_EXCHANGE) == RENAME_NOREPLACE | RENAME_EXCHANGE
-        {
-            return Err(Errno::EINVAL);
-        }
-        let exchange = flags & RENAME_EXCHANGE != 0;
-        let noreplace = flags & RENAME_NOREPLACE != 0;
-        v.live_dir(p1)?;
-        v.live_dir(p2)?;
-        check_name(n1)?;
-        check_name(n2)?;
-        let src = v.lookup(p1, n1).ok_or(Errno::ENOENT)?;
-        let dst = v.lookup(p2, n2);
-        if exchange && dst.is_none() {
-            return Err(Errno::ENOENT);
-        }
-        if noreplace && dst.is_some() {
-            return Err(Errno::EEXIST);
-        }
-        let s_dir = v.inode(src.ino)?.is_dir();
-        if s_dir && v.is_ancestor_or_self(src.ino, p2) {
-            return Err(Errno::EINVAL);
-        }
-        let dst = match dst {
-            Some(d) => {
-                let di = v.inode(d.ino)?;
-                let d_dir = di.is_dir();
-                if d_dir && v.is_ancestor_or_self(d.ino, p1) {
-                    return Err(if exchange { Errno::EINVAL } else { Errno::ENOTEMPTY });
-                }
-                Some((d.ino, d_dir, di.entries))
-            }
-            None => None,
-        };
+        let RenameEnds { src, src_dir: s_dir, dst } = v.rename_ends(p1, n1, p2, n2, flags)?;
+        let exchange = flags & rename_flags::RENAME_EXCHANGE != 0;
         if let Some((d_ino, _, _)) = dst
-            && d_ino == src.ino
+            && d_ino == src
         {
             return Ok(Reply::Ok);
         }
@@ -547,9 +575,9 @@ impl State {
                 }
             }
             v.retarget_entry(p1, n1, d_ino);
-            v.retarget_entry(p2, n2, src.ino);
+            v.retarget_entry(p2, n2, src);
             if p1 != p2 {
-                if s_dir && let Some(i) = v.inodes.get_mut(&src.ino) {
+                if s_dir && let Some(i) = v.inodes.get_mut(&src) {
                     i.parent = p2;
                 }
                 if d_dir && let Some(i) = v.inodes.get_mut(&d_ino) {
@@ -564,13 +592,13 @@ impl State {
                     v.add_nlink(p1, 1);
                 }
             }
-            v.set_ctime(src.ino, now);
+            v.set_ctime(src, now);
             v.set_ctime(d_ino, now);
             v.touch_dir(p1, now);
             v.touch_dir(p2, now);
             ch.entry(vol, p1, n1);
             ch.entry(vol, p2, n2);
-            for ino in [p1, p2, src.ino, d_ino] {
+            for ino in [p1, p2, src, d_ino] {
                 ch.inode(vol, ino);
             }
             return Ok(Reply::Ok);
@@ -608,20 +636,20 @@ impl State {
             ch.inode(vol, d_ino);
             replaced = Some(d_ino);
         }
-        v.add_entry(p2, n2, src.ino);
+        v.add_entry(p2, n2, src);
         if s_dir && p1 != p2 {
             v.add_nlink(p1, -1);
             v.add_nlink(p2, 1);
-            if let Some(i) = v.inodes.get_mut(&src.ino) {
+            if let Some(i) = v.inodes.get_mut(&src) {
                 i.parent = p2;
             }
         }
-        v.set_ctime(src.ino, now);
+        v.set_ctime(src, now);
         v.touch_dir(p1, now);
         v.touch_dir(p2, now);
         ch.entry(vol, p1, n1);
         ch.entry(vol, p2, n2);
-        for ino in [p1, p2, src.ino] {
+        for ino in [p1, p2, src] {
             ch.inode(vol, ino);
         }
         match replaced {

@@ -31,6 +31,15 @@ pub mod rename_flags {
     pub const RENAME_EXCHANGE: u32 = 2;
 }
 
+/// `open(2)` flags the permission rules read (Linux's generic values; see [`crate::perm::open_mask`]).
+pub mod open_flags {
+    pub const O_ACCMODE: i32 = 0o3;
+    pub const O_RDONLY: i32 = 0o0;
+    pub const O_WRONLY: i32 = 0o1;
+    pub const O_RDWR: i32 = 0o2;
+    pub const O_TRUNC: i32 = 0o1000;
+}
+
 /// `setxattr` flags.
 pub mod xattr_flags {
     pub const XATTR_CREATE: u32 = 1;
@@ -87,6 +96,8 @@ pub mod limits {
     /// A cache node that has not sent a heartbeat for this long is dead: its staged blocks
     /// are re-replicated elsewhere.
     pub const CACHE_DEAD_AFTER_MS: u64 = 10_000;
+    /// Most supplementary groups one [`super::Caller`] may list (Linux's `NGROUPS_MAX`).
+    pub const GROUPS_MAX: usize = 65536;
 }
 
 /// The type of an inode, derived from the `S_IFMT` bits of its mode.
@@ -158,6 +169,28 @@ pub struct Attr {
 impl Attr {
     pub fn file_type(&self) -> Option<FileType> {
         FileType::from_mode(self.mode)
+    }
+}
+
+/// Who performs an [`Op::As`]: the file system user and group of the calling process and its
+/// supplementary groups, as the gateway learned them from the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (at most [`limits::GROUPS_MAX`]).
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    /// The superuser, who passes every check but the execute bit on files.
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// Whether the caller is a member of `gid` (primary or supplementary).
+    pub fn in_group(&self, gid: u32) -> bool {
+        gid == self.gid || self.groups.contains(&gid)
     }
 }
 
@@ -571,6 +604,40 @@ pub enum Op {
         pieces: Vec<Slice>,
         staged: Vec<Vec<u64>>,
     },
+    /// `op` on behalf of `caller`: in the same apply, the state machine checks that `caller`
+    /// may perform it (Linux's rules: search and write permission on the parent directories,
+    /// the sticky bit, devices only for root, moving a directory needs write permission on
+    /// it) and then applies it exactly as if it had been sent alone. `op` is one of `Mknod`,
+    /// `Mkdir`, `Symlink`, `Link`, `Unlink`, `Rmdir` or `Rename`; anything else is `EINVAL`
+    /// (an `As` inside an `As` does not even decode).
+    As {
+        caller: Caller,
+        #[serde(deserialize_with = "inner_op")]
+        op: Box<Op>,
+    },
+}
+
+/// Decodes the op inside an [`Op::As`], refusing another `As` in it: `Op` is recursive only
+/// through `As`, so this bounds the decoder's recursion (and the drop's) at one level however
+/// deeply nested the bytes a client sends are.
+fn inner_op<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<Op>, D::Error> {
+    use std::cell::Cell;
+
+    thread_local! {
+        static INSIDE_AS: Cell<bool> = const { Cell::new(false) };
+    }
+    /// Leaves the flag as it found it even when decoding fails or unwinds.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            INSIDE_AS.with(|f| f.set(false));
+        }
+    }
+    if INSIDE_AS.with(|f| f.replace(true)) {
+        return Err(serde::de::Error::custom("an Op::As inside an Op::As"));
+    }
+    let _reset = Reset;
+    Op::deserialize(d).map(Box::new)
 }
 
 /// A read-only question, answered from applied state after a linearizable read barrier.

@@ -1,5 +1,5 @@
-//! Robustness property: random ops of every kind, with arbitrary small and extreme values,
-//! never panic; every failed op leaves the state byte-identical (except a blocked `SetLk` with
+//! Robustness property: random ops of every kind (also on behalf of random callers, with
+//! `Op::As`), with arbitrary small and extreme values, never panic; every failed op leaves the state byte-identical (except a blocked `SetLk` with
 //! `wait`, which records its wait-for edge by design); and a restored snapshot continues
 //! identically.
 
@@ -35,7 +35,30 @@ fn name() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-fn op() -> impl Strategy<Value = Op> {
+fn caller() -> impl Strategy<Value = Caller> {
+    (0u32..3, 0u32..3, prop::collection::vec(0u32..3, 0..3)).prop_map(|(uid, gid, groups)| Caller {
+        uid,
+        gid,
+        groups,
+    })
+}
+
+/// Mostly plain ops; some on behalf of a caller (supported or not), a few nested.
+fn op() -> BoxedStrategy<Op> {
+    prop_oneof![
+        6 => plain_op(),
+        3 => (caller(), ns_op()).prop_map(|(caller, op)| Op::As { caller, op: Box::new(op) }),
+        1 => (caller(), plain_op()).prop_map(|(caller, op)| Op::As { caller, op: Box::new(op) }),
+        1 => (caller(), caller(), plain_op()).prop_map(|(outer, inner, op)| Op::As {
+            caller: outer,
+            op: Box::new(Op::As { caller: inner, op: Box::new(op) })
+        }),
+    ]
+    .boxed()
+}
+
+/// The namespace ops `Op::As` carries.
+fn ns_op() -> BoxedStrategy<Op> {
     let ino = || prop_oneof![3 => 1u64..8, 1 => num()];
     prop_oneof![
         (ino(), name(), any::<bool>(), proptest::option::of(1u64..4)).prop_map(
@@ -72,6 +95,48 @@ fn op() -> impl Strategy<Value = Op> {
             new_parent,
             new_name
         }),
+        (ino(), name(), prop_oneof![Just(mode::S_IFCHR), Just(mode::S_IFIFO), Just(mode::S_IFDIR)]).prop_map(
+            |(parent, name, t)| Op::Mknod {
+                vol: 1,
+                parent,
+                name,
+                mode: t | 0o600,
+                uid: 1,
+                gid: 1,
+                rdev: 1,
+                exclusive: true,
+                ino: None,
+                session: None,
+            }
+        ),
+        (ino(), name()).prop_map(|(parent, name)| Op::Symlink {
+            vol: 1,
+            parent,
+            name,
+            target: b"t".to_vec(),
+            uid: 2,
+            gid: 2,
+            ino: None
+        }),
+    ]
+    .boxed()
+}
+
+/// Any op: every kind about as likely (the weights are the two lists' lengths).
+fn plain_op() -> BoxedStrategy<Op> {
+    prop_oneof![8 => ns_op(), 23 => other_op()].boxed()
+}
+
+/// The ops `Op::As` does not carry.
+fn other_op() -> BoxedStrategy<Op> {
+    let ino = || prop_oneof![3 => 1u64..8, 1 => num()];
+    prop_oneof![
+        (ino(), prop_oneof![Just(0o777), Just(0o1777), Just(0o755), Just(0o733), Just(0)], 0u32..3, 0u32..3)
+            .prop_map(|(ino, m, uid, gid)| Op::SetAttr {
+                vol: 1,
+                ino,
+                set: SetAttr { mode: Some(m), uid: Some(uid), gid: Some(gid), ..Default::default() }
+            }),
         (ino(), proptest::option::of(num())).prop_map(|(ino, size)| Op::SetAttr {
             vol: 1,
             ino,
@@ -190,6 +255,7 @@ fn op() -> impl Strategy<Value = Op> {
                 staged: vec![]
             }),
     ]
+    .boxed()
 }
 
 fn queries(sm: &StateMachine) {
