@@ -86,7 +86,7 @@ fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
-        blocks: a.size.div_ceil(512),
+        blocks: a.blocks,
         atime: to_system(a.atime),
         mtime: to_system(a.mtime),
         ctime: to_system(a.ctime),

@@ -155,6 +155,7 @@ mod tests {
             rdev: 0,
             generation: 1,
             flags: 0,
+            blocks: 0,
         }
     }
 

@@ -12,7 +12,7 @@
 
 use elea_common::{Ino, SessionId, SliceId, Timespec, VolumeId};
 use elea_fsm::{
-    Attr, CacheNodeInfo, CacheStats, DirEntry, LockInfo, LockKind, Op, Query, Reply, SetAttr, Slice,
+    Attr, CacheNodeInfo, CacheStats, Caller, DirEntry, LockInfo, LockKind, Op, Query, Reply, SetAttr, Slice,
     SliceLoc, StagedBlock, StatFs, VolumeConfig, VolumeInfo,
 };
 
@@ -47,6 +47,12 @@ pub struct LockReq {
     pub start: u64,
     /// Inclusive; `u64::MAX` means to the end of the file.
     pub end: u64,
+}
+
+/// `op` as `caller` sends it: checked against the caller's permissions in the same command
+/// ([`Op::As`]), except for root, who passes every check.
+fn as_caller(caller: &Caller, op: Op) -> Op {
+    if caller.is_root() { op } else { Op::As { caller: caller.clone(), op: Box::new(op) } }
 }
 
 fn unexpected(r: &Reply) -> ClientError {
@@ -312,6 +318,127 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
                 other => Err(unexpected(&other)),
             }
         }
+    }
+
+    // ---- namespace changes on behalf of a caller ----------------------------------------
+    //
+    // The state machine checks the caller's permissions (search and write on the parents,
+    // sticky directories, device nodes) and applies the change in one command: one round
+    // trip, and no window between the check and the change. New inodes belong to the
+    // caller (its uid and primary gid).
+
+    /// [`MetaApi::mknod`] on behalf of `caller` (`n.uid`/`n.gid` are ignored).
+    fn mknod_as(
+        &self,
+        vol: VolumeId,
+        caller: &Caller,
+        n: NewNode<'_>,
+    ) -> impl Future<Output = Result<(Attr, bool), ClientError>> + Send {
+        let op = Op::Mknod {
+            vol,
+            parent: n.parent,
+            name: n.name.to_vec(),
+            mode: n.mode,
+            uid: caller.uid,
+            gid: caller.gid,
+            rdev: n.rdev,
+            exclusive: n.exclusive,
+            ino: None,
+            session: n.open,
+        };
+        let op = as_caller(caller, op);
+        async move {
+            match self.op(op).await? {
+                Reply::Entry { attr, created } => Ok((attr, created)),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    fn mkdir_as(
+        &self,
+        vol: VolumeId,
+        caller: &Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        let op =
+            Op::Mkdir { vol, parent, name: name.to_vec(), mode, uid: caller.uid, gid: caller.gid, ino: None };
+        let op = as_caller(caller, op);
+        async move { attr_of(self.op(op).await?) }
+    }
+
+    fn symlink_as(
+        &self,
+        vol: VolumeId,
+        caller: &Caller,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        let op = Op::Symlink {
+            vol,
+            parent,
+            name: name.to_vec(),
+            target: target.to_vec(),
+            uid: caller.uid,
+            gid: caller.gid,
+            ino: None,
+        };
+        let op = as_caller(caller, op);
+        async move { attr_of(self.op(op).await?) }
+    }
+
+    fn link_as(
+        &self,
+        vol: VolumeId,
+        caller: &Caller,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: &[u8],
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        let op = as_caller(caller, Op::Link { vol, ino, new_parent, new_name: new_name.to_vec() });
+        async move { attr_of(self.op(op).await?) }
+    }
+
+    fn unlink_as(
+        &self,
+        vol: VolumeId,
+        caller: &Caller,
+        parent: Ino,
+        name: &[u8],
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = as_caller(caller, Op::Unlink { vol, parent, name: name.to_vec() });
+        async move { ok(self.op(op).await?) }
+    }
+
+    fn rmdir_as(
+        &self,
+        vol: VolumeId,
+        caller: &Caller,
+        parent: Ino,
+        name: &[u8],
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = as_caller(caller, Op::Rmdir { vol, parent, name: name.to_vec() });
+        async move { ok(self.op(op).await?) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename_as(
+        &self,
+        vol: VolumeId,
+        caller: &Caller,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op =
+            Op::Rename { vol, parent, name: name.to_vec(), new_parent, new_name: new_name.to_vec(), flags };
+        let op = as_caller(caller, op);
+        async move { ok(self.op(op).await?) }
     }
 
     // ---- extended attributes ----------------------------------------------------------

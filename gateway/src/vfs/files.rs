@@ -14,7 +14,7 @@ use elea_metadata::{MetaApi, NewNode};
 use super::inode::{CachedChunks, InodeState};
 use super::{HandleKind, Vfs, is_dir, lock};
 use crate::error::{VfsError, VfsResult};
-use crate::perm::{self, Creds, MAY_READ, MAY_WRITE};
+use crate::perm::{self, Creds, MAY_READ};
 
 /// Most entries one readdir call asks metadata for.
 const READDIR_BATCH: u32 = 512;
@@ -73,7 +73,6 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         umask: u32,
         flags: i32,
     ) -> VfsResult<(u64, Attr)> {
-        self.dir_access(c, parent, MAY_WRITE | perm::MAY_EXEC).await?;
         let n = NewNode {
             parent,
             name,
@@ -84,7 +83,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             exclusive: flags & libc::O_EXCL != 0,
             open: Some(self.session()),
         };
-        let (a, created) = self.inner.meta.mknod(self.inner.vol, n).await?;
+        let (a, created) = self.inner.meta.mknod_as(self.inner.vol, &c.caller(), n).await?;
         let fh = self.new_handle(a.ino, flags, HandleKind::File, true);
         if created {
             return Ok((fh, a));

@@ -1,5 +1,8 @@
 //! Namespace and attribute operations: lookups, creation and removal of names, attribute
-//! changes, `access` and `statfs`, with Linux's permission rules.
+//! changes, `access` and `statfs`, with Linux's permission rules. Creating, removing and
+//! renaming names is checked by the state machine itself, in the same command as the change
+//! (one metadata round trip, no window between check and change); attribute changes are
+//! checked here against fresh attributes.
 
 use elea_cache::DataPath;
 use elea_common::{Errno, Ino};
@@ -15,20 +18,6 @@ const UNLIMITED_BYTES: u64 = 1 << 50;
 const UNLIMITED_INODES: u64 = 1 << 40;
 
 impl<M: MetaApi, D: DataPath> Vfs<M, D> {
-    /// A directory's attributes, checked for `want` access by `c` (`ENOTDIR` if it is not a
-    /// directory). Root skips the query: it may search and write any directory.
-    pub(super) async fn dir_access(&self, c: &Creds, dir: Ino, want: u32) -> VfsResult<Option<Attr>> {
-        if c.is_root() {
-            return Ok(None);
-        }
-        let a = self.attr_of(dir).await?;
-        if !is_dir(&a) {
-            return Err(Errno::ENOTDIR.into());
-        }
-        perm::check(c, &a, want)?;
-        Ok(Some(a))
-    }
-
     pub async fn lookup(&self, c: &Creds, parent: Ino, name: &[u8]) -> VfsResult<Attr> {
         if c.is_root() {
             return Ok(self.local_attr(self.lookup_raw(parent, name).await?));
@@ -142,7 +131,6 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         if t == mode::S_IFDIR || t == mode::S_IFLNK {
             return Err(Errno::EINVAL.into());
         }
-        self.dir_access(c, parent, MAY_WRITE | MAY_EXEC).await?;
         let n = NewNode {
             parent,
             name,
@@ -153,7 +141,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             exclusive: true,
             open: None,
         };
-        Ok(self.inner.meta.mknod(self.inner.vol, n).await?.0)
+        Ok(self.inner.meta.mknod_as(self.inner.vol, &c.caller(), n).await?.0)
     }
 
     pub async fn mkdir(
@@ -164,14 +152,12 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         mode_: u32,
         umask: u32,
     ) -> VfsResult<Attr> {
-        self.dir_access(c, parent, MAY_WRITE | MAY_EXEC).await?;
         let m = mode::S_IFDIR | (mode_ & !umask & 0o1777);
-        Ok(self.inner.meta.mkdir(self.inner.vol, parent, name, m, c.uid, c.gid).await?)
+        Ok(self.inner.meta.mkdir_as(self.inner.vol, &c.caller(), parent, name, m).await?)
     }
 
     pub async fn symlink(&self, c: &Creds, parent: Ino, name: &[u8], target: &[u8]) -> VfsResult<Attr> {
-        self.dir_access(c, parent, MAY_WRITE | MAY_EXEC).await?;
-        Ok(self.inner.meta.symlink(self.inner.vol, parent, name, target, c.uid, c.gid).await?)
+        Ok(self.inner.meta.symlink_as(self.inner.vol, &c.caller(), parent, name, target).await?)
     }
 
     pub async fn readlink(&self, ino: Ino) -> VfsResult<Vec<u8>> {
@@ -179,32 +165,16 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
     }
 
     pub async fn link(&self, c: &Creds, ino: Ino, new_parent: Ino, new_name: &[u8]) -> VfsResult<Attr> {
-        self.dir_access(c, new_parent, MAY_WRITE | MAY_EXEC).await?;
-        let a = self.inner.meta.link(self.inner.vol, ino, new_parent, new_name).await?;
+        let a = self.inner.meta.link_as(self.inner.vol, &c.caller(), ino, new_parent, new_name).await?;
         Ok(self.local_attr(a))
     }
 
-    /// Checks that `c` may remove `name` from `parent` (write and search permission, and the
-    /// sticky bit).
-    async fn may_delete(&self, c: &Creds, parent: Ino, name: &[u8]) -> VfsResult<()> {
-        let Some(p) = self.dir_access(c, parent, MAY_WRITE | MAY_EXEC).await? else {
-            return Ok(());
-        };
-        if p.mode & mode::S_ISVTX != 0 {
-            let victim = self.lookup_raw(parent, name).await?;
-            perm::check_sticky(c, &p, &victim)?;
-        }
-        Ok(())
-    }
-
     pub async fn unlink(&self, c: &Creds, parent: Ino, name: &[u8]) -> VfsResult<()> {
-        self.may_delete(c, parent, name).await?;
-        Ok(self.inner.meta.unlink(self.inner.vol, parent, name).await?)
+        Ok(self.inner.meta.unlink_as(self.inner.vol, &c.caller(), parent, name).await?)
     }
 
     pub async fn rmdir(&self, c: &Creds, parent: Ino, name: &[u8]) -> VfsResult<()> {
-        self.may_delete(c, parent, name).await?;
-        Ok(self.inner.meta.rmdir(self.inner.vol, parent, name).await?)
+        Ok(self.inner.meta.rmdir_as(self.inner.vol, &c.caller(), parent, name).await?)
     }
 
     pub async fn rename(
@@ -219,38 +189,12 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         if flags & !(rename_flags::RENAME_NOREPLACE | rename_flags::RENAME_EXCHANGE) != 0 {
             return Err(Errno::EINVAL.into());
         }
-        if !c.is_root() {
-            let (p, np, src, dst) = tokio::join!(
-                self.attr_of(parent),
-                self.attr_of(new_parent),
-                self.lookup_raw(parent, name),
-                self.lookup_raw(new_parent, new_name)
-            );
-            let (p, np, src) = (p?, np?, src?);
-            for d in [&p, &np] {
-                if !is_dir(d) {
-                    return Err(Errno::ENOTDIR.into());
-                }
-                perm::check(c, d, MAY_WRITE | MAY_EXEC)?;
-            }
-            perm::check_sticky(c, &p, &src)?;
-            if let Ok(dst) = &dst {
-                perm::check_sticky(c, &np, dst)?;
-            }
-            // Moving a directory to another parent rewrites its "..": it must be writable.
-            if parent != new_parent {
-                if is_dir(&src) {
-                    perm::check(c, &src, MAY_WRITE)?;
-                }
-                if flags & rename_flags::RENAME_EXCHANGE != 0
-                    && let Ok(dst) = &dst
-                    && is_dir(dst)
-                {
-                    perm::check(c, dst, MAY_WRITE)?;
-                }
-            }
-        }
-        Ok(self.inner.meta.rename(self.inner.vol, parent, name, new_parent, new_name, flags).await?)
+        let caller = c.caller();
+        Ok(self
+            .inner
+            .meta
+            .rename_as(self.inner.vol, &caller, parent, name, new_parent, new_name, flags)
+            .await?)
     }
 
     pub async fn statfs(&self) -> VfsResult<StatFs> {

@@ -76,12 +76,12 @@ impl State {
 }
 
 fn attr_of(v: &Volume, ino: Ino) -> R<Attr> {
-    Ok(v.inode(ino)?.attr(ino))
+    v.attr(ino)
 }
 
 /// The path walk reaching into `dir`: it must be a live directory the caller may search.
 fn search(v: &Volume, c: &Caller, dir: Ino) -> R<Attr> {
-    let a = v.live_dir(dir)?.attr(dir);
+    let a = v.live_dir(dir)?.attr(dir, &v.chunks);
     perm::check(c, &a, MAY_EXEC)?;
     Ok(a)
 }
