@@ -1,0 +1,221 @@
+//! The gateway's failure paths, on the in-memory metadata service and data path (faults
+//! injected where the real ones fail):
+//! - every descriptor on the writing gateway sees its buffered writes (size and bytes) before
+//!   any flush;
+//! - a flush whose commit fails for a transient reason keeps what it staged and commits it
+//!   again without uploading it again; one that can never succeed drops its bytes; the
+//!   count of buffered bytes stays exact;
+//! - a blocked `F_SETLKW` request answers `EINTR` after one wait slice, the waiter never
+//!   ends up holding the lock afterwards, and a close clears what its owner waited for.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{MemCluster, MemGw};
+use elea_cache::CacheError;
+use elea_common::ids::ROOT_INO;
+use elea_common::{Errno, Ino};
+use elea_fsm::{LockKind, Op};
+use elea_gateway::{Creds, VfsConfig};
+use elea_metadata::client::ClientError;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+async fn two_gateways() -> (MemCluster, MemGw, MemGw) {
+    let mem = MemCluster::new();
+    let vol = mem.volume().await;
+    let a = mem.gateway(vol, "a").await;
+    let b = mem.gateway(vol, "b").await;
+    (mem, a, b)
+}
+
+async fn read_all(g: &MemGw, fh: u64) -> Vec<u8> {
+    g.read(fh, 0, 1 << 20).await.expect("read").to_vec()
+}
+
+/// Fails every commit of file data with `e` (a clone each time) until cleared.
+fn fail_commits(mem: &MemCluster, e: ClientError) {
+    mem.meta.set_fault(Some(Arc::new(move |op: &Op| {
+        matches!(op, Op::WriteSlicePieces { .. } | Op::WriteSlice { .. }).then(|| e.clone())
+    })));
+}
+
+#[test]
+fn a_second_descriptor_sees_buffered_writes() {
+    runtime().block_on(async {
+        let (_mem, a, b) = two_gateways().await;
+        let root = Creds::root();
+        let (w, f) = a.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.unwrap();
+        let block: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8 + 1).collect();
+        assert_eq!(a.write(w, 0, &block).await, Ok(8192));
+        // What the kernel asks before a second open and a pread: the lookup must report the
+        // buffered size (the kernel clips reads to it), and so must the open.
+        assert_eq!(a.lookup(&root, ROOT_INO, b"f").await.map(|x| x.size), Ok(8192));
+        let (r, attr) = a.open(&root, f.ino, libc::O_RDONLY).await.unwrap();
+        assert_eq!(attr.size, 8192);
+        assert_eq!(read_all(&a, r).await, block, "a second descriptor reads the buffered bytes");
+        // An append through another descriptor lands after them.
+        let (app, _) = a.open(&root, f.ino, libc::O_WRONLY | libc::O_APPEND).await.unwrap();
+        assert_eq!(a.write(app, 0, b"tail").await, Ok(4));
+        assert_eq!(a.lookup(&root, ROOT_INO, b"f").await.map(|x| x.size), Ok(8196));
+        let (listing, _) = {
+            let d = a.opendir(&root, ROOT_INO).await.unwrap();
+            let l = a.readdir(d, 0, true).await.unwrap();
+            a.releasedir(d).await.unwrap();
+            l
+        };
+        let e = listing.iter().find(|e| e.name == b"f").unwrap();
+        assert_eq!(e.attr.as_ref().map(|x| x.size), Some(8196), "readdir-plus too");
+        // The other gateway sees only what is committed (the read flushed the first block;
+        // the append is still buffered).
+        assert_eq!(b.lookup(&root, ROOT_INO, b"f").await.map(|x| x.size), Ok(8192));
+        for fh in [w, r, app] {
+            a.release(fh).await.unwrap();
+        }
+        let (rb, _) = b.open(&root, f.ino, libc::O_RDONLY).await.unwrap();
+        let mut want = block.clone();
+        want.extend_from_slice(b"tail");
+        assert_eq!(read_all(&b, rb).await, want);
+    });
+}
+
+#[test]
+fn a_failed_commit_is_retried_without_uploading_again() {
+    runtime().block_on(async {
+        let (mem, a, _b) = two_gateways().await;
+        let root = Creds::root();
+        let (fh, f) = a.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.unwrap();
+        a.write(fh, 0, &[7u8; 5000]).await.unwrap();
+        a.write(fh, 1000, &[8u8; 1000]).await.unwrap();
+        assert_eq!(a.dirty_bytes(), 5000, "overlapping writes count once");
+        fail_commits(&mem, ClientError::Unavailable("no leader".into()));
+        assert_eq!(a.fsync(fh).await, Err(Errno::ETIMEDOUT));
+        let staged = mem.data.staged_bytes();
+        assert_eq!(staged, 5000);
+        assert_eq!(a.fsync(fh).await, Err(Errno::ETIMEDOUT));
+        assert_eq!(a.fsync(fh).await, Err(Errno::ETIMEDOUT));
+        assert_eq!(mem.data.staged_bytes(), staged, "retries commit the staged slice, they upload nothing");
+        assert_eq!(a.dirty_bytes(), 5000);
+        // Newer bytes buffered meanwhile go on top once the commit goes through.
+        a.write(fh, 4990, &[9u8; 20]).await.unwrap();
+        assert_eq!(a.dirty_bytes(), 5020);
+        mem.meta.set_fault(None);
+        a.fsync(fh).await.expect("fsync once metadata is back");
+        assert_eq!(a.dirty_bytes(), 0);
+        assert_eq!(mem.data.staged_bytes(), staged + 20);
+        let mut want = vec![7u8; 5000];
+        want[1000..2000].fill(8);
+        want.resize(5010, 0);
+        want[4990..5010].fill(9);
+        let (r, _) = a.open(&root, f.ino, libc::O_RDONLY).await.unwrap();
+        assert_eq!(read_all(&a, r).await, want);
+        a.release(r).await.unwrap();
+        a.release(fh).await.unwrap();
+    });
+}
+
+#[test]
+fn a_commit_that_can_never_succeed_drops_its_bytes() {
+    runtime().block_on(async {
+        let mem = MemCluster::new();
+        let vol = mem.volume().await;
+        // Background flushes on: the gateway must stop retrying on its own.
+        let cfg = VfsConfig { flush_delay: Duration::from_millis(40), ..VfsConfig::default() };
+        let a = mem.gateway_with(vol, "a", cfg).await;
+        let root = Creds::root();
+        let (fh, _) = a.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.unwrap();
+        a.write(fh, 0, &[1u8; 3000]).await.unwrap();
+        fail_commits(&mem, ClientError::Fs(Errno::ENOENT));
+        assert_eq!(a.fsync(fh).await, Err(Errno::ENOENT));
+        assert_eq!(a.dirty_bytes(), 0, "the bytes are dropped, and no longer counted");
+        let staged = mem.data.staged_bytes();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(mem.data.staged_bytes(), staged, "nothing is uploaded again in the background");
+        assert_eq!(a.fsync(fh).await, Ok(()), "nothing is left to flush");
+        mem.meta.set_fault(None);
+        a.release(fh).await.unwrap();
+    });
+}
+
+#[test]
+fn a_staging_failure_backs_off_in_the_background() {
+    runtime().block_on(async {
+        let mem = MemCluster::new();
+        let vol = mem.volume().await;
+        let cfg = VfsConfig { flush_delay: Duration::from_millis(40), ..VfsConfig::default() };
+        let a = mem.gateway_with(vol, "a", cfg).await;
+        let root = Creds::root();
+        let (fh, f) = a.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.unwrap();
+        a.write(fh, 0, &[3u8; 100]).await.unwrap();
+        let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = tries.clone();
+        mem.data.set_fault(Some(Arc::new(move || {
+            t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(CacheError::NoNodes("site restarting".into()))
+        })));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let n = tries.load(std::sync::atomic::Ordering::Relaxed);
+        // Every 10 ms without a backoff; 250 ms, 500 ms, 1 s with it.
+        assert!((1..=4).contains(&n), "{n} background attempts in 1.5 s");
+        assert_eq!(a.dirty_bytes(), 100);
+        mem.data.set_fault(None);
+        a.fsync(fh).await.expect("fsync once staging works");
+        assert_eq!(a.getattr(f.ino).await.map(|x| x.size), Ok(100));
+        a.release(fh).await.unwrap();
+    });
+}
+
+async fn lock_holder(g: &MemGw, ino: Ino, owner: u64) -> Option<u64> {
+    let (fh, _) = g.open(&Creds::root(), ino, libc::O_RDONLY).await.unwrap();
+    let l = g.getlk(fh, owner, LockKind::Write, 0, u64::MAX).await.unwrap();
+    g.release(fh).await.unwrap();
+    l.map(|l| l.owner)
+}
+
+#[test]
+fn a_waiting_lock_answers_eintr_and_never_takes_the_lock_later() {
+    runtime().block_on(async {
+        let (_mem, a, b) = two_gateways().await;
+        let root = Creds::root();
+        let (ha, f) = a.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.unwrap();
+        let (hb, _) = b.open(&root, f.ino, libc::O_RDWR).await.unwrap();
+        a.setlk(ha, 1, 100, LockKind::Write, 0, u64::MAX, false).await.unwrap();
+        // B's owner 2 waits: the request answers EINTR after one slice (the kernel sends it
+        // again unless the process was signalled or killed).
+        let t = Instant::now();
+        assert_eq!(b.setlk(hb, 2, 200, LockKind::Write, 0, u64::MAX, true).await, Err(Errno::EINTR));
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3), "{waited:?}");
+        // The waiter was killed: its close clears what it waited for.
+        b.release_locks(hb, 2).await.unwrap();
+        // The holder lets go: nobody holds the lock afterwards (the dead waiter did not get it).
+        a.setlk(ha, 1, 100, LockKind::Unlock, 0, u64::MAX, false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(lock_holder(&a, f.ino, 3).await, None);
+        // A live waiter that asks again gets it once it is free.
+        a.setlk(ha, 1, 100, LockKind::Write, 0, u64::MAX, false).await.unwrap();
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move {
+                loop {
+                    match b.setlk(hb, 4, 400, LockKind::Write, 0, u64::MAX, true).await {
+                        Err(Errno::EINTR) => continue,
+                        r => return r,
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        a.setlk(ha, 1, 100, LockKind::Unlock, 0, u64::MAX, false).await.unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap(), Ok(()));
+        assert_eq!(lock_holder(&a, f.ino, 5).await, Some(4));
+        b.release_locks(hb, 4).await.unwrap();
+        assert_eq!(lock_holder(&a, f.ino, 5).await, None);
+        a.release(ha).await.unwrap();
+        b.release(hb).await.unwrap();
+    });
+}
