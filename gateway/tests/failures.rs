@@ -187,7 +187,9 @@ fn a_waiting_lock_answers_eintr_and_never_takes_the_lock_later() {
         // B's owner 2 waits: the request answers EINTR after one slice (the kernel sends it
         // again unless the process was signalled or killed).
         let t = Instant::now();
-        assert_eq!(b.setlk(hb, 2, 200, LockKind::Write, 0, u64::MAX, true).await, Err(Errno::EINTR));
+        let wait = b.setlk(hb, 2, 200, LockKind::Write, 0, u64::MAX, true);
+        let answer = tokio::time::timeout(Duration::from_secs(5), wait).await;
+        assert_eq!(answer.expect("a blocked lock request answers within its slice"), Err(Errno::EINTR));
         let waited = t.elapsed();
         assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3), "{waited:?}");
         // The waiter was killed: its close clears what it waited for.
