@@ -122,6 +122,25 @@ fn lock_kind(typ: i32) -> VfsResult<LockKind> {
     }
 }
 
+/// Whether thread `tid` has a signal pending that it does not block, or is gone (from
+/// `/proc/TID/status`): a lock request waiting on its behalf then ends with `EINTR`, so the
+/// kernel can deliver the signal (a kill included) instead of keeping the thread stuck.
+fn signal_pending(tid: u32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{tid}/status")) else { return true };
+    signals_pending(&s)
+}
+
+fn signals_pending(status: &str) -> bool {
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") != 0
+}
+
 fn lock_end(end: u64) -> u64 {
     if end >= OFFSET_MAX { u64::MAX } else { end }
 }
@@ -591,7 +610,7 @@ impl Filesystem for EleaFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -602,9 +621,11 @@ impl Filesystem for EleaFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        let tid = req.pid();
         self.spawn(|v| async move {
+            let interrupted = move || signal_pending(tid);
             let r = match lock_kind(typ) {
-                Ok(k) => v.setlk(fh.0, lock_owner.0, pid, k, start, lock_end(end), sleep).await,
+                Ok(k) => v.setlk(fh.0, lock_owner.0, pid, k, start, lock_end(end), sleep, &interrupted).await,
                 Err(e) => Err(e),
             };
             empty("setlk", reply, r)
@@ -832,6 +853,21 @@ fn fuse_minor(mountpoint: &Path) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_signals_from_proc_status() {
+        let quiet = "Name:\tx\nSigQ:\t0/1\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\nSigBlk:\t0000000000000000\n";
+        assert!(!signals_pending(quiet));
+        // SIGKILL (9) pending on the process.
+        assert!(signals_pending(&quiet.replace("ShdPnd:\t0000000000000000", "ShdPnd:\t0000000000000100")));
+        // SIGALRM (14) pending on the thread, but blocked.
+        let blocked = quiet
+            .replace("SigPnd:\t0000000000000000", "SigPnd:\t0000000000002000")
+            .replace("SigBlk:\t0000000000000000", "SigBlk:\t0000000000002000");
+        assert!(!signals_pending(&blocked));
+        assert!(signal_pending(u32::MAX), "a thread that is gone");
+        assert!(!signal_pending(std::process::id()), "this test has nothing pending");
+    }
 
     #[test]
     fn fuse_conf_user_allow_other() {

@@ -5,8 +5,9 @@
 //! - a flush whose commit fails for a transient reason keeps what it staged and commits it
 //!   again without uploading it again; one that can never succeed drops its bytes; the
 //!   count of buffered bytes stays exact;
-//! - a blocked `F_SETLKW` request answers `EINTR` after one wait slice, the waiter never
-//!   ends up holding the lock afterwards, and a close clears what its owner waited for.
+//! - a blocked `F_SETLKW` request whose caller is interrupted answers `EINTR` within one
+//!   wait slice, the waiter never ends up holding the lock afterwards, and a close clears
+//!   what its owner waited for.
 
 mod common;
 
@@ -183,36 +184,38 @@ fn a_waiting_lock_answers_eintr_and_never_takes_the_lock_later() {
         let root = Creds::root();
         let (ha, f) = a.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.unwrap();
         let (hb, _) = b.open(&root, f.ino, libc::O_RDWR).await.unwrap();
-        a.setlk(ha, 1, 100, LockKind::Write, 0, u64::MAX, false).await.unwrap();
-        // B's owner 2 waits: the request answers EINTR after one slice (the kernel sends it
-        // again unless the process was signalled or killed).
+        a.setlk(ha, 1, 100, LockKind::Write, 0, u64::MAX, false, false).await.unwrap();
+        // A waiter whose caller was not interrupted waits on.
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.setlk(hb, 6, 600, LockKind::Write, 0, u64::MAX, true, false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(!waiting.is_finished(), "an uninterrupted waiter keeps waiting");
+        waiting.abort();
+        b.release_locks(hb, 6).await.unwrap();
+        // B's owner 2 waits and its caller is interrupted (a signal, a kill): the request
+        // answers EINTR within a slice instead of waiting for the lock.
         let t = Instant::now();
-        let wait = b.setlk(hb, 2, 200, LockKind::Write, 0, u64::MAX, true);
+        let wait = b.setlk(hb, 2, 200, LockKind::Write, 0, u64::MAX, true, true);
         let answer = tokio::time::timeout(Duration::from_secs(5), wait).await;
-        assert_eq!(answer.expect("a blocked lock request answers within its slice"), Err(Errno::EINTR));
+        assert_eq!(answer.expect("an interrupted lock request answers within its slice"), Err(Errno::EINTR));
         let waited = t.elapsed();
-        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3), "{waited:?}");
+        assert!(waited >= Duration::from_millis(150) && waited < Duration::from_secs(3), "{waited:?}");
         // The waiter was killed: its close clears what it waited for.
         b.release_locks(hb, 2).await.unwrap();
         // The holder lets go: nobody holds the lock afterwards (the dead waiter did not get it).
-        a.setlk(ha, 1, 100, LockKind::Unlock, 0, u64::MAX, false).await.unwrap();
+        a.setlk(ha, 1, 100, LockKind::Unlock, 0, u64::MAX, false, false).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(lock_holder(&a, f.ino, 3).await, None);
         // A live waiter that asks again gets it once it is free.
-        a.setlk(ha, 1, 100, LockKind::Write, 0, u64::MAX, false).await.unwrap();
+        a.setlk(ha, 1, 100, LockKind::Write, 0, u64::MAX, false, false).await.unwrap();
         let waiter = tokio::spawn({
             let b = b.clone();
-            async move {
-                loop {
-                    match b.setlk(hb, 4, 400, LockKind::Write, 0, u64::MAX, true).await {
-                        Err(Errno::EINTR) => continue,
-                        r => return r,
-                    }
-                }
-            }
+            async move { b.setlk(hb, 4, 400, LockKind::Write, 0, u64::MAX, true, false).await }
         });
         tokio::time::sleep(Duration::from_millis(700)).await;
-        a.setlk(ha, 1, 100, LockKind::Unlock, 0, u64::MAX, false).await.unwrap();
+        a.setlk(ha, 1, 100, LockKind::Unlock, 0, u64::MAX, false, false).await.unwrap();
         assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap(), Ok(()));
         assert_eq!(lock_holder(&a, f.ino, 5).await, Some(4));
         b.release_locks(hb, 4).await.unwrap();

@@ -297,3 +297,165 @@ fn up_keeps_fsynced_files_across_crash_and_restart() {
     let status = up.terminate(Duration::from_secs(30)).expect("elea up did not stop on SIGTERM");
     assert!(status.success());
 }
+
+/// Runs `python3 -c SCRIPT ARGS...` with piped output (the lock tests need a process of its
+/// own per lock owner; Python's `fcntl.lockf` is `F_SETLKW`).
+fn python(script: &str, args: &[&Path]) -> std::process::Child {
+    std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (the lock tests run a helper process in it)")
+}
+
+fn wait_exit(c: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Some(s) = c.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Read-your-writes on the writing mount: bytes written without fsync through one descriptor
+/// are seen, size included, by every other descriptor and process on that mount (the kernel
+/// takes the size from the mount's answers, and clips reads and places appends by it).
+#[test]
+fn every_descriptor_on_the_writing_mount_sees_buffered_writes() {
+    if !fuse_available("every_descriptor_on_the_writing_mount_sees_buffered_writes") {
+        return;
+    }
+    let m = TwoMounts::start();
+    for round in 0..20u64 {
+        let p = m.pa(&format!("ryw{round}"));
+        let block = pattern(round + 100, 8192);
+        let w = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        w.write_all_at(&block, 0).unwrap();
+        // Another descriptor of this process, read at once (no stat first: the kernel clips
+        // the read to the size the open's lookup reported).
+        let r = File::open(&p).unwrap();
+        let mut got = vec![0u8; 8192];
+        let n = r.read_at(&mut got, 0).unwrap();
+        assert_eq!(n, 8192, "round {round}: pread through a second descriptor");
+        assert!(got == block, "round {round}: bytes through a second descriptor");
+        // Another process does the same.
+        let pread = "import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\nsys.stdout.buffer.write(os.pread(fd, 8192, 0))\n";
+        let out = python(pread, &[&p]).wait_with_output().unwrap();
+        assert!(out.stdout == block, "round {round}: another process read {} bytes", out.stdout.len());
+        // And appends to it.
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("printf tail >> \"$1\"")
+            .arg("sh")
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let end = std::fs::metadata(&p).unwrap().len();
+        assert_eq!(end, 8196, "round {round}: the append landed after the buffered bytes");
+        drop((w, r));
+        let mut want = block.clone();
+        want.extend_from_slice(b"tail");
+        assert!(
+            std::fs::read(m.pb(&format!("ryw{round}"))).unwrap() == want,
+            "round {round}: the other mount"
+        );
+    }
+}
+
+/// A process blocked in `F_SETLKW` that is killed goes away at once and never ends up
+/// holding the lock; one interrupted by `alarm()` gets `EINTR`.
+#[test]
+fn killed_or_interrupted_lock_waiters() {
+    if !fuse_available("killed_or_interrupted_lock_waiters") {
+        return;
+    }
+    let m = TwoMounts::start();
+    write_close(&m.pa("lk"), &[0u8; 100]);
+    let holder = OpenOptions::new().read(true).write(true).open(m.pa("lk")).unwrap();
+    fcntl(&holder, FcntlArg::F_SETLK(&flock(libc::F_WRLCK, 0, 0))).unwrap();
+    let wait_lock = "import fcntl, sys\nf = open(sys.argv[1], 'r+')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\nimport time\ntime.sleep(60)\n";
+    for path in [m.pa("lk"), m.pb("lk")] {
+        let mut waiter = python(wait_lock, &[&path]);
+        std::thread::sleep(Duration::from_millis(1500));
+        if let Some(s) = waiter.try_wait().unwrap() {
+            let out = waiter.wait_with_output().unwrap();
+            panic!(
+                "{}: the waiter did not wait ({s}): {}{}",
+                path.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        waiter.kill().unwrap();
+        let t = Instant::now();
+        assert!(wait_exit(&mut waiter, Duration::from_secs(5)).is_some(), "a killed waiter stays stuck");
+        eprintln!("{}: killed waiter gone after {:?}", path.display(), t.elapsed());
+    }
+    // An alarm interrupts the wait.
+    let alarm = "import fcntl, signal, sys\nclass Alarm(Exception): pass\ndef on_alarm(*_): raise Alarm()\nsignal.signal(signal.SIGALRM, on_alarm)\nf = open(sys.argv[1], 'r+')\nsignal.alarm(1)\ntry:\n    fcntl.lockf(f, fcntl.LOCK_EX)\n    print('locked', flush=True)\nexcept Alarm:\n    print('interrupted', flush=True)\n";
+    let mut c = python(alarm, &[&m.pb("lk")]);
+    assert!(wait_exit(&mut c, Duration::from_secs(5)).is_some(), "alarm() did not interrupt the wait");
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "interrupted");
+    // The holder lets go: nobody holds the lock now (the dead waiters did not get it).
+    drop(holder);
+    let try_lock = "import fcntl, sys\nf = open(sys.argv[1], 'r+')\nfcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked', flush=True)\n";
+    let t = Instant::now();
+    loop {
+        let out = python(try_lock, &[&m.pb("lk")]).wait_with_output().unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the lock stays taken: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Mounts ignore set-id bits and device nodes unless asked (`--suid`, `--dev`).
+#[test]
+fn mounts_are_nosuid_and_nodev() {
+    if !fuse_available("mounts_are_nosuid_and_nodev") {
+        return;
+    }
+    let m = TwoMounts::start();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mp = m.a.mountpoint.canonicalize().unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
+        .expect("the mount is listed");
+    let opts = line.split(' ').nth(5).unwrap();
+    assert!(opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"), "{line}");
+}
+
+/// `st_blocks` counts allocated bytes: it shrinks when a hole is punched.
+#[test]
+fn st_blocks_shrink_when_a_hole_is_punched() {
+    if !fuse_available("st_blocks_shrink_when_a_hole_is_punched") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let m = TwoMounts::start();
+    let p = m.pa("sparse");
+    write_close(&p, &pattern(5, 1 << 20));
+    assert_eq!(std::fs::metadata(&p).unwrap().blocks(), 2048);
+    let ok = std::process::Command::new("fallocate")
+        .args(["--punch-hole", "--offset", "0", "--length", "524288"])
+        .arg(&p)
+        .status()
+        .expect("fallocate (util-linux)");
+    assert!(ok.success());
+    assert_eq!(std::fs::metadata(&p).unwrap().blocks(), 1024);
+    assert_eq!(std::fs::metadata(m.pb("sparse")).unwrap().blocks(), 1024);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+}

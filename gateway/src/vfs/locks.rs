@@ -1,11 +1,12 @@
 //! POSIX record locks and `flock`, held in metadata so they exclude across nodes.
 //!
-//! A waiting lock request (`F_SETLKW`) waits at most [`crate::VfsConfig::lock_wait_slice`]
-//! here, then answers `EINTR`; the kernel turns that into a restart of the system call, so
-//! the application keeps waiting unless a signal came (then it sees `EINTR`, as with
-//! `alarm()`), and a killed process is never stuck behind the gateway for longer than one
-//! slice. Nothing waits on after the answer, so no lock is ever taken for an owner that
-//! stopped asking.
+//! A waiting lock request (`F_SETLKW`) asks the front end, every
+//! [`crate::VfsConfig::lock_wait_slice`], whether its caller was interrupted (for FUSE: the
+//! blocked thread has a signal pending, a kill included, or is gone). If so it answers
+//! `EINTR`: the kernel then delivers the signal (the application sees `EINTR`, as with an
+//! `alarm()` timeout, or restarts the call if its handler asked for that) or lets the killed
+//! process exit, instead of keeping it stuck until the lock would be granted. Nothing waits
+//! on after the answer, so no lock is ever taken for an owner that stopped asking.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,10 @@ use elea_metadata::{LockReq, MetaApi};
 
 use super::{Vfs, lock};
 use crate::error::VfsResult;
+
+/// Asked while a lock request waits: whether its caller was interrupted and the request
+/// should end with `EINTR`.
+pub type Interrupted<'a> = &'a (dyn Fn() -> bool + Send + Sync);
 
 /// Longest wait between retries of a blocked lock when no change of the inode was heard.
 const RECHECK: Duration = Duration::from_millis(200);
@@ -36,8 +41,8 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
     }
 
     /// `F_SETLK` / `F_SETLKW` (with `wait`): a waiting caller retries whenever the inode's
-    /// lock state changes anywhere (and at least every 200 ms), for at most one wait slice
-    /// (see the module docs).
+    /// lock state changes anywhere (and at least every 200 ms) until it gets the lock, or
+    /// `interrupted` says its caller gave up (see the module docs).
     #[allow(clippy::too_many_arguments)]
     pub async fn setlk(
         &self,
@@ -48,21 +53,27 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         start: u64,
         end: u64,
         wait: bool,
+        interrupted: Interrupted<'_>,
     ) -> VfsResult<()> {
         let h = self.handle(fh)?;
         if kind != LockKind::Unlock {
             // Held or waited for: either way a close of this owner must clear it.
             lock(&h.node.lock_owners).insert(owner);
         }
-        let until = Instant::now() + self.inner.cfg.lock_wait_slice;
+        let slice = self.inner.cfg.lock_wait_slice;
+        let mut until = Instant::now() + slice;
         loop {
             let notified = h.node.changed.notified();
             let l = LockReq { session: self.session(), owner, pid, kind, start, end };
             match self.inner.meta.setlk(self.inner.vol, h.ino, l, wait).await {
                 Err(e) if wait && e.errno() == Errno::EAGAIN => {
-                    let left = until.saturating_duration_since(Instant::now());
+                    let mut left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(Errno::EINTR.into());
+                        if interrupted() {
+                            return Err(Errno::EINTR.into());
+                        }
+                        until = Instant::now() + slice;
+                        left = slice;
                     }
                     let _ = tokio::time::timeout(left.min(RECHECK), notified).await;
                 }
@@ -89,18 +100,31 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         Ok(self.inner.meta.setlk(self.inner.vol, h.ino, l, false).await?)
     }
 
-    /// `flock(2)` (shared = Read, exclusive = Write, or Unlock), waiting at most one wait
-    /// slice when `wait` (then `EINTR`, as for [`Self::setlk`]).
-    pub async fn flock(&self, fh: u64, owner: u64, kind: LockKind, wait: bool) -> VfsResult<()> {
+    /// `flock(2)` (shared = Read, exclusive = Write, or Unlock), waiting when `wait` until it
+    /// gets the lock or `interrupted` says its caller gave up (`EINTR`, as for
+    /// [`Self::setlk`]).
+    pub async fn flock(
+        &self,
+        fh: u64,
+        owner: u64,
+        kind: LockKind,
+        wait: bool,
+        interrupted: Interrupted<'_>,
+    ) -> VfsResult<()> {
         let h = self.handle(fh)?;
-        let until = Instant::now() + self.inner.cfg.lock_wait_slice;
+        let slice = self.inner.cfg.lock_wait_slice;
+        let mut until = Instant::now() + slice;
         loop {
             let notified = h.node.changed.notified();
             match self.inner.meta.flock(self.inner.vol, h.ino, self.session(), owner, kind).await {
                 Err(e) if wait && e.errno() == Errno::EAGAIN => {
-                    let left = until.saturating_duration_since(Instant::now());
+                    let mut left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(Errno::EINTR.into());
+                        if interrupted() {
+                            return Err(Errno::EINTR.into());
+                        }
+                        until = Instant::now() + slice;
+                        left = slice;
                     }
                     let _ = tokio::time::timeout(left.min(RECHECK), notified).await;
                 }

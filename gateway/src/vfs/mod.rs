@@ -46,6 +46,7 @@ use elea_metadata::MetaApi;
 use elea_metadata::client::MetaClient;
 use tokio::sync::Notify;
 
+pub use locks::Interrupted;
 pub use watch::Inval;
 
 use crate::error::{VfsError, VfsResult};
@@ -70,9 +71,8 @@ pub struct VfsConfig {
     pub session_ttl: Duration,
     /// Name of the session (shown in diagnostics).
     pub session_name: String,
-    /// How long one `F_SETLKW` request waits for its lock before it answers `EINTR`, on
-    /// which the kernel sends it again (transparently, unless a signal is pending). This
-    /// bounds how long a killed or signalled waiter stays stuck in the kernel.
+    /// How often a waiting `F_SETLKW` request asks whether its caller was interrupted (a
+    /// signal, a kill): this bounds how long a killed or signalled waiter stays stuck.
     pub lock_wait_slice: Duration,
 }
 
@@ -86,7 +86,7 @@ impl Default for VfsConfig {
             dirty_total_limit: 512 << 20,
             session_ttl: Duration::from_secs(30),
             session_name: "gateway".into(),
-            lock_wait_slice: Duration::from_millis(500),
+            lock_wait_slice: Duration::from_millis(200),
         }
     }
 }

@@ -239,7 +239,6 @@ forward! {
     fn listxattr(c: &Creds, ino: Ino) -> Vec<Vec<u8>>;
     fn removexattr(c: &Creds, ino: Ino, name: &[u8]) -> ();
     fn getlk(fh: u64, owner: u64, kind: LockKind, start: u64, end: u64) -> Option<LockInfo>;
-    fn setlk(fh: u64, owner: u64, pid: u32, kind: LockKind, start: u64, end: u64, wait: bool) -> ();
     fn release_locks(fh: u64, owner: u64) -> ();
     fn flush_all() -> ();
     fn shutdown() -> ();
@@ -248,6 +247,23 @@ forward! {
 impl<M: MetaApi, D: DataPath> Gw<M, D> {
     pub fn dirty_bytes(&self) -> usize {
         self.0.dirty_bytes()
+    }
+
+    /// `F_SETLK`/`F_SETLKW` for a caller that `interrupted` says gave up, or not.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setlk(
+        &self,
+        fh: u64,
+        owner: u64,
+        pid: u32,
+        kind: LockKind,
+        start: u64,
+        end: u64,
+        wait: bool,
+        interrupted: bool,
+    ) -> Result<(), Errno> {
+        let f = move || interrupted;
+        self.0.setlk(fh, owner, pid, kind, start, end, wait, &f).await.map_err(Errno::from)
     }
 
     pub async fn release_closed(&self) {
