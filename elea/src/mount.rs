@@ -35,7 +35,7 @@ fn clear_stale_mount(mp: &Path) {
         tracing::warn!(mountpoint = %mp.display(), "detaching a stale mount left by an earlier process");
         // Requests still waiting on the dead connection (and a killed daemon stuck on one)
         // are released first.
-        elea_gateway::fuse::abort_connection(mp);
+        elea_gateway::mount::abort_connection(mp);
         for cmd in [&["fusermount3", "-uz"][..], &["umount", "-l"][..]] {
             let ok = std::process::Command::new(cmd[0])
                 .args(&cmd[1..])

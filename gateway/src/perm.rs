@@ -53,7 +53,7 @@ impl Creds {
         gid == self.gid || self.groups().contains(&gid)
     }
 
-    /// The caller as the state machine checks it in an [`elea_fsm::Op::As`]: reads the
+    /// The caller as the state machine checks it (an `As` command): reads the
     /// supplementary groups now if no check has yet (the state machine cannot read `/proc`).
     /// Root's are left out: root passes every check without them.
     pub fn caller(&self) -> Caller {

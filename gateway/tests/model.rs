@@ -954,12 +954,21 @@ impl<M: MetaApi, D: DataPath> Harness<M, D> {
             }
             Step::Getattr { gw: g, path } => {
                 let exp = self.m.resolve(path);
+                let mut looked = None;
                 let got = match self.r_resolve(g, path).await {
-                    Ok(a) => self.gw[g].getattr(a.ino).await,
+                    Ok(a) => {
+                        looked = Some(a.clone());
+                        self.gw[g].getattr(a.ino).await
+                    }
                     Err(e) => Err(e),
                 };
                 class(&exp, &got)?;
                 let (Ok(n), Ok(a)) = (exp, got) else { return Ok(()) };
+                // The lookup (what the kernel asks before an open) already reports the size
+                // including this gateway's buffered writes.
+                if let Some(l) = &looked {
+                    self.check_attr(g, n, l).map_err(|e| format!("lookup: {e}"))?;
+                }
                 if self.m.has_handle(g, n) {
                     self.m.flush(g, n);
                 }

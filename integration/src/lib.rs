@@ -337,7 +337,7 @@ pub fn is_mounted(path: &Path) -> bool {
 /// connection first so nothing stays blocked on it.
 pub fn force_unmount(path: &Path) {
     if is_mounted(path) {
-        elea_gateway::fuse::abort_connection(path);
+        elea_gateway::mount::abort_connection(path);
         let _ = Command::new("umount").arg("-l").arg(path).status();
     }
 }
@@ -431,7 +431,7 @@ impl MountProc {
     pub fn crash(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
-            elea_gateway::fuse::abort_connection(&self.mountpoint);
+            elea_gateway::mount::abort_connection(&self.mountpoint);
             let _ = c.wait();
         }
     }
