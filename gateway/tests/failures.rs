@@ -224,3 +224,27 @@ fn a_waiting_lock_answers_eintr_and_never_takes_the_lock_later() {
         b.release(hb).await.unwrap();
     });
 }
+
+/// `create` with `O_TRUNC` of an existing file whose buffered writes cannot be flushed fails
+/// and leaves nothing open behind: once the writer closes and the name is gone, the file is
+/// freed.
+#[test]
+fn a_failed_o_trunc_create_leaves_no_open_reference() {
+    runtime().block_on(async {
+        let (mem, a, _b) = two_gateways().await;
+        let root = Creds::root();
+        let (fh, _) = a.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.unwrap();
+        a.write(fh, 0, b"buffered").await.unwrap();
+        fail_commits(&mem, ClientError::Unavailable("no leader".into()));
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+        assert_eq!(
+            a.create(&root, ROOT_INO, b"f", 0o644, 0o022, flags).await.map(|_| ()),
+            Err(Errno::ETIMEDOUT)
+        );
+        mem.meta.set_fault(None);
+        a.release(fh).await.unwrap();
+        a.unlink(&root, ROOT_INO, b"f").await.unwrap();
+        a.release_closed().await;
+        assert_eq!(a.statfs().await.map(|s| s.used_inodes), Ok(1), "only the root is left");
+    });
+}
