@@ -27,7 +27,7 @@ use elea_common::{Ino, VolumeId};
 use elea_fsm::{Attr, CacheNodeInfo, Slice, SliceLoc, block_len};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
-use elea_tiering::{BlockKey, StoreConfig};
+use elea_store::{BlockKey, StoreConfig};
 use foyer::{Cache, CacheBuilder, LruConfig};
 use futures::StreamExt as _;
 use tokio::sync::OnceCell;

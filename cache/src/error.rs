@@ -1,7 +1,7 @@
 //! Errors of the cache node and the data client, and their mapping to gRPC statuses.
 
 use elea_metadata::client::ClientError;
-use elea_tiering::StoreError;
+use elea_store::StoreError;
 
 /// A failed cache or data-path operation.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use elea_common::ids::BLOCK_SIZE;
 use elea_fsm::{CacheNodeInfo, CacheStats};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, ClientError, MetaClient};
-use elea_tiering::{BlockKey, StoreConfig};
+use elea_store::{BlockKey, StoreConfig};
 use tokio::sync::{Notify, watch};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use elea_fsm::{BlockCodec, VolumeConfig};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
-use elea_tiering::{Compression, Store, StoreConfig};
+use elea_store::{Compression, Store, StoreConfig};
 
 use crate::error::CacheError;
 

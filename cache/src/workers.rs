@@ -30,7 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use elea_fsm::StagedBlock;
 use elea_metadata::MetaApi as _;
-use elea_tiering::{BlockKey, encode_block};
+use elea_store::{BlockKey, encode_block};
 use futures::StreamExt as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

@@ -12,7 +12,7 @@ use elea_cache::client::BlockClients;
 use elea_cache::proto::BlockRef;
 use elea_common::ROOT_INO;
 use elea_metadata::MetaApi as _;
-use elea_tiering::BlockKey;
+use elea_store::BlockKey;
 
 const MIB: usize = 1 << 20;
 

@@ -368,7 +368,7 @@ async fn run_up(a: UpArgs) -> anyhow::Result<()> {
             format!("file://{}", dir.display())
         }
     };
-    elea_tiering::Store::open(&store, &elea_tiering::StoreConfig::default())
+    elea_store::Store::open(&store, &elea_store::StoreConfig::default())
         .with_context(|| format!("object store {store}"))?;
     let mut cfg = MetaNodeConfig::new(1, a.listen.clone(), meta_dir.clone());
     cfg.initial_cluster = parse_initial_cluster(&format!("1={}", a.listen))?;
@@ -643,16 +643,16 @@ fn print_members(members: &[elea_metadata::proto::Member]) {
 async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
     match v {
         VolumeCmd::Create { name, meta, store, replicas, tier_after, compression } => {
-            let compression = match compression.parse::<elea_tiering::Compression>() {
-                Ok(elea_tiering::Compression::None) => elea_fsm::BlockCodec::None,
-                Ok(elea_tiering::Compression::Zstd(l)) => elea_fsm::BlockCodec::Zstd(l),
+            let compression = match compression.parse::<elea_store::Compression>() {
+                Ok(elea_store::Compression::None) => elea_fsm::BlockCodec::None,
+                Ok(elea_store::Compression::Zstd(l)) => elea_fsm::BlockCodec::Zstd(l),
                 Err(e) => bail!("--compression: {e}"),
             };
             if replicas == 0 || replicas > elea_fsm::limits::REPLICAS_MAX {
                 bail!("--replicas must be between 1 and {}", elea_fsm::limits::REPLICAS_MAX);
             }
             for url in &store {
-                elea_tiering::Store::open(url, &elea_tiering::StoreConfig::default())
+                elea_store::Store::open(url, &elea_store::StoreConfig::default())
                     .with_context(|| format!("--store {url}"))?;
             }
             let config = elea_fsm::VolumeConfig {

@@ -191,7 +191,7 @@ pub async fn run_store_bench(a: StoreBenchArgs) -> anyhow::Result<()> {
     if a.size == 0 || a.block == 0 || a.threads == 0 {
         bail!("--size, --block and --threads must be positive");
     }
-    let store = elea_tiering::Store::open(&a.store, &elea_tiering::StoreConfig::default())?;
+    let store = elea_store::Store::open(&a.store, &elea_store::StoreConfig::default())?;
     let op = store.operator().clone();
     let stamp =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());

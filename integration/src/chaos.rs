@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, MetaClient};
-use elea_tiering::testing::S3TestServer;
+use elea_store::testing::S3TestServer;
 
 use crate::history::{self, History, Value};
 use crate::netns::{self, Host, Network};

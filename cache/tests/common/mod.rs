@@ -9,8 +9,8 @@ use elea_fsm::VolumeConfig;
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, MetaClient};
 use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
-use elea_tiering::StoreConfig;
-use elea_tiering::testing::S3TestServer;
+use elea_store::StoreConfig;
+use elea_store::testing::S3TestServer;
 use tokio::sync::oneshot;
 
 pub struct CacheProc {
@@ -171,8 +171,8 @@ impl TestCluster {
         DataClient::new(self.meta.clone(), cfg)
     }
 
-    pub fn store(&self) -> elea_tiering::Store {
-        elea_tiering::Store::open(&self.store_url(), &self.store_cfg()).expect("store")
+    pub fn store(&self) -> elea_store::Store {
+        elea_store::Store::open(&self.store_url(), &self.store_cfg()).expect("store")
     }
 
     pub async fn stop_s3(&mut self) {

@@ -17,7 +17,7 @@ use elea_metadata::MetaApi;
 use elea_metadata::client::{ClientConfig, MetaClient};
 use elea_metadata::mem::MemMeta;
 use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
-use elea_tiering::StoreConfig;
+use elea_store::StoreConfig;
 use tokio::sync::oneshot;
 
 pub struct TestCluster {

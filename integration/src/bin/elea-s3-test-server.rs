@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use elea_tiering::testing::S3TestServer;
+use elea_store::testing::S3TestServer;
 
 fn usage() -> ! {
     eprintln!("usage: elea-s3-test-server --root DIR [--bucket NAME] [--host IP] [--port PORT]");

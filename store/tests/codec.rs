@@ -1,8 +1,8 @@
 //! Block codec properties: round trips, raw fallback for incompressible data, and detection of
 //! every single-bit flip, truncation and bad header field.
 
-use elea_tiering::codec::{CodecError, MAGIC, decode_header};
-use elea_tiering::{Compression, HEADER_LEN, decode_block, encode_block};
+use elea_store::codec::{CodecError, MAGIC, decode_header};
+use elea_store::{Compression, HEADER_LEN, decode_block, encode_block};
 use proptest::prelude::*;
 
 /// Deterministic pseudo-random (incompressible) bytes.

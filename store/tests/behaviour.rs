@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use elea_tiering::testing::S3TestServer;
-use elea_tiering::{BlockKey, CodecError, Compression, Store, StoreConfig, StoreError, encode_block};
+use elea_store::testing::S3TestServer;
+use elea_store::{BlockKey, CodecError, Compression, Store, StoreConfig, StoreError, encode_block};
 use tempfile::TempDir;
 
 /// Deterministic pseudo-random bytes; `compressible` repeats short runs.
@@ -223,7 +223,7 @@ async fn s3_objects_land_under_the_prefix() {
     put_block(&store, &k, b"abc", Compression::None).await;
     let on_disk = dir.path().join("elea").join("a/b").join(k.path());
     let bytes = must(std::fs::read(&on_disk));
-    assert_eq!(must(elea_tiering::decode_block(&bytes)), b"abc");
+    assert_eq!(must(elea_store::decode_block(&bytes)), b"abc");
     assert_eq!(store.url(), server.url("a/b"));
 }
 
