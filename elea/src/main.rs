@@ -1,10 +1,9 @@
-//! The `elea` binary: command-line parsing, logging set-up and process wiring. All logic
-//! lives in the library crates; this file only turns flags into their configs and calls.
+//! The `elea` binary: command-line parsing ([`cli`]: the argument structs), logging set-up
+//! and process wiring ([`cmd`]: one file per command). All logic lives in the library
+//! crates; the binary only turns flags into their configs and calls.
 
-mod bench;
 mod cli;
-mod databench;
-mod mount;
+mod cmd;
 mod units;
 
 use std::process::ExitCode;
@@ -28,7 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(cli::run(args)) {
+    match rt.block_on(cmd::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

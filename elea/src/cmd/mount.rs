@@ -1,4 +1,4 @@
-//! `elea mount` and the mount of `elea up`: a gateway (VFS + FUSE) for one volume, served in
+//! `elea mount`, and the mount of `elea up`: a gateway (VFS + FUSE) for one volume, served in
 //! the foreground until SIGINT/SIGTERM, then flushed and unmounted.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,11 @@ use anyhow::{Context as _, bail};
 use elea_cache::{DataClient, DataConfig};
 use elea_fsm::VolumeInfo;
 use elea_gateway::{Vfs, VfsConfig};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
+
+use super::shutdown_signal;
+use crate::cli::{MountArgs, MountFlags, client};
 
 /// Gateway settings shared by `elea mount` and `elea up`.
 #[derive(Debug, Clone)]
@@ -21,7 +25,7 @@ pub struct MountOpts {
 }
 
 impl MountOpts {
-    pub fn new(site: impl Into<String>, f: &crate::cli::MountFlags) -> Self {
+    pub fn new(site: impl Into<String>, f: &MountFlags) -> Self {
         Self { site: site.into(), attr_ttl: f.attr_ttl, entry_ttl: f.entry_ttl, suid: f.suid, dev: f.dev }
     }
 }
@@ -120,4 +124,11 @@ pub async fn serve_mount(
     flushed.and(closed).map_err(|e| anyhow::anyhow!("flushing buffered writes at unmount failed: {e}"))?;
     println!("elea: {} unmounted", mp.display());
     Ok(())
+}
+
+pub(crate) async fn run_mount(a: MountArgs) -> anyhow::Result<()> {
+    let c = client(&a.meta)?;
+    let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
+    let opts = MountOpts::new(a.site.clone(), &a.ttls);
+    serve_mount(c, &vol, &a.mountpoint, &opts, shutdown_signal()).await
 }

@@ -15,7 +15,8 @@ use elea_metadata::MetaApi as _;
 use futures::StreamExt as _;
 use serde_json::json;
 
-use crate::cli::{MetaAddr, client, tier_volume};
+use super::tier::tier_volume;
+use crate::cli::{MetaAddr, client};
 use crate::units::parse_size;
 
 #[derive(Args, Debug)]

@@ -1,0 +1,50 @@
+//! One file per command: each turns its parsed arguments (`crate::cli`) into configs and
+//! calls into the library crates. [`run`] dispatches.
+
+mod bench_data;
+mod bench_meta;
+mod cache;
+mod cluster;
+mod meta;
+mod mount;
+mod status;
+mod tier;
+mod up;
+mod volume;
+
+pub use bench_data::{DataBenchArgs, StoreBenchArgs};
+pub use bench_meta::MetaBenchArgs;
+
+use crate::cli::{BenchCmd, Cli, Command};
+
+pub(crate) async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Meta(a) => meta::run_meta(a).await,
+        Command::Cache(a) => cache::run_cache(a).await,
+        Command::Up(a) => up::run_up(a).await,
+        Command::Mount(a) => mount::run_mount(a).await,
+        Command::Tier(a) => tier::tier(a).await,
+        Command::Status(a) => status::status(a).await,
+        Command::Cluster(c) => cluster::cluster(c).await,
+        Command::Volume(v) => volume::volume(v).await,
+        Command::Bench(BenchCmd::Meta(a)) => bench_meta::run_meta_bench(a).await,
+        Command::Bench(BenchCmd::Data(a)) => bench_data::run_data_bench(a).await,
+        Command::Bench(BenchCmd::Store(a)) => bench_data::run_store_bench(a).await,
+    }
+}

@@ -1,0 +1,140 @@
+//! `elea up`: the embedded default, a one-voter metadata node, one cache node, the
+//! `default` volume and its mount, in one process.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use elea_metadata::MetaApi as _;
+use elea_metadata::server::{MetaNodeConfig, parse_initial_cluster, serve};
+
+use super::cache::MIN_STAGING;
+use super::shutdown_signal;
+use super::status::print_status;
+use crate::cli::{MetaAddr, UpArgs, client};
+
+pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
+    if a.staging_size < MIN_STAGING {
+        bail!("--staging-size must be at least 256M (writes in flight hold up to 64 MiB each)");
+    }
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&a.data_dir).with_context(|| format!("{}", a.data_dir.display()))?;
+    let meta_dir = data_dir.join("meta");
+    let cache_dir = data_dir.join("cache");
+    let store = match &a.store {
+        Some(s) => s.clone(),
+        None => {
+            let dir = data_dir.join("objects");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            format!("file://{}", dir.display())
+        }
+    };
+    elea_store::Store::open(&store, &elea_store::StoreConfig::default())
+        .with_context(|| format!("object store {store}"))?;
+    let mut cfg = MetaNodeConfig::new(1, a.listen.clone(), meta_dir.clone());
+    cfg.initial_cluster = parse_initial_cluster(&format!("1={}", a.listen))?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let cache_listener = tokio::net::TcpListener::bind(&a.cache_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.cache_listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut server = tokio::spawn(serve(cfg, listener, stopped(stop_rx.clone())));
+    let meta = MetaAddr { meta: a.listen.clone() };
+    let c = client(&meta)?;
+    // Wait for the one-voter group to elect itself, then make sure the default volume exists;
+    // if the server fails to start, say why at once.
+    let ensure = async {
+        match c.volume("default").await {
+            Ok(v) => Ok(v),
+            Err(elea_metadata::client::ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => {
+                let config =
+                    elea_fsm::VolumeConfig { stores: vec![store.clone()], replicas: 1, ..Default::default() };
+                c.create_volume("default", config).await
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let vol = tokio::select! {
+        v = ensure => v?,
+        r = &mut server => {
+            r.context("server task")??;
+            bail!("the metadata service stopped during start-up");
+        }
+    };
+    let mut cache_cfg = elea_cache::CacheNodeConfig::new(
+        1,
+        "local",
+        &a.cache_listen,
+        cache_dir.clone(),
+        vec![a.listen.clone()],
+    );
+    cache_cfg.staging_size = a.staging_size;
+    cache_cfg.in_process = true;
+    let mut cache = tokio::spawn(elea_cache::serve(cache_cfg, cache_listener, stopped(stop_rx)));
+    // The cache node is up once it is in the registry.
+    let registered = async {
+        loop {
+            if let Ok(n) = c.cache_nodes().await
+                && n.iter().any(|n| n.id == 1 && n.alive)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = registered => {}
+        r = &mut cache => {
+            r.context("cache node task")??;
+            bail!("the cache node stopped during start-up");
+        }
+    }
+    println!("elea up: metadata service (one voter) at {} with data in {}", a.listen, meta_dir.display());
+    println!(
+        "elea up: cache node 1 (site \"local\") at {} with staging in {}",
+        a.cache_listen,
+        cache_dir.display()
+    );
+    println!(
+        "elea up: volume {:?} (id {}), {} inodes, stores {}",
+        vol.name,
+        vol.id,
+        vol.inodes,
+        vol.config.stores.join(",")
+    );
+    print_status(&c, std::slice::from_ref(&a.listen), false).await?;
+    println!("elea up: running; Ctrl-C to stop (state is kept in {})", data_dir.display());
+    let mounted = async {
+        match &a.mountpoint {
+            Some(mp) => {
+                std::fs::create_dir_all(mp).with_context(|| format!("creating {}", mp.display()))?;
+                let opts = super::mount::MountOpts::new("local", &a.ttls);
+                super::mount::serve_mount(c.clone(), &vol, mp, &opts, shutdown_signal()).await
+            }
+            None => {
+                println!("elea up: no mount point given, serving without a mount");
+                shutdown_signal().await;
+                Ok(())
+            }
+        }
+    };
+    tokio::select! {
+        r = mounted => r?,
+        r = &mut server => {
+            r.context("server task")??;
+            bail!("the metadata service stopped");
+        }
+        r = &mut cache => {
+            r.context("cache node task")??;
+            bail!("the cache node stopped");
+        }
+    }
+    let _ = stop_tx.send(true);
+    cache.await.context("cache node task")??;
+    server.await.context("server task")??;
+    Ok(())
+}
