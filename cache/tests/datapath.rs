@@ -83,7 +83,7 @@ fn block_of(data: &[u8], index: u32) -> &[u8] {
 const BLOCK: usize = 4 * MIB;
 /// Where a staged file of `bytes` keeps them.
 fn data_offset(bytes: &[u8]) -> usize {
-    elea_cache::staging::data_offset(bytes.len() as u32)
+    elea_cache::node::staging::data_offset(bytes.len() as u32)
 }
 
 /// `n` cache nodes, reached through gRPC or, `in_process`, directly by this process's clients.
@@ -593,7 +593,7 @@ async fn range_gets_from_staging_the_read_cache_and_the_store() {
     assert_eq!(blocks.len(), 2);
     let slice = blocks[0].slice;
     let p = BlockClients::default();
-    let seg = elea_cache::staging::SEGMENT as u32;
+    let seg = elea_cache::node::staging::SEGMENT as u32;
     let check = |index: u32, len: u32| {
         let p = p.clone();
         let addr = addr.clone();

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use elea_cache::datapath::BoxFut;
+use elea_cache::BoxFut;
 use elea_cache::{CacheError, ChunkLists, ChunkSource};
 use elea_common::layout::chunks_touched;
 use elea_common::{Ino, VolumeId};

@@ -1,5 +1,7 @@
 //! Client of the block service: connections to cache nodes, chunked put and get with
-//! end-to-end checksums.
+//! end-to-end checksums. A node of this process is called directly, through the
+//! [`BlockService`](crate::wire::BlockService) it registered (`crate::local`), never over
+//! loopback.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,11 +15,7 @@ use tonic::transport::Channel;
 use crate::error::{CacheError, from_status};
 use crate::proto::block_client::BlockClient;
 use crate::proto::{BlockRef, GetRequest, PutChunk, PutHeader};
-
-/// Bytes per streamed message.
-pub const CHUNK: usize = 1 << 20;
-/// Largest gRPC message of the block service (a chunk plus headers).
-pub const MAX_MESSAGE: usize = 2 * CHUNK;
+use crate::wire::{BLOCK_WINDOW, CHUNK, FRAME, MAX_MESSAGE};
 
 /// Timeouts of block calls.
 #[derive(Debug, Clone)]
@@ -70,9 +68,9 @@ impl BlockClients {
             .map_err(|e| CacheError::BadRequest(format!("bad cache node address {addr:?}: {e}")))?
             .connect_timeout(self.cfg.connect_timeout)
             .tcp_nodelay(true)
-            .initial_stream_window_size(crate::node::BLOCK_WINDOW)
-            .initial_connection_window_size(4 * crate::node::BLOCK_WINDOW)
-            .max_frame_size(crate::node::FRAME);
+            .initial_stream_window_size(BLOCK_WINDOW)
+            .initial_connection_window_size(4 * BLOCK_WINDOW)
+            .max_frame_size(FRAME);
         let c = BlockClient::new(ep.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -95,8 +93,7 @@ impl BlockClients {
             .filter(|l| u64::from(*l) <= BLOCK_SIZE)
             .ok_or_else(|| CacheError::BadRequest(format!("block of {} bytes is too large", data.len())))?;
         if let Some(node) = crate::local::node_at(addr) {
-            // Boxed: a node forwards through this same client.
-            let put = Box::pin(node.store_block(block, data, crc, &forward));
+            let put = node.put(block, data, crc, &forward);
             return match tokio::time::timeout(self.cfg.put_timeout, put).await {
                 Ok(r) => r.map_err(|e| as_remote(addr, e)),
                 Err(_) => Err(timed_out(addr)),
@@ -127,7 +124,7 @@ impl BlockClients {
         if let Some(node) = crate::local::node_at(addr) {
             // The node verified every byte against its checksums on the way out.
             let want = req.range.map_or(req.len, |r| r.len);
-            let d = match tokio::time::timeout(self.cfg.get_timeout, Box::pin(node.read_block(&req))).await {
+            let d = match tokio::time::timeout(self.cfg.get_timeout, node.get(&req)).await {
                 Ok(r) => r.map_err(|e| as_remote(addr, e))?,
                 Err(_) => return Err(timed_out(addr)),
             };

@@ -36,10 +36,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::CacheError;
+use crate::node::staging::{BlockId, now_ms};
 use crate::node::{Node, sleep_or_stop};
 use crate::placement::rank;
 use crate::proto::{BlockRef, GetRequest};
-use crate::staging::{BlockId, now_ms};
 
 /// Most blocks one tiering batch uploads before recording them.
 const TIER_BATCH: usize = 64;

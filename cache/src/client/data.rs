@@ -32,8 +32,8 @@ use foyer::{Cache, CacheBuilder, LruConfig};
 use futures::StreamExt as _;
 use tokio::sync::OnceCell;
 
-use crate::client::BlockClients;
-use crate::datapath::{ChunkSource, DataPath, MetaChunks, Staged, group_by_chunk, pack, wants};
+use crate::client::blocks::BlockClients;
+use crate::client::datapath::{ChunkSource, DataPath, MetaChunks, Staged, group_by_chunk, pack, wants};
 use crate::error::CacheError;
 use crate::placement::rank;
 use crate::proto::{BlockRef, ByteRange, GetRequest};

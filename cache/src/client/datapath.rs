@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -23,10 +22,8 @@ use elea_common::{Ino, SliceId, VolumeId};
 use elea_fsm::{Attr, Slice};
 use elea_metadata::MetaApi;
 
+use crate::BoxFut;
 use crate::error::CacheError;
-
-/// A boxed future, for the object-safe [`ChunkSource`].
-pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Slice lists of the chunks a range touches, each with its chunk index, oldest piece first.
 pub type ChunkLists = Vec<(u64, Arc<Vec<Slice>>)>;

@@ -14,7 +14,7 @@ use foyer::{
 };
 
 use crate::error::CacheError;
-use crate::staging::{BlockId, SEGMENT, segment_crcs};
+use crate::node::staging::{BlockId, SEGMENT, segment_crcs};
 
 /// Largest value the disk tier holds; blocks are at most 4 MiB.
 const DISK_BLOCK: usize = 16 << 20;

@@ -1,39 +1,43 @@
-//! The cache node process: staging, read cache, the block service, registration and
-//! heartbeats with the metadata service, and the background workers.
+//! The server half: the cache node process. [`Node`] holds a running node's state; [`serve`]
+//! starts one (staging, read cache, registration, heartbeats, workers, the block service)
+//! and runs it until shutdown.
+//!
+//! - [`staging`]: durable copies of blocks not yet tiered; [`readcache`]: clean blocks.
+//! - `service`: the tonic block service, a thin adapter over [`Node`]'s put and get.
+//! - `workers`: tiering, re-replication, garbage collection, reconcile.
+//!
+//! The node talks to its peers with the block client ([`BlockClients`]) and offers itself to
+//! block clients of its own process as a [`BlockService`].
+
+pub mod readcache;
+mod service;
+pub mod staging;
+mod workers;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use elea_common::ids::BLOCK_SIZE;
 use elea_fsm::{CacheNodeInfo, CacheStats};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, ClientError, MetaClient};
 use elea_store::{BlockKey, StoreConfig};
 use tokio::sync::{Notify, watch};
-use tokio_stream::{Stream, StreamExt as _};
-use tonic::{Request, Response, Status, Streaming};
 
-/// HTTP/2 flow-control window of one block transfer (each way): a whole block, so a put or
-/// a get never stops to wait for a window update.
-pub(crate) const BLOCK_WINDOW: u32 = 2 * BLOCK_SIZE as u32;
-/// Largest HTTP/2 frame a peer may send us (the protocol's default is 16 KiB).
-pub(crate) const FRAME: u32 = 1 << 20;
-
-use crate::client::{BlockClients, CHUNK, MAX_MESSAGE};
+use crate::BoxFut;
+use crate::client::BlockClients;
 use crate::error::CacheError;
-use crate::proto::block_server::{Block, BlockServer};
-use crate::proto::{
-    BlockRef, DeleteReply, DropCacheReply, DropCacheRequest, GetChunk, GetRequest, HasReply, PutChunk,
-    PutReply, TierReply, TierRequest,
-};
-use crate::readcache::ReadCache;
-use crate::staging::{BlockId, Staging, now_ms};
+use crate::node::readcache::ReadCache;
+use crate::node::service::Svc;
+use crate::node::staging::{BlockId, Staging, now_ms};
+use crate::proto::block_server::BlockServer;
+use crate::proto::{BlockRef, GetRequest};
 use crate::volumes::Volumes;
+use crate::wire::{BLOCK_WINDOW, BlockService, FRAME, MAX_MESSAGE};
 
 /// Settings of one cache node. Durations are the workers' periods and safety margins.
 #[derive(Debug, Clone)]
@@ -127,7 +131,7 @@ pub struct Node {
     /// The registry as of the last heartbeat.
     pub(crate) nodes: Mutex<Vec<CacheNodeInfo>>,
     /// Retry schedule of deleted slices garbage collection failed to remove.
-    pub(crate) gc_backoff: Mutex<crate::workers::GcBackoff>,
+    pub(crate) gc_backoff: Mutex<workers::GcBackoff>,
 }
 
 /// Reads or creates the data directory's incarnation (random, fsynced once).
@@ -306,6 +310,22 @@ impl Node {
     }
 }
 
+impl BlockService for Node {
+    fn put<'a>(
+        &'a self,
+        block: BlockRef,
+        data: Bytes,
+        crc: u32,
+        forward: &'a [String],
+    ) -> BoxFut<'a, Result<(), CacheError>> {
+        Box::pin(self.store_block(block, data, crc, forward))
+    }
+
+    fn get<'a>(&'a self, req: &'a GetRequest) -> BoxFut<'a, Result<Vec<u8>, CacheError>> {
+        Box::pin(self.read_block(req))
+    }
+}
+
 /// The range a get asks for, as (offset, length) within its block (the whole block when it
 /// names none); a clear error when it is empty or reaches past the block.
 pub(crate) fn check_range(req: &GetRequest) -> Result<(u32, u32), CacheError> {
@@ -352,89 +372,6 @@ pub(crate) async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration)
     tokio::select! {
         _ = tokio::time::sleep(d) => *stop.borrow(),
         _ = stop.changed() => true,
-    }
-}
-
-struct Svc(Arc<Node>);
-
-type GetStream = Pin<Box<dyn Stream<Item = Result<GetChunk, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Block for Svc {
-    async fn put(&self, req: Request<Streaming<PutChunk>>) -> Result<Response<PutReply>, Status> {
-        let node = &self.0;
-        let mut stream = req.into_inner();
-        let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty put"))??;
-        let h = first
-            .header
-            .ok_or_else(|| Status::invalid_argument("the first message must carry the header"))?;
-        let b = h.block.ok_or_else(|| Status::invalid_argument("missing block"))?;
-        check_ref(&b)?;
-        if h.len == 0 || u64::from(h.len) > BLOCK_SIZE {
-            return Err(Status::invalid_argument(format!("bad block length {}", h.len)));
-        }
-        if h.forward.len() > usize::from(elea_fsm::limits::REPLICAS_MAX) {
-            return Err(Status::invalid_argument("too many replicas"));
-        }
-        let mut buf = BytesMut::with_capacity(h.len as usize);
-        buf.extend_from_slice(&first.data);
-        while let Some(m) = stream.next().await {
-            let m = m?;
-            if buf.len() + m.data.len() > h.len as usize {
-                return Err(Status::invalid_argument("more bytes than the announced length"));
-            }
-            buf.extend_from_slice(&m.data);
-        }
-        if buf.len() != h.len as usize {
-            return Err(Status::invalid_argument(format!("got {} of {} bytes", buf.len(), h.len)));
-        }
-        node.store_block(b, buf.freeze(), h.crc32c, &h.forward).await?;
-        Ok(Response::new(PutReply {}))
-    }
-
-    type GetStream = GetStream;
-
-    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
-        let data = Bytes::from(self.0.read_block(req.get_ref()).await?);
-        let crc = crc32c::crc32c(&data);
-        let len = data.len() as u32;
-        let chunks: Vec<Result<GetChunk, Status>> = (0..data.len())
-            .step_by(CHUNK)
-            .enumerate()
-            .map(|(i, off)| {
-                let end = (off + CHUNK).min(data.len());
-                Ok(GetChunk {
-                    data: data.slice(off..end),
-                    len: if i == 0 { len } else { 0 },
-                    crc32c: if i == 0 { crc } else { 0 },
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
-    }
-
-    async fn has(&self, req: Request<BlockRef>) -> Result<Response<HasReply>, Status> {
-        let id = check_ref(req.get_ref())?;
-        Ok(Response::new(HasReply { staged: self.0.staging.contains(id), cached: self.0.cache.contains(id) }))
-    }
-
-    async fn delete(&self, req: Request<BlockRef>) -> Result<Response<DeleteReply>, Status> {
-        let id = check_ref(req.get_ref())?;
-        self.0.staging.remove(id).await?;
-        self.0.cache.remove(id);
-        Ok(Response::new(DeleteReply {}))
-    }
-
-    async fn tier(&self, req: Request<TierRequest>) -> Result<Response<TierReply>, Status> {
-        let vol = req.get_ref().vol;
-        self.0.tier_now.lock().unwrap_or_else(|p| p.into_inner()).insert(vol, now_ms());
-        self.0.tier_wake.notify_one();
-        Ok(Response::new(TierReply {}))
-    }
-
-    async fn drop_cache(&self, _req: Request<DropCacheRequest>) -> Result<Response<DropCacheReply>, Status> {
-        self.0.cache.clear().await?;
-        Ok(Response::new(DropCacheReply {}))
     }
 }
 
@@ -496,13 +433,13 @@ pub async fn serve(
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut workers = vec![tokio::spawn(node.clone().heartbeat_loop(stop_rx.clone()))];
-    workers.extend(crate::workers::spawn_all(&node, &stop_rx));
+    workers.extend(crate::node::workers::spawn_all(&node, &stop_rx));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let svc = BlockServer::new(Svc(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     // Clients in this process reach the node directly while it serves, if asked to.
-    let _local = node.cfg.in_process.then(|| crate::local::register(&node));
+    let _local = node.cfg.in_process.then(|| crate::local::register(&node.cfg.advertise, node.clone()));
     let mut graceful = stop_rx.clone();
     let stopper = tokio::spawn(async move {
         shutdown.await;

@@ -1,0 +1,103 @@
+//! The block service over gRPC: [`Svc`] adapts tonic's `Block` trait to a [`Node`]. It
+//! reassembles and checks a streamed put, streams a get back in [`CHUNK`]s with the crc32c
+//! of what it sends, and answers the small calls (has, delete, tier, drop-cache).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use elea_common::ids::BLOCK_SIZE;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::node::staging::now_ms;
+use crate::node::{Node, check_ref};
+use crate::proto::block_server::Block;
+use crate::proto::{
+    BlockRef, DeleteReply, DropCacheReply, DropCacheRequest, GetChunk, GetRequest, HasReply, PutChunk,
+    PutReply, TierReply, TierRequest,
+};
+use crate::wire::CHUNK;
+
+pub(crate) struct Svc(pub(crate) Arc<Node>);
+
+type GetStream = Pin<Box<dyn Stream<Item = Result<GetChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Block for Svc {
+    async fn put(&self, req: Request<Streaming<PutChunk>>) -> Result<Response<PutReply>, Status> {
+        let node = &self.0;
+        let mut stream = req.into_inner();
+        let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty put"))??;
+        let h = first
+            .header
+            .ok_or_else(|| Status::invalid_argument("the first message must carry the header"))?;
+        let b = h.block.ok_or_else(|| Status::invalid_argument("missing block"))?;
+        check_ref(&b)?;
+        if h.len == 0 || u64::from(h.len) > BLOCK_SIZE {
+            return Err(Status::invalid_argument(format!("bad block length {}", h.len)));
+        }
+        if h.forward.len() > usize::from(elea_fsm::limits::REPLICAS_MAX) {
+            return Err(Status::invalid_argument("too many replicas"));
+        }
+        let mut buf = BytesMut::with_capacity(h.len as usize);
+        buf.extend_from_slice(&first.data);
+        while let Some(m) = stream.next().await {
+            let m = m?;
+            if buf.len() + m.data.len() > h.len as usize {
+                return Err(Status::invalid_argument("more bytes than the announced length"));
+            }
+            buf.extend_from_slice(&m.data);
+        }
+        if buf.len() != h.len as usize {
+            return Err(Status::invalid_argument(format!("got {} of {} bytes", buf.len(), h.len)));
+        }
+        node.store_block(b, buf.freeze(), h.crc32c, &h.forward).await?;
+        Ok(Response::new(PutReply {}))
+    }
+
+    type GetStream = GetStream;
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
+        let data = Bytes::from(self.0.read_block(req.get_ref()).await?);
+        let crc = crc32c::crc32c(&data);
+        let len = data.len() as u32;
+        let chunks: Vec<Result<GetChunk, Status>> = (0..data.len())
+            .step_by(CHUNK)
+            .enumerate()
+            .map(|(i, off)| {
+                let end = (off + CHUNK).min(data.len());
+                Ok(GetChunk {
+                    data: data.slice(off..end),
+                    len: if i == 0 { len } else { 0 },
+                    crc32c: if i == 0 { crc } else { 0 },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn has(&self, req: Request<BlockRef>) -> Result<Response<HasReply>, Status> {
+        let id = check_ref(req.get_ref())?;
+        Ok(Response::new(HasReply { staged: self.0.staging.contains(id), cached: self.0.cache.contains(id) }))
+    }
+
+    async fn delete(&self, req: Request<BlockRef>) -> Result<Response<DeleteReply>, Status> {
+        let id = check_ref(req.get_ref())?;
+        self.0.staging.remove(id).await?;
+        self.0.cache.remove(id);
+        Ok(Response::new(DeleteReply {}))
+    }
+
+    async fn tier(&self, req: Request<TierRequest>) -> Result<Response<TierReply>, Status> {
+        let vol = req.get_ref().vol;
+        self.0.tier_now.lock().unwrap_or_else(|p| p.into_inner()).insert(vol, now_ms());
+        self.0.tier_wake.notify_one();
+        Ok(Response::new(TierReply {}))
+    }
+
+    async fn drop_cache(&self, _req: Request<DropCacheRequest>) -> Result<Response<DropCacheReply>, Status> {
+        self.0.cache.clear().await?;
+        Ok(Response::new(DropCacheReply {}))
+    }
+}
