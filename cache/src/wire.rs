@@ -24,16 +24,9 @@ pub const FRAME: u32 = 1 << 20;
 /// A cache node's `Put` and `Get`, called in-process. The same checks, staging and replies
 /// as over gRPC; the caller classifies an error as if it had crossed the wire.
 pub trait BlockService: Send + Sync + 'static {
-    /// Stages a block here and on every node in `forward`; succeeds once every copy is
-    /// durable. `crc` is the block's crc32c, checked against the bytes before anything is
-    /// stored.
-    fn put<'a>(
-        &'a self,
-        block: BlockRef,
-        data: Bytes,
-        crc: u32,
-        forward: &'a [String],
-    ) -> BoxFut<'a, Result<(), CacheError>>;
+    /// Stages a block; succeeds once it is durable. `crc` is the block's crc32c, checked
+    /// against the bytes before anything is stored.
+    fn put(&self, block: BlockRef, data: Bytes, crc: u32) -> BoxFut<'_, Result<(), CacheError>>;
 
     /// Reads a block, or the range of it the request names. Every byte returned was verified
     /// against a checksum on the way.

@@ -357,10 +357,10 @@ async fn bad_requests(in_process: bool) {
     let data = Bytes::from(content(11, 1000));
     let crc = crc32c::crc32c(&data);
     // Bytes that do not match their checksum.
-    assert!(matches!(p.put(&addr, r, data.clone(), crc ^ 1, vec![]).await, Err(CacheError::Peer { .. })));
+    assert!(matches!(p.put(&addr, r, data.clone(), crc ^ 1).await, Err(CacheError::Peer { .. })));
     // Bad references and lengths.
     let bad = BlockRef { vol: 1, slice: 77, index: 99 };
-    assert!(matches!(p.put(&addr, bad, data.clone(), crc, vec![]).await, Err(CacheError::BadRequest(_))));
+    assert!(matches!(p.put(&addr, bad, data.clone(), crc).await, Err(CacheError::BadRequest(_))));
     let get = |block, len| GetRequest {
         block: Some(block),
         len,
@@ -379,17 +379,14 @@ async fn bad_requests(in_process: bool) {
     let no_header = vec![PutChunk { header: None, data: data.clone() }];
     let e = raw.put(tokio_stream::iter(no_header)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let h = |len| Some(PutHeader { block: Some(r), len, crc32c: crc, forward: vec![] });
+    let h = |len| Some(PutHeader { block: Some(r), len, crc32c: crc });
     let too_many = vec![PutChunk { header: h(10), data: data.clone() }];
     assert_eq!(raw.put(tokio_stream::iter(too_many)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     let huge = vec![PutChunk { header: h(5 << 20), data: data.clone() }];
     assert_eq!(raw.put(tokio_stream::iter(huge)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-    // Still serving: a good put and get, and a put forwarded to a node that does not exist
-    // fails instead of being acknowledged with one copy.
-    p.put(&addr, r, data.clone(), crc, vec![]).await.unwrap();
+    // Still serving: a good put and get.
+    p.put(&addr, r, data.clone(), crc).await.unwrap();
     assert_eq!(p.get(&addr, get(r, 1000)).await.unwrap(), data.to_vec());
-    let r2 = BlockRef { vol: 1, slice: 78, index: 0 };
-    assert!(p.put(&addr, r2, data.clone(), crc, vec!["127.0.0.1:1".into()]).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -78,22 +78,14 @@ impl BlockClients {
         Ok(c)
     }
 
-    /// Stores a block on `addr`, which also stores it on every node in `forward` before
-    /// answering.
-    pub async fn put(
-        &self,
-        addr: &str,
-        block: BlockRef,
-        data: Bytes,
-        crc: u32,
-        forward: Vec<String>,
-    ) -> Result<(), CacheError> {
+    /// Stores a block on `addr`; succeeds once it is durable there.
+    pub async fn put(&self, addr: &str, block: BlockRef, data: Bytes, crc: u32) -> Result<(), CacheError> {
         let len = u32::try_from(data.len())
             .ok()
             .filter(|l| u64::from(*l) <= BLOCK_SIZE)
             .ok_or_else(|| CacheError::BadRequest(format!("block of {} bytes is too large", data.len())))?;
         if let Some(node) = crate::local::node_at(addr) {
-            let put = node.put(block, data, crc, &forward);
+            let put = node.put(block, data, crc);
             return match tokio::time::timeout(self.cfg.put_timeout, put).await {
                 Ok(r) => r.map_err(|e| as_remote(addr, e)),
                 Err(_) => Err(timed_out(addr)),
@@ -101,7 +93,7 @@ impl BlockClients {
         }
         let mut c = self.conn(addr)?;
         let mut msgs = Vec::with_capacity(data.len() / CHUNK + 1);
-        let mut header = Some(PutHeader { block: Some(block), len, crc32c: crc, forward });
+        let mut header = Some(PutHeader { block: Some(block), len, crc32c: crc });
         let mut off = 0;
         loop {
             let end = (off + CHUNK).min(data.len());

@@ -268,7 +268,7 @@ impl DataClient {
             }
             let puts = targets.iter().map(|n| {
                 let data = data.clone();
-                async move { (n.id, self.inner.blocks.put(&n.addr, block, data, crc, vec![]).await) }
+                async move { (n.id, self.inner.blocks.put(&n.addr, block, data, crc).await) }
             });
             for (id, r) in futures::future::join_all(puts).await {
                 match r {

@@ -212,33 +212,14 @@ impl Node {
         }
     }
 
-    /// Stages a block here and on every node in `forward` (this node's own address there is
-    /// skipped); succeeds once every copy is durable. `crc` is the block's crc32c, checked
+    /// Stages a block here; succeeds once it is durable. `crc` is the block's crc32c, checked
     /// against the bytes before anything is stored.
-    pub(crate) async fn store_block(
-        &self,
-        b: BlockRef,
-        data: Bytes,
-        crc: u32,
-        forward: &[String],
-    ) -> Result<(), CacheError> {
+    pub(crate) async fn store_block(&self, b: BlockRef, data: Bytes, crc: u32) -> Result<(), CacheError> {
         let id = check_ref(&b)?;
         if data.is_empty() || data.len() as u64 > BLOCK_SIZE {
             return Err(CacheError::BadRequest(format!("bad block length {}", data.len())));
         }
-        if forward.len() > usize::from(elea_fsm::limits::REPLICAS_MAX) {
-            return Err(CacheError::BadRequest("too many replicas".into()));
-        }
-        let local = self.staging.put(b.vol, id, data.clone(), crc);
-        let remote = futures::future::join_all(
-            forward
-                .iter()
-                .filter(|a| **a != self.cfg.advertise)
-                .map(|a| self.peers.put(a, b, data.clone(), crc, vec![])),
-        );
-        let (l, r) = tokio::join!(local, remote);
-        l?;
-        r.into_iter().collect()
+        self.staging.put(b.vol, id, data, crc).await
     }
 
     /// Reads a block, or the range of it the request names, for a client or peer: staging,
@@ -311,14 +292,8 @@ impl Node {
 }
 
 impl BlockService for Node {
-    fn put<'a>(
-        &'a self,
-        block: BlockRef,
-        data: Bytes,
-        crc: u32,
-        forward: &'a [String],
-    ) -> BoxFut<'a, Result<(), CacheError>> {
-        Box::pin(self.store_block(block, data, crc, forward))
+    fn put(&self, block: BlockRef, data: Bytes, crc: u32) -> BoxFut<'_, Result<(), CacheError>> {
+        Box::pin(self.store_block(block, data, crc))
     }
 
     fn get<'a>(&'a self, req: &'a GetRequest) -> BoxFut<'a, Result<Vec<u8>, CacheError>> {

@@ -37,9 +37,6 @@ impl Block for Svc {
         if h.len == 0 || u64::from(h.len) > BLOCK_SIZE {
             return Err(Status::invalid_argument(format!("bad block length {}", h.len)));
         }
-        if h.forward.len() > usize::from(elea_fsm::limits::REPLICAS_MAX) {
-            return Err(Status::invalid_argument("too many replicas"));
-        }
         let mut buf = BytesMut::with_capacity(h.len as usize);
         buf.extend_from_slice(&first.data);
         while let Some(m) = stream.next().await {
@@ -52,7 +49,7 @@ impl Block for Svc {
         if buf.len() != h.len as usize {
             return Err(Status::invalid_argument(format!("got {} of {} bytes", buf.len(), h.len)));
         }
-        node.store_block(b, buf.freeze(), h.crc32c, &h.forward).await?;
+        node.store_block(b, buf.freeze(), h.crc32c).await?;
         Ok(Response::new(PutReply {}))
     }
 

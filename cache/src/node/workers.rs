@@ -393,7 +393,7 @@ impl Node {
         };
         let crc = crc32c::crc32c(&data);
         let r = BlockRef { vol: b.vol, slice: b.slice, index: b.index };
-        self.peers.put(addr, r, Bytes::from(data), crc, vec![]).await?;
+        self.peers.put(addr, r, Bytes::from(data), crc).await?;
         let old = b.nodes.iter().copied().find(|n| !alive.contains(n));
         self.meta.replace_replica(b.slice, b.index, old, target).await?;
         Ok(old)
