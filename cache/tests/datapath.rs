@@ -752,3 +752,38 @@ async fn a_corrupt_segment_is_read_from_the_other_copy() {
     })
     .await;
 }
+
+/// Every background worker reports its state over the block service (what `elea status`
+/// shows): each runs rounds, and tiering against a store that is down counts failed rounds
+/// with the error, then recovers when the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_report_their_state() {
+    let mut c = TestCluster::start(1).await;
+    let vol = c.volume("w", 1, 0).await;
+    let addr = c.nodes[0].addr.clone();
+    let peers = elea_cache::client::BlockClients::default();
+    let names = |w: &[elea_cache::proto::WorkerState]| {
+        let mut n: Vec<String> = w.iter().map(|w| w.name.clone()).collect();
+        n.sort();
+        n
+    };
+    wait_until(Duration::from_secs(20), "every worker ran a round", || async {
+        let w = peers.workers(&addr).await.unwrap();
+        names(&w) == ["gc", "reconcile", "repair", "tiering"] && w.iter().all(|w| w.rounds > 0)
+    })
+    .await;
+    c.stop_s3().await;
+    let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    c.data().write_extents(vol, f.ino, &[(0, Bytes::from(content(3, MIB)))]).await.unwrap();
+    wait_until(Duration::from_secs(30), "tiering reports its failures", || async {
+        let w = peers.workers(&addr).await.unwrap();
+        w.iter().any(|w| w.name == "tiering" && w.consecutive_errors > 0 && !w.last_error.is_empty())
+    })
+    .await;
+    c.start_s3().await;
+    wait_until(Duration::from_secs(60), "tiering recovers", || async {
+        let w = peers.workers(&addr).await.unwrap();
+        w.iter().any(|w| w.name == "tiering" && w.consecutive_errors == 0) && staged_count(&c, vol).await == 0
+    })
+    .await;
+}

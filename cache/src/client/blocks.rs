@@ -196,6 +196,13 @@ impl BlockClients {
         Ok(())
     }
 
+    /// The state of a node's background workers.
+    pub async fn workers(&self, addr: &str) -> Result<Vec<crate::proto::WorkerState>, CacheError> {
+        let mut c = self.conn(addr)?;
+        let r = c.workers(crate::proto::WorkersRequest {}).await.map_err(|s| from_status(addr, &s))?;
+        Ok(r.into_inner().workers)
+    }
+
     /// Empties a node's read cache.
     pub async fn drop_cache(&self, addr: &str) -> Result<(), CacheError> {
         let mut c = self.conn(addr)?;

@@ -132,6 +132,8 @@ pub struct Node {
     pub(crate) nodes: Mutex<Vec<CacheNodeInfo>>,
     /// Retry schedule of deleted slices garbage collection failed to remove.
     pub(crate) gc_backoff: Mutex<workers::GcBackoff>,
+    /// What each background worker is doing.
+    pub(crate) workers: workers::WorkerBoard,
 }
 
 /// Reads or creates the data directory's incarnation (random, fsynced once).
@@ -379,6 +381,7 @@ pub async fn serve(
         tier_now: Mutex::default(),
         tier_wake: Notify::new(),
         backlog: (AtomicU64::new(0), AtomicU64::new(0)),
+        workers: workers::WorkerBoard::default(),
         nodes: Mutex::default(),
         gc_backoff: Mutex::default(),
     });

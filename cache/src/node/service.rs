@@ -1,6 +1,6 @@
 //! The block service over gRPC: [`Svc`] adapts tonic's `Block` trait to a [`Node`]. It
 //! reassembles and checks a streamed put, streams a get back in [`CHUNK`]s with the crc32c
-//! of what it sends, and answers the small calls (has, delete, tier, drop-cache).
+//! of what it sends, and answers the small calls (has, delete, tier, drop-cache, workers).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use crate::node::{Node, check_ref};
 use crate::proto::block_server::Block;
 use crate::proto::{
     BlockRef, DeleteReply, DropCacheReply, DropCacheRequest, GetChunk, GetRequest, HasReply, PutChunk,
-    PutReply, TierReply, TierRequest,
+    PutReply, TierReply, TierRequest, WorkerState, WorkersReply, WorkersRequest,
 };
 use crate::wire::CHUNK;
 
@@ -96,5 +96,27 @@ impl Block for Svc {
     async fn drop_cache(&self, _req: Request<DropCacheRequest>) -> Result<Response<DropCacheReply>, Status> {
         self.0.cache.clear().await?;
         Ok(Response::new(DropCacheReply {}))
+    }
+
+    async fn workers(&self, _req: Request<WorkersRequest>) -> Result<Response<WorkersReply>, Status> {
+        let workers = self
+            .0
+            .workers
+            .snapshot()
+            .into_iter()
+            .map(|(name, w)| WorkerState {
+                name: name.to_string(),
+                state: w.phase.as_str().to_string(),
+                rounds: w.rounds,
+                last_items: w.last_items,
+                consecutive_errors: w.consecutive_errors,
+                last_error_age_ms: w
+                    .last_error
+                    .as_ref()
+                    .map_or(0, |(_, t)| t.elapsed().as_millis().max(1) as u64),
+                last_error: w.last_error.map(|(e, _)| e).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(WorkersReply { workers }))
     }
 }

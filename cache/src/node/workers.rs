@@ -132,8 +132,64 @@ async fn report_lost_loop(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
 
 type Round = std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize, CacheError>> + Send>>;
 
+/// What a worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerPhase {
+    /// Waiting for its next round.
+    Idle,
+    /// In a round.
+    Busy,
+    /// Waiting longer than its period after failed rounds.
+    Backoff,
+}
+
+impl WorkerPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Busy => "busy",
+            Self::Backoff => "backoff",
+        }
+    }
+}
+
+/// A worker's state as `elea status` shows it.
+#[derive(Debug, Clone)]
+pub struct WorkerStatus {
+    pub phase: WorkerPhase,
+    pub rounds: u64,
+    /// Items the last successful round handled.
+    pub last_items: u64,
+    pub consecutive_errors: u64,
+    pub last_error: Option<(String, std::time::Instant)>,
+}
+
+impl WorkerStatus {
+    fn new() -> Self {
+        Self { phase: WorkerPhase::Idle, rounds: 0, last_items: 0, consecutive_errors: 0, last_error: None }
+    }
+}
+
+/// Every worker's status, by name (what the block service's `Workers` call reports).
+#[derive(Debug, Default)]
+pub struct WorkerBoard(std::sync::Mutex<std::collections::BTreeMap<&'static str, WorkerStatus>>);
+
+impl WorkerBoard {
+    fn update(&self, name: &'static str, f: impl FnOnce(&mut WorkerStatus)) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(m.entry(name).or_insert_with(WorkerStatus::new));
+    }
+
+    /// A copy of every worker's status, by name.
+    pub fn snapshot(&self) -> Vec<(&'static str, WorkerStatus)> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+}
+
 /// The shared worker shape: a round every `period`, exponential backoff after a failure,
-/// an early wake-up for tiering requests, a clean stop.
+/// an early wake-up for tiering requests, a clean stop; every round's outcome recorded on
+/// the node's [`WorkerBoard`].
 async fn run(
     name: &'static str,
     period: Duration,
@@ -142,18 +198,32 @@ async fn run(
     round: impl Fn(Arc<Node>) -> Round,
 ) {
     let mut wait = period;
+    node.workers.update(name, |_| {});
     loop {
         let wake = node.tier_wake.notified();
+        node.workers.update(name, |w| w.phase = WorkerPhase::Busy);
         match round(node.clone()).await {
             Ok(n) => {
                 if n > 0 {
                     tracing::debug!(worker = name, items = n, "round done");
                 }
                 wait = period;
+                node.workers.update(name, |w| {
+                    w.phase = WorkerPhase::Idle;
+                    w.rounds += 1;
+                    w.last_items = n as u64;
+                    w.consecutive_errors = 0;
+                });
             }
             Err(e) => {
                 wait = (wait * 2).min(MAX_BACKOFF);
                 tracing::warn!(worker = name, error = %e, retry_in = ?wait, "round failed");
+                node.workers.update(name, |w| {
+                    w.phase = WorkerPhase::Backoff;
+                    w.rounds += 1;
+                    w.consecutive_errors += 1;
+                    w.last_error = Some((e.to_string(), std::time::Instant::now()));
+                });
             }
         }
         if name == "tiering" {

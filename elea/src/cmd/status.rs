@@ -121,11 +121,38 @@ pub(crate) fn dedup_book(book: &[(u64, String, bool)]) -> Vec<(u64, String, bool
 /// Prints the cache node registry; returns it as JSON.
 pub(crate) async fn print_cache_nodes(c: &MetaClient, as_json: bool) -> anyhow::Result<serde_json::Value> {
     let nodes = c.cache_nodes().await?;
+    // Each live node's workers, asked of the node itself (a node that does not answer shows
+    // none).
+    let peers = elea_cache::client::BlockClients::default();
+    let mut workers = Vec::with_capacity(nodes.len());
+    for n in &nodes {
+        let w = if n.alive {
+            match tokio::time::timeout(std::time::Duration::from_secs(2), peers.workers(&n.addr)).await {
+                Ok(Ok(w)) => w,
+                _ => Vec::new(),
+            }
+        } else {
+            Vec::new()
+        };
+        workers.push(w);
+    }
     let list: Vec<_> = nodes
         .iter()
-        .map(|n| {
+        .zip(&workers)
+        .map(|(n, ws)| {
             let s = &n.stats;
             let reads = s.read_hits + s.read_misses;
+            let ws: Vec<_> = ws
+                .iter()
+                .map(|w| {
+                    json!({
+                        "name": w.name, "state": w.state, "rounds": w.rounds, "last_items": w.last_items,
+                        "consecutive_errors": w.consecutive_errors,
+                        "last_error": if w.last_error.is_empty() { serde_json::Value::Null } else { json!(w.last_error) },
+                        "last_error_age_ms": w.last_error_age_ms,
+                    })
+                })
+                .collect();
             json!({
                 "node_id": n.id, "site": n.site, "addr": n.addr, "alive": n.alive,
                 "staged_bytes": s.staged_bytes, "staged_blocks": s.staged_blocks,
@@ -133,20 +160,28 @@ pub(crate) async fn print_cache_nodes(c: &MetaClient, as_json: bool) -> anyhow::
                 "read_hits": s.read_hits, "read_misses": s.read_misses,
                 "read_hit_ratio": if reads == 0 { serde_json::Value::Null } else { json!(s.read_hits as f64 / reads as f64) },
                 "tier_backlog_blocks": s.tier_backlog_blocks, "tier_backlog_bytes": s.tier_backlog_bytes,
+                "workers": ws,
             })
         })
         .collect();
     if !as_json && !nodes.is_empty() {
         println!();
         println!(
-            "{:>5}  {:<10} {:<22} {:<5} {:>12} {:>10} {:>9} {:>14}",
+            "{:>5}  {:<10} {:<22} {:<5} {:>12} {:>10} {:>9} {:>14}  workers",
             "cache", "site", "address", "alive", "staged MiB", "oldest s", "hit %", "backlog blocks"
         );
-        for n in &nodes {
+        for (n, ws) in nodes.iter().zip(&workers) {
             let s = &n.stats;
             let reads = s.read_hits + s.read_misses;
+            let ws: Vec<String> = ws
+                .iter()
+                .map(|w| match w.consecutive_errors {
+                    0 => format!("{} {}", w.name, w.state),
+                    e => format!("{} {} ({e} failed: {})", w.name, w.state, w.last_error),
+                })
+                .collect();
             println!(
-                "{:>5}  {:<10} {:<22} {:<5} {:>12} {:>10} {:>9} {:>14}",
+                "{:>5}  {:<10} {:<22} {:<5} {:>12} {:>10} {:>9} {:>14}  {}",
                 n.id,
                 n.site,
                 n.addr,
@@ -158,7 +193,8 @@ pub(crate) async fn print_cache_nodes(c: &MetaClient, as_json: bool) -> anyhow::
                 } else {
                     format!("{:.1}", 100.0 * s.read_hits as f64 / reads as f64)
                 },
-                s.tier_backlog_blocks
+                s.tier_backlog_blocks,
+                if ws.is_empty() { "-".to_string() } else { ws.join(", ") }
             );
         }
     }
