@@ -148,6 +148,8 @@ struct Inner<M, D> {
     releases: Mutex<HashMap<(SessionId, Ino), u32>>,
     /// Outside `Inner`, so the task waiting on it does not keep the gateway alive.
     release_wake: Arc<Notify>,
+    /// Held while references taken from `releases` are being sent.
+    releasing: tokio::sync::Mutex<()>,
 }
 
 /// See the module docs. Cheap to clone.
@@ -187,6 +189,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
                 stopped: AtomicBool::new(false),
                 releases: Mutex::default(),
                 release_wake: Arc::new(Notify::new()),
+                releasing: tokio::sync::Mutex::new(()),
             }),
         };
         let weak = Arc::downgrade(&vfs.inner);

@@ -47,15 +47,19 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
     /// are otherwise released `RELEASE_DELAY` after the close): an unlinked file closed here
     /// is freed when this returns.
     pub async fn release_closed(&self) {
-        if lock(&self.inner.releases).is_empty() {
+        // Nothing waiting, and no release in flight (the background task may have taken the
+        // references already and still be sending them).
+        if lock(&self.inner.releases).is_empty() && self.inner.releasing.try_lock().is_ok() {
             return;
         }
         self.send_releases().await;
     }
 
     /// Releases in metadata every open reference of a closed handle (all at once: they share
-    /// commits).
+    /// commits). One send at a time: a caller waits for the one in flight, so when this
+    /// returns, every reference closed before the call is released.
     async fn send_releases(&self) {
+        let _sending = self.inner.releasing.lock().await;
         let due: Vec<((SessionId, Ino), u32)> =
             std::mem::take(&mut *lock(&self.inner.releases)).into_iter().collect();
         let sends = due.into_iter().flat_map(|((session, ino), n)| {
