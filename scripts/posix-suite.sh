@@ -4,13 +4,15 @@
 # tests/pjdfstest-known-failures.txt), then stops `elea up` with SIGTERM, which must unmount
 # and exit cleanly.
 #
-#   scripts/posix-suite.sh            (ELEA_BIN: the elea binary, default target/debug/elea)
+#   scripts/posix-suite.sh   (ELEA_BIN: the elea binary, default debug/elea under
+#                             $CARGO_TARGET_DIR, or under target/ when that is not set)
 #
-# Needs root and /dev/fuse. Without them it says so and skips (exit 0), unless
-# ELEA_REQUIRE_FUSE=1, which makes that a failure.
+# Needs root and /dev/fuse. Without them it prints SKIPPED and exits 0 having run nothing,
+# unless ELEA_REQUIRE_FUSE=1 (set by scripts/test.sh, and so in CI), which makes that a
+# failure.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-elea=${ELEA_BIN:-$repo/target/debug/elea}
+elea=${ELEA_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/elea}
 
 why=""
 [ "$(id -u)" -eq 0 ] || why="not running as root"

@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit/property/simulation tests, the
-# multi-process cluster and FUSE mount tests, and the POSIX suite pjdfstest on an
-# `elea up` mount. This is what CI runs (.ci/run calls it). The FUSE parts need root and
-# /dev/fuse; without them they say so and are skipped.
+# multi-process cluster and FUSE mount tests, the fault scenarios, and the POSIX suite
+# pjdfstest on an `elea up` mount. This is what CI runs (.ci/run calls it).
+#
+# The FUSE mount tests, every fault scenario and pjdfstest need root and /dev/fuse; the
+# fault scenarios that cut and slow links also need network namespaces (root, iproute2's
+# ip and tc, util-linux's nsenter). Run alone, those tests print SKIPPED and pass having
+# checked nothing when these are missing; this script sets ELEA_REQUIRE_FUSE=1 and
+# ELEA_REQUIRE_NETNS=1 so that they fail instead. A developer without them can let those
+# parts skip explicitly: ELEA_REQUIRE_FUSE=0 ELEA_REQUIRE_NETNS=0 scripts/test.sh
+# (.ci/run never does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+export ELEA_REQUIRE_FUSE="${ELEA_REQUIRE_FUSE:-1}"
+export ELEA_REQUIRE_NETNS="${ELEA_REQUIRE_NETNS:-1}"
+for v in ELEA_REQUIRE_FUSE ELEA_REQUIRE_NETNS; do
+  if [ "${!v}" != 1 ]; then
+    echo "== WARNING: $v=${!v}: tests that need what it guards may print SKIPPED and pass having run nothing"
+  fi
+done
 
 need_cmd() { command -v "$1" >/dev/null 2>&1; }
 if ! need_cmd cargo; then

@@ -308,7 +308,8 @@ pub fn elea_cli_env(args: &[&str], env: &[(String, String)]) -> (bool, String, S
 }
 
 /// Whether FUSE mounts can be tested here (root and `/dev/fuse`). When they cannot, the
-/// reason is printed; with `ELEA_REQUIRE_FUSE=1` (CI) it is a failure instead.
+/// reason is printed and the test returns early (it passes having checked nothing); with
+/// `ELEA_REQUIRE_FUSE=1`, which scripts/test.sh (and so CI) sets, it fails instead.
 pub fn fuse_available(test: &str) -> bool {
     let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     let dev = Path::new("/dev/fuse").exists();
@@ -318,9 +319,27 @@ pub fn fuse_available(test: &str) -> bool {
     let why = if root { "/dev/fuse is missing" } else { "not running as root" };
     assert!(
         std::env::var("ELEA_REQUIRE_FUSE").as_deref() != Ok("1"),
-        "{test}: FUSE tests required, but {why}"
+        "{test}: FUSE tests required (ELEA_REQUIRE_FUSE=1), but {why}"
     );
     eprintln!("SKIPPED {test}: needs root and /dev/fuse ({why})");
+    false
+}
+
+/// Whether every process of a fault scenario can get a network namespace of its own (root,
+/// iproute2's `ip` and `tc`, util-linux's `nsenter`, and not turned off with
+/// `CHAOS_NETNS=0`; see [`netns::unavailable`]), which the scenarios that cut or slow links
+/// need. When they cannot, the reason is printed and the test returns early (it passes having
+/// checked nothing); with `ELEA_REQUIRE_NETNS=1`, which scripts/test.sh (and so CI) sets, it
+/// fails instead.
+pub fn network_available(test: &str) -> bool {
+    let Some(why) = netns::unavailable() else {
+        return true;
+    };
+    assert!(
+        std::env::var("ELEA_REQUIRE_NETNS").as_deref() != Ok("1"),
+        "{test}: network namespaces required (ELEA_REQUIRE_NETNS=1), but {why}"
+    );
+    eprintln!("SKIPPED {test}: needs network namespaces (root, ip, tc, nsenter; {why})");
     false
 }
 

@@ -4,11 +4,16 @@
 //! goes on. Each prints its figures (operations acknowledged, failed calls and how long they
 //! waited, the longest call, time until full redundancy). `CHAOS_SECS` stretches the load
 //! phases (default 3 s each) for the long versions run by hand.
+//!
+//! Every scenario needs root and /dev/fuse; the two that cut and slow links also need network
+//! namespaces (root, `ip`, `tc`, `nsenter`). Without them a scenario prints SKIPPED and
+//! passes having run nothing, unless `ELEA_REQUIRE_FUSE=1` / `ELEA_REQUIRE_NETNS=1` make that
+//! a failure; scripts/test.sh (and so CI) sets both.
 
 use std::time::{Duration, Instant};
 
 use elea_integration::chaos::{Report, StoreKind, Topology, TopologyConfig, Workload};
-use elea_integration::fuse_available;
+use elea_integration::{fuse_available, network_available};
 
 /// Scenarios share two cores: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -156,28 +161,17 @@ async fn rolling_restart_of_every_process_under_load() {
     check("rolling restart", &t, &r);
 }
 
-/// Links can only be cut when every process has its own network namespace (root and
-/// iproute2); otherwise the scenario says so and is skipped.
-fn network_available(name: &str, t: &Topology) -> bool {
-    if !t.has_network() {
-        eprintln!("SKIPPED {name}: needs network namespaces (root, ip, tc, nsenter)");
-    }
-    t.has_network()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_voters_minority_partition_then_a_slow_link() {
     let name = "five_voters_minority_partition_then_a_slow_link";
-    if !fuse_available(name) {
+    if !fuse_available(name) || !network_available(name) {
         return;
     }
     let _g = SERIAL.lock().await;
     let mut cfg = config(2, 2);
     cfg.metas = 5;
     let t = Topology::start(cfg).await;
-    if !network_available(name, &t) {
-        return;
-    }
+    assert!(t.has_network(), "{name}: started without network namespaces");
     let wl = Workload::start(&t, 3, 2, 64 << 10);
     run_for(phase()).await;
     let leader = t.leader().await;
@@ -211,14 +205,12 @@ async fn five_voters_minority_partition_then_a_slow_link() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_leader_cut_off_from_the_other_voters() {
     let name = "metadata_leader_cut_off_from_the_other_voters";
-    if !fuse_available(name) {
+    if !fuse_available(name) || !network_available(name) {
         return;
     }
     let _g = SERIAL.lock().await;
     let t = Topology::start(config(2, 2)).await;
-    if !network_available(name, &t) {
-        return;
-    }
+    assert!(t.has_network(), "{name}: started without network namespaces");
     let wl = Workload::start(&t, 3, 2, 64 << 10);
     run_for(phase()).await;
     let old = t.leader().await;

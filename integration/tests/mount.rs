@@ -2,8 +2,9 @@
 //! node) show each other's changes as the consistency contract says (docs/SEMANTICS.md), and
 //! `elea up` keeps every fsynced file across a crash and a restart.
 //!
-//! These need root and /dev/fuse; without them each test says it is skipped (and fails when
-//! `ELEA_REQUIRE_FUSE=1`, as in CI).
+//! These need root and /dev/fuse. Without them each test prints SKIPPED and passes having run
+//! nothing, unless `ELEA_REQUIRE_FUSE=1`, which makes that a failure; scripts/test.sh (and so
+//! CI, which runs it) sets it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write as _};
