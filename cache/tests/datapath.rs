@@ -210,8 +210,11 @@ async fn slice_ids(c: &TestCluster, vol: u64, ino: u64, chunk: u64) -> Vec<u64> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_outage_keeps_writes_acknowledged_and_the_backlog_drains() {
     let mut c = TestCluster::start(2).await;
+    // Tiered as soon as staged (tier-after 0).
     let vol = c.volume("o", 2, 0).await;
     c.stop_s3().await;
+    // The store's port answers nothing but shows every request that reaches it.
+    let dead = c.dead_store().await;
     let d = c.data();
     let mut files = Vec::new();
     for i in 0..3u64 {
@@ -220,11 +223,36 @@ async fn store_outage_keeps_writes_acknowledged_and_the_backlog_drains() {
         d.write_extents(vol, f.ino, &[(0, Bytes::from(data.clone()))]).await.unwrap();
         files.push((f.ino, data));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(staged_count(&c, vol).await, 6, "nothing can be tiered while the store is down");
+    // Every write was acknowledged: six blocks staged.
+    let staged: Vec<_> = c.meta.staged_blocks().await.unwrap().into_iter().filter(|b| b.vol == vol).collect();
+    assert_eq!(staged.len(), 6, "{staged:?}");
+    // The tiering worker tries to upload every one of them, and each upload fails. One upload
+    // sends at most 1 + retries requests; more PUTs of a block than that mean a later round
+    // tried it again, so the round before ended and left it staged.
+    let keys: Vec<String> =
+        staged.iter().map(|b| BlockKey { vol, slice: b.slice, index: b.index, len: b.len }.path()).collect();
+    let per_upload = 1 + c.store_cfg().retries;
+    let tried_again = |reqs: &[String]| {
+        keys.iter().all(|k| {
+            reqs.iter().filter(|r| r.starts_with("PUT ") && r.contains(k.as_str())).count() > per_upload
+        })
+    };
+    wait_until(Duration::from_secs(30), "two tiering rounds to try every staged block", || async {
+        tried_again(&dead.requests())
+    })
+    .await;
+    // Failed uploads record nothing: every block stays staged, on both copies.
+    assert_eq!(staged_count(&c, vol).await, 6, "a block was recorded tiered though its upload failed");
     for (ino, data) in &files {
         assert_eq!(&d.read_file(vol, *ino, 0, data.len()).await.unwrap(), data);
     }
+    for b in &staged {
+        let r = BlockRef { vol, slice: b.slice, index: b.index };
+        assert_eq!(staged_anywhere(&c, r).await, 2, "block {}/{} lost a staged copy", b.slice, b.index);
+    }
+    println!("{} requests reached the store while it was down", dead.requests().len());
+    assert_eq!(staged_count(&c, vol).await, 6, "a block was recorded tiered though its upload failed");
+    dead.stop().await;
     c.start_s3().await;
     wait_until(Duration::from_secs(60), "backlog drained", || async { staged_count(&c, vol).await == 0 })
         .await;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use elea_cache::{CacheNodeConfig, DataClient, DataConfig};
@@ -181,11 +182,72 @@ impl TestCluster {
         }
     }
 
+    /// With the S3 server stopped (see [`Self::stop_s3`]), a [`DeadStore`] on its port.
+    pub async fn dead_store(&self) -> DeadStore {
+        DeadStore::start(self.s3_port).await
+    }
+
     pub async fn start_s3(&mut self) {
         let s3 = S3TestServer::start_on(&self.tmp.path().join("s3"), "bkt", self.s3_port)
             .await
             .expect("s3 restart");
         self.s3 = Some(s3);
+    }
+}
+
+/// Stands in for a stopped S3 server on its port: accepts every connection, records the
+/// request line it opens with (`PUT /bkt/data/v1/... HTTP/1.1`) and closes it unanswered. Each
+/// request fails as it would against a store that is down, and every attempt shows.
+pub struct DeadStore {
+    requests: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeadStore {
+    async fn start(port: u16) -> Self {
+        use tokio::io::AsyncReadExt as _;
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the store's port");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let task = tokio::spawn(async move {
+            // Owned here: stopping the task drops every connection.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = l.accept() => {
+                        let Ok((mut s, _)) = accepted else { continue };
+                        let seen = seen.clone();
+                        conns.spawn(async move {
+                            let mut head = Vec::new();
+                            let mut buf = [0u8; 1024];
+                            while !head.contains(&b'\n') && head.len() < 8192 {
+                                match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                                    _ => break,
+                                }
+                            }
+                            let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+                            let line = String::from_utf8_lossy(line).trim_end().to_string();
+                            seen.lock().unwrap().push(line);
+                            // Dropped unanswered.
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        DeadStore { requests, task }
+    }
+
+    /// The request lines received so far, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Stops listening and drops every connection; the port is free when this returns.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 }
 
