@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use common::{Gw, MemCluster, TestCluster};
+use common::{Gw, MemCluster, TestCluster, wait_until};
 use elea_cache::DataPath;
 use elea_common::ids::{BLOCK_SIZE, ROOT_INO};
 use elea_common::{Errno, Ino};
@@ -1397,12 +1397,29 @@ async fn read_all<M: MetaApi, D: DataPath>(v: &Gw<M, D>, fh: u64) -> Vec<u8> {
     v.read(fh, 0, 1 << 22).await.expect("read").to_vec()
 }
 
-/// An unlinked file stays readable and writable where it is open, until its last close;
-/// writes reach another gateway at close, and a handle opened after that reads them at once.
+/// The ids of the slices of chunk 0 of `ino`, as the metadata service lists them.
+async fn chunk0_slices(meta: &impl MetaApi, vol: elea_common::VolumeId, ino: Ino) -> Vec<u64> {
+    match meta.query(elea_fsm::Query::ReadChunk { vol, ino, chunk: 0 }).await.expect("read chunk") {
+        elea_fsm::Reply::Slices(s) => s.iter().map(|s| s.id).filter(|id| *id != 0).collect(),
+        other => panic!("read chunk: {other:?}"),
+    }
+}
+
+/// Whether garbage collection is done with `ids`: off the deleted list and forgotten.
+async fn collected(meta: &impl MetaApi, ids: &[u64]) -> bool {
+    let (pending, _) = meta.pending_deletes(0, 10_000).await.expect("pending deletes");
+    let locs = meta.slice_locs(ids).await.expect("slice locations");
+    !pending.iter().any(|(id, ..)| ids.contains(id)) && locs.iter().all(|(_, l)| l.is_none())
+}
+
+/// An unlinked file stays readable and writable where it is open, until its last close (its
+/// slices stay referenced while garbage collection removes a closed file's); writes reach
+/// another gateway at close, and a handle opened after that reads them at once.
 #[test]
 fn open_unlinked_file_and_close_to_open() {
     runtime().block_on(async {
         let cluster = TestCluster::start(2).await;
+        let meta = cluster.meta();
         let vol = cluster.volume().await;
         let a = cluster.gateway(vol, "a").await;
         let b = cluster.gateway(vol, "b").await;
@@ -1413,6 +1430,13 @@ fn open_unlinked_file_and_close_to_open() {
         let (fa, f) = a.create(&root, ROOT_INO, b"orphan", 0o644, 0o022, libc::O_RDWR).await.unwrap();
         a.write(fa, 0, &data).await.unwrap();
         a.flush(fa).await.unwrap();
+        // A closed file, unlinked after the orphan: its data must be collected meanwhile,
+        // which shows that garbage collection ran.
+        let (fg, g) = a.create(&root, ROOT_INO, b"closed", 0o644, 0o022, libc::O_WRONLY).await.unwrap();
+        a.write(fg, 0, &payload(200_000, 9)).await.unwrap();
+        a.release(fg).await.unwrap();
+        let closed_slices = chunk0_slices(meta, vol, g.ino).await;
+        assert!(!closed_slices.is_empty(), "the closed file has no data");
         b.unlink(&root, ROOT_INO, b"orphan").await.unwrap();
         assert_eq!(b.lookup(&root, ROOT_INO, b"orphan").await.map(|_| ()), Err(Errno::ENOENT));
         assert_eq!(a.lookup(&root, ROOT_INO, b"orphan").await.map(|_| ()), Err(Errno::ENOENT));
@@ -1422,8 +1446,31 @@ fn open_unlinked_file_and_close_to_open() {
         let mut want = data.clone();
         want.extend_from_slice(b"tail");
         assert!(read_all(&a, fa).await == want, "orphan takes writes");
-        // Past the cache nodes' garbage collection delay, the data is still there.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let orphan_slices = chunk0_slices(meta, vol, f.ino).await;
+        assert!(!orphan_slices.is_empty(), "the orphan has no data");
+        b.unlink(&root, ROOT_INO, b"closed").await.unwrap();
+        // Garbage collection removes the closed file's data (past the cache nodes' delay of
+        // 1 s)...
+        wait_until(Duration::from_secs(20), "the closed file's slices collected", || async {
+            collected(meta, &closed_slices).await
+        })
+        .await;
+        // ...and leaves the open orphan's alone: every slice referenced, none queued, the bytes
+        // there on the cache nodes (read by a client that never cached them) and through A.
+        let locs = meta.slice_locs(&orphan_slices).await.unwrap();
+        assert!(
+            locs.iter().all(|(_, l)| l.as_ref().is_some_and(|l| l.deleted.is_none())),
+            "an open orphan's slice is gone or queued for deletion: {locs:?}"
+        );
+        let (pending, _) = meta.pending_deletes(0, 10_000).await.unwrap();
+        assert!(
+            !pending.iter().any(|(id, ..)| orphan_slices.contains(id)),
+            "orphan slice queued: {pending:?}"
+        );
+        match cluster.data().read_file(vol, f.ino, 0, want.len()).await {
+            Ok(b) => assert!(b == want, "orphan data reads back changed from the cache nodes"),
+            Err(e) => panic!("orphan data does not read back from the cache nodes: {e}"),
+        }
         assert!(read_all(&a, fa).await == want, "orphan data survives garbage collection");
         a.release(fa).await.unwrap();
         assert_eq!(a.getattr(f.ino).await.map(|_| ()), Err(Errno::ENOENT), "freed at last close");

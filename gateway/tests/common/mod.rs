@@ -146,6 +146,20 @@ impl TestCluster {
         self.gateway_with(vol, name, cfg).await
     }
 
+    /// The cluster's metadata client (for checks below the VFS).
+    pub fn meta(&self) -> &MetaClient {
+        &self.meta
+    }
+
+    /// A data client of its own, with nothing cached: reads go to the cache nodes (or the
+    /// store).
+    pub fn data(&self) -> DataClient {
+        let mut dcfg = DataConfig::new("a");
+        dcfg.store = Self::store_cfg();
+        dcfg.node_refresh = Duration::from_millis(200);
+        DataClient::new(self.meta.clone(), dcfg)
+    }
+
     /// A gateway on `vol` with the given settings (its session is named `name`).
     pub async fn gateway_with(&self, vol: VolumeId, name: &str, cfg: VfsConfig) -> Gw {
         let meta = MetaClient::connect(std::slice::from_ref(&self.meta_addr), ClientConfig::default())
