@@ -8,13 +8,16 @@
 //! The workload: writers on several mounts create files with self-describing, checksummed
 //! content, fsync them, replace them atomically (write a temporary file, fsync, rename over),
 //! rename and delete them, and record every operation with its start and end time; readers
-//! on other mounts read acknowledged files at the same time. The checker then verifies that
-//! every read returned complete, checksummed content, that the history of every path is
-//! linearizable (see [`crate::history`]), and that the final tree holds exactly what was
-//! acknowledged (operations that failed may or may not have taken effect). Every error an
-//! application call saw is reported with how long it waited.
+//! on other mounts read acknowledged files at the same time; one appender per mount appends
+//! fixed-size records to one shared file with `O_APPEND` under an `fcntl` write lock, each
+//! fsynced before the lock is let go. The checker then verifies that every read returned
+//! complete, checksummed content, that the history of every path is linearizable (see
+//! [`crate::history`]), that the final tree holds exactly what was acknowledged (operations
+//! that failed may or may not have taken effect), and that the shared file holds whole records
+//! only, none twice, each appender's in order, every acknowledged one among them. Every error
+//! an application call saw is reported with how long it waited.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -975,6 +978,12 @@ struct Shared {
     gone: Vec<String>,
     /// Every write and read of every path, for the linearizability check.
     history: History,
+    /// Records of the shared append log, as (appender, sequence number): every one whose
+    /// write was attempted, and those acknowledged (written and fsynced under the lock).
+    append_tried: BTreeSet<(u32, u64)>,
+    appended: BTreeSet<(u32, u64)>,
+    /// Waiting `F_SETLKW` calls that returned errno 512 (see [`appender`]).
+    lock_errno_512: u64,
 }
 
 impl Shared {
@@ -1007,6 +1016,10 @@ pub struct Report {
     pub all_calls: Vec<Call>,
     /// Acknowledged operations whose effect is missing at the end (must be 0).
     pub lost: usize,
+    /// Acknowledged records of the shared append log (each checked through every mount).
+    pub records_appended: usize,
+    /// Waiting `F_SETLKW` calls that returned errno 512 (ERESTARTSYS) and were retried.
+    pub lock_errno_512: u64,
 }
 
 impl Report {
@@ -1020,13 +1033,16 @@ impl Report {
             .collect();
         format!(
             "acknowledged {:?}; {} failed calls (longest {:?}); longest call {:?}; {} reads checked; \
-             {} files checked at the end; {} lost; {} violations; slowest calls: {}",
+             {} files and {} appended records checked at the end; {} lock waits answered errno 512 \
+             (retried); {} lost; {} violations; slowest calls: {}",
             self.acked,
             self.errors.len(),
             self.errors.iter().map(|c| c.end - c.start).max().unwrap_or_default(),
             self.longest_call,
             self.reads_checked,
             self.files_checked,
+            self.records_appended,
+            self.lock_errno_512,
             self.lost,
             self.violations.len(),
             slow.join(", "),
@@ -1064,14 +1080,20 @@ fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl Workload {
-    /// Starts `writers` writers (writer `w` on mount `w % n`, in its own directory) and
-    /// `readers` readers (on the mounts after their writers'), file sizes up to `max_len`.
+    /// Starts `writers` writers (writer `w` on mount `w % n`, in its own directory),
+    /// `readers` readers (on the mounts after their writers'), file sizes up to `max_len`, and
+    /// one appender per mount on the shared append log.
     pub fn start(t: &Topology, writers: usize, readers: usize, max_len: usize) -> Self {
         let mounts = t.mount_points();
         let events = t.events.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Mutex::new(Shared::default()));
         let mut threads = Vec::new();
+        File::create(mounts[0].join(APPEND_LOG)).and_then(|f| f.sync_all()).expect("append log");
+        for (a, root) in mounts.iter().enumerate() {
+            let (stop, shared, events, root) = (stop.clone(), shared.clone(), events.clone(), root.clone());
+            threads.push(std::thread::spawn(move || appender(a as u32, &root, stop, shared, events)));
+        }
         for w in 0..writers {
             let dir = mounts[w % mounts.len()].join(format!("w{w}"));
             std::fs::create_dir_all(&dir).expect("writer directory");
@@ -1088,7 +1110,10 @@ impl Workload {
                 reader(r, &mount, stop, shared, events, move || gens[m].load(Ordering::SeqCst))
             }));
         }
-        events.log(&format!("workload started: {writers} writers, {readers} readers"));
+        events.log(&format!(
+            "workload started: {writers} writers, {readers} readers, {} appenders",
+            mounts.len()
+        ));
         Self { stop, threads, shared, events, mounts }
     }
 
@@ -1134,6 +1159,11 @@ impl Workload {
                 violations.push(format!("{p}: renamed away or deleted (acknowledged), yet it exists"));
             }
         }
+        for mount in &self.mounts {
+            let (v, missing) = check_append_log(mount, &sh.append_tried, &sh.appended);
+            violations.extend(v);
+            lost += missing;
+        }
         let mut acked: BTreeMap<String, u64> = BTreeMap::new();
         let mut errors = Vec::new();
         let mut longest = Duration::ZERO;
@@ -1153,6 +1183,8 @@ impl Workload {
             violations,
             files_checked: sh.fates.len(),
             lost,
+            records_appended: sh.appended.len(),
+            lock_errno_512: sh.lock_errno_512,
             all_calls: sh.calls,
         }
     }
@@ -1358,5 +1390,184 @@ fn reader(
             sh.history.read(&path, history::Read { value, start, end, who: who.clone() });
         }
         sh.calls.push(Call { who: who.clone(), op: "read".into(), start, end, error: None });
+    }
+}
+
+// ---- appenders ----------------------------------------------------------------------------
+
+/// The file the appenders share, in the volume's root.
+const APPEND_LOG: &str = "append.log";
+/// Length of one appended record.
+const RECORD: usize = 64;
+/// The kernel's "restart this system call" code, which leaks to applications as an errno when
+/// no signal is pending.
+const ERESTARTSYS: i32 = 512;
+
+/// Record `seq` of appender `a`: magic, appender, sequence number, a body derived from both,
+/// and the crc32c of everything before it.
+fn record(a: u32, seq: u64) -> Vec<u8> {
+    let mut r = Vec::with_capacity(RECORD);
+    r.extend_from_slice(b"APND");
+    r.extend_from_slice(&a.to_le_bytes());
+    r.extend_from_slice(&seq.to_le_bytes());
+    r.extend_from_slice(&elea_common::pattern::pattern((u64::from(a) << 48) ^ seq, RECORD - 20));
+    let crc = crc32c::crc32c(&r);
+    r.extend_from_slice(&crc.to_le_bytes());
+    r
+}
+
+/// The (appender, sequence number) of one intact record.
+fn parse_record(r: &[u8]) -> Option<(u32, u64)> {
+    let (body, crc) = r.split_at_checked(RECORD - 4)?;
+    if r.len() != RECORD || &body[..4] != b"APND" || crc32c::crc32c(body).to_le_bytes() != crc {
+        return None;
+    }
+    let a = u32::from_le_bytes(body[4..8].try_into().ok()?);
+    let seq = u64::from_le_bytes(body[8..16].try_into().ok()?);
+    Some((a, seq))
+}
+
+/// Checks the append log as `mount` shows it: whole, intact records only (an overlapping or
+/// torn append breaks one), each one a record that was written, none twice, each appender's
+/// in the order appended; and every acknowledged record there. Returns the violations and
+/// how many acknowledged records are missing.
+fn check_append_log(
+    mount: &Path,
+    tried: &BTreeSet<(u32, u64)>,
+    acked: &BTreeSet<(u32, u64)>,
+) -> (Vec<String>, usize) {
+    let path = mount.join(APPEND_LOG);
+    let log = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => return (vec![format!("{}: {}", path.display(), errno_of(&e))], acked.len()),
+    };
+    let mut v = Vec::new();
+    if log.len() % RECORD != 0 {
+        v.push(format!(
+            "{}: {} bytes, not a whole number of {RECORD}-byte records",
+            path.display(),
+            log.len()
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    let mut last: BTreeMap<u32, u64> = BTreeMap::new();
+    for (i, r) in log.chunks(RECORD).enumerate() {
+        let at = i * RECORD;
+        let Some((a, seq)) = parse_record(r) else {
+            v.push(format!("{}: offset {at}: not an intact record (torn or overwritten)", path.display()));
+            continue;
+        };
+        if !tried.contains(&(a, seq)) {
+            v.push(format!(
+                "{}: offset {at}: record {seq} of appender {a} was never written",
+                path.display()
+            ));
+        }
+        if !seen.insert((a, seq)) {
+            v.push(format!("{}: offset {at}: record {seq} of appender {a} a second time", path.display()));
+        }
+        if let Some(prev) = last.insert(a, seq)
+            && prev >= seq
+        {
+            v.push(format!(
+                "{}: offset {at}: appender {a}'s record {seq} after its record {prev}",
+                path.display()
+            ));
+        }
+    }
+    let missing: Vec<&(u32, u64)> = acked.difference(&seen).collect();
+    if !missing.is_empty() {
+        v.push(format!(
+            "{}: {} acknowledged records missing (appender, record): {:?}",
+            path.display(),
+            missing.len(),
+            missing.iter().take(10).collect::<Vec<_>>()
+        ));
+    }
+    (v, missing.len())
+}
+
+/// Appender `a`, on the mount at `root`: for each record, opens the shared log with
+/// `O_APPEND`, waits for a write lock on the whole file (`F_SETLKW`), writes the record,
+/// fsyncs, and closes (which lets the lock go). A record is acknowledged when its write and an
+/// fsync succeeded. A failed fsync is retried under the lock for a while: the bytes stay
+/// buffered on the mount and a later flush would commit them at the offset they were given,
+/// so letting go of the lock with them pending would let them land over a later append.
+fn appender(a: u32, root: &Path, stop: Arc<AtomicBool>, shared: Arc<Mutex<Shared>>, events: Arc<Events>) {
+    let who = format!("appender {a}");
+    let path = root.join(APPEND_LOG);
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
+    let call = |op: &str, start: Duration, r: &Result<(), String>| {
+        let end = events.now();
+        if let Err(e) = r {
+            events.log(&format!("{who}: {op} failed after {:?}: {e}", end - start));
+        }
+        let error = r.as_ref().err().cloned();
+        lock().calls.push(Call { who: who.clone(), op: op.into(), start, end, error });
+    };
+    let whole_file = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let start = events.now();
+        let f = match std::fs::OpenOptions::new().append(true).open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                call("open for append", start, &Err(errno_of(&e)));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        // The gateway answers a waiting F_SETLKW with EINTR after each wait slice (500 ms);
+        // the kernel's FUSE client turns that into ERESTARTSYS, which no pending signal
+        // restarts, so the application sees errno 512. Both are retried here (and the 512s
+        // counted for the report) so that the locking and appending are what is checked.
+        let start = events.now();
+        let locked = loop {
+            let r = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETLKW(&whole_file));
+            let restart = r.is_err() && std::io::Error::last_os_error().raw_os_error() == Some(ERESTARTSYS);
+            if restart {
+                lock().lock_errno_512 += 1;
+            }
+            if (restart || r == Err(nix::errno::Errno::EINTR)) && !stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            break r.map(|_| ()).map_err(|e| (restart, e));
+        };
+        match locked {
+            Ok(()) => call("lock", start, &Ok(())),
+            // Stopped while waiting.
+            Err((true, _) | (false, nix::errno::Errno::EINTR)) => break,
+            Err((false, e)) => {
+                call("lock", start, &Err(format!("errno {} ({e})", e as i32)));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        seq += 1;
+        lock().append_tried.insert((a, seq));
+        let start = events.now();
+        let wrote = (&f).write_all(&record(a, seq)).map_err(|e| errno_of(&e));
+        let mut synced = wrote.clone().and_then(|()| f.sync_all().map_err(|e| errno_of(&e)));
+        call("append", start, &synced);
+        let until = Instant::now() + Duration::from_secs(10);
+        while wrote.is_ok() && synced.is_err() && Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            let start = events.now();
+            synced = f.sync_all().map_err(|e| errno_of(&e));
+            call("fsync of an append", start, &synced);
+        }
+        if synced.is_ok() {
+            lock().appended.insert((a, seq));
+        }
+        drop(f);
+        if synced.is_err() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

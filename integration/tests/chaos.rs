@@ -48,6 +48,7 @@ fn check(name: &str, t: &Topology, r: &Report) {
     );
     assert!(r.acked.values().sum::<u64>() > 20, "{name}: too little was acknowledged: {:?}", r.acked);
     assert!(r.reads_checked > 10, "{name}: too few reads were checked ({})", r.reads_checked);
+    assert!(r.records_appended > 5, "{name}: too few records were appended ({})", r.records_appended);
 }
 
 /// Acknowledged calls that ended after `t`: service went on.
