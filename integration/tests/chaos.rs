@@ -49,6 +49,8 @@ fn check(name: &str, t: &Topology, r: &Report) {
     assert!(r.acked.values().sum::<u64>() > 20, "{name}: too little was acknowledged: {:?}", r.acked);
     assert!(r.reads_checked > 10, "{name}: too few reads were checked ({})", r.reads_checked);
     assert!(r.records_appended > 5, "{name}: too few records were appended ({})", r.records_appended);
+    // A waiting lock request must never leak the kernel's restart code to the application.
+    assert_eq!(r.lock_errno_512, 0, "{name}: F_SETLKW failed with errno 512");
 }
 
 /// Acknowledged calls that ended after `t`: service went on.
