@@ -120,6 +120,11 @@ pub fn group_by_chunk(extents: &[(u64, Bytes)]) -> Result<Vec<ChunkGroup>, Cache
 /// Packs one chunk's pieces back to back into the bytes of slice `id`; returns the pieces as
 /// the chunk list records them and the slice's bytes.
 pub fn pack(id: SliceId, pieces: &[(u32, Bytes)]) -> (Vec<Slice>, Bytes) {
+    if let [(in_chunk, b)] = pieces {
+        // One piece (a sequential writer's flush): its bytes are the slice, no copy.
+        let len = b.len() as u32;
+        return (vec![Slice { id, offset: *in_chunk, len, slice_len: len, slice_offset: 0 }], b.clone());
+    }
     let total: usize = pieces.iter().map(|(_, b)| b.len()).sum();
     let mut buf = BytesMut::with_capacity(total);
     let mut list = Vec::with_capacity(pieces.len());

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use elea_cache::Staged;
 
 /// Buffered writes of one inode: disjoint extents by offset.
@@ -81,11 +80,6 @@ impl Dirty {
         buf[at..at + data.len()].copy_from_slice(data);
         self.bytes += buf.len();
         self.extents.insert(start, buf);
-    }
-
-    /// The extents as the data path takes them.
-    pub fn to_list(&self) -> Vec<(u64, Bytes)> {
-        self.extents.iter().map(|(o, v)| (*o, Bytes::copy_from_slice(v))).collect()
     }
 }
 

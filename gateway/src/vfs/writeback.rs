@@ -13,6 +13,7 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use elea_cache::{CacheError, DataPath};
 use elea_common::Errno;
 use elea_metadata::MetaApi;
@@ -183,13 +184,17 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             self.recount(u);
         }
         if !u.buf.extents.is_empty() {
-            let list = u.buf.to_list();
-            let bytes = u.buf.bytes;
+            // The buffers move into the list as they are (no copy); a failed staging puts
+            // them back.
+            let (extents, bytes) = u.buf.take();
+            let list: Vec<(u64, Bytes)> = extents.into_iter().map(|(o, v)| (o, Bytes::from(v))).collect();
             let mut staged = match self.inner.data.stage(vol, &list).await {
                 Ok(s) => s,
-                Err(e) => return Err(self.flush_failed(n, u, e)),
+                Err(e) => {
+                    u.buf = Dirty::of(list.into_iter().map(|(o, b)| (o, Vec::from(b))).collect());
+                    return Err(self.flush_failed(n, u, e));
+                }
             };
-            u.buf = Dirty::default();
             let r = self.inner.data.commit(vol, ino, &mut staged).await;
             // Committed slices changed the file: drop what this node cached about it.
             n.invalidate();
