@@ -36,11 +36,6 @@ impl VfsError {
         self.level
     }
 
-    /// What caused it, when something below the VFS did.
-    pub fn source_error(&self) -> Option<&(dyn std::error::Error + Send + Sync)> {
-        self.source.as_deref()
-    }
-
     /// Logs a failed operation `op` (faults as warnings, expected answers at debug level)
     /// and counts it; returns the errno to reply with.
     pub fn report(&self, op: &'static str) -> Errno {

@@ -55,6 +55,29 @@ fn as_caller(caller: &Caller, op: Op) -> Op {
     if caller.is_root() { op } else { Op::As { caller: caller.clone(), op: Box::new(op) } }
 }
 
+/// The `Mknod` op for `n`, owned by `uid`/`gid`.
+fn mknod_op(vol: VolumeId, n: &NewNode<'_>, uid: u32, gid: u32) -> Op {
+    Op::Mknod {
+        vol,
+        parent: n.parent,
+        name: n.name.to_vec(),
+        mode: n.mode,
+        uid,
+        gid,
+        rdev: n.rdev,
+        exclusive: n.exclusive,
+        ino: None,
+        session: n.open,
+    }
+}
+
+fn entry_of(r: Reply) -> Result<(Attr, bool), ClientError> {
+    match r {
+        Reply::Entry { attr, created } => Ok((attr, created)),
+        other => Err(unexpected(&other)),
+    }
+}
+
 fn unexpected(r: &Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {r:?}"))
 }
@@ -170,24 +193,8 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         vol: VolumeId,
         n: NewNode<'_>,
     ) -> impl Future<Output = Result<(Attr, bool), ClientError>> + Send {
-        let op = Op::Mknod {
-            vol,
-            parent: n.parent,
-            name: n.name.to_vec(),
-            mode: n.mode,
-            uid: n.uid,
-            gid: n.gid,
-            rdev: n.rdev,
-            exclusive: n.exclusive,
-            ino: None,
-            session: n.open,
-        };
-        async move {
-            match self.op(op).await? {
-                Reply::Entry { attr, created } => Ok((attr, created)),
-                other => Err(unexpected(&other)),
-            }
-        }
+        let op = mknod_op(vol, &n, n.uid, n.gid);
+        async move { entry_of(self.op(op).await?) }
     }
 
     /// Creates a regular file as root (`O_CREAT|O_EXCL`, no open reference): for tools and
@@ -334,25 +341,8 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         caller: &Caller,
         n: NewNode<'_>,
     ) -> impl Future<Output = Result<(Attr, bool), ClientError>> + Send {
-        let op = Op::Mknod {
-            vol,
-            parent: n.parent,
-            name: n.name.to_vec(),
-            mode: n.mode,
-            uid: caller.uid,
-            gid: caller.gid,
-            rdev: n.rdev,
-            exclusive: n.exclusive,
-            ino: None,
-            session: n.open,
-        };
-        let op = as_caller(caller, op);
-        async move {
-            match self.op(op).await? {
-                Reply::Entry { attr, created } => Ok((attr, created)),
-                other => Err(unexpected(&other)),
-            }
-        }
+        let op = as_caller(caller, mknod_op(vol, &n, caller.uid, caller.gid));
+        async move { entry_of(self.op(op).await?) }
     }
 
     fn mkdir_as(

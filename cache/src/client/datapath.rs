@@ -75,11 +75,6 @@ impl Staged {
         self.chunks.iter().all(|c| c.committed)
     }
 
-    /// The slices staged, for diagnostics.
-    pub fn slices(&self) -> Vec<SliceId> {
-        self.chunks.iter().filter_map(|c| c.pieces.first().map(|p| p.id)).collect()
-    }
-
     /// The end (file offset) of the last staged byte.
     pub fn end(&self) -> u64 {
         self.chunks

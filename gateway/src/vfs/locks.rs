@@ -15,6 +15,9 @@ use elea_common::Errno;
 use elea_fsm::{LockInfo, LockKind};
 use elea_metadata::{LockReq, MetaApi};
 
+use elea_metadata::client::ClientError;
+
+use super::inode::InodeState;
 use super::{Vfs, lock};
 use crate::error::VfsResult;
 
@@ -60,26 +63,11 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             // Held or waited for: either way a close of this owner must clear it.
             lock(&h.node.lock_owners).insert(owner);
         }
-        let slice = self.inner.cfg.lock_wait_slice;
-        let mut until = Instant::now() + slice;
-        loop {
-            let notified = h.node.changed.notified();
+        let try_lock = || {
             let l = LockReq { session: self.session(), owner, pid, kind, start, end };
-            match self.inner.meta.setlk(self.inner.vol, h.ino, l, wait).await {
-                Err(e) if wait && e.errno() == Errno::EAGAIN => {
-                    let mut left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        if interrupted() {
-                            return Err(Errno::EINTR.into());
-                        }
-                        until = Instant::now() + slice;
-                        left = slice;
-                    }
-                    let _ = tokio::time::timeout(left.min(RECHECK), notified).await;
-                }
-                r => return Ok(r?),
-            }
-        }
+            self.inner.meta.setlk(self.inner.vol, h.ino, l, wait)
+        };
+        self.until_granted(&h.node, wait, interrupted, try_lock).await
     }
 
     /// Drops every POSIX lock `owner` holds or waits for on the handle's inode (a close:
@@ -112,11 +100,29 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         interrupted: Interrupted<'_>,
     ) -> VfsResult<()> {
         let h = self.handle(fh)?;
+        let try_lock = || self.inner.meta.flock(self.inner.vol, h.ino, self.session(), owner, kind);
+        self.until_granted(&h.node, wait, interrupted, try_lock).await
+    }
+
+    /// Runs `try_lock` until it stops answering `EAGAIN` (at once when not `wait`): again
+    /// whenever the inode's lock state changes anywhere, and at least every 200 ms; every
+    /// wait slice, `EINTR` if `interrupted` says the caller gave up (see the module docs).
+    async fn until_granted<F, Fut>(
+        &self,
+        node: &InodeState,
+        wait: bool,
+        interrupted: Interrupted<'_>,
+        try_lock: F,
+    ) -> VfsResult<()>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), ClientError>>,
+    {
         let slice = self.inner.cfg.lock_wait_slice;
         let mut until = Instant::now() + slice;
         loop {
-            let notified = h.node.changed.notified();
-            match self.inner.meta.flock(self.inner.vol, h.ino, self.session(), owner, kind).await {
+            let notified = node.changed.notified();
+            match try_lock().await {
                 Err(e) if wait && e.errno() == Errno::EAGAIN => {
                     let mut left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {

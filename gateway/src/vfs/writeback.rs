@@ -247,9 +247,9 @@ pub(super) async fn flush_loop<M: MetaApi, D: DataPath>(weak: Weak<Inner<M, D>>)
             .collect();
         for n in nodes {
             let Ok(mut d) = n.dirty.try_lock() else { continue };
-            let retry = n.commit.try_lock().is_ok_and(|u| u.due());
+            // (due, pending) of what failed flushes left; busy: a flush is in flight.
+            let Ok((retry, waiting)) = n.commit.try_lock().map(|u| (u.due(), u.pending())) else { continue };
             let old = d.since.is_some_and(|t| t.elapsed() >= delay);
-            let waiting = n.commit.try_lock().is_ok_and(|u| u.pending());
             // Bytes behind a failed flush wait for its retry.
             if (retry || (old && !waiting))
                 && let Err(e) = vfs.flush_locked(&n, &mut d).await
