@@ -797,7 +797,7 @@ async fn workers_report_their_state() {
     };
     wait_until(Duration::from_secs(20), "every worker ran a round", || async {
         let w = peers.workers(&addr).await.unwrap();
-        names(&w) == ["gc", "reconcile", "repair", "tiering"] && w.iter().all(|w| w.rounds > 0)
+        names(&w) == ["gc", "lost-copies", "reconcile", "repair", "tiering"] && w.iter().all(|w| w.rounds > 0)
     })
     .await;
     c.stop_s3().await;

@@ -130,8 +130,6 @@ pub struct Node {
     pub(crate) backlog: (AtomicU64, AtomicU64),
     /// The registry as of the last heartbeat.
     pub(crate) nodes: Mutex<Vec<CacheNodeInfo>>,
-    /// Retry schedule of deleted slices garbage collection failed to remove.
-    pub(crate) gc_backoff: Mutex<workers::GcBackoff>,
     /// What each background worker is doing.
     pub(crate) workers: workers::WorkerBoard,
 }
@@ -383,7 +381,6 @@ pub async fn serve(
         backlog: (AtomicU64::new(0), AtomicU64::new(0)),
         workers: workers::WorkerBoard::default(),
         nodes: Mutex::default(),
-        gc_backoff: Mutex::default(),
     });
     // Register before serving, retrying while the metadata service is unreachable. Until
     // then connections are accepted and closed at once: clients that still list this address

@@ -1,0 +1,178 @@
+//! The tiering worker: uploads staged blocks to the volume's object store, records them
+//! tiered, then frees their staged copies.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use elea_fsm::StagedBlock;
+use elea_metadata::MetaApi as _;
+use elea_store::{BlockKey, encode_block};
+use futures::StreamExt as _;
+
+use super::{Worker, ms_of};
+use crate::error::CacheError;
+use crate::node::Node;
+use crate::node::staging::now_ms;
+use crate::proto::BlockRef;
+
+/// Most blocks one tiering batch uploads before recording them.
+const TIER_BATCH: usize = 64;
+/// Uploads in flight per node.
+const TIER_CONCURRENCY: usize = 8;
+
+/// Tiers the staged blocks this node is primary for (the first live holder): once older than
+/// the volume's `tier-after`, when staging is above its high watermark, or when asked (`elea
+/// tier`, which also wakes it). Publishes the node's tiering backlog.
+pub(crate) struct Tiering {
+    node: Arc<Node>,
+}
+
+impl Tiering {
+    pub(crate) fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+impl Worker for Tiering {
+    const NAME: &'static str = "tiering";
+
+    fn period(&self) -> Duration {
+        self.node.cfg.tier_interval
+    }
+
+    fn round(&mut self) -> impl Future<Output = Result<usize, CacheError>> + Send {
+        tier_round(self.node.clone())
+    }
+
+    fn woken(&self) -> impl Future<Output = ()> + Send + 'static {
+        let node = self.node.clone();
+        async move { node.tier_wake.notified().await }
+    }
+}
+
+async fn tier_round(node: Arc<Node>) -> Result<usize, CacheError> {
+    let me = node.cfg.node_id;
+    let alive = node.alive_set();
+    if !alive.contains(&me) {
+        return Ok(0);
+    }
+    let blocks = node.meta.staged_blocks().await?;
+    let forced = node.tier_now.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let over = node.staging.fill() > node.cfg.high_watermark;
+    let now = now_ms();
+    let mut due = Vec::new();
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let mut forced_left: HashSet<u64> = HashSet::new();
+    for b in blocks {
+        if b.nodes.iter().find(|n| alive.contains(n)) != Some(&me) {
+            continue;
+        }
+        let vol = match node.vols.get(b.vol).await {
+            Ok(v) => v,
+            Err(e) => {
+                // One volume whose stores cannot be opened must not stop the others.
+                tracing::warn!(vol = b.vol, error = %e, "cannot tier this volume's blocks");
+                continue;
+            }
+        };
+        if vol.stores.is_empty() {
+            continue;
+        }
+        n += 1;
+        bytes += u64::from(b.len);
+        let created = ms_of(b.created);
+        let forced_now = forced.get(&b.vol).is_some_and(|t| created <= *t);
+        if forced_now {
+            forced_left.insert(b.vol);
+        }
+        if over || forced_now || now.saturating_sub(created) >= vol.config.tier_after_ms {
+            due.push(b);
+        }
+    }
+    node.backlog.0.store(n, Ordering::Relaxed);
+    node.backlog.1.store(bytes, Ordering::Relaxed);
+    // Requests whose blocks are all gone are done.
+    node.tier_now.lock().unwrap_or_else(|p| p.into_inner()).retain(|v, _| forced_left.contains(v));
+    let mut done = 0;
+    let mut round_err = None;
+    for batch in due.chunks(TIER_BATCH) {
+        let results: Vec<(StagedBlock, Result<(), CacheError>)> =
+            futures::stream::iter(batch.iter().cloned())
+                .map(|b| {
+                    let node = node.clone();
+                    async move {
+                        let r = upload(&node, &b).await;
+                        (b, r)
+                    }
+                })
+                .buffer_unordered(TIER_CONCURRENCY)
+                .collect()
+                .await;
+        let mut ok = Vec::new();
+        let mut first_err = None;
+        for (b, r) in results {
+            match r {
+                Ok(()) => ok.push(b),
+                Err(e) => {
+                    tracing::warn!(slice = b.slice, index = b.index, error = %e, "tiering a block failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if !ok.is_empty() {
+            let blocks = ok.iter().map(|b| (b.slice, b.index)).collect();
+            node.meta.mark_tiered(0, blocks).await?;
+            done += ok.len();
+            for b in &ok {
+                free_copies(&node, b).await;
+            }
+        }
+        // A block that fails now is retried next round; the other batches go on.
+        if let Some(e) = first_err {
+            round_err.get_or_insert(e);
+        }
+    }
+    match round_err {
+        Some(e) if done == 0 => Err(e),
+        _ => Ok(done),
+    }
+}
+
+/// Uploads one block to the volume's first store.
+async fn upload(node: &Node, b: &StagedBlock) -> Result<(), CacheError> {
+    let vol = node.vols.get(b.vol).await?;
+    let store =
+        vol.stores.first().ok_or_else(|| CacheError::NotFound(format!("volume {} has no store", b.vol)))?;
+    let data = node.staged_bytes(b).await?;
+    let c = vol.compression();
+    let encoded = tokio::task::spawn_blocking(move || encode_block(&data, c))
+        .await
+        .map_err(|e| CacheError::Internal(format!("encoder: {e}")))?;
+    let key = BlockKey { vol: b.vol, slice: b.slice, index: b.index, len: b.len };
+    store.put(&key, Bytes::from(encoded)).await?;
+    Ok(())
+}
+
+/// After a block is recorded tiered: drop every staged copy (best effort; reconcile catches
+/// the ones that fail) and keep it in the read cache here.
+async fn free_copies(node: &Node, b: &StagedBlock) {
+    let id = (b.slice, b.index);
+    if let Ok(Some((_, d))) = node.staging.get(id).await {
+        node.cache.insert(id, &d);
+    }
+    if let Err(e) = node.staging.remove(id).await {
+        tracing::warn!(error = %e, "freeing a tiered block");
+    }
+    for n in b.nodes.iter().filter(|n| **n != node.cfg.node_id) {
+        if let Some(addr) = node.addr_of(*n) {
+            let r = BlockRef { vol: b.vol, slice: b.slice, index: b.index };
+            if let Err(e) = node.peers.delete(&addr, r).await {
+                tracing::debug!(node = n, error = %e, "freeing a tiered block on a peer");
+            }
+        }
+    }
+}
