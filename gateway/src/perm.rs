@@ -3,10 +3,13 @@
 //! then group, primary or supplementary, then other bits; root may read and write anything and
 //! execute anything with an execute bit, and search any directory), the sticky-directory rule
 //! and the set-id rules. This module binds them to a request's credentials, whose
-//! supplementary groups are read from `/proc` only when a group check needs them, so every
-//! front end (FUSE, NFS) and the state machine enforce the same rules.
+//! supplementary groups are read from `/proc` only when a group check needs them (and then at
+//! most once per [`GROUPS_TTL`] per process), so every front end (FUSE, NFS) and the state
+//! machine enforce the same rules.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use elea_common::Errno;
 use elea_fsm::perm::{self as rules, Identity};
@@ -23,7 +26,7 @@ pub struct Creds {
     /// The calling process (0 when unknown): its supplementary groups are read from
     /// `/proc/PID/status` the first time a group check needs them.
     pub pid: u32,
-    groups: OnceLock<Vec<u32>>,
+    groups: OnceLock<Arc<[u32]>>,
 }
 
 impl Creds {
@@ -35,7 +38,7 @@ impl Creds {
     /// A caller with a known list of supplementary groups.
     pub fn with_groups(uid: u32, gid: u32, groups: Vec<u32>) -> Self {
         let g = OnceLock::new();
-        let _ = g.set(groups);
+        let _ = g.set(groups.into());
         Self { uid, gid, pid: 0, groups: g }
     }
 
@@ -62,7 +65,61 @@ impl Creds {
     }
 
     fn groups(&self) -> &[u32] {
-        self.groups.get_or_init(|| proc_groups(self.pid))
+        self.groups.get_or_init(|| GROUPS.get(self.pid, self.uid, self.gid, proc_groups))
+    }
+}
+
+/// How long a process's supplementary groups, once read, are used for its later requests with
+/// the same uid and gid. A process that changes its uid or gid is read again at once; one that
+/// calls `setgroups` alone sees the change within this time (as an NFS server's group cache,
+/// only much shorter).
+pub const GROUPS_TTL: Duration = Duration::from_secs(1);
+
+/// Callers whose groups the cache keeps at most (expired ones are dropped first).
+const GROUPS_MAX: usize = 4096;
+
+/// The groups of recent callers, by process: a non-root create or unlink sends its groups to
+/// the state machine, and reading `/proc/PID/status` for every request was the larger part of
+/// a create's cost on a local stack.
+static GROUPS: LazyLock<GroupCache> = LazyLock::new(GroupCache::default);
+
+#[derive(Default)]
+struct GroupCache {
+    map: Mutex<HashMap<u32, Cached>>,
+}
+
+struct Cached {
+    uid: u32,
+    gid: u32,
+    read: Instant,
+    groups: Arc<[u32]>,
+}
+
+impl GroupCache {
+    /// The groups of `pid` acting as `uid`/`gid`: the cached list while it is fresh and the
+    /// process still has those ids, otherwise `read(pid)`.
+    fn get(&self, pid: u32, uid: u32, gid: u32, read: impl FnOnce(u32) -> Vec<u32>) -> Arc<[u32]> {
+        if pid == 0 {
+            return Arc::from([]);
+        }
+        let now = Instant::now();
+        if let Some(c) = self.map.lock().unwrap().get(&pid)
+            && c.uid == uid
+            && c.gid == gid
+            && now.duration_since(c.read) < GROUPS_TTL
+        {
+            return c.groups.clone();
+        }
+        let groups: Arc<[u32]> = read(pid).into();
+        let mut map = self.map.lock().unwrap();
+        if map.len() >= GROUPS_MAX {
+            map.retain(|_, c| now.duration_since(c.read) < GROUPS_TTL);
+            if map.len() >= GROUPS_MAX {
+                map.clear();
+            }
+        }
+        map.insert(pid, Cached { uid, gid, read: now, groups: groups.clone() });
+        groups
     }
 }
 
@@ -198,6 +255,38 @@ mod tests {
         assert_eq!(check_chown(&Creds::with_groups(7, 6, vec![]), &file, Some(6), None), Err(Errno::EPERM));
         assert_eq!(chmod_mode(&owner, 9, 0o2755), 0o755);
         assert_eq!(chmod_mode(&owner, 8, 0o2755), 0o2755);
+    }
+
+    #[test]
+    fn groups_are_read_once_per_process_and_ids_while_fresh() {
+        let cache = GroupCache::default();
+        let reads = std::cell::Cell::new(0);
+        let read = |groups: Vec<u32>| {
+            let reads = &reads;
+            move |_pid| {
+                reads.set(reads.get() + 1);
+                groups
+            }
+        };
+        assert_eq!(&*cache.get(10, 6, 7, read(vec![8])), &[8]);
+        assert_eq!(&*cache.get(10, 6, 7, read(vec![9])), &[8], "fresh: not read again");
+        assert_eq!(reads.get(), 1);
+        // Another uid or gid for the same process (setuid, newgrp) is read at once.
+        assert_eq!(&*cache.get(10, 5, 7, read(vec![9])), &[9]);
+        assert_eq!(&*cache.get(10, 5, 6, read(vec![1])), &[1]);
+        assert_eq!(reads.get(), 3);
+        // Another process is read; an unknown one has none.
+        assert_eq!(&*cache.get(11, 5, 6, read(vec![2])), &[2]);
+        assert!(cache.get(0, 5, 6, read(vec![3])).is_empty());
+        assert_eq!(reads.get(), 4);
+        // An old entry is read again.
+        cache.map.lock().unwrap().get_mut(&11).unwrap().read -= GROUPS_TTL;
+        assert_eq!(&*cache.get(11, 5, 6, read(vec![4])), &[4]);
+        // The cache stays bounded.
+        for pid in 100..100 + GROUPS_MAX as u32 + 10 {
+            cache.get(pid, 1, 1, |_| vec![]);
+        }
+        assert!(cache.map.lock().unwrap().len() <= GROUPS_MAX);
     }
 
     #[test]
