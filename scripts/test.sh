@@ -39,6 +39,11 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 \
   echo "== installing iproute2 and util-linux"
   apt-get update -qq && apt-get install -y -qq iproute2 util-linux
 fi
+# A user's mount (a FUSE test) goes through fusermount3 (package fuse3).
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && ! need_cmd fusermount3; then
+  echo "== installing fuse3"
+  apt-get update -qq && apt-get install -y -qq fuse3
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

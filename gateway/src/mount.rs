@@ -81,16 +81,7 @@ impl MountConfig {
 /// Whether every local user may use the mount (`allow_other`), and why not when not. Root
 /// may always ask for it; anyone else mounts through `fusermount3`, which refuses it unless
 /// `/etc/fuse.conf` has a `user_allow_other` line.
-fn allow_other() -> Result<(), String> {
-    // The effective uid, from /proc (the crate forbids the unsafe call to geteuid).
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(str::to_owned))
-        })
-        .is_some_and(|euid| euid == "0");
+fn allow_other(root: bool) -> Result<(), String> {
     if root || fuse_conf_allows_other(&std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default()) {
         Ok(())
     } else {
@@ -120,16 +111,28 @@ fn mount_options(cfg: &MountConfig) -> Vec<MountOption> {
 /// Mounts `vfs` at `mountpoint`. Every local user may use the mount (`allow_other`) when the
 /// process may ask for that (root, or `user_allow_other` in `/etc/fuse.conf`); permissions
 /// are then checked by the VFS itself. Otherwise only the mounting user may use it, and a
-/// warning says why.
+/// warning says why. A user who is not root mounts through the set-user-id `fusermount3`,
+/// which opens `/dev/fuse` with the user's own rights: that needs the device open to users
+/// (Debian's udev rule makes it 0666), and says so clearly when it is not.
 pub fn mount(
     vfs: Vfs,
     mountpoint: &Path,
     rt: tokio::runtime::Handle,
     mcfg: &MountConfig,
 ) -> std::io::Result<Mounted> {
+    let root = is_root();
+    if !root && let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot open /dev/fuse as this user ({e}): a mount by a user who is not root needs \
+                 read and write access to it (mode 0666, as Debian's udev rule sets it), or run as root"
+            ),
+        ));
+    }
     let mut cfg = Config::default();
     cfg.mount_options = mount_options(mcfg);
-    cfg.acl = match allow_other() {
+    cfg.acl = match allow_other(root) {
         Ok(()) => SessionACL::All,
         Err(why) => {
             tracing::warn!("{why}");
@@ -146,6 +149,19 @@ pub fn mount(
     let unmounter = session.unmount_callable();
     let thread = std::thread::Builder::new().name("elea-fuse".into()).spawn(move || session.run())?;
     Ok(Mounted { thread, unmounter })
+}
+
+/// Whether this process runs as root (its effective uid, from /proc: the crate forbids the
+/// unsafe call to geteuid).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .is_some_and(|euid| euid == "0")
 }
 
 /// Aborts the FUSE connection mounted at `mountpoint` (through the fusectl file system,

@@ -17,14 +17,21 @@ use elea_integration::{MetaProc, MountProc, elea_cli, free_port, fuse_available}
 use nix::fcntl::{FcntlArg, fcntl};
 
 struct TwoMounts {
-    _dir: tempfile::TempDir,
     a: MountProc,
     b: MountProc,
+    _site: Site,
+}
+
+/// One metadata voter and one cache node serving volume `v` (one copy per block, a local
+/// directory as its store), the cache node registered.
+struct Site {
+    dir: tempfile::TempDir,
+    meta_addr: String,
     _meta: MetaProc,
     _cache: MetaProc,
 }
 
-impl TwoMounts {
+impl Site {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let meta_addr = format!("127.0.0.1:{}", free_port());
@@ -66,16 +73,8 @@ impl TwoMounts {
             assert!(Instant::now() < deadline, "volume create: {err}");
             std::thread::sleep(Duration::from_millis(200));
         }
-        let mount = |name: &str| {
-            let mp = dir.path().join(name);
-            let args: Vec<String> = ["mount", "--meta", &meta_addr, "--volume", "v", mp.to_str().unwrap()]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            MountProc::start(&args, &mp, &dir.path().join(format!("{name}.log")))
-        };
-        // Writes need the cache node registered; the first mount waits for it implicitly
-        // (its writes retry), but start both mounts only once it is alive.
+        // Writes need the cache node registered; they would wait for it, but start mounts
+        // only once it is alive.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (ok, out, _) = elea_cli(&["status", "--json", "--meta", &meta_addr]);
@@ -85,9 +84,25 @@ impl TwoMounts {
             assert!(Instant::now() < deadline, "cache node did not register");
             std::thread::sleep(Duration::from_millis(100));
         }
+        Self { dir, meta_addr, _meta: meta, _cache: cache }
+    }
+}
+
+impl TwoMounts {
+    fn start() -> Self {
+        let site = Site::start();
+        let (dir, meta_addr) = (site.dir.path(), &site.meta_addr);
+        let mount = |name: &str| {
+            let mp = dir.join(name);
+            let args: Vec<String> = ["mount", "--meta", meta_addr, "--volume", "v", mp.to_str().unwrap()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            MountProc::start(&args, &mp, &dir.join(format!("{name}.log")))
+        };
         let a = mount("a");
         let b = mount("b");
-        Self { _dir: dir, a, b, _meta: meta, _cache: cache }
+        Self { a, b, _site: site }
     }
 
     fn pa(&self, rel: &str) -> PathBuf {
@@ -459,4 +474,163 @@ fn st_blocks_shrink_when_a_hole_is_punched() {
     assert_eq!(std::fs::metadata(&p).unwrap().blocks(), 1024);
     assert_eq!(std::fs::metadata(m.pb("sparse")).unwrap().blocks(), 1024);
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+}
+
+/// Runs `args` as user `nobody` (no supplementary groups); returns whether it succeeded, its
+/// stdout and its stderr.
+fn as_nobody(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run setpriv");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// `/dev/fuse` with another mode for as long as this lives (then its old mode again).
+struct DevFuseMode(u32);
+
+impl DevFuseMode {
+    fn set(mode: u32) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let old = std::fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode)).unwrap();
+        Self(old)
+    }
+}
+
+impl Drop for DevFuseMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// A user who is not root mounts a volume (through `fusermount3`, without `allow_other`
+/// unless /etc/fuse.conf allows it), uses it, and unmounts it with `fusermount3 -u`.
+/// `fusermount3` opens `/dev/fuse` with the user's rights: Debian's udev rule makes it 0666;
+/// machines without udev leave it root's (0600), where the mount must say why it cannot
+/// work. The test tries both modes and puts the device's own mode back.
+#[test]
+fn a_user_mounts_and_unmounts_with_fusermount3() {
+    if !fuse_available("a_user_mounts_and_unmounts_with_fusermount3") {
+        return;
+    }
+    let site = Site::start();
+    let dir = site.dir.path();
+    // nobody needs to reach the binary and own the mount point.
+    let shared = dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    for d in [dir, shared.as_path()] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let bin = shared.join("elea");
+    std::fs::copy(elea_integration::elea_bin(), &bin).unwrap();
+    let mp = shared.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    assert!(std::process::Command::new("chown").args(["nobody"]).arg(&mp).status().unwrap().success());
+    let nobody: u32 =
+        String::from_utf8(std::process::Command::new("id").args(["-u", "nobody"]).output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    // Root's own mount gives the user a directory of its own on the volume.
+    let root_mp = dir.join("root-mnt");
+    let args: Vec<String> = ["mount", "--meta", &site.meta_addr, "--volume", "v", root_mp.to_str().unwrap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let root_mount = MountProc::start(&args, &root_mp, &dir.join("root-mount.log"));
+    std::fs::create_dir(root_mp.join("home")).unwrap();
+    std::os::unix::fs::chown(root_mp.join("home"), Some(nobody), None).unwrap();
+    let log_path = dir.join("user-mount.log");
+    let user_mount = || {
+        let log = File::create(&log_path).unwrap();
+        std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(&bin)
+            .args(["mount", "--meta", &site.meta_addr, "--volume", "v"])
+            .arg(&mp)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    // A device only root may open: a clear error, not a mount.
+    let mode = DevFuseMode::set(0o600);
+    let status = user_mount().wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!status.success() && log.contains("cannot open /dev/fuse as this user"), "{status}: {log}");
+    assert!(!elea_integration::is_mounted(&mp));
+    drop(mode);
+    // Open to users, as on a Debian machine with udev.
+    let _mode = DevFuseMode::set(0o666);
+    let mut child = user_mount();
+    struct Cleanup<'a>(&'a Path, &'a mut std::process::Child);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = self.1.kill();
+            let _ = self.1.wait();
+            elea_integration::force_unmount(self.0);
+        }
+    }
+    let guard = Cleanup(&mp, &mut child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !elea_integration::is_mounted(&mp) {
+        assert!(
+            Instant::now() < deadline && guard.1.try_wait().unwrap().is_none(),
+            "the user's mount did not come up: {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Mounted by nobody: the kernel records the mounting user.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mounts.lines().find(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())).expect("listed");
+    assert!(line.contains(&format!("user_id={nobody}")), "{line}");
+    assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+    // Without user_allow_other in fuse.conf, the mount says why others cannot use it.
+    let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    let allowed = conf.lines().any(|l| l.split('#').next().is_some_and(|l| l.trim() == "user_allow_other"));
+    if !allowed {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(log.contains("user_allow_other"), "no word on allow_other: {log}");
+    }
+    // The user writes, reads back and owns what it creates; root's mount sees it too. The
+    // volume's root stays root's.
+    let f = mp.join("home/f");
+    let f = f.to_str().unwrap();
+    let (ok, out, err) =
+        as_nobody(&["sh", "-c", &format!("printf hello > {f} && cat {f} && stat -c %u {f}")]);
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("hello{nobody}\n"));
+    let (ok, _, err) = as_nobody(&["touch", mp.join("g").to_str().unwrap()]);
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    assert_eq!(std::fs::read(root_mp.join("home/f")).unwrap(), b"hello");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(root_mp.join("home/f")).unwrap()),
+        nobody
+    );
+    // fusermount3 -u by the user ends the mount, and the daemon exits cleanly.
+    let (ok, _, err) = as_nobody(&["fusermount3", "-u", mp.to_str().unwrap()]);
+    assert!(ok, "fusermount3 -u: {err}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = guard.1.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the mount process did not exit after fusermount3 -u");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+    assert!(!elea_integration::is_mounted(&mp));
+    drop(root_mount);
 }
