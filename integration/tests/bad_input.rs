@@ -257,3 +257,75 @@ async fn watch_streams_changes_with_sequence_numbers() {
     assert_eq!(again.expect("ok"), WatchItem::Changes { seq, changes });
     let _ = d;
 }
+
+/// A raft-rs `eraftpb.Message` in protobuf-2 wire format, from its varint fields (field
+/// number, value): msg_type 1, to 2, from 3, term 4, log_term 5, index 6, commit 8.
+fn raft_message(fields: &[(u32, u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let varint = |out: &mut Vec<u8>, mut v: u64| loop {
+        if v < 0x80 {
+            out.push(v as u8);
+            break;
+        }
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    };
+    for &(field, value) in fields {
+        varint(&mut out, u64::from(field) << 3);
+        varint(&mut out, value);
+    }
+    out
+}
+
+/// The audit's C1: one forged heartbeat whose commit index is past the end of the log (and a
+/// higher term, so that the leader would first follow the forger) made raft-rs panic and the
+/// node exit. Such messages, and the others hostile-peer simulation found raft-rs panicking
+/// on, sent over the gRPC peer service and over a peer link, are refused before raft-rs sees
+/// them: the node stays up, keeps its term and stays the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_raft_messages_neither_crash_nor_depose_the_leader() {
+    use elea_metadata::raft::link::{self, Hello};
+    use std::io::Write as _;
+    let cl = Cluster::start(1, &[]);
+    let c = cl.client();
+    let addr = cl.nodes[0].addr.clone();
+    wait_leader(&c, std::slice::from_ref(&addr), Duration::from_secs(15)).await.expect("leader");
+    let vol = c.create_volume("forged", Default::default()).await.expect("volume");
+    let before = c.status_of(&addr).await.expect("status");
+    let t = before.term;
+    const HEARTBEAT: u64 = 8;
+    const READ_INDEX: u64 = 15;
+    const PROPOSE: u64 = 2;
+    let forged = vec![
+        // C1: commit past the end of the log, with a higher term.
+        raft_message(&[(1, HEARTBEAT), (2, 1), (3, 2), (4, t + 1000), (8, u64::MAX)]),
+        // A heartbeat without a term (raft-rs takes it for its own message).
+        raft_message(&[(1, HEARTBEAT), (2, 1), (3, 2), (8, 1)]),
+        // A read request without its context, and an empty proposal.
+        raft_message(&[(1, READ_INDEX), (2, 1), (3, 2)]),
+        raft_message(&[(1, PROPOSE), (2, 1), (3, 2), (4, t)]),
+    ];
+    let mut peer = RaftPeerClient::connect(format!("http://{addr}")).await.expect("connect peer");
+    peer.send(proto::RaftBatch {
+        group_id: 1,
+        from: 2,
+        from_addr: "127.0.0.1:9".into(),
+        to: 1,
+        messages: forged.clone(),
+    })
+    .await
+    .expect("the batch is taken (and its messages dropped)");
+    let mut s =
+        raw_link(&addr, &Hello { group: 1, from: 2, to: 1, from_addr: "127.0.0.1:9".into() }.encode());
+    link::read_answer(&mut s).expect("hello");
+    for m in &forged {
+        let mut f = u32::try_from(m.len()).expect("len").to_le_bytes().to_vec();
+        f.extend_from_slice(m);
+        s.write_all(&f).expect("write a forged frame");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.mkdir(vol.id, ROOT_INO, b"after-forged", 0o755, 0, 0).await.expect("the node still serves");
+    let after = c.status_of(&addr).await.expect("status");
+    assert_eq!((after.leader_id, after.term), (1, t), "still the leader, in the same term: {after:?}");
+    assert!(after.commit_index > before.commit_index, "{after:?}");
+}

@@ -546,6 +546,105 @@ impl Sim {
         }
     }
 
+    /// Forges, against a live node's current log, a message its core must refuse, hands it
+    /// to the core directly and checks that it was refused. The kinds: a heartbeat whose
+    /// commit index is past the end of the log (the audit's C1: raft-rs panics), an append
+    /// that rewrites a committed entry (raft-rs panics) or skips an index, an acknowledgement
+    /// past the end of the log, a leader transfer from outside this term, a snapshot that
+    /// cannot be decoded, and messages misaddressed, from this node or from no node, of a
+    /// local kind, or of an absurd term. The checks of the run then show that none of them
+    /// changed anything.
+    fn inject_refused(&mut self, rng: &mut Rng) {
+        let live: Vec<NodeId> = self.ids().into_iter().filter(|id| self.alive(*id)).collect();
+        if live.is_empty() {
+            return;
+        }
+        let id = rng.pick(&live);
+        let others: Vec<NodeId> = self.ids().into_iter().filter(|o| *o != id).collect();
+        let core = self.core(id);
+        let st = core.status();
+        let mut m =
+            Message { to: id, from: rng.pick(&others), term: st.term + rng.below(3), ..Default::default() };
+        match rng.below(11) {
+            0 => {
+                m.set_msg_type(MessageType::MsgHeartbeat);
+                m.commit = st.last_index + 1 + rng.below(1 << 40);
+            }
+            1 => {
+                m.set_msg_type(MessageType::MsgHeartbeat);
+                m.to = rng.pick(&others);
+            }
+            2 => {
+                m.set_msg_type(MessageType::MsgAppend);
+                m.from = rng.pick(&[id, 0]);
+            }
+            3 => m.set_msg_type(rng.pick(&[
+                MessageType::MsgHup,
+                MessageType::MsgBeat,
+                MessageType::MsgPropose,
+                MessageType::MsgCheckQuorum,
+                MessageType::MsgSnapStatus,
+                MessageType::MsgUnreachable,
+            ])),
+            4 => {
+                m.set_msg_type(MessageType::MsgHeartbeat);
+                m.term = (1 << 62) + rng.below(1 << 60);
+            }
+            5 => {
+                m.set_msg_type(MessageType::MsgAppend);
+                m.index = st.last_index;
+                m.log_term = core.log_term(st.last_index).unwrap_or(0);
+                let e = raft::prelude::Entry { index: m.index + 2, term: m.term, ..Default::default() };
+                m.entries = vec![e].into();
+            }
+            6 => {
+                // An entry this node knows committed, after one whose term it still has.
+                let c = st.commit;
+                let (Some(t), Some(prev)) =
+                    (core.log_term(c), c.checked_sub(1).and_then(|p| core.log_term(p)))
+                else {
+                    return;
+                };
+                if c == 0 || t == 0 {
+                    return;
+                }
+                m.set_msg_type(MessageType::MsgAppend);
+                m.index = c - 1;
+                m.log_term = prev;
+                m.term = m.term.max(t + 1);
+                let e = raft::prelude::Entry { index: c, term: t + 1, ..Default::default() };
+                m.entries = vec![e].into();
+            }
+            7 => {
+                m.set_msg_type(MessageType::MsgAppendResponse);
+                m.index = st.last_index + 1 + rng.below(1000);
+            }
+            8 => {
+                m.set_msg_type(MessageType::MsgTimeoutNow);
+                m.term = st.term + 1 + rng.below(3);
+            }
+            9 => {
+                m.set_msg_type(MessageType::MsgSnapshot);
+                let term = m.term;
+                let snap = m.mut_snapshot();
+                snap.mut_metadata().index = st.commit + 1 + rng.below(100);
+                snap.mut_metadata().term = term;
+                snap.mut_metadata().mut_conf_state().voters = self.ids();
+                snap.data = (0..rng.below(64)).map(|_| rng.next() as u8).collect::<Vec<u8>>().into();
+            }
+            _ => {
+                m.set_msg_type(MessageType::MsgAppend);
+                m.term = u64::MAX - rng.below(10);
+            }
+        }
+        let what = format!("{m:?}");
+        let core = self.core_mut(id).unwrap();
+        let before = core.refused_messages();
+        core.step(m);
+        let after = core.refused_messages();
+        assert_eq!(after, before + 1, "seed {}: node {id} accepted a forged message: {what}", self.seed);
+    }
+
     fn deliver(&mut self, p: Packet) {
         let to = p.msg.to;
         let snapshot = is_snapshot(&p.msg);
@@ -1308,6 +1407,9 @@ struct Chaos {
     lossy: bool,
     snapshots: bool,
     steps: u64,
+    /// A hostile peer sends every node messages the core must refuse (see
+    /// [`Sim::inject_refused`]).
+    forged: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1452,11 +1554,17 @@ fn chaos_run(seed: u64, mode: Mode, chaos: Chaos) -> Summary {
     }
     let mut wl = Workload::new(&mut sim, 3, Mix::Distinct, usize::MAX, 5);
     let mut nemesis = Nemesis::new(chaos, sim.now);
+    let mut forger = Rng::new(seed ^ 0xF0F0);
     let end = sim.now + chaos.steps;
     while sim.now < end {
         let ev = sim.step();
         wl.drive(&mut sim, &ev);
         nemesis.act(&mut sim);
+        if chaos.forged {
+            for _ in 0..forger.below(3) {
+                sim.inject_refused(&mut forger);
+            }
+        }
     }
     sim.heal();
     sim.restart_all();
@@ -1480,6 +1588,248 @@ fn chaos_run(seed: u64, mode: Mode, chaos: Chaos) -> Summary {
 
 // ---------------------------------------------------------------------------------------------
 // Tests
+
+/// Forged messages of every kind the cores must refuse, sent to every node during a run with
+/// partitions, crashes and snapshots: each is refused, no node fails, and every check of the
+/// run holds (acknowledged writes survive, replicas converge).
+#[test]
+fn forged_messages_are_refused_and_change_nothing() {
+    for (seed, mode) in runs(30) {
+        let _run = RunGuard(seed, mode);
+        let chaos = Chaos {
+            nodes: 3,
+            partitions: seed % 2 == 0,
+            crashes: seed % 3 == 0,
+            lossy: true,
+            snapshots: seed % 2 == 1,
+            steps: 800,
+            forged: true,
+            ..Chaos::default()
+        };
+        chaos_run(seed, mode, chaos);
+    }
+}
+
+/// A message with every field random (the kinds raft-rs knows, ids around the members').
+fn random_message(rng: &mut Rng, term: u64, last: u64) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(
+        <MessageType as protobuf::ProtobufEnum>::from_i32(rng.below(19) as i32)
+            .unwrap_or(MessageType::MsgHeartbeat),
+    );
+    m.to = rng.range(0, 5);
+    m.from = rng.range(0, 5);
+    m.term = {
+        let c = [term, term + 1, term.saturating_sub(1), rng.next(), rng.below(1 << 62)];
+        rng.pick(&c)
+    };
+    m.index = {
+        let c = [last, last + 1, last.saturating_sub(rng.below(20)), rng.next()];
+        rng.pick(&c)
+    };
+    m.log_term = {
+        let c = [term, term.saturating_sub(1), rng.next()];
+        rng.pick(&c)
+    };
+    m.commit = {
+        let c = [last, last.saturating_sub(rng.below(20)), rng.next()];
+        rng.pick(&c)
+    };
+    m.reject = rng.chance(300);
+    m.reject_hint = {
+        let c = [last, rng.next()];
+        rng.pick(&c)
+    };
+    for i in 0..rng.below(4) {
+        let term = {
+            let c = [m.term, m.log_term, rng.next()];
+            rng.pick(&c)
+        };
+        let mut e = raft::prelude::Entry { index: m.index.wrapping_add(1 + i), term, ..Default::default() };
+        e.set_entry_type(rng.pick(&[
+            raft::prelude::EntryType::EntryNormal,
+            raft::prelude::EntryType::EntryConfChange,
+            raft::prelude::EntryType::EntryConfChangeV2,
+        ]));
+        e.data = (0..rng.below(40)).map(|_| rng.next() as u8).collect::<Vec<u8>>().into();
+        m.entries.push(e);
+    }
+    if m.get_msg_type() == MessageType::MsgSnapshot || rng.chance(100) {
+        let snap = m.mut_snapshot();
+        snap.mut_metadata().index = {
+            let c = [last + 1, rng.next(), rng.below(last + 2)];
+            rng.pick(&c)
+        };
+        snap.mut_metadata().term = {
+            let c = [term, rng.next()];
+            rng.pick(&c)
+        };
+        snap.mut_metadata().mut_conf_state().voters = (0..rng.below(4)).map(|_| rng.range(1, 5)).collect();
+        snap.data = (0..rng.below(64)).map(|_| rng.next() as u8).collect::<Vec<u8>>().into();
+    }
+    m
+}
+
+/// One field of a real message changed (or its entries or snapshot damaged).
+fn mutate(rng: &mut Rng, m: &mut Message) {
+    match rng.below(12) {
+        0 => {
+            m.term = {
+                let c = [m.term + 1, m.term.saturating_sub(1), rng.next(), m.term + rng.below(1000)];
+                rng.pick(&c)
+            }
+        }
+        1 => {
+            m.index = {
+                let c = [m.index + 1, m.index.saturating_sub(1), rng.next(), m.index + rng.below(100)];
+                rng.pick(&c)
+            }
+        }
+        2 => {
+            m.log_term = {
+                let c = [m.log_term + 1, m.log_term.saturating_sub(1), rng.next()];
+                rng.pick(&c)
+            }
+        }
+        3 => {
+            m.commit = {
+                let c = [m.commit + 1, m.commit + rng.below(100), rng.next()];
+                rng.pick(&c)
+            }
+        }
+        4 => m.reject = !m.reject,
+        5 => m.set_msg_type(
+            <MessageType as protobuf::ProtobufEnum>::from_i32(rng.below(19) as i32)
+                .unwrap_or(MessageType::MsgAppend),
+        ),
+        6 => m.from = rng.range(0, 5),
+        7 => {
+            let n = rng.below(m.entries.len().max(1) as u64) as usize;
+            if let Some(e) = m.entries.get_mut(n) {
+                match rng.below(3) {
+                    0 => {
+                        e.term = {
+                            let c = [e.term + 1, e.term.saturating_sub(1), rng.next()];
+                            rng.pick(&c)
+                        }
+                    }
+                    1 => {
+                        e.index = {
+                            let c = [e.index + 1, e.index.saturating_sub(1), rng.next()];
+                            rng.pick(&c)
+                        }
+                    }
+                    _ => e.data = e.data.iter().map(|b| b ^ (rng.next() as u8)).collect::<Vec<u8>>().into(),
+                }
+            }
+        }
+        8 => {
+            let n = rng.below(m.entries.len() as u64 + 1) as usize;
+            m.entries.truncate(n);
+        }
+        9 => {
+            if let Some(e) = m.entries.first().cloned() {
+                m.entries.push(e);
+            }
+        }
+        10 => {
+            let snap = m.mut_snapshot();
+            if !snap.data.is_empty() {
+                let mut d = snap.data.to_vec();
+                let i = rng.below(d.len() as u64) as usize;
+                d[i] ^= 1 + rng.below(255) as u8;
+                if rng.chance(300) {
+                    d.truncate(i);
+                }
+                snap.data = d.into();
+            } else {
+                snap.mut_metadata().index = rng.next();
+            }
+        }
+        _ => m.reject_hint = rng.next(),
+    }
+}
+
+/// Three voters exchanging their messages directly (synchronous writes, snapshots every few
+/// entries), with clients writing, while a hostile peer that may claim to be any of them
+/// changes messages in flight, replays, drops and reorders them, and adds messages with
+/// random fields. Raft cannot keep its promises when a peer lies about who it is (that is
+/// what the links' authentication is for), so this checks what must hold whatever peers
+/// send: no node panics, no node's core fails, and the vetting refused what it had to.
+/// Returns how many messages the cores refused.
+fn hostile_run(seed: u64, steps: u64) -> u64 {
+    let mut rng = Rng::new(seed ^ 0x0005_711E);
+    let members: Vec<Member> = (1..=3).map(|id| Member { id, addr: addr(id), learner: false }).collect();
+    let mut nodes: Vec<(SimNode, GroupCore)> = Vec::new();
+    for id in 1..=3u64 {
+        let node = SimNode::new();
+        let mut storage = GroupStorage::open(node.store(), GROUP).unwrap();
+        GroupCore::bootstrap(&mut storage, &members).unwrap();
+        let mut cfg = CoreConfig::new(id, GROUP);
+        cfg.election_tick = 10;
+        cfg.heartbeat_tick = 2;
+        cfg.min_election_tick = 10 + rng.below(10) as usize;
+        cfg.max_election_tick = cfg.min_election_tick + 1;
+        cfg.snapshot_every = 8;
+        cfg.compact_margin = 2;
+        cfg.read_lease = cfg.lease_for_tick(1);
+        let core = GroupCore::open(cfg, storage).unwrap();
+        nodes.push((node, core));
+    }
+    let mut flight: Vec<Message> = Vec::new();
+    let mut seq = 0u64;
+    for step in 1..=steps {
+        let mut out = Vec::new();
+        for (i, (_, core)) in nodes.iter_mut().enumerate() {
+            core.set_clock(step);
+            core.tick();
+            if rng.chance(200) {
+                seq += 1;
+                let op = set_xattr(REG.to_vec(), seq.to_le_bytes().to_vec());
+                let cmd = Command { client: 7, seq, acked_below: seq, time: Timespec::default(), op };
+                core.propose(seq, cmd, ts(step));
+            }
+            if let Err(e) = core.process() {
+                panic!("seed {seed} step {step}: node {} failed: {e}", i + 1);
+            }
+            out.extend(core.take_messages());
+            core.take_events();
+        }
+        let st = nodes[rng.below(3) as usize].1.status();
+        for mut m in out {
+            if rng.chance(250) {
+                mutate(&mut rng, &mut m);
+            }
+            if rng.chance(50) {
+                flight.push(m.clone());
+            }
+            if !rng.chance(50) {
+                flight.push(m);
+            }
+        }
+        for _ in 0..rng.below(4) {
+            flight.push(random_message(&mut rng, st.term, st.last_index));
+        }
+        rng.shuffle(&mut flight);
+        for m in std::mem::take(&mut flight) {
+            if let Some((_, core)) = nodes.get_mut((m.to as usize).wrapping_sub(1)) {
+                core.step(m);
+            }
+        }
+    }
+    nodes.iter().map(|(_, c)| c.refused_messages()).sum()
+}
+
+/// See [`hostile_run`]. `SIM_SEEDS=<n>` runs longer.
+#[test]
+fn hostile_peers_never_crash_a_node() {
+    let mut refused = 0;
+    for seed in seeds(40) {
+        let _run = RunGuard(seed, Mode::Sync);
+        refused += hostile_run(seed, 400);
+    }
+    assert!(refused > 1000, "the hostile peer should have sent much the cores refused ({refused})");
+}
 
 #[test]
 fn checker_accepts_and_rejects() {
@@ -1514,6 +1864,7 @@ fn same_seed_same_run() {
         lossy: true,
         snapshots: true,
         steps: 600,
+        forged: false,
     };
     for mode in [Mode::Sync, Mode::Async] {
         let a = chaos_run(7, mode, chaos);
@@ -1579,6 +1930,7 @@ fn register_is_linearizable() {
             lossy: true,
             snapshots: true,
             steps: 0,
+            forged: false,
         };
         let mut wl = Workload::new(&mut sim, 4, Mix::Register, 30, 30);
         let mut nemesis = Nemesis::new(chaos, sim.now);

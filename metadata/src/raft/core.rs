@@ -246,7 +246,16 @@ pub struct GroupCore {
     local_reads_seen: bool,
     /// The highest commit index sent to each peer in an append (or announced to all).
     commit_sent: HashMap<NodeId, u64>,
+    /// A snapshot received from a peer, decoded while it was vetted ([`GroupCore::vet`]), so
+    /// that installing it does not decode it again: (index, term, state, members).
+    vetted_snapshot: Option<(u64, u64, StateMachine, Vec<Member>)>,
+    /// Peer messages [`GroupCore::vet`] refused.
+    refused: u64,
 }
+
+/// Terms from peers at or above this are refused: no honest cluster gets near it, and a
+/// term raft-rs would add one to must not overflow.
+const MAX_TERM: u64 = 1 << 62;
 
 fn role_name(r: StateRole) -> &'static str {
     match r {
@@ -347,6 +356,8 @@ impl GroupCore {
             quiet_ticks: 0,
             local_reads_seen: false,
             commit_sent: HashMap::new(),
+            vetted_snapshot: None,
+            refused: 0,
         })
     }
 
@@ -615,11 +626,18 @@ impl GroupCore {
         Ok(())
     }
 
-    /// Feeds a message from a peer. Messages for another node or of a local-only type are
-    /// dropped (a peer cannot make us crash).
+    /// Feeds a message from a peer. A message that fails [`GroupCore::vet`] is dropped with
+    /// a warning: nothing a peer sends can make this node crash.
     pub fn step(&mut self, msg: Message) {
-        if msg.to != self.cfg.node_id || raft::raw_node::is_local_msg(msg.get_msg_type()) {
-            tracing::debug!(to = msg.to, "dropping misaddressed or local raft message");
+        if let Err(why) = self.vet(&msg) {
+            self.refused += 1;
+            tracing::warn!(
+                from = msg.from,
+                to = msg.to,
+                kind = ?msg.get_msg_type(),
+                term = msg.term,
+                "dropping a raft message: {why}"
+            );
             return;
         }
         if msg.get_msg_type() == MessageType::MsgTimeoutNow && self.snapshot_unpersisted() {
@@ -647,11 +665,129 @@ impl GroupCore {
                 tracing::debug!(from = msg.from, "ignoring a vote request: heard from a leader recently");
                 return;
             }
-            MessageType::MsgTransferLeader => self.transfer_term = term,
             _ => {}
         }
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(error = %e, "raft step");
+        }
+    }
+
+    /// How many peer messages were refused (see [`GroupCore::step`]).
+    pub fn refused_messages(&self) -> u64 {
+        self.refused
+    }
+
+    /// The term of the entry at `index` in this node's log (none if compacted or past its end).
+    pub fn log_term(&self, index: u64) -> Option<u64> {
+        let log = &self.raw.raft.raft_log;
+        if index > log.last_index() {
+            return None;
+        }
+        log.term(index).ok()
+    }
+
+    /// Checks a message from a peer before raft-rs sees it. raft-rs trusts its peers: some
+    /// messages no honest peer sends make it panic (a heartbeat whose commit index is past the
+    /// end of this node's log, an append that contradicts an entry this node knows committed),
+    /// and a snapshot whose data this core cannot decode would stop the group once raft-rs
+    /// had accepted it. This refuses them, and whatever is addressed to another node, claims
+    /// to come from this one or from no node, is of a kind only this node makes, or carries
+    /// an absurd term. A received snapshot is decoded here once and kept for its install.
+    fn vet(&mut self, m: &Message) -> Result<(), String> {
+        let me = self.cfg.node_id;
+        if m.to != me {
+            return Err(format!("addressed to node {}", m.to));
+        }
+        if m.from == me || m.from == raft::INVALID_ID {
+            return Err(format!("claims to come from node {}", m.from));
+        }
+        // Proposals and leader transfers are made on the leader only (see `propose` and
+        // `transfer_leader`): no peer forwards one.
+        if raft::raw_node::is_local_msg(m.get_msg_type())
+            || matches!(m.get_msg_type(), MessageType::MsgPropose | MessageType::MsgTransferLeader)
+        {
+            return Err("a kind of message only this node makes".into());
+        }
+        if m.term >= MAX_TERM {
+            return Err(format!("term {} is absurd", m.term));
+        }
+        // A peer forwards a read without a term (raft-rs asserts that when it forwards one
+        // again); everything else a peer sends carries its term, and raft-rs takes a message
+        // without one for its own: a term-0 heartbeat would set a candidate's term to 0.
+        match (m.get_msg_type(), m.term) {
+            (MessageType::MsgReadIndex, 0) if m.entries.len() == 1 => {}
+            (MessageType::MsgReadIndex, 0) => return Err("a read without exactly one context".into()),
+            (MessageType::MsgReadIndex, _) => return Err("a forwarded read with a term".into()),
+            (_, 0) => return Err("no term".into()),
+            _ => {}
+        }
+        let log = &self.raw.raft.raft_log;
+        let last = log.last_index();
+        match m.get_msg_type() {
+            MessageType::MsgHeartbeat if m.commit > last => {
+                Err(format!("commit index {} is past the end of this log ({last})", m.commit))
+            }
+            MessageType::MsgAppend => {
+                let mut prev = (m.index, m.log_term);
+                for e in &m.entries {
+                    if e.index != prev.0.saturating_add(1) || e.term < prev.1 || e.term > m.term {
+                        return Err(format!(
+                            "entry {}/{} does not follow {}/{} in an append of term {}",
+                            e.index, e.term, prev.0, prev.1, m.term
+                        ));
+                    }
+                    prev = (e.index, e.term);
+                }
+                // A rejected append makes raft-rs look back from the append's index for an
+                // entry no newer than its log term, and it panics if that search reaches
+                // compacted entries. An honest leader's entry there is no older than this
+                // node's last committed one, so the search stops before it.
+                if m.index >= log.committed && log.term(log.committed).is_ok_and(|t| m.log_term < t) {
+                    return Err(format!(
+                        "previous entry {}/{} is older than this node's committed entry {}",
+                        m.index, m.log_term, log.committed
+                    ));
+                }
+                // raft-rs appends after a matching (index, log term) and panics if that
+                // rewrites an entry it knows committed.
+                if log.term(m.index).is_ok_and(|t| t == m.log_term) {
+                    for e in m.entries.iter().take_while(|e| e.index <= log.committed) {
+                        if log.term(e.index) != Ok(e.term) {
+                            return Err(format!("rewrites committed entry {} (term {})", e.index, e.term));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            MessageType::MsgAppendResponse if !m.reject && m.index > last => {
+                Err(format!("acknowledges index {} past the end of this log ({last})", m.index))
+            }
+            MessageType::MsgTimeoutNow
+                if m.from != self.raw.raft.leader_id || m.term != self.raw.raft.term =>
+            {
+                Err("a leader transfer from a node that is not this term's leader".into())
+            }
+            MessageType::MsgSnapshot => {
+                let snap = m.get_snapshot();
+                let meta = snap.get_metadata();
+                if meta.term > m.term || meta.index == 0 {
+                    return Err(format!(
+                        "snapshot {}/{} in a message of term {}",
+                        meta.index, meta.term, m.term
+                    ));
+                }
+                if meta.index < log.committed {
+                    // raft-rs ignores it; nothing to decode.
+                    return Ok(());
+                }
+                let data: SnapshotData =
+                    postcard::from_bytes(&snap.data).map_err(|e| format!("undecodable snapshot: {e}"))?;
+                let sm = StateMachine::restore(&data.state)
+                    .map_err(|e| format!("undecodable snapshot state: {e}"))?;
+                self.vetted_snapshot = Some((meta.index, meta.term, sm, data.members));
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -943,10 +1079,17 @@ impl GroupCore {
 
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), CoreError> {
         let index = snap.get_metadata().index;
-        let data: SnapshotData = postcard::from_bytes(&snap.data)
-            .map_err(|e| CoreError::Store(format!("received snapshot data: {e}")))?;
-        let sm = StateMachine::restore(&data.state).map_err(|e| CoreError::Store(e.to_string()))?;
-        let members: BTreeMap<NodeId, Member> = data.members.into_iter().map(|m| (m.id, m)).collect();
+        let term = snap.get_metadata().term;
+        let (sm, members) = match self.vetted_snapshot.take() {
+            Some((i, t, sm, members)) if (i, t) == (index, term) => (sm, members),
+            _ => {
+                let data: SnapshotData = postcard::from_bytes(&snap.data)
+                    .map_err(|e| CoreError::Store(format!("received snapshot data: {e}")))?;
+                let sm = StateMachine::restore(&data.state).map_err(|e| CoreError::Store(e.to_string()))?;
+                (sm, data.members)
+            }
+        };
+        let members: BTreeMap<NodeId, Member> = members.into_iter().map(|m| (m.id, m)).collect();
         let job =
             self.raw.store().stage_install_snapshot(snap, &encode_members(&members)).map_err(store_err)?;
         self.disk(job)?;
