@@ -39,6 +39,9 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Make a cluster's certificate authority and issue its certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
 }
 
 impl Command {
@@ -216,6 +219,38 @@ pub struct StatusArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCmd {
+    /// Make a new cluster: a random cluster id and its CA (DIR/ca.pem, DIR/ca.key,
+    /// DIR/cluster-id). Keep ca.key secret; it issues every certificate of the cluster.
+    Init {
+        /// Where to write them (created if missing; refused if it already holds a CA).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
+    /// Issue a certificate and its key (PREFIX.pem, PREFIX.key) with the CA in DIR.
+    Issue {
+        /// The directory of `elea certs init`.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// meta, cache, gateway or admin.
+        #[arg(long)]
+        role: String,
+        /// The holder: a meta node's id, a cache node's or a host's name, an operator's.
+        #[arg(long)]
+        name: String,
+        /// A volume a gateway certificate may mount (repeatable; gateways only).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// Where to write PREFIX.pem and PREFIX.key.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// How long the certificate is valid, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -4,6 +4,7 @@
 mod bench_data;
 mod bench_meta;
 mod cache;
+mod certs;
 mod cluster;
 mod meta;
 mod mount;
@@ -46,5 +47,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCmd::Meta(a)) => bench_meta::run_meta_bench(a).await,
         Command::Bench(BenchCmd::Data(a)) => bench_data::run_data_bench(a).await,
         Command::Bench(BenchCmd::Store(a)) => bench_data::run_store_bench(a).await,
+        Command::Certs(c) => certs::certs(c),
     }
 }
