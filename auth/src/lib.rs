@@ -13,6 +13,7 @@
 //! checks that they belong together.
 
 pub mod certs;
+pub mod tls;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -15,6 +15,7 @@ use crate::error::CacheError;
 
 /// A volume's policy and its opened stores.
 pub struct VolumeEntry {
+    pub name: String,
     pub config: VolumeConfig,
     pub stores: Vec<Store>,
 }
@@ -49,7 +50,7 @@ impl Volumes {
             .iter()
             .map(|u| Store::open(u, &self.store_cfg))
             .collect::<Result<Vec<_>, _>>()?;
-        let e = Arc::new(VolumeEntry { config: info.config, stores });
+        let e = Arc::new(VolumeEntry { name: info.name, config: info.config, stores });
         self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(vol, e.clone());
         Ok(e)
     }

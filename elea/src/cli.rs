@@ -101,6 +101,44 @@ pub struct MetaArgs {
     pub compact_margin: u64,
 }
 
+/// The certificates of mutual TLS (`elea certs`). So far only the block service of the cache
+/// nodes uses them; the metadata service is still plaintext (docs/SECURITY.md).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// The cluster's CA certificate (`elea certs init`).
+    #[arg(long, env = "ELEA_CA")]
+    pub ca: Option<PathBuf>,
+    /// This process's certificate (`elea certs issue`).
+    #[arg(long, env = "ELEA_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This process's private key.
+    #[arg(long, env = "ELEA_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS settings, or none when no certificate flag is given.
+    pub fn load(&self) -> anyhow::Result<Option<elea_auth::tls::Tls>> {
+        match (&self.ca, &self.cert, &self.key) {
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(elea_auth::tls::Tls::load(ca, cert, key)?)),
+            _ => anyhow::bail!("--ca, --cert and --key (ELEA_CA, ELEA_CERT, ELEA_KEY) go together"),
+        }
+    }
+
+    /// Block service clients with these certificates.
+    pub fn block_clients(&self) -> anyhow::Result<elea_cache::client::BlockClients> {
+        let tls = match self.load()? {
+            Some(t) => Some(t.connector(&[elea_auth::Role::Cache])?),
+            None => None,
+        };
+        Ok(elea_cache::client::BlockClients::new(elea_cache::client::blocks::BlockClientConfig {
+            tls,
+            ..Default::default()
+        }))
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct CacheArgs {
     /// This node's id (a positive integer, unique among cache nodes).
@@ -140,6 +178,8 @@ pub struct CacheArgs {
     /// committed block listed here is checked.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub stale_grace: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Kernel cache lifetimes and trust settings of a mount.
@@ -173,6 +213,8 @@ pub struct MountArgs {
     pub site: String,
     #[command(flatten)]
     pub ttls: MountFlags,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Where to mount it (an existing directory).
     pub mountpoint: PathBuf,
 }
@@ -210,6 +252,8 @@ pub struct TierArgs {
     /// Wait until no block of the volume is staged any more.
     #[arg(long)]
     pub wait: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +263,8 @@ pub struct StatusArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Subcommand, Debug)]

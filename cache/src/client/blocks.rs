@@ -24,6 +24,8 @@ pub struct BlockClientConfig {
     /// Per call. A put waits on the far side while its staging is full, so this is long.
     pub put_timeout: Duration,
     pub get_timeout: Duration,
+    /// Mutual TLS to the cache nodes (plaintext when none).
+    pub tls: Option<elea_auth::tls::Connector>,
 }
 
 impl Default for BlockClientConfig {
@@ -32,6 +34,7 @@ impl Default for BlockClientConfig {
             connect_timeout: Duration::from_secs(3),
             put_timeout: Duration::from_secs(120),
             get_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -54,6 +57,11 @@ impl BlockClients {
         Self { cfg, conns: Arc::default() }
     }
 
+    /// The settings the pool was made with.
+    pub fn config(&self) -> &BlockClientConfig {
+        &self.cfg
+    }
+
     /// Connections the pool has opened (nodes of this process reached directly need none).
     pub fn connections(&self) -> usize {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -71,7 +79,11 @@ impl BlockClients {
             .initial_stream_window_size(BLOCK_WINDOW)
             .initial_connection_window_size(4 * BLOCK_WINDOW)
             .max_frame_size(FRAME);
-        let c = BlockClient::new(ep.connect_lazy())
+        let channel = match &self.cfg.tls {
+            Some(tls) => ep.connect_with_connector_lazy(tls.clone()),
+            None => ep.connect_lazy(),
+        };
+        let c = BlockClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         conns.insert(addr.to_string(), c.clone());

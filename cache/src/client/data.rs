@@ -32,7 +32,7 @@ use foyer::{Cache, CacheBuilder, LruConfig};
 use futures::StreamExt as _;
 use tokio::sync::OnceCell;
 
-use crate::client::blocks::BlockClients;
+use crate::client::blocks::{BlockClientConfig, BlockClients};
 use crate::client::datapath::{ChunkSource, DataPath, MetaChunks, Staged, group_by_chunk, pack, wants};
 use crate::error::CacheError;
 use crate::placement::rank;
@@ -65,6 +65,8 @@ pub struct DataConfig {
     /// alive (a whole site restarting) before it fails with `NoNodes`. Default 60 s.
     pub node_wait: Duration,
     pub store: StoreConfig,
+    /// Calls to the cache nodes (timeouts, TLS).
+    pub blocks: BlockClientConfig,
 }
 
 impl DataConfig {
@@ -80,6 +82,7 @@ impl DataConfig {
             read_timeout: Duration::from_secs(30),
             node_wait: Duration::from_secs(60),
             store: StoreConfig::default(),
+            blocks: BlockClientConfig::default(),
         }
     }
 }
@@ -144,6 +147,7 @@ pub struct DataClient {
 impl DataClient {
     pub fn new(meta: MetaClient, cfg: DataConfig) -> Self {
         let vols = Volumes::new(meta.clone(), cfg.store.clone());
+        let blocks = BlockClients::new(cfg.blocks.clone());
         let window = cfg.window.clamp(4 << 10, BLOCK_SIZE as u32).next_power_of_two();
         let cache = CacheBuilder::new(cfg.cache_bytes.max(BLOCK_SIZE as usize))
             .with_name("elea-data-client")
@@ -162,7 +166,7 @@ impl DataClient {
                 meta,
                 cfg,
                 window,
-                blocks: BlockClients::default(),
+                blocks,
                 vols,
                 nodes: Mutex::new((None, Vec::new())),
                 ids: tokio::sync::Mutex::new((0, 0)),

@@ -30,6 +30,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::BoxFut;
 use crate::client::BlockClients;
+use crate::client::blocks::BlockClientConfig;
 use crate::error::CacheError;
 use crate::node::readcache::ReadCache;
 use crate::node::service::Svc;
@@ -75,6 +76,10 @@ pub struct CacheNodeConfig {
     /// `elea up` does: its gateway and cache node share the process). Peers and other
     /// processes use gRPC either way.
     pub in_process: bool,
+    /// Mutual TLS for the block service and for calls to other cache nodes: every caller
+    /// must present a certificate of the cluster, and each call is checked against its role
+    /// (see `service.rs`). Plaintext, and every call allowed, when none.
+    pub tls: Option<elea_auth::tls::Tls>,
 }
 
 impl CacheNodeConfig {
@@ -99,6 +104,7 @@ impl CacheNodeConfig {
             orphan_grace: Duration::from_secs(3600),
             store: StoreConfig::default(),
             in_process: false,
+            tls: None,
         }
     }
 }
@@ -132,6 +138,8 @@ pub struct Node {
     pub(crate) nodes: Mutex<Vec<CacheNodeInfo>>,
     /// What each background worker is doing.
     pub(crate) workers: workers::WorkerBoard,
+    /// Block calls refused for their caller's role or volumes.
+    pub(crate) refused_calls: AtomicU64,
 }
 
 /// Reads or creates the data directory's incarnation (random, fsynced once).
@@ -368,18 +376,25 @@ pub async fn serve(
     let cache = ReadCache::open(&cfg.data_dir.join("read-cache"), cfg.cache_mem, cfg.cache_disk).await?;
     let meta = MetaClient::connect(&cfg.meta, ClientConfig::default()).map_err(CacheError::from)?;
     let vols = Volumes::new(meta.clone(), cfg.store.clone());
+    let peer_tls = match &cfg.tls {
+        Some(tls) => {
+            Some(tls.connector(&[elea_auth::Role::Cache]).map_err(|e| ServeError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
     let node = Arc::new(Node {
         cfg,
         staging,
         cache,
         meta,
-        peers: BlockClients::default(),
+        peers: BlockClients::new(BlockClientConfig { tls: peer_tls, ..BlockClientConfig::default() }),
         vols,
         incarnation,
         tier_now: Mutex::default(),
         tier_wake: Notify::new(),
         backlog: (AtomicU64::new(0), AtomicU64::new(0)),
         workers: workers::WorkerBoard::default(),
+        refused_calls: AtomicU64::new(0),
         nodes: Mutex::default(),
     });
     // Register before serving, retrying while the metadata service is unreachable. Until
@@ -409,7 +424,6 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut workers = vec![tokio::spawn(node.clone().heartbeat_loop(stop_rx.clone()))];
     workers.extend(crate::node::workers::spawn_all(&node, &stop_rx));
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let svc = BlockServer::new(Svc(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -420,15 +434,21 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let r = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .initial_stream_window_size(BLOCK_WINDOW)
         .initial_connection_window_size(4 * BLOCK_WINDOW)
         .max_frame_size(FRAME)
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = graceful.wait_for(|s| *s).await;
-        })
-        .await;
+        .add_service(svc);
+    let stopped = async move {
+        let _ = graceful.wait_for(|s| *s).await;
+    };
+    let r = match &node.cfg.tls {
+        Some(tls) => router.serve_with_incoming_shutdown(tls.incoming(listener), stopped).await,
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, stopped).await
+        }
+    };
     stopper.abort();
     for w in workers {
         w.abort();

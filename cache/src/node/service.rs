@@ -1,9 +1,17 @@
 //! The block service over gRPC: [`Svc`] adapts tonic's `Block` trait to a [`Node`]. It
 //! reassembles and checks a streamed put, streams a get back in [`CHUNK`]s with the crc32c
 //! of what it sends, and answers the small calls (has, delete, tier, drop-cache, workers).
+//!
+//! With TLS every call is checked against the caller's certificate: a gateway may put, get
+//! and look up blocks of the volumes its certificate names, and nothing else; cache nodes,
+//! metadata nodes and operators may call everything. A refusal is `PERMISSION_DENIED` with
+//! the reason, logged and counted.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use elea_auth::{Identity, Role};
 
 use bytes::{Bytes, BytesMut};
 use elea_common::ids::BLOCK_SIZE;
@@ -21,12 +29,52 @@ use crate::wire::CHUNK;
 
 pub(crate) struct Svc(pub(crate) Arc<Node>);
 
+impl Svc {
+    /// Who calls, when the service runs with TLS (`None`: plaintext, every call allowed).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Option<Arc<Identity>>, Status> {
+        if self.0.cfg.tls.is_none() {
+            return Ok(None);
+        }
+        match req.extensions().get::<elea_auth::tls::Peer>() {
+            Some(p) => Ok(Some(p.identity.clone())),
+            None => Err(self.refuse("no client certificate".into())),
+        }
+    }
+
+    /// Calls that change or report a node's own state (delete, tier, drop-cache, workers):
+    /// not for gateways.
+    fn internal<T>(&self, req: &Request<T>, call: &str) -> Result<(), Status> {
+        match self.caller(req)? {
+            Some(id) if id.role == Role::Gateway => Err(self.refuse(format!("{id} may not call {call}"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Calls on a volume's blocks: a gateway only on the volumes its certificate names.
+    async fn on_volume(&self, caller: Option<&Identity>, vol: u64) -> Result<(), Status> {
+        let Some(id) = caller.filter(|id| id.role == Role::Gateway) else { return Ok(()) };
+        let name = self.0.vols.get(vol).await?.name.clone();
+        if id.may_use_volume(&name) {
+            Ok(())
+        } else {
+            Err(self.refuse(format!("{id} may not use volume {name:?}")))
+        }
+    }
+
+    fn refuse(&self, why: String) -> Status {
+        self.0.refused_calls.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("refused a block call: {why}");
+        Status::permission_denied(why)
+    }
+}
+
 type GetStream = Pin<Box<dyn Stream<Item = Result<GetChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Block for Svc {
     async fn put(&self, req: Request<Streaming<PutChunk>>) -> Result<Response<PutReply>, Status> {
         let node = &self.0;
+        let caller = self.caller(&req)?;
         let mut stream = req.into_inner();
         let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty put"))??;
         let h = first
@@ -34,6 +82,7 @@ impl Block for Svc {
             .ok_or_else(|| Status::invalid_argument("the first message must carry the header"))?;
         let b = h.block.ok_or_else(|| Status::invalid_argument("missing block"))?;
         check_ref(&b)?;
+        self.on_volume(caller.as_deref(), b.vol).await?;
         if h.len == 0 || u64::from(h.len) > BLOCK_SIZE {
             return Err(Status::invalid_argument(format!("bad block length {}", h.len)));
         }
@@ -56,6 +105,8 @@ impl Block for Svc {
     type GetStream = GetStream;
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetStream>, Status> {
+        let vol = req.get_ref().block.as_ref().map_or(0, |b| b.vol);
+        self.on_volume(self.caller(&req)?.as_deref(), vol).await?;
         let data = Bytes::from(self.0.read_block(req.get_ref()).await?);
         let crc = crc32c::crc32c(&data);
         let len = data.len() as u32;
@@ -76,10 +127,12 @@ impl Block for Svc {
 
     async fn has(&self, req: Request<BlockRef>) -> Result<Response<HasReply>, Status> {
         let id = check_ref(req.get_ref())?;
+        self.on_volume(self.caller(&req)?.as_deref(), req.get_ref().vol).await?;
         Ok(Response::new(HasReply { staged: self.0.staging.contains(id), cached: self.0.cache.contains(id) }))
     }
 
     async fn delete(&self, req: Request<BlockRef>) -> Result<Response<DeleteReply>, Status> {
+        self.internal(&req, "Delete")?;
         let id = check_ref(req.get_ref())?;
         self.0.staging.remove(id).await?;
         self.0.cache.remove(id);
@@ -87,18 +140,21 @@ impl Block for Svc {
     }
 
     async fn tier(&self, req: Request<TierRequest>) -> Result<Response<TierReply>, Status> {
+        self.internal(&req, "Tier")?;
         let vol = req.get_ref().vol;
         self.0.tier_now.lock().unwrap_or_else(|p| p.into_inner()).insert(vol, now_ms());
         self.0.tier_wake.notify_one();
         Ok(Response::new(TierReply {}))
     }
 
-    async fn drop_cache(&self, _req: Request<DropCacheRequest>) -> Result<Response<DropCacheReply>, Status> {
+    async fn drop_cache(&self, req: Request<DropCacheRequest>) -> Result<Response<DropCacheReply>, Status> {
+        self.internal(&req, "DropCache")?;
         self.0.cache.clear().await?;
         Ok(Response::new(DropCacheReply {}))
     }
 
-    async fn workers(&self, _req: Request<WorkersRequest>) -> Result<Response<WorkersReply>, Status> {
+    async fn workers(&self, req: Request<WorkersRequest>) -> Result<Response<WorkersReply>, Status> {
+        self.internal(&req, "Workers")?;
         let workers = self
             .0
             .workers

@@ -44,6 +44,8 @@ pub struct DataBenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: crate::cli::TlsArgs,
 }
 
 struct Phase {
@@ -60,7 +62,10 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
     }
     let meta = client(&a.meta)?;
     let vol = meta.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
-    let data = DataClient::new(meta.clone(), DataConfig::new(&a.site));
+    let peers = a.tls.block_clients()?;
+    let mut cfg = DataConfig::new(&a.site);
+    cfg.blocks = peers.config().clone();
+    let data = DataClient::new(meta.clone(), cfg);
     let stamp =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
     let name = format!("bench-data-{stamp}");
@@ -125,9 +130,8 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
 
     if !a.no_cold {
         let t = Instant::now();
-        tier_volume(&meta, &vol, true).await?;
+        tier_volume(&meta, &peers, &vol, true).await?;
         let tier_secs = t.elapsed().as_secs_f64();
-        let peers = elea_cache::client::BlockClients::default();
         for n in meta.cache_nodes().await?.iter().filter(|n| n.alive) {
             peers
                 .drop_cache(&n.addr)

@@ -22,11 +22,20 @@ pub struct MountOpts {
     pub entry_ttl: Duration,
     pub suid: bool,
     pub dev: bool,
+    /// Calls to the cache nodes (TLS).
+    pub blocks: elea_cache::client::blocks::BlockClientConfig,
 }
 
 impl MountOpts {
     pub fn new(site: impl Into<String>, f: &MountFlags) -> Self {
-        Self { site: site.into(), attr_ttl: f.attr_ttl, entry_ttl: f.entry_ttl, suid: f.suid, dev: f.dev }
+        Self {
+            site: site.into(),
+            attr_ttl: f.attr_ttl,
+            entry_ttl: f.entry_ttl,
+            suid: f.suid,
+            dev: f.dev,
+            blocks: Default::default(),
+        }
     }
 }
 
@@ -72,7 +81,9 @@ pub async fn serve_mount(
         bail!("/dev/fuse is missing: this machine cannot mount FUSE file systems (load the fuse module)");
     }
     let mp: PathBuf = std::fs::canonicalize(mountpoint)?;
-    let data = DataClient::new(meta.clone(), DataConfig::new(&opts.site));
+    let mut data_cfg = DataConfig::new(&opts.site);
+    data_cfg.blocks = opts.blocks.clone();
+    let data = DataClient::new(meta.clone(), data_cfg);
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let cfg = VfsConfig {
         attr_ttl: opts.attr_ttl,
@@ -129,6 +140,7 @@ pub async fn serve_mount(
 pub(crate) async fn run_mount(a: MountArgs) -> anyhow::Result<()> {
     let c = client(&a.meta)?;
     let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
-    let opts = MountOpts::new(a.site.clone(), &a.ttls);
+    let mut opts = MountOpts::new(a.site.clone(), &a.ttls);
+    opts.blocks = a.tls.block_clients()?.config().clone();
     serve_mount(c, &vol, &a.mountpoint, &opts, shutdown_signal()).await
 }

@@ -10,7 +10,7 @@ use crate::cli::{StatusArgs, client};
 pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let c = client(&a.meta)?;
     let addrs = parse_addrs(&a.meta.meta)?;
-    let any_up = print_status(&c, &addrs, a.json).await?;
+    let any_up = print_status(&c, &a.tls.block_clients()?, &addrs, a.json).await?;
     if !any_up {
         bail!("no metadata node answered at {}", a.meta.meta);
     }
@@ -19,7 +19,12 @@ pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
 
 /// Prints every node's status (the given addresses plus every member any node knows).
 /// Returns whether any node answered.
-pub(crate) async fn print_status(c: &MetaClient, addrs: &[String], as_json: bool) -> anyhow::Result<bool> {
+pub(crate) async fn print_status(
+    c: &MetaClient,
+    peers: &elea_cache::client::BlockClients,
+    addrs: &[String],
+    as_json: bool,
+) -> anyhow::Result<bool> {
     let mut seen: Vec<String> = addrs.to_vec();
     let mut rows = Vec::new();
     let mut i = 0;
@@ -72,7 +77,8 @@ pub(crate) async fn print_status(c: &MetaClient, addrs: &[String], as_json: bool
             .into_iter()
             .map(|(id, a, l)| json!({"node_id": id, "addr": a, "learner": l}))
             .collect();
-        let cache = if any_up { print_cache_nodes(c, true).await.unwrap_or(json!([])) } else { json!([]) };
+        let cache =
+            if any_up { print_cache_nodes(c, peers, true).await.unwrap_or(json!([])) } else { json!([]) };
         println!(
             "{}",
             json!({ "leader_id": leader, "nodes": nodes, "members": members, "cache_nodes": cache })
@@ -100,7 +106,7 @@ pub(crate) async fn print_status(c: &MetaClient, addrs: &[String], as_json: bool
                 ),
             }
         }
-        if any_up && let Err(e) = print_cache_nodes(c, false).await {
+        if any_up && let Err(e) = print_cache_nodes(c, peers, false).await {
             println!("cache nodes: unknown ({e})");
         }
     }
@@ -119,11 +125,14 @@ pub(crate) fn dedup_book(book: &[(u64, String, bool)]) -> Vec<(u64, String, bool
 }
 
 /// Prints the cache node registry; returns it as JSON.
-pub(crate) async fn print_cache_nodes(c: &MetaClient, as_json: bool) -> anyhow::Result<serde_json::Value> {
+pub(crate) async fn print_cache_nodes(
+    c: &MetaClient,
+    peers: &elea_cache::client::BlockClients,
+    as_json: bool,
+) -> anyhow::Result<serde_json::Value> {
     let nodes = c.cache_nodes().await?;
     // Each live node's workers, asked of the node itself (a node that does not answer shows
     // none).
-    let peers = elea_cache::client::BlockClients::default();
     let mut workers = Vec::with_capacity(nodes.len());
     for n in &nodes {
         let w = if n.alive {

@@ -10,11 +10,15 @@ use crate::cli::{TierArgs, client};
 
 /// Asks every live cache node to tier the volume now; with `wait`, returns once no block of
 /// the volume is staged any more.
-pub async fn tier_volume(c: &MetaClient, vol: &elea_fsm::VolumeInfo, wait: bool) -> anyhow::Result<()> {
+pub async fn tier_volume(
+    c: &MetaClient,
+    peers: &elea_cache::client::BlockClients,
+    vol: &elea_fsm::VolumeInfo,
+    wait: bool,
+) -> anyhow::Result<()> {
     if vol.config.stores.is_empty() {
         bail!("volume {:?} has no object store: its blocks stay staged", vol.name);
     }
-    let peers = elea_cache::client::BlockClients::default();
     let mut last_print = std::time::Instant::now();
     loop {
         let nodes = c.cache_nodes().await?;
@@ -48,5 +52,5 @@ pub async fn tier_volume(c: &MetaClient, vol: &elea_fsm::VolumeInfo, wait: bool)
 pub(crate) async fn tier(a: TierArgs) -> anyhow::Result<()> {
     let c = client(&a.meta)?;
     let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
-    tier_volume(&c, &vol, a.wait).await
+    tier_volume(&c, &a.tls.block_clients()?, &vol, a.wait).await
 }

@@ -106,7 +106,8 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         vol.inodes,
         vol.config.stores.join(",")
     );
-    print_status(&c, std::slice::from_ref(&a.listen), false).await?;
+    print_status(&c, &elea_cache::client::BlockClients::default(), std::slice::from_ref(&a.listen), false)
+        .await?;
     println!("elea up: running; Ctrl-C to stop (state is kept in {})", data_dir.display());
     let mounted = async {
         match &a.mountpoint {
