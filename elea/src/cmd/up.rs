@@ -1,7 +1,14 @@
 //! `elea up`: the embedded default, a one-voter metadata node, one cache node, the
-//! `default` volume and its mount, in one process.
+//! `default` volume and its mount, in one process. It makes its cluster's certificates on
+//! its first start (`DATA_DIR/certs`): its cache node serves only mutual TLS, and an admin
+//! certificate there lets the CLI reach it.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use elea_auth::Role;
+use elea_auth::certs::{self, with_ext};
+use elea_auth::tls::Tls;
 
 use anyhow::{Context as _, bail};
 use elea_metadata::MetaApi as _;
@@ -12,6 +19,26 @@ use super::shutdown_signal;
 use super::status::print_status;
 use crate::cli::{MetaAddr, UpArgs, client};
 
+/// The certificates of `elea up` under `dir`: the CA (made once), the cache node's and an
+/// admin's (each issued when missing). Returns the cache node's TLS and the admin's.
+fn up_certs(dir: &Path) -> anyhow::Result<(Tls, Tls, PathBuf)> {
+    if !dir.join(certs::CA_KEY).exists() {
+        certs::init(dir).with_context(|| format!("making the cluster's CA in {}", dir.display()))?;
+    }
+    let ca = dir.join(certs::CA_CERT);
+    let load = |role: Role, name: &str| -> anyhow::Result<Tls> {
+        let prefix = dir.join(name);
+        if !with_ext(&prefix, "pem").exists() {
+            // A start that stopped half-way may have left the key alone.
+            let _ = std::fs::remove_file(with_ext(&prefix, "key"));
+            let req = certs::Request { role, name: name.into(), volumes: vec![], days: 3650 };
+            certs::issue(dir, &req, &prefix)?;
+        }
+        Ok(Tls::load(&ca, &with_ext(&prefix, "pem"), &with_ext(&prefix, "key"))?)
+    };
+    Ok((load(Role::Cache, "cache1")?, load(Role::Admin, "admin")?, dir.join("admin")))
+}
+
 pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     if a.staging_size < MIN_STAGING {
         bail!("--staging-size must be at least 256M (writes in flight hold up to 64 MiB each)");
@@ -20,6 +47,8 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     let data_dir = std::fs::canonicalize(&a.data_dir).with_context(|| format!("{}", a.data_dir.display()))?;
     let meta_dir = data_dir.join("meta");
     let cache_dir = data_dir.join("cache");
+    let certs_dir = data_dir.join("certs");
+    let (cache_tls, admin_tls, admin) = up_certs(&certs_dir)?;
     let store = match &a.store {
         Some(s) => s.clone(),
         None => {
@@ -74,6 +103,7 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     );
     cache_cfg.staging_size = a.staging_size;
     cache_cfg.in_process = true;
+    cache_cfg.tls = Some(cache_tls);
     let mut cache = tokio::spawn(elea_cache::serve(cache_cfg, cache_listener, stopped(stop_rx)));
     // The cache node is up once it is in the registry.
     let registered = async {
@@ -106,8 +136,19 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         vol.inodes,
         vol.config.stores.join(",")
     );
-    print_status(&c, &elea_cache::client::BlockClients::default(), std::slice::from_ref(&a.listen), false)
-        .await?;
+    let peers = elea_cache::client::BlockClients::new(elea_cache::client::blocks::BlockClientConfig {
+        tls: Some(admin_tls.connector(&[Role::Cache])?),
+        ..Default::default()
+    });
+    print_status(&c, &peers, std::slice::from_ref(&a.listen), false).await?;
+    println!("elea up: the cache node takes only this cluster's certificates; for the CLI:");
+    println!(
+        "  export ELEA_META={} ELEA_CA={} ELEA_CERT={} ELEA_KEY={}",
+        a.listen,
+        certs_dir.join(certs::CA_CERT).display(),
+        with_ext(&admin, "pem").display(),
+        with_ext(&admin, "key").display()
+    );
     println!("elea up: running; Ctrl-C to stop (state is kept in {})", data_dir.display());
     let mounted = async {
         match &a.mountpoint {
