@@ -42,7 +42,7 @@ stack() {
     wait_port "$cp"
   done
   for _ in $(seq 1 100); do
-    "$B" volume create v --meta "127.0.0.1:$mp" --store "file://$d/objects" --replicas "$R" >/dev/null 2>&1 && break
+    "$B" volume create v --meta "127.0.0.1:$mp" --store "file://$d/objects" --shared-file-store --replicas "$R" >/dev/null 2>&1 && break
     sleep 0.2
   done
   echo "127.0.0.1:$mp"

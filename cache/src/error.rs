@@ -27,6 +27,8 @@ pub enum CacheError {
     BadRequest(String),
     #[error("not enough cache nodes: {0}")]
     NoNodes(String),
+    #[error("object stores fail their probe: {0}")]
+    StoresFailing(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -39,7 +41,11 @@ impl CacheError {
     /// Whether trying again (maybe elsewhere) can help.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Io { .. } | Self::NoNodes(_) | Self::Internal(_) | Self::Checksum(_) => true,
+            Self::Io { .. }
+            | Self::NoNodes(_)
+            | Self::StoresFailing(_)
+            | Self::Internal(_)
+            | Self::Checksum(_) => true,
             Self::Peer { retryable, .. } => *retryable,
             Self::Store(e) => e.is_retryable(),
             Self::Meta(e) => matches!(e, ClientError::Unavailable(_)),

@@ -797,7 +797,8 @@ async fn workers_report_their_state() {
     };
     wait_until(Duration::from_secs(20), "every worker ran a round", || async {
         let w = peers.workers(&addr).await.unwrap();
-        names(&w) == ["gc", "lost-copies", "reconcile", "repair", "tiering"] && w.iter().all(|w| w.rounds > 0)
+        names(&w) == ["gc", "lost-copies", "reconcile", "repair", "stores", "tiering"]
+            && w.iter().all(|w| w.rounds > 0)
     })
     .await;
     c.stop_s3().await;
@@ -808,10 +809,19 @@ async fn workers_report_their_state() {
         w.iter().any(|w| w.name == "tiering" && w.consecutive_errors > 0 && !w.last_error.is_empty())
     })
     .await;
+    wait_until(Duration::from_secs(30), "the store prober names the failing store", || async {
+        let w = peers.workers(&addr).await.unwrap();
+        w.iter().any(|w| {
+            w.name == "stores" && w.consecutive_errors > 0 && w.last_error.contains("volume \"w\" store")
+        })
+    })
+    .await;
     c.start_s3().await;
     wait_until(Duration::from_secs(60), "tiering recovers", || async {
         let w = peers.workers(&addr).await.unwrap();
-        w.iter().any(|w| w.name == "tiering" && w.consecutive_errors == 0) && staged_count(&c, vol).await == 0
+        w.iter().any(|w| w.name == "tiering" && w.consecutive_errors == 0)
+            && w.iter().any(|w| w.name == "stores" && w.consecutive_errors == 0)
+            && staged_count(&c, vol).await == 0
     })
     .await;
 }

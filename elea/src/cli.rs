@@ -337,9 +337,17 @@ pub enum VolumeCmd {
         meta: MetaAddr,
         /// Object store URL (repeatable; tiering writes to the first): file:///path,
         /// s3://bucket/prefix?endpoint=http://HOST:PORT&region=R, gs://bucket/prefix,
-        /// az://container/prefix, memory://NAME. Credentials come from the environment.
+        /// az://container/prefix. Credentials come from the environment. Each is probed
+        /// (an object written, read back and deleted) from this host first.
         #[arg(long)]
         store: Vec<String>,
+        /// A file:// store is one directory that every cache node sees (one host, or a shared
+        /// file system): allow it although several cache nodes are registered.
+        #[arg(long)]
+        shared_file_store: bool,
+        /// Do not probe the stores from this host (when only the cache nodes can reach them).
+        #[arg(long)]
+        no_probe: bool,
         /// Copies of every staged block, each on a different cache node.
         #[arg(long, default_value_t = 2)]
         replicas: u8,

@@ -207,7 +207,7 @@ impl Topology {
         let store = t.store_url();
         let replicas = cfg.replicas.to_string();
         let tier_after = format!("{}ms", cfg.tier_after.as_millis());
-        let create = [
+        let mut create = vec![
             "volume",
             "create",
             "v",
@@ -220,6 +220,10 @@ impl Topology {
             "--tier-after",
             &tier_after,
         ];
+        // Every cache node of the harness runs on this host and sees the same directory.
+        if store.starts_with("file://") {
+            create.push("--shared-file-store");
+        }
         let (ok, out, err) = elea_cli_env(&create, &env);
         assert!(ok, "volume create: {out}{err}");
         for i in 0..cfg.mounts {

@@ -52,6 +52,22 @@ async fn acknowledged_blocks_survive_kill9_of_either_cache_node() {
     wait_alive(&meta, &[1, 2], &[]).await;
     let store = format!("file://{}", dir.path().join("objects").display());
     std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+    // Stores that would lose tiered blocks, or that do not answer, are refused with the
+    // reason; nothing is created.
+    let unreachable = "s3://b/p?endpoint=http://127.0.0.1:9&region=us-east-1&anonymous=true";
+    for (args, want) in [
+        (vec!["--store", "memory://x"], "memory://"),
+        (vec!["--store", store.as_str()], "--shared-file-store"),
+        (vec!["--store", unreachable], "probing store"),
+    ] {
+        let mut cmd = vec!["volume", "create", "refused", "--meta", &meta_addr];
+        cmd.extend(args);
+        let (ok, out, err) = elea_cli(&cmd);
+        assert!(!ok && err.contains(want), "{cmd:?}: {out}{err}");
+    }
+    let (ok, out, err) = elea_cli(&["volume", "list", "--meta", &meta_addr]);
+    assert!(ok && !out.contains("refused"), "{out}{err}");
+    // Two cache nodes on this one host see the same directory.
     let (ok, out, err) = elea_cli(&[
         "volume",
         "create",
@@ -60,6 +76,7 @@ async fn acknowledged_blocks_survive_kill9_of_either_cache_node() {
         &meta_addr,
         "--store",
         &store,
+        "--shared-file-store",
         "--replicas",
         "2",
         "--tier-after",

@@ -418,6 +418,30 @@ impl Store {
         })
     }
 
+    /// Checks that the store takes writes, reads and deletes: writes a small object under
+    /// `probes/` (named after `who` and the time), reads it back, compares, and deletes it.
+    /// What a volume's stores must allow before any block is trusted to them.
+    pub async fn probe(&self, who: &str) -> Result<(), StoreError> {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let who: String =
+            who.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let path = format!("probes/{who}-{nanos}");
+        let data = Bytes::from(format!("elea store probe {nanos}"));
+        self.put_raw(&path, data.clone()).await?;
+        let back = self.get_raw(&path).await?;
+        let deleted = self.op.delete(&path).await;
+        if back != data {
+            return Err(StoreError::Config(format!(
+                "{}: a probe object read back different bytes ({} instead of {})",
+                self.url,
+                back.len(),
+                data.len()
+            )));
+        }
+        deleted.map_err(|e| StoreError::Io { op: "delete", key: path, source: Box::new(e) })
+    }
+
     /// Deletes the block. Deleting a missing object succeeds.
     pub async fn delete(&self, key: &BlockKey) -> Result<(), StoreError> {
         let path = key.path();

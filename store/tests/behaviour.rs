@@ -181,6 +181,17 @@ async fn raw_round_trip(store: &Store) {
     assert_eq!(must(store.get_raw("raw/object").await), Bytes::from_static(b"replaced"));
 }
 
+async fn probe_leaves_nothing_behind(store: &Store) {
+    must(store.probe("node 1/a").await);
+    must(store.probe("node 1/a").await);
+    let left = must(store.operator().list_with("probes/").recursive(true).await);
+    assert!(
+        left.iter().all(|e| e.metadata().is_dir()),
+        "probe objects left: {:?}",
+        left.iter().map(|e| e.path()).collect::<Vec<_>>()
+    );
+}
+
 macro_rules! suite {
     ($backend:ident: $($case:ident),* $(,)?) => {
         mod $backend {
@@ -212,6 +223,7 @@ all_backends!(
     corrupt_object_is_corrupt,
     keys_spread_over_prefixes,
     raw_round_trip,
+    probe_leaves_nothing_behind,
 );
 
 #[tokio::test]
@@ -311,4 +323,15 @@ async fn s3_hung_server_times_out_as_retryable() {
     assert!(err.is_retryable(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     hold.abort();
+}
+
+/// A store that cannot be reached fails its probe with an error that names it.
+#[tokio::test]
+async fn probe_of_an_unreachable_store_fails() {
+    let cfg =
+        StoreConfig { retries: 0, timeout: std::time::Duration::from_secs(2), ..StoreConfig::default() };
+    let store =
+        must(Store::open("s3://b/p?endpoint=http://127.0.0.1:9&region=us-east-1&anonymous=true", &cfg));
+    let e = store.probe("t").await.unwrap_err().to_string();
+    assert!(e.contains("probes/"), "{e}");
 }

@@ -66,6 +66,8 @@ pub struct CacheNodeConfig {
     pub gc_delay: Duration,
     /// How often staged blocks are checked against metadata (and scrubbed).
     pub reconcile_interval: Duration,
+    /// How often every volume's object stores are probed (a write, a read and a delete).
+    pub store_probe_interval: Duration,
     /// A staged block metadata does not list here is dropped once older than this; a block
     /// metadata lists here is scrubbed once committed longer than this ago.
     pub stale_grace: Duration,
@@ -100,6 +102,7 @@ impl CacheNodeConfig {
             gc_interval: Duration::from_secs(5),
             gc_delay: Duration::from_secs(60),
             reconcile_interval: Duration::from_secs(30),
+            store_probe_interval: Duration::from_secs(300),
             stale_grace: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(3600),
             store: StoreConfig::default(),

@@ -100,6 +100,7 @@ impl TestCluster {
         cfg.gc_interval = Duration::from_millis(300);
         cfg.gc_delay = Duration::from_secs(1);
         cfg.reconcile_interval = Duration::from_millis(500);
+        cfg.store_probe_interval = Duration::from_millis(500);
         cfg.stale_grace = Duration::from_secs(1);
         cfg.store = self.store_cfg();
         cfg

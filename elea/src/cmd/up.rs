@@ -57,8 +57,8 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
             format!("file://{}", dir.display())
         }
     };
-    elea_store::Store::open(&store, &elea_store::StoreConfig::default())
-        .with_context(|| format!("object store {store}"))?;
+    super::volume::check_stores(std::slice::from_ref(&store), 1, false)?;
+    super::volume::probe_stores(std::slice::from_ref(&store)).await?;
     let mut cfg = MetaNodeConfig::new(1, a.listen.clone(), meta_dir.clone());
     cfg.initial_cluster = parse_initial_cluster(&format!("1={}", a.listen))?;
     let listener = tokio::net::TcpListener::bind(&a.listen)

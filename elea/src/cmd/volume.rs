@@ -8,7 +8,16 @@ use crate::cli::{VolumeCmd, client};
 
 pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
     match v {
-        VolumeCmd::Create { name, meta, store, replicas, tier_after, compression } => {
+        VolumeCmd::Create {
+            name,
+            meta,
+            store,
+            replicas,
+            tier_after,
+            compression,
+            shared_file_store,
+            no_probe,
+        } => {
             let compression = match compression.parse::<elea_store::Compression>() {
                 Ok(elea_store::Compression::None) => elea_fsm::BlockCodec::None,
                 Ok(elea_store::Compression::Zstd(l)) => elea_fsm::BlockCodec::Zstd(l),
@@ -17,9 +26,11 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
             if replicas == 0 || replicas > elea_fsm::limits::REPLICAS_MAX {
                 bail!("--replicas must be between 1 and {}", elea_fsm::limits::REPLICAS_MAX);
             }
-            for url in &store {
-                elea_store::Store::open(url, &elea_store::StoreConfig::default())
-                    .with_context(|| format!("--store {url}"))?;
+            let c = client(&meta)?;
+            let nodes = c.cache_nodes().await.context("listing the cache nodes")?.len();
+            check_stores(&store, nodes, shared_file_store)?;
+            if !no_probe {
+                probe_stores(&store).await?;
             }
             let config = elea_fsm::VolumeConfig {
                 stores: store,
@@ -27,10 +38,8 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                 tier_after_ms: u64::try_from(tier_after.as_millis()).unwrap_or(u64::MAX),
                 compression,
             };
-            let vol = client(&meta)?
-                .create_volume(&name, config)
-                .await
-                .with_context(|| format!("creating volume {name:?}"))?;
+            let vol =
+                c.create_volume(&name, config).await.with_context(|| format!("creating volume {name:?}"))?;
             println!("created volume {:?} (id {})", vol.name, vol.id);
         }
         VolumeCmd::List { meta, json: as_json } => {
@@ -65,6 +74,55 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                         v.config.stores.join(",")
                     );
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses stores that would lose tiered blocks: `memory://` (one process's memory, for
+/// tests), and a node-local `file://` directory while several cache nodes could tier to it
+/// (each would write its own directory, and the others would not find those blocks), unless
+/// the directory is said to be shared.
+pub(crate) fn check_stores(
+    urls: &[String],
+    cache_nodes: usize,
+    shared_file_store: bool,
+) -> anyhow::Result<()> {
+    for url in urls {
+        elea_store::Store::open(url, &elea_store::StoreConfig::default())
+            .with_context(|| format!("--store {url}"))?;
+        if url.starts_with("memory://") {
+            bail!(
+                "--store {url}: a memory:// store keeps objects in one process's memory, so tiered \
+                 blocks would be lost when it stops (it is for tests)"
+            );
+        }
+        if url.starts_with("file://") && cache_nodes > 1 && !shared_file_store {
+            bail!(
+                "--store {url}: a file:// store is a directory on each cache node's own host, and \
+                 {cache_nodes} cache nodes are registered: blocks one of them tiers would be missing \
+                 on the others. Use an object store every node reaches, or --shared-file-store if \
+                 this directory is one file system that every cache node sees"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes, reads back and deletes a probe object in each store, from this host.
+pub(crate) async fn probe_stores(urls: &[String]) -> anyhow::Result<()> {
+    for url in urls {
+        let store = elea_store::Store::open(url, &elea_store::StoreConfig::default())?;
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(60), store.probe("volume-create"));
+        match probe.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!(
+                "probing store {url} from this host failed: {e} (the cache nodes need the same access; \
+                 --no-probe skips this check when only they can reach it)"
+            ),
+            Err(_) => {
+                bail!("probing store {url} from this host took over 60 s (--no-probe skips this check)")
             }
         }
     }

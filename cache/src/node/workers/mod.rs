@@ -20,6 +20,8 @@
 //!   metadata lists here, committed longer than the same grace ago, must have its staged
 //!   file (of the right size); for one that does not, this node leaves the block's holder
 //!   list (`DropReplica`) so repair restores the missing copy.
+//! - [`StoreProbe`]: every volume's object stores must take a write, a read and a delete
+//!   from this node, at start and every few minutes; a failing one shows on the board.
 //! - [`LostCopies`]: a copy staging discards as torn or corrupt (at open or on a read) is
 //!   reported the same way as soon as it is found (best effort: the scrub catches a report
 //!   that fails).
@@ -27,6 +29,7 @@
 mod gc;
 mod reconcile;
 mod repair;
+mod stores;
 mod tiering;
 
 use std::collections::{BTreeMap, HashSet};
@@ -47,6 +50,7 @@ use crate::proto::{BlockRef, GetRequest};
 pub(crate) use gc::Gc;
 pub(crate) use reconcile::{LostCopies, Reconcile};
 pub(crate) use repair::Repair;
+pub(crate) use stores::StoreProbe;
 pub(crate) use tiering::Tiering;
 
 /// Longest wait between failed rounds.
@@ -78,6 +82,7 @@ pub(crate) fn spawn_all(node: &Arc<Node>, stop: &watch::Receiver<bool>) -> Vec<J
         tokio::spawn(run(Gc::new(node.clone()), node.clone(), stop.clone())),
         tokio::spawn(run(Reconcile::new(node.clone()), node.clone(), stop.clone())),
         tokio::spawn(run(LostCopies::new(node.clone()), node.clone(), stop.clone())),
+        tokio::spawn(run(StoreProbe::new(node.clone()), node.clone(), stop.clone())),
     ]
 }
 

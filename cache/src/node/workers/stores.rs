@@ -1,0 +1,60 @@
+//! The store prober: every volume's object stores must take writes, reads and deletes from
+//! this node.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use elea_metadata::MetaApi as _;
+
+use super::Worker;
+use crate::error::CacheError;
+use crate::node::Node;
+
+/// Probes each object store of every volume (an object written, read back and deleted; see
+/// `Store::probe`) when the node starts and every `store_probe_interval` after. A store that
+/// fails makes the round fail: the worker board, and so `elea status`, shows the volume, the
+/// store and the error, long before a growing tiering backlog would.
+pub(crate) struct StoreProbe {
+    node: Arc<Node>,
+}
+
+impl StoreProbe {
+    pub(crate) fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+impl Worker for StoreProbe {
+    const NAME: &'static str = "stores";
+
+    fn period(&self) -> Duration {
+        self.node.cfg.store_probe_interval
+    }
+
+    async fn round(&mut self) -> Result<usize, CacheError> {
+        let node = &self.node;
+        let who = format!("cache-{}", node.cfg.node_id);
+        let mut seen = HashSet::new();
+        let mut failed = Vec::new();
+        for v in node.meta.list_volumes().await? {
+            let entry = match node.vols.get(v.id).await {
+                Ok(e) => e,
+                Err(e) => {
+                    failed.push(format!("volume {:?}: {e}", v.name));
+                    continue;
+                }
+            };
+            for store in &entry.stores {
+                if !seen.insert(store.url().to_string()) {
+                    continue;
+                }
+                if let Err(e) = store.probe(&who).await {
+                    tracing::warn!(volume = %v.name, store = store.url(), error = %e, "an object store failed its probe");
+                    failed.push(format!("volume {:?} store {}: {e}", v.name, store.url()));
+                }
+            }
+        }
+        if failed.is_empty() { Ok(seen.len()) } else { Err(CacheError::StoresFailing(failed.join("; "))) }
+    }
+}
