@@ -14,6 +14,7 @@
 
 pub mod certs;
 pub mod tls;
+pub use rustls;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -29,8 +29,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{AuthError, ClusterId, Credentials, Identity, Role};
 
+/// The ALPN protocol of a metadata node's Raft peer links, which share the port of its gRPC
+/// service (`h2`): the server's handshake tells the two apart.
+pub const LINK_ALPN: &[u8] = b"elea-link/1";
+const H2_ALPN: &[u8] = b"h2";
+
 /// How long a client has to complete its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes a server runs at once; more connections wait in the listen queue.
 const MAX_HANDSHAKES: usize = 256;
 
@@ -74,7 +79,9 @@ impl Tls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![creds.cert.clone()], creds.key.clone_key())
             .map_err(|e| AuthError::Invalid(format!("server certificate: {e}")))?;
-        server.alpn_protocols = vec![b"h2".to_vec()];
+        server.alpn_protocols = vec![H2_ALPN.to_vec(), LINK_ALPN.to_vec()];
+        // Peer links carry data one way only after the handshake: no tickets come back.
+        server.send_tls13_tickets = 0;
         Ok(Self {
             identity: Arc::new(creds.identity.clone()),
             cluster: creds.cluster.clone(),
@@ -110,8 +117,17 @@ impl Tls {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// A client configuration that accepts servers of one of `roles`.
+    /// A client configuration for gRPC (`h2`) that accepts servers of one of `roles`.
     pub fn client_config(&self, roles: &[Role]) -> Result<Arc<ClientConfig>, AuthError> {
+        self.client_config_for(roles, H2_ALPN)
+    }
+
+    /// A client configuration for the Raft peer links of metadata nodes.
+    pub fn link_client_config(&self) -> Result<Arc<ClientConfig>, AuthError> {
+        self.client_config_for(&[Role::Meta], LINK_ALPN)
+    }
+
+    fn client_config_for(&self, roles: &[Role], alpn: &[u8]) -> Result<Arc<ClientConfig>, AuthError> {
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
             self.roots.clone(),
             self.provider.clone(),
@@ -127,7 +143,7 @@ impl Tls {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(vec![self.creds.cert.clone()], self.creds.key.clone_key())
             .map_err(|e| AuthError::Invalid(format!("client certificate: {e}")))?;
-        c.alpn_protocols = vec![b"h2".to_vec()];
+        c.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(c))
     }
 
@@ -145,7 +161,6 @@ impl Tls {
     ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<TlsConn>>(64);
         let tls = self.clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
@@ -163,17 +178,11 @@ impl Tls {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, tls, tx) = (acceptor.clone(), tls.clone(), tx.clone());
+                let (tls, tx) = (tls.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match tls.handshake(&acceptor, tcp, addr).await {
-                        Ok(conn) => {
-                            let _ = tx.send(Ok(conn)).await;
-                        }
-                        Err(why) => {
-                            tls.refused.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(peer = %addr, "refused a connection: {why}");
-                        }
+                    if let Some(conn) = tls.accept(tcp, addr).await {
+                        let _ = tx.send(Ok(conn)).await;
                     }
                 });
             }
@@ -181,12 +190,22 @@ impl Tls {
         tokio_stream::wrappers::ReceiverStream::new(rx)
     }
 
-    async fn handshake(
-        &self,
-        acceptor: &tokio_rustls::TlsAcceptor,
-        tcp: TcpStream,
-        addr: SocketAddr,
-    ) -> Result<TlsConn, String> {
+    /// The server's side of one accepted connection: the handshake (within
+    /// [`HANDSHAKE_TIMEOUT`]) and the check of the client's certificate. A refused connection
+    /// is logged, counted and closed (`None`).
+    pub async fn accept(&self, tcp: TcpStream, addr: SocketAddr) -> Option<TlsConn> {
+        match self.handshake(tcp, addr).await {
+            Ok(conn) => Some(conn),
+            Err(why) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %addr, "refused a connection: {why}");
+                None
+            }
+        }
+    }
+
+    async fn handshake(&self, tcp: TcpStream, addr: SocketAddr) -> Result<TlsConn, String> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
         let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Err(_) => return Err("no TLS handshake within 10 s".into()),
             Ok(Err(e)) => return Err(format!("TLS handshake: {e}")),
@@ -206,6 +225,24 @@ impl Tls {
 pub struct TlsConn {
     io: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Peer,
+}
+
+impl TlsConn {
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// Whether the client asked for a Raft peer link ([`LINK_ALPN`]) rather than gRPC.
+    pub fn is_link(&self) -> bool {
+        self.io.get_ref().1.alpn_protocol() == Some(LINK_ALPN)
+    }
+
+    /// The socket and the TLS session, for a caller that drives the session itself (a
+    /// session may already hold application data read with the handshake).
+    pub fn into_parts(self) -> (TcpStream, rustls::ServerConnection, Peer) {
+        let (tcp, session) = self.io.into_inner();
+        (tcp, session, self.peer)
+    }
 }
 
 impl tonic::transport::server::Connected for TlsConn {

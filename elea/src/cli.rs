@@ -69,6 +69,8 @@ pub struct MetaAddr {
     /// Metadata node addresses, HOST:PORT[,HOST:PORT...].
     #[arg(long, env = "ELEA_META")]
     pub meta: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -99,10 +101,13 @@ pub struct MetaArgs {
     /// Log entries kept behind a snapshot for slightly lagging followers.
     #[arg(long, default_value_t = 2_000)]
     pub compact_margin: u64,
+    /// This node's `meta` certificate (named by its node id): mutual TLS on every connection.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
-/// The certificates of mutual TLS (`elea certs`). So far only the block service of the cache
-/// nodes uses them; the metadata service is still plaintext (docs/SECURITY.md).
+/// The certificates of mutual TLS (`elea certs`), for every connection to the metadata service
+/// and the cache nodes' block services.
 #[derive(Args, Debug, Clone, Default)]
 pub struct TlsArgs {
     /// The cluster's CA certificate (`elea certs init`).
@@ -126,14 +131,18 @@ impl TlsArgs {
         }
     }
 
+    /// A connector to servers of `role` with these certificates (`None` without).
+    pub fn connector(&self, role: elea_auth::Role) -> anyhow::Result<Option<elea_auth::tls::Connector>> {
+        Ok(match self.load()? {
+            Some(t) => Some(t.connector(&[role])?),
+            None => None,
+        })
+    }
+
     /// Block service clients with these certificates.
     pub fn block_clients(&self) -> anyhow::Result<elea_cache::client::BlockClients> {
-        let tls = match self.load()? {
-            Some(t) => Some(t.connector(&[elea_auth::Role::Cache])?),
-            None => None,
-        };
         Ok(elea_cache::client::BlockClients::new(elea_cache::client::blocks::BlockClientConfig {
-            tls,
+            tls: self.connector(elea_auth::Role::Cache)?,
             ..Default::default()
         }))
     }
@@ -178,8 +187,6 @@ pub struct CacheArgs {
     /// committed block listed here is checked.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub stale_grace: Duration,
-    #[command(flatten)]
-    pub tls: TlsArgs,
 }
 
 /// Kernel cache lifetimes and trust settings of a mount.
@@ -213,8 +220,6 @@ pub struct MountArgs {
     pub site: String,
     #[command(flatten)]
     pub ttls: MountFlags,
-    #[command(flatten)]
-    pub tls: TlsArgs,
     /// Where to mount it (an existing directory).
     pub mountpoint: PathBuf,
 }
@@ -252,8 +257,6 @@ pub struct TierArgs {
     /// Wait until no block of the volume is staged any more.
     #[arg(long)]
     pub wait: bool,
-    #[command(flatten)]
-    pub tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -263,8 +266,6 @@ pub struct StatusArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub tls: TlsArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -379,5 +380,6 @@ pub enum BenchCmd {
 
 pub fn client(meta: &MetaAddr) -> anyhow::Result<MetaClient> {
     let addrs = parse_addrs(&meta.meta)?;
-    Ok(MetaClient::connect(&addrs, ClientConfig::default())?)
+    let cfg = ClientConfig { tls: meta.tls.connector(elea_auth::Role::Meta)?, ..ClientConfig::default() };
+    Ok(MetaClient::connect(&addrs, cfg)?)
 }

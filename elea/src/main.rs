@@ -30,7 +30,15 @@ fn main() -> ExitCode {
     match rt.block_on(cmd::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let msg = format!("{e:#}");
+            eprintln!("error: {msg}");
+            if msg.contains("h2 protocol error") && std::env::var_os("ELEA_CERT").is_none() {
+                // What a plaintext client sees of a server that wants TLS.
+                eprintln!(
+                    "hint: the service may require this cluster's certificates: give --ca, --cert and \
+                     --key (or ELEA_CA, ELEA_CERT, ELEA_KEY; `elea up` prints the export line)"
+                );
+            }
             ExitCode::FAILURE
         }
     }

@@ -35,6 +35,9 @@ pub struct ClientConfig {
     /// Coalesce concurrent requests into batch RPCs (at most this many batches in flight;
     /// 0 = one RPC per request).
     pub batch_inflight: usize,
+    /// Mutual TLS to the metadata nodes (`Tls::connector(&[Role::Meta])`), in a cluster with
+    /// certificates.
+    pub tls: Option<elea_auth::tls::Connector>,
 }
 
 impl Default for ClientConfig {
@@ -45,6 +48,7 @@ impl Default for ClientConfig {
             deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
             batch_inflight: 4,
+            tls: None,
         }
     }
 }
@@ -291,7 +295,11 @@ impl MetaClient {
             .connect_timeout(self.inner.cfg.connect_timeout)
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
-        let c = RawClient::new(ep.connect_lazy())
+        let channel = match &self.inner.cfg.tls {
+            Some(tls) => ep.connect_with_connector_lazy(tls.clone()),
+            None => ep.connect_lazy(),
+        };
+        let c = RawClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE)
             .max_encoding_message_size(MAX_REQUEST * 2);
         conns.insert(addr.to_string(), c.clone());

@@ -4,11 +4,13 @@
 //! Layers, from the bottom: [`raft::storage`] (durable log), [`raft::core`] (deterministic
 //! Raft + state machine, no I/O besides storage), [`raft::node`] (the thread that drives a
 //! core), [`raft::transport`] (peer messages), [`service`] (gRPC), [`server`] (start-up),
-//! [`client`] (what gateways and the CLI use), [`watch`] (change fan-out). [`api`] is the
+//! [`client`] (what gateways and the CLI use), [`watch`] (change fan-out), [`authz`] (who may
+//! ask what, with certificates). [`api`] is the
 //! typed API every caller uses, implemented by the client and by [`mem`] (the state machine
 //! in memory, for tests).
 
 pub mod api;
+pub mod authz;
 pub mod client;
 mod local;
 pub mod mem;

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use elea_auth::Role;
+use elea_auth::tls::{Tls, TlsConn};
 use elea_common::ids::DEFAULT_GROUP;
 use elea_common::{GroupId, NodeId};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,6 +38,9 @@ pub struct MetaNodeConfig {
     pub snapshot_every: u64,
     pub compact_margin: u64,
     pub node: NodeConfig,
+    /// Mutual TLS on every connection (clients, peer links, snapshots), with this node's
+    /// `meta` certificate; `None` serves plaintext.
+    pub tls: Option<Tls>,
 }
 
 impl MetaNodeConfig {
@@ -51,6 +56,7 @@ impl MetaNodeConfig {
             snapshot_every: core.snapshot_every,
             compact_margin: core.compact_margin,
             node: NodeConfig::default(),
+            tls: None,
         }
     }
 }
@@ -117,7 +123,21 @@ pub async fn serve(
     let store = LogStore::open(&cfg.data_dir.join("raft"), &LogStoreConfig::default())
         .map_err(|e| ServeError::Storage(e.to_string()))?;
     let mut storage = GroupStorage::open(store, cfg.group).map_err(|e| ServeError::Storage(e.to_string()))?;
-    let transport = Transport::new(cfg.node_id, cfg.advertise.clone(), cfg.group);
+    let transport = match &cfg.tls {
+        Some(tls) => {
+            let me = tls.identity();
+            if me.role != Role::Meta || me.name != cfg.node_id.to_string() {
+                return Err(ServeError::Config(format!(
+                    "the certificate is for {me}; node {} needs a meta certificate named {} \
+                     (`elea certs issue --role meta --name {}`)",
+                    cfg.node_id, cfg.node_id, cfg.node_id
+                )));
+            }
+            Transport::with_tls(cfg.node_id, cfg.advertise.clone(), cfg.group, tls)
+                .map_err(|e| ServeError::Config(e.to_string()))?
+        }
+        None => Transport::new(cfg.node_id, cfg.advertise.clone(), cfg.group),
+    };
     if storage.is_fresh() {
         if !cfg.join.is_empty() {
             tracing::info!(join = ?cfg.join, "empty data dir: joining an existing cluster");
@@ -157,18 +177,18 @@ pub async fn serve(
     let core = GroupCore::open(core_cfg, storage).map_err(|e| ServeError::Storage(e.to_string()))?;
     let (handle, join, mut ended) = node::spawn(core, cfg.node.clone(), transport.clone())
         .map_err(|e| ServeError::Storage(format!("cannot start the raft group: {e}")))?;
-    let svc = std::sync::Arc::new(MetaService::new(
-        handle.clone(),
-        transport.clone(),
-        cfg.node_id,
-        cfg.advertise.clone(),
-        cfg.group,
-    ));
+    let svc = std::sync::Arc::new(
+        MetaService::new(
+            handle.clone(),
+            transport.clone(),
+            cfg.node_id,
+            cfg.advertise.clone(),
+            cfg.group,
+            cfg.tls.as_ref(),
+        )
+        .map_err(|e| ServeError::Config(e.to_string()))?,
+    );
     let _local = crate::local::register(&cfg.advertise, handle.clone());
-    // One port for both: gRPC connections go to tonic, peer links to the transport.
-    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<TcpStream>>(64);
-    let accept = tokio::spawn(accept_loop(listener, transport.clone(), conn_tx));
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     // Peers keep long-lived streams open, so a graceful shutdown would wait for ever: after
     // the signal, open connections get SHUTDOWN_GRACE to finish, then the server is dropped.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -180,20 +200,38 @@ pub async fn serve(
     });
     let mut graceful = stop_rx.clone();
     let mut forced = stop_rx;
-    let server = tonic::transport::Server::builder()
+    let peers = svc.clone();
+    let router = tonic::transport::Server::builder()
         .add_service(
             MetaServer::from_arc(svc.clone())
                 .max_decoding_message_size(MAX_REQUEST * 2)
                 .max_encoding_message_size(MAX_RESPONSE),
         )
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             RaftPeerServer::from_arc(svc)
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
-        )
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = graceful.wait_for(|stop| *stop).await;
-        });
+            // Before the body (up to MAX_RAFT_MESSAGE) is read: only meta nodes send Raft.
+            move |req: tonic::Request<()>| peers.check_peer(&req).map(|()| req),
+        ));
+    let stop = async move {
+        let _ = graceful.wait_for(|stop| *stop).await;
+    };
+    // One port for both: gRPC connections go to tonic, peer links to the transport.
+    let (server, accept): (std::pin::Pin<Box<dyn Future<Output = _> + Send>>, _) = match cfg.tls.clone() {
+        None => {
+            let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<TcpStream>>(64);
+            let accept = tokio::spawn(accept_loop(listener, transport.clone(), conn_tx));
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+            (Box::pin(router.serve_with_incoming_shutdown(incoming, stop)), accept)
+        }
+        Some(tls) => {
+            let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(64);
+            let accept = tokio::spawn(accept_tls_loop(listener, tls, transport.clone(), conn_tx));
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+            (Box::pin(router.serve_with_incoming_shutdown(incoming, stop)), accept)
+        }
+    };
     let result = tokio::select! {
         r = server => r.map_err(ServeError::from),
         _ = async move {
@@ -241,7 +279,7 @@ async fn accept_loop(
             match tokio::time::timeout(SNIFF_TIMEOUT, stream.peek(&mut first)).await {
                 Ok(Ok(0) | Err(_)) => {}
                 Ok(Ok(_)) if first[0] == MAGIC[0] => match stream.into_std() {
-                    Ok(s) => transport.accept_link(s),
+                    Ok(sock) => transport.accept_link(crate::raft::link::InStream { sock, tls: None }, None),
                     Err(e) => tracing::warn!(error = %e, "cannot take over a peer link"),
                 },
                 _ => {
@@ -252,11 +290,62 @@ async fn accept_loop(
     }
 }
 
+/// Handshakes a node runs at once; more connections wait in the listen queue.
+const MAX_HANDSHAKES: usize = 256;
+
+/// With TLS: accepts connections, completes each handshake (a client without a certificate
+/// of this cluster is refused before it sends a byte of a request), and tells peer links from
+/// gRPC connections by the protocol the client asked for (ALPN).
+async fn accept_tls_loop(
+    listener: TcpListener,
+    tls: Tls,
+    transport: Transport,
+    grpc: tokio::sync::mpsc::Sender<std::io::Result<TlsConn>>,
+) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    while !grpc.is_closed() {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (stream, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (tls, transport, grpc) = (tls.clone(), transport.clone(), grpc.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(conn) = tls.accept(stream, addr).await else { return };
+            if !conn.is_link() {
+                let _ = grpc.send(Ok(conn)).await;
+                return;
+            }
+            let (tcp, session, peer) = conn.into_parts();
+            match tcp.into_std() {
+                Ok(sock) => transport.accept_link(
+                    crate::raft::link::InStream { sock, tls: Some(Box::new(session)) },
+                    Some(peer.identity),
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot take over a peer link"),
+            }
+        });
+    }
+}
+
 /// A joining node asks the cluster for its member book (so it can answer the leader) and
 /// checks that it was added first.
 async fn learn_from_cluster(cfg: &MetaNodeConfig, transport: &Transport) -> Result<(), ServeError> {
-    let client = crate::client::MetaClient::connect(&cfg.join, crate::client::ClientConfig::default())
-        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let tls = match &cfg.tls {
+        Some(t) => Some(t.connector(&[Role::Meta]).map_err(|e| ServeError::Config(e.to_string()))?),
+        None => None,
+    };
+    let client = crate::client::MetaClient::connect(
+        &cfg.join,
+        crate::client::ClientConfig { tls, ..Default::default() },
+    )
+    .map_err(|e| ServeError::Config(e.to_string()))?;
     let start = tokio::time::Instant::now();
     loop {
         let mut answered = None;

@@ -6,15 +6,19 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use elea_common::{GroupId, NodeId};
-use elea_fsm::{Command, Query};
+use elea_auth::tls::{Connector, Peer, Tls};
+use elea_auth::{Identity, Role};
+use elea_common::{GroupId, NodeId, VolumeId};
+use elea_fsm::{Command, OpResult, Query, Reply};
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::authz::{self, Need};
 use crate::proto::meta_client::MetaClient as RawMetaClient;
 use crate::proto::{self, change_membership_request::Kind};
 use crate::raft::core::{CoreError, CoreStatus, Member, MemberChange, decode_message};
@@ -43,11 +47,129 @@ pub struct MetaService {
     addr: String,
     group: GroupId,
     forward: Mutex<HashMap<String, RawMetaClient<Channel>>>,
+    /// With certificates: how this node reaches the leader, and who may ask what.
+    tls: Option<Connector>,
+    /// Volume names by id, for checking gateways (volumes are never renamed), and when the
+    /// list was last read.
+    volume_names: tokio::sync::Mutex<(HashMap<VolumeId, String>, Option<Instant>)>,
+    refused: AtomicU64,
 }
 
+/// The volume list is read again for an unknown id at most this often.
+const VOLUME_NAMES_REFRESH: Duration = Duration::from_millis(200);
+
 impl MetaService {
-    pub fn new(node: NodeHandle, transport: Transport, id: NodeId, addr: String, group: GroupId) -> Self {
-        Self { node, transport, id, addr, group, forward: Mutex::new(HashMap::new()) }
+    pub fn new(
+        node: NodeHandle,
+        transport: Transport,
+        id: NodeId,
+        addr: String,
+        group: GroupId,
+        tls: Option<&Tls>,
+    ) -> Result<Self, elea_auth::AuthError> {
+        Ok(Self {
+            node,
+            transport,
+            id,
+            addr,
+            group,
+            forward: Mutex::new(HashMap::new()),
+            tls: tls.map(|t| t.connector(&[Role::Meta])).transpose()?,
+            volume_names: tokio::sync::Mutex::new((HashMap::new(), None)),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Requests refused for want of a certificate or of the right role or volume.
+    pub fn refused_calls(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn refuse(&self, why: String) -> Status {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("refused a metadata request: {why}");
+        Status::permission_denied(why)
+    }
+
+    /// The caller's identity with certificates (`None` without).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Option<Arc<Identity>>, Status> {
+        if self.tls.is_none() {
+            return Ok(None);
+        }
+        match req.extensions().get::<Peer>() {
+            Some(p) => Ok(Some(p.identity.clone())),
+            None => Err(self.refuse("no client certificate".into())),
+        }
+    }
+
+    /// Checks that the caller may make a request that needs `need`.
+    async fn authorize(&self, who: Option<&Identity>, need: &Need) -> Result<(), Status> {
+        let Some(who) = who else { return Ok(()) };
+        let name = match need {
+            Need::Volume(vol) if who.role == Role::Gateway => self.volume_name(*vol).await?,
+            _ => None,
+        };
+        authz::allows(who, need, |_| name).map_err(|why| self.refuse(why))
+    }
+
+    /// The name of volume `vol`, from the list kept here or, for an id not in it, a fresh one.
+    async fn volume_name(&self, vol: VolumeId) -> Result<Option<String>, Status> {
+        let mut names = self.volume_names.lock().await;
+        if let Some(n) = names.0.get(&vol) {
+            return Ok(Some(n.clone()));
+        }
+        if names.1.is_some_and(|t| t.elapsed() < VOLUME_NAMES_REFRESH) {
+            return Ok(None);
+        }
+        let list = self.list_volumes().await?;
+        names.1 = Some(Instant::now());
+        for v in list {
+            names.0.insert(v.id, v.name);
+        }
+        Ok(names.0.get(&vol).cloned())
+    }
+
+    /// Every volume, read here or (on a follower) from the leader.
+    async fn list_volumes(&self) -> Result<Vec<elea_fsm::VolumeInfo>, Status> {
+        let result = match self.node.read(Query::ListVolumes).await {
+            Ok(r) => r,
+            Err(e) => {
+                let Some(mut f) = self.forward_target(&e, 0) else { return Err(self.to_status(e)) };
+                let query = postcard::to_allocvec(&Query::ListVolumes)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let req = proto::ReadRequest { group_id: self.group, query, hops: 1 };
+                let r = tokio::time::timeout(FORWARD_TIMEOUT, f.client.read(req)).await;
+                let reply = self.forwarded(&f, r)?.into_inner();
+                postcard::from_bytes::<OpResult>(&reply.result)
+                    .map_err(|e| Status::internal(format!("the leader's volume list: {e}")))?
+            }
+        };
+        match result {
+            Ok(Reply::Volumes(v)) => Ok(v),
+            other => Err(Status::internal(format!("unexpected answer to a volume list: {other:?}"))),
+        }
+    }
+
+    /// A gateway sees only its own volumes in a volume list.
+    fn filter_reply(&self, who: Option<&Identity>, q: &Query, result: Vec<u8>) -> Vec<u8> {
+        let Some(who) = who.filter(|w| w.role == Role::Gateway && matches!(q, Query::ListVolumes)) else {
+            return result;
+        };
+        match postcard::from_bytes::<OpResult>(&result) {
+            Ok(Ok(Reply::Volumes(mut v))) => {
+                v.retain(|v| who.may_use_volume(&v.name));
+                postcard::to_allocvec(&OpResult::Ok(Reply::Volumes(v))).unwrap_or_default()
+            }
+            _ => result,
+        }
+    }
+
+    /// Only meta nodes send Raft messages (checked before a message's body is read).
+    pub fn check_peer<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.caller(req)? {
+            Some(id) if id.role != Role::Meta => Err(self.refuse(format!("{id} may not send raft messages"))),
+            _ => Ok(()),
+        }
     }
 
     fn check_group(&self, group: GroupId) -> Result<(), Status> {
@@ -105,7 +227,11 @@ impl MetaService {
             .ok()?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
-        let c = RawMetaClient::new(ep.connect_lazy())
+        let channel = match &self.tls {
+            Some(tls) => ep.connect_with_connector_lazy(tls.clone()),
+            None => ep.connect_lazy(),
+        };
+        let c = RawMetaClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE)
             .max_encoding_message_size(MAX_REQUEST * 2);
         map.insert(addr.clone(), c.clone());
@@ -195,6 +321,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> 
 #[tonic::async_trait]
 impl proto::meta_server::Meta for MetaService {
     async fn write(&self, req: Request<proto::WriteRequest>) -> Result<Response<proto::WriteReply>, Status> {
+        let who = self.caller(&req)?;
         let req = req.into_inner();
         self.check_group(req.group_id)?;
         if req.command.len() > MAX_REQUEST {
@@ -205,6 +332,7 @@ impl proto::meta_server::Meta for MetaService {
         }
         let cmd: Command = postcard::from_bytes(&req.command)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+        self.authorize(who.as_deref(), &Need::of_op(&cmd.op)).await?;
         match tokio::time::timeout(APPLY_TIMEOUT, self.node.write(cmd)).await {
             Ok(Ok((result, index))) => {
                 let result = postcard::to_allocvec(&result).map_err(|e| Status::internal(e.to_string()))?;
@@ -226,6 +354,7 @@ impl proto::meta_server::Meta for MetaService {
     }
 
     async fn read(&self, req: Request<proto::ReadRequest>) -> Result<Response<proto::ReadReply>, Status> {
+        let who = self.caller(&req)?;
         let req = req.into_inner();
         self.check_group(req.group_id)?;
         if req.query.len() > MAX_REQUEST {
@@ -233,9 +362,15 @@ impl proto::meta_server::Meta for MetaService {
         }
         let q: Query = postcard::from_bytes(&req.query)
             .map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
+        self.authorize(who.as_deref(), &Need::of_query(&q)).await?;
+        let listing = matches!(q, Query::ListVolumes).then_some(Query::ListVolumes);
         match tokio::time::timeout(APPLY_TIMEOUT, self.node.read(q)).await {
             Ok(Ok(result)) => {
                 let result = postcard::to_allocvec(&result).map_err(|e| Status::internal(e.to_string()))?;
+                let result = match &listing {
+                    Some(q) => self.filter_reply(who.as_deref(), q, result),
+                    None => result,
+                };
                 Ok(Response::new(proto::ReadReply { result }))
             }
             Ok(Err(e)) => match self.forward_target(&e, req.hops) {
@@ -245,7 +380,13 @@ impl proto::meta_server::Meta for MetaService {
                         f.client.read(proto::ReadRequest { hops: req.hops + 1, ..req }),
                     )
                     .await;
-                    self.forwarded(&f, r)
+                    self.forwarded(&f, r).map(|mut resp| {
+                        if let Some(q) = &listing {
+                            let r = std::mem::take(&mut resp.get_mut().result);
+                            resp.get_mut().result = self.filter_reply(who.as_deref(), q, r);
+                        }
+                        resp
+                    })
                 }
                 None => Err(self.to_status(e)),
             },
@@ -257,6 +398,7 @@ impl proto::meta_server::Meta for MetaService {
         &self,
         req: Request<proto::WriteBatchRequest>,
     ) -> Result<Response<proto::BatchReply>, Status> {
+        let who = self.caller(&req)?;
         let req = req.into_inner();
         self.check_group(req.group_id)?;
         check_batch(&req.commands)?;
@@ -264,6 +406,7 @@ impl proto::meta_server::Meta for MetaService {
         for b in &req.commands {
             let cmd: Command = postcard::from_bytes(b)
                 .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+            self.authorize(who.as_deref(), &Need::of_op(&cmd.op)).await?;
             cmds.push(cmd);
         }
         let waits = self.node.write_many(cmds);
@@ -297,6 +440,7 @@ impl proto::meta_server::Meta for MetaService {
         &self,
         req: Request<proto::ReadBatchRequest>,
     ) -> Result<Response<proto::BatchReply>, Status> {
+        let who = self.caller(&req)?;
         let req = req.into_inner();
         self.check_group(req.group_id)?;
         check_batch(&req.queries)?;
@@ -304,14 +448,23 @@ impl proto::meta_server::Meta for MetaService {
         for b in &req.queries {
             let q: Query = postcard::from_bytes(b)
                 .map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
+            self.authorize(who.as_deref(), &Need::of_query(&q)).await?;
             qs.push(q);
         }
+        // A gateway's volume lists are filtered (see `filter_reply`).
+        let listings: Vec<bool> = qs.iter().map(|q| matches!(q, Query::ListVolumes)).collect();
         let waits = self.node.read_many(qs);
         let mut items = Vec::with_capacity(waits.len());
         let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
-        for w in waits {
+        for (i, w) in waits.into_iter().enumerate() {
             match tokio::time::timeout_at(deadline, w).await {
-                Ok(Ok(result)) => items.push(ok_item(&result)?),
+                Ok(Ok(result)) => {
+                    let mut item = ok_item(&result)?;
+                    if listings[i] {
+                        item.result = self.filter_reply(who.as_deref(), &Query::ListVolumes, item.result);
+                    }
+                    items.push(item);
+                }
                 Ok(Err(e)) if items.is_empty() && matches!(e, CoreError::NotLeader { .. }) => {
                     return match self.forward_target(&e, req.hops) {
                         Some(mut f) => {
@@ -320,7 +473,16 @@ impl proto::meta_server::Meta for MetaService {
                                 f.client.read_batch(proto::ReadBatchRequest { hops: req.hops + 1, ..req }),
                             )
                             .await;
-                            self.forwarded(&f, r)
+                            self.forwarded(&f, r).map(|mut resp| {
+                                for (item, listing) in resp.get_mut().items.iter_mut().zip(&listings) {
+                                    if *listing {
+                                        let r = std::mem::take(&mut item.result);
+                                        item.result =
+                                            self.filter_reply(who.as_deref(), &Query::ListVolumes, r);
+                                    }
+                                }
+                                resp
+                            })
                         }
                         None => Err(self.to_status(e)),
                     };
@@ -335,9 +497,11 @@ impl proto::meta_server::Meta for MetaService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let who = self.caller(&req)?;
         let req = req.into_inner();
         self.check_group(req.group_id)?;
         let vol = req.volume_id;
+        self.authorize(who.as_deref(), &Need::Volume(vol)).await?;
         let sub = self.node.hub.subscribe(vol, req.from_seq);
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
@@ -383,6 +547,8 @@ impl proto::meta_server::Meta for MetaService {
         &self,
         req: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusReply>, Status> {
+        let who = self.caller(&req)?;
+        self.authorize(who.as_deref(), &Need::Any).await?;
         let req = req.into_inner();
         if req.group_id != 0 {
             self.check_group(req.group_id)?;
@@ -395,6 +561,8 @@ impl proto::meta_server::Meta for MetaService {
         &self,
         req: Request<proto::ChangeMembershipRequest>,
     ) -> Result<Response<proto::ChangeMembershipReply>, Status> {
+        let who = self.caller(&req)?;
+        self.authorize(who.as_deref(), &Need::Admin).await?;
         let req = req.into_inner();
         self.check_group(req.group_id)?;
         let change = match Kind::try_from(req.kind) {
@@ -434,6 +602,8 @@ impl proto::meta_server::Meta for MetaService {
         &self,
         req: Request<proto::TransferLeaderRequest>,
     ) -> Result<Response<proto::TransferLeaderReply>, Status> {
+        let who = self.caller(&req)?;
+        self.authorize(who.as_deref(), &Need::Admin).await?;
         let req = req.into_inner();
         self.check_group(req.group_id)?;
         match self.node.transfer_leader(req.to).await {
@@ -456,6 +626,11 @@ impl proto::meta_server::Meta for MetaService {
 #[tonic::async_trait]
 impl proto::raft_peer_server::RaftPeer for MetaService {
     async fn send(&self, req: Request<proto::RaftBatch>) -> Result<Response<proto::RaftAck>, Status> {
+        if let Some(id) = self.caller(&req)?
+            && (id.role != Role::Meta || id.name != req.get_ref().from.to_string())
+        {
+            return Err(self.refuse(format!("{id} may not send as node {}", req.get_ref().from)));
+        }
         self.deliver_batch(req.into_inner())?;
         Ok(Response::new(proto::RaftAck {}))
     }

@@ -377,14 +377,14 @@ pub async fn serve(
     let incarnation = incarnation(&cfg.data_dir)?;
     let staging = Staging::open(&cfg.data_dir.join("staging"), cfg.staging_size)?;
     let cache = ReadCache::open(&cfg.data_dir.join("read-cache"), cfg.cache_mem, cfg.cache_disk).await?;
-    let meta = MetaClient::connect(&cfg.meta, ClientConfig::default()).map_err(CacheError::from)?;
-    let vols = Volumes::new(meta.clone(), cfg.store.clone());
-    let peer_tls = match &cfg.tls {
-        Some(tls) => {
-            Some(tls.connector(&[elea_auth::Role::Cache]).map_err(|e| ServeError::Config(e.to_string()))?)
-        }
-        None => None,
+    let connector = |role| match &cfg.tls {
+        Some(tls) => tls.connector(&[role]).map(Some).map_err(|e| ServeError::Config(e.to_string())),
+        None => Ok(None),
     };
+    let meta_cfg = ClientConfig { tls: connector(elea_auth::Role::Meta)?, ..ClientConfig::default() };
+    let peer_tls = connector(elea_auth::Role::Cache)?;
+    let meta = MetaClient::connect(&cfg.meta, meta_cfg).map_err(CacheError::from)?;
+    let vols = Volumes::new(meta.clone(), cfg.store.clone());
     let node = Arc::new(Node {
         cfg,
         staging,

@@ -44,8 +44,6 @@ pub struct DataBenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub tls: crate::cli::TlsArgs,
 }
 
 struct Phase {
@@ -62,7 +60,7 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
     }
     let meta = client(&a.meta)?;
     let vol = meta.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
-    let peers = a.tls.block_clients()?;
+    let peers = a.meta.tls.block_clients()?;
     let mut cfg = DataConfig::new(&a.site);
     cfg.blocks = peers.config().clone();
     let data = DataClient::new(meta.clone(), cfg);

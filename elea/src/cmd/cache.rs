@@ -28,7 +28,7 @@ pub(crate) fn cache_config(a: &CacheArgs) -> anyhow::Result<elea_cache::CacheNod
     cfg.gc_delay = a.gc_delay;
     cfg.reconcile_interval = a.reconcile_interval;
     cfg.stale_grace = a.stale_grace;
-    cfg.tls = a.tls.load()?;
+    cfg.tls = a.meta.tls.load()?;
     Ok(cfg)
 }
 

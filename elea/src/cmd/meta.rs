@@ -21,10 +21,17 @@ pub(crate) async fn run_meta(a: MetaArgs) -> anyhow::Result<()> {
     }
     cfg.snapshot_every = a.snapshot_every;
     cfg.compact_margin = a.compact_margin;
+    cfg.tls = a.tls.load()?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
-    tracing::info!(node = a.node_id, listen = %a.listen, dir = %a.data_dir.display(), "metadata server starting");
+    tracing::info!(
+        node = a.node_id,
+        listen = %a.listen,
+        dir = %a.data_dir.display(),
+        tls = cfg.tls.is_some(),
+        "metadata server starting"
+    );
     serve(cfg, listener, shutdown_signal()).await?;
     Ok(())
 }

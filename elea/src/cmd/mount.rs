@@ -141,6 +141,6 @@ pub(crate) async fn run_mount(a: MountArgs) -> anyhow::Result<()> {
     let c = client(&a.meta)?;
     let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
     let mut opts = MountOpts::new(a.site.clone(), &a.ttls);
-    opts.blocks = a.tls.block_clients()?.config().clone();
+    opts.blocks = a.meta.tls.block_clients()?.config().clone();
     serve_mount(c, &vol, &a.mountpoint, &opts, shutdown_signal()).await
 }

@@ -10,7 +10,7 @@ use crate::cli::{StatusArgs, client};
 pub(crate) async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let c = client(&a.meta)?;
     let addrs = parse_addrs(&a.meta.meta)?;
-    let any_up = print_status(&c, &a.tls.block_clients()?, &addrs, a.json).await?;
+    let any_up = print_status(&c, &a.meta.tls.block_clients()?, &addrs, a.json).await?;
     if !any_up {
         bail!("no metadata node answered at {}", a.meta.meta);
     }

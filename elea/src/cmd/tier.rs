@@ -52,5 +52,5 @@ pub async fn tier_volume(
 pub(crate) async fn tier(a: TierArgs) -> anyhow::Result<()> {
     let c = client(&a.meta)?;
     let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
-    tier_volume(&c, &a.tls.block_clients()?, &vol, a.wait).await
+    tier_volume(&c, &a.meta.tls.block_clients()?, &vol, a.wait).await
 }

@@ -19,9 +19,16 @@ use super::shutdown_signal;
 use super::status::print_status;
 use crate::cli::{MetaAddr, UpArgs, client};
 
-/// The certificates of `elea up` under `dir`: the CA (made once), the cache node's and an
-/// admin's (each issued when missing). Returns the cache node's TLS and the admin's.
-fn up_certs(dir: &Path) -> anyhow::Result<(Tls, Tls, PathBuf)> {
+/// The certificates of `elea up` under `dir`: the CA (made once), the metadata node's, the
+/// cache node's and an admin's (each issued when missing).
+struct UpCerts {
+    meta: Tls,
+    cache: Tls,
+    /// The admin's certificate and key (PREFIX.pem, PREFIX.key), for the CLI.
+    admin: PathBuf,
+}
+
+fn up_certs(dir: &Path) -> anyhow::Result<UpCerts> {
     if !dir.join(certs::CA_KEY).exists() {
         certs::init(dir).with_context(|| format!("making the cluster's CA in {}", dir.display()))?;
     }
@@ -36,7 +43,12 @@ fn up_certs(dir: &Path) -> anyhow::Result<(Tls, Tls, PathBuf)> {
         }
         Ok(Tls::load(&ca, &with_ext(&prefix, "pem"), &with_ext(&prefix, "key"))?)
     };
-    Ok((load(Role::Cache, "cache1")?, load(Role::Admin, "admin")?, dir.join("admin")))
+    load(Role::Admin, "admin")?;
+    Ok(UpCerts {
+        meta: load(Role::Meta, "1")?,
+        cache: load(Role::Cache, "cache1")?,
+        admin: dir.join("admin"),
+    })
 }
 
 pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
@@ -48,7 +60,12 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     let meta_dir = data_dir.join("meta");
     let cache_dir = data_dir.join("cache");
     let certs_dir = data_dir.join("certs");
-    let (cache_tls, admin_tls, admin) = up_certs(&certs_dir)?;
+    let up = up_certs(&certs_dir)?;
+    let admin_tls = crate::cli::TlsArgs {
+        ca: Some(certs_dir.join(certs::CA_CERT)),
+        cert: Some(with_ext(&up.admin, "pem")),
+        key: Some(with_ext(&up.admin, "key")),
+    };
     let store = match &a.store {
         Some(s) => s.clone(),
         None => {
@@ -61,6 +78,7 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     super::volume::probe_stores(std::slice::from_ref(&store)).await?;
     let mut cfg = MetaNodeConfig::new(1, a.listen.clone(), meta_dir.clone());
     cfg.initial_cluster = parse_initial_cluster(&format!("1={}", a.listen))?;
+    cfg.tls = Some(up.meta);
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -72,7 +90,7 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut server = tokio::spawn(serve(cfg, listener, stopped(stop_rx.clone())));
-    let meta = MetaAddr { meta: a.listen.clone() };
+    let meta = MetaAddr { meta: a.listen.clone(), tls: admin_tls.clone() };
     let c = client(&meta)?;
     // Wait for the one-voter group to elect itself, then make sure the default volume exists;
     // if the server fails to start, say why at once.
@@ -103,7 +121,7 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     );
     cache_cfg.staging_size = a.staging_size;
     cache_cfg.in_process = true;
-    cache_cfg.tls = Some(cache_tls);
+    cache_cfg.tls = Some(up.cache);
     let mut cache = tokio::spawn(elea_cache::serve(cache_cfg, cache_listener, stopped(stop_rx)));
     // The cache node is up once it is in the registry.
     let registered = async {
@@ -136,18 +154,15 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
         vol.inodes,
         vol.config.stores.join(",")
     );
-    let peers = elea_cache::client::BlockClients::new(elea_cache::client::blocks::BlockClientConfig {
-        tls: Some(admin_tls.connector(&[Role::Cache])?),
-        ..Default::default()
-    });
+    let peers = admin_tls.block_clients()?;
     print_status(&c, &peers, std::slice::from_ref(&a.listen), false).await?;
-    println!("elea up: the cache node takes only this cluster's certificates; for the CLI:");
+    println!("elea up: both services take only this cluster's certificates; for the CLI:");
     println!(
         "  export ELEA_META={} ELEA_CA={} ELEA_CERT={} ELEA_KEY={}",
         a.listen,
         certs_dir.join(certs::CA_CERT).display(),
-        with_ext(&admin, "pem").display(),
-        with_ext(&admin, "key").display()
+        with_ext(&up.admin, "pem").display(),
+        with_ext(&up.admin, "key").display()
     );
     println!("elea up: running; Ctrl-C to stop (state is kept in {})", data_dir.display());
     let mounted = async {

@@ -17,7 +17,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use raft::prelude::Message;
 
-use super::link::{self, LinkError};
+use super::link::{self, InStream, LinkError};
 use super::node::NodeMsg;
 
 const WAKER: Token = Token(0);
@@ -53,6 +53,8 @@ impl Mailbox {
 
 struct InLink {
     stream: TcpStream,
+    /// The link's TLS session, in a cluster with certificates.
+    tls: Option<Box<elea_auth::rustls::ServerConnection>>,
     from: NodeId,
     /// Bytes read and not yet decoded: `buf[..filled]`.
     buf: Vec<u8>,
@@ -148,7 +150,8 @@ impl Inbox {
     }
 
     /// Takes over a link whose hello was accepted.
-    pub fn adopt(&mut self, stream: std::net::TcpStream, from: NodeId) {
+    pub fn adopt(&mut self, stream: InStream, from: NodeId) {
+        let InStream { sock: stream, tls } = stream;
         // A peer opens a new link when its old one failed: the old one is done with. Past
         // the limit, the link idle longest goes.
         let stale = self.links.iter().find(|(_, l)| l.from == from).map(|(t, _)| *t).or_else(|| {
@@ -174,6 +177,7 @@ impl Inbox {
         // Whatever arrived before registration is read on the first pass.
         let link = InLink {
             stream,
+            tls,
             from,
             buf: vec![0; INITIAL_BUFFER],
             filled: 0,
@@ -241,7 +245,11 @@ fn read_link(
             *budget -= more;
             l.buf.resize(l.buf.len() + more, 0);
         }
-        match l.stream.read(&mut l.buf[l.filled..]) {
+        let got = match l.tls.as_deref_mut() {
+            Some(session) => link::read_plain(session, &mut l.stream, &mut l.buf[l.filled..]),
+            None => l.stream.read(&mut l.buf[l.filled..]),
+        };
+        match got {
             Ok(0) => {
                 open = false;
                 l.drained = true;
@@ -341,7 +349,7 @@ mod tests {
     fn links_are_read_in_order_across_partial_and_large_frames() {
         let (_mailbox, mut inbox) = new(1).unwrap();
         let (mut w, r) = pair();
-        inbox.adopt(r, 2);
+        inbox.adopt(InStream { sock: r, tls: None }, 2);
         let sent: Vec<Message> =
             (0..40).map(|i| msg(2, 1, i, if i % 10 == 3 { 600 << 10 } else { 50 })).collect();
         let mut bytes = Vec::new();
@@ -365,7 +373,7 @@ mod tests {
     fn a_link_that_lies_about_its_sender_is_closed_and_delivers_nothing() {
         let (_mailbox, mut inbox) = new(1).unwrap();
         let (mut w, r) = pair();
-        inbox.adopt(r, 2);
+        inbox.adopt(InStream { sock: r, tls: None }, 2);
         let mut bytes = Vec::new();
         link::push_frame(&mut bytes, &msg(2, 1, 0, 10)).unwrap();
         link::push_frame(&mut bytes, &msg(3, 1, 1, 10)).unwrap();
@@ -383,7 +391,7 @@ mod tests {
     fn a_link_that_ends_inside_a_frame_is_closed() {
         let (_mailbox, mut inbox) = new(1).unwrap();
         let (mut w, r) = pair();
-        inbox.adopt(r, 2);
+        inbox.adopt(InStream { sock: r, tls: None }, 2);
         let mut bytes = Vec::new();
         link::push_frame(&mut bytes, &msg(2, 1, 0, 10)).unwrap();
         link::push_frame(&mut bytes, &msg(2, 1, 1, 10)).unwrap();
@@ -398,9 +406,9 @@ mod tests {
     fn a_newer_link_from_the_same_peer_replaces_the_older() {
         let (_mailbox, mut inbox) = new(1).unwrap();
         let (mut old_w, old_r) = pair();
-        inbox.adopt(old_r, 2);
+        inbox.adopt(InStream { sock: old_r, tls: None }, 2);
         let (mut w, r) = pair();
-        inbox.adopt(r, 2);
+        inbox.adopt(InStream { sock: r, tls: None }, 2);
         assert_eq!(inbox.links.len(), 1);
         // The older one is closed: its peer sees the end.
         old_w.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -412,7 +420,7 @@ mod tests {
         assert_eq!(collect(&mut inbox, 1), vec![msg(2, 1, 5, 10)]);
         // Another peer's link is kept alongside.
         let (_w3, r3) = pair();
-        inbox.adopt(r3, 3);
+        inbox.adopt(InStream { sock: r3, tls: None }, 3);
         assert_eq!(inbox.links.len(), 2);
     }
 

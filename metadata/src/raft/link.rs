@@ -6,9 +6,20 @@
 //! gRPC connection) and a [`Hello`] naming the Raft group, itself, its address and the node it
 //! wants. The receiver answers one status byte, and a reason when it refuses, and from then on
 //! only reads frames: a little-endian `u32` length, then one raft-rs message in protobuf-2.
+//!
+//! In a cluster with certificates the link is a TLS session (ALPN [`LINK_ALPN`]) carrying the
+//! same bytes: the listener's handshake tells it from a gRPC connection, and the receiver
+//! accepts a hello only from a `meta` certificate whose name is the sender's node id. The
+//! session's records are read and written by the same threads that handle plain links: the
+//! receiver through [`read_plain`] on its non-blocking socket, the sender through
+//! [`OutConn`].
+
+pub use elea_auth::tls::LINK_ALPN;
 
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 
+use elea_auth::rustls;
 use elea_common::{GroupId, NodeId};
 use protobuf::Message as _;
 use raft::prelude::Message;
@@ -108,6 +119,75 @@ pub fn read_answer(r: &mut impl Read) -> Result<(), LinkError> {
             Err(LinkError::Refused(String::from_utf8_lossy(&why).into_owned()))
         }
         s => Err(LinkError::Protocol(format!("unknown answer {s}"))),
+    }
+}
+
+/// A link a peer opened to this node, whose hello was accepted: the socket, and its TLS
+/// session in a cluster with certificates.
+pub struct InStream {
+    pub sock: TcpStream,
+    pub tls: Option<Box<rustls::ServerConnection>>,
+}
+
+/// Reads what the session has decrypted into `buf`, reading and decrypting more from `sock`
+/// when it has nothing: as a socket read, `Ok(0)` at the end of the stream and `WouldBlock`
+/// when nothing more has arrived. A record that does not decrypt is an error.
+pub fn read_plain(
+    session: &mut rustls::ServerConnection,
+    sock: &mut impl Read,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    loop {
+        match session.reader().read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if session.read_tls(sock)? == 0 {
+            return Ok(0);
+        }
+        session.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    }
+}
+
+/// The sending end of a link: its socket, and its TLS session in a cluster with
+/// certificates. Written without blocking by the sending threads while the socket takes the
+/// bytes, and blocking by the link's own thread.
+pub struct OutConn {
+    pub sock: TcpStream,
+    pub tls: Option<Box<rustls::ClientConnection>>,
+}
+
+impl OutConn {
+    /// Writes what the (non-blocking) socket takes now and returns how much of `data` it
+    /// took. With TLS all of `data` is taken (encrypted into the session); what the socket
+    /// did not take waits in the session ([`OutConn::pending`]).
+    pub fn write_now(&mut self, data: &[u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else { return (&self.sock).write(data) };
+        tls.writer().write_all(data)?;
+        while tls.wants_write() {
+            match tls.write_tls(&mut &self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(data.len())
+    }
+
+    /// Encrypted bytes that wait for the socket.
+    pub fn pending(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Writes `data` and whatever waits, blocking (up to the socket's write timeout).
+    pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        let Some(tls) = self.tls.as_mut() else { return (&self.sock).write_all(data) };
+        tls.writer().write_all(data)?;
+        while tls.wants_write() {
+            tls.write_tls(&mut &self.sock)?;
+        }
+        Ok(())
     }
 }
 

@@ -59,7 +59,7 @@ pub enum NodeMsg {
     /// Messages from a peer.
     Raft(Vec<Message>),
     /// A link a peer opened to us, its hello accepted: the group thread reads it from now on.
-    Link(std::net::TcpStream, NodeId),
+    Link(super::link::InStream, NodeId),
     Unreachable(NodeId),
     SnapshotDone(NodeId, bool),
     /// Several requests delivered with one channel operation.

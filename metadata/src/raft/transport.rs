@@ -13,6 +13,9 @@
 //!
 //! Addresses come from the replicated member book, or for a node that is not yet in our book
 //! (a joining node talking to us first) from the address it sent when it opened its link.
+//!
+//! In a cluster with certificates links and snapshots go over mutual TLS, and a link is
+//! accepted only from the node its certificate names.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -21,11 +24,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use elea_auth::tls::{Connector, Tls};
+use elea_auth::{AuthError, Identity, Role, rustls};
 use elea_common::{GroupId, NodeId};
 use raft::prelude::Message;
 
 use super::core::{encode_message, is_snapshot};
-use super::link::{self, Hello, LinkError};
+use super::link::{self, Hello, InStream, LinkError, OutConn};
 use super::node::{NodeHandle, NodeMsg};
 use crate::proto::RaftBatch;
 use crate::proto::raft_peer_client::RaftPeerClient;
@@ -57,6 +62,14 @@ struct Inner {
     /// Hellos of links peers opened to us being checked.
     handshakes: AtomicUsize,
     closed: AtomicBool,
+    /// Mutual TLS, in a cluster with certificates.
+    tls: Option<Secure>,
+}
+
+/// What a node with certificates needs to open links and send snapshots.
+struct Secure {
+    links: Arc<rustls::ClientConfig>,
+    grpc: Connector,
 }
 
 /// Cloneable; see the module docs.
@@ -68,6 +81,16 @@ pub struct Transport {
 impl Transport {
     /// Must be created inside a tokio runtime (snapshots are sent from it).
     pub fn new(id: NodeId, addr: String, group: GroupId) -> Self {
+        Self::with(id, addr, group, None)
+    }
+
+    /// A transport whose links and snapshots use mutual TLS with `tls`'s certificate.
+    pub fn with_tls(id: NodeId, addr: String, group: GroupId, tls: &Tls) -> Result<Self, AuthError> {
+        let secure = Secure { links: tls.link_client_config()?, grpc: tls.connector(&[Role::Meta])? };
+        Ok(Self::with(id, addr, group, Some(secure)))
+    }
+
+    fn with(id: NodeId, addr: String, group: GroupId, tls: Option<Secure>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 id,
@@ -79,6 +102,7 @@ impl Transport {
                 rt: tokio::runtime::Handle::current(),
                 handshakes: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
+                tls,
             }),
         }
     }
@@ -154,9 +178,10 @@ impl Transport {
         Some(l)
     }
 
-    /// Takes a link a peer opened to us (the listener saw its first byte): a short-lived
-    /// thread checks the hello and hands the link to the group thread, which reads it.
-    pub fn accept_link(&self, stream: TcpStream) {
+    /// Takes a link a peer opened to us (the listener saw its first byte, or the ALPN of its
+    /// TLS handshake, whose certificate names `identity`): a short-lived thread checks the
+    /// hello and hands the link to the group thread, which reads it.
+    pub fn accept_link(&self, mut stream: InStream, identity: Option<Arc<Identity>>) {
         let inner = self.inner.clone();
         if inner.closed.load(Ordering::Relaxed) {
             return;
@@ -169,8 +194,8 @@ impl Transport {
         let spawned = std::thread::Builder::new().name("raft-link-hello".into()).spawn({
             let inner = inner.clone();
             move || {
-                let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                match handshake(&inner, &stream) {
+                let peer = stream.sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                match handshake(&inner, &mut stream, identity.as_deref()) {
                     Ok(from) => {
                         if let Some(n) = inner.node.get() {
                             n.report(NodeMsg::Link(stream, from));
@@ -199,7 +224,7 @@ impl Transport {
                 if let Ok(mut st) = l.state.lock() {
                     st.closed = true;
                     if let Some((c, _)) = st.conn.take() {
-                        let _ = c.shutdown(Shutdown::Both);
+                        let _ = c.sock.shutdown(Shutdown::Both);
                     }
                 }
                 l.wake.notify_all();
@@ -251,11 +276,12 @@ struct Link {
 struct LinkState {
     /// The connection and the address it goes to. Senders write to it directly only while the
     /// link's thread is not `flushing` and nothing waits in `backlog`.
-    conn: Option<(TcpStream, String)>,
+    conn: Option<(OutConn, String)>,
     /// Frames waiting for the link's thread, in order.
     backlog: Vec<u8>,
-    /// `backlog` starts with the rest of a frame partly written to `conn`: it can only go to
-    /// that connection.
+    /// `backlog` starts with the rest of a frame partly written to `conn`, or (with TLS) the
+    /// connection's session holds encrypted bytes the socket did not take: they can only go
+    /// to that connection, and the link's thread must write them.
     mid_frame: bool,
     /// The link's thread owns the connection (connecting, or writing what it took).
     flushing: bool,
@@ -272,11 +298,16 @@ impl Link {
         }
         if !st.flushing
             && st.backlog.is_empty()
-            && let Some((c, _)) = st.conn.as_ref().filter(|(_, a)| addr_is(inner, self.to, a))
+            && let Some((c, _)) = st.conn.as_mut().filter(|c| addr_is(inner, self.to, &c.1))
         {
-            match (&*c).write(&frames) {
-                Ok(n) if n == frames.len() => return,
-                Ok(n) => {
+            match c.write_now(&frames).map(|n| (n, c.pending())) {
+                Ok((n, false)) if n == frames.len() => return,
+                Ok((n, true)) if n == frames.len() => {
+                    st.mid_frame = true;
+                    self.wake.notify_one();
+                    return;
+                }
+                Ok((n, _)) => {
                     st.backlog.extend_from_slice(&frames[n..]);
                     st.mid_frame = n > 0;
                     self.wake.notify_one();
@@ -325,7 +356,7 @@ impl Link {
         loop {
             let (data, mid_frame, conn) = {
                 let Ok(mut st) = self.state.lock() else { return };
-                while !st.closed && st.backlog.is_empty() {
+                while !st.closed && st.backlog.is_empty() && !st.mid_frame {
                     st = match self.wake.wait(st) {
                         Ok(s) => s,
                         Err(_) => return,
@@ -343,8 +374,8 @@ impl Link {
             match result {
                 Ok(c) => {
                     if st.closed {
-                        let _ = c.0.shutdown(Shutdown::Both);
-                    } else if c.0.set_nonblocking(true).is_ok() {
+                        let _ = c.0.sock.shutdown(Shutdown::Both);
+                    } else if c.0.sock.set_nonblocking(true).is_ok() {
                         st.conn = Some(c);
                         st.last_error = None;
                     }
@@ -366,11 +397,11 @@ impl Link {
         inner: &Inner,
         data: Vec<u8>,
         mid_frame: bool,
-        conn: Option<(TcpStream, String)>,
-    ) -> Result<(TcpStream, String), LinkError> {
+        conn: Option<(OutConn, String)>,
+    ) -> Result<(OutConn, String), LinkError> {
         let addr = addr_of(inner, self.to)
             .ok_or_else(|| LinkError::Protocol(format!("no address known for node {}", self.to)))?;
-        let (c, data) = match conn {
+        let (mut c, data) = match conn {
             Some((c, a)) if a == addr => (c, &data[..]),
             _ if mid_frame => {
                 // The rest of a frame cannot start a new connection.
@@ -378,12 +409,12 @@ impl Link {
             }
             _ => (self.connect(inner, &addr)?, &data[..]),
         };
-        c.set_nonblocking(false)?;
-        (&c).write_all(data)?;
+        c.sock.set_nonblocking(false)?;
+        c.write_all(data)?;
         Ok((c, addr))
     }
 
-    fn connect(&self, inner: &Inner, addr: &str) -> Result<TcpStream, LinkError> {
+    fn connect(&self, inner: &Inner, addr: &str) -> Result<OutConn, LinkError> {
         let sa = addr
             .to_socket_addrs()?
             .next()
@@ -395,21 +426,52 @@ impl Link {
         c.set_write_timeout(Some(STALL_TIMEOUT))?;
         c.set_read_timeout(Some(CONNECT_TIMEOUT))?;
         let hello = Hello { group: inner.group, from: inner.id, to: self.to, from_addr: inner.addr.clone() };
-        (&c).write_all(&hello.encode())?;
-        link::read_answer(&mut &c)?;
-        Ok(c)
+        let Some(secure) = &inner.tls else {
+            (&c).write_all(&hello.encode())?;
+            link::read_answer(&mut &c)?;
+            return Ok(OutConn { sock: c, tls: None });
+        };
+        // Host names are not checked (the certificate's role and cluster are).
+        let name = rustls::pki_types::ServerName::try_from("elea")
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let mut session = rustls::ClientConnection::new(secure.links.clone(), name)
+            .map_err(|e| LinkError::Protocol(format!("TLS: {e}")))?;
+        // Frames wait in the link's backlog, bounded there; the session takes what it is given.
+        session.set_buffer_limit(None);
+        while session.is_handshaking() {
+            session.complete_io(&mut &c).map_err(|e| LinkError::Protocol(format!("TLS handshake: {e}")))?;
+        }
+        let mut conn = OutConn { sock: c, tls: Some(Box::new(session)) };
+        conn.write_all(&hello.encode())?;
+        let Some(session) = conn.tls.as_deref_mut() else { unreachable!("set above") };
+        link::read_answer(&mut rustls::Stream::new(session, &mut &conn.sock))?;
+        Ok(conn)
     }
 }
 
 /// Checks the hello of a link a peer opened to us and answers it; returns the sender.
-fn handshake(inner: &Inner, stream: &TcpStream) -> Result<NodeId, LinkError> {
-    stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(CONNECT_TIMEOUT))?;
-    // Unbuffered (nothing past the hello may be read here: the group thread reads the rest),
-    // and one deadline for the whole hello, not one per read: a peer trickling a byte at a
-    // time would otherwise hold a handshake slot for minutes.
-    let hello = Hello::read(&mut Deadline { stream, until: Instant::now() + CONNECT_TIMEOUT })?;
-    let refusal = if hello.group != inner.group {
+fn handshake(inner: &Inner, stream: &mut InStream, identity: Option<&Identity>) -> Result<NodeId, LinkError> {
+    let sock = &stream.sock;
+    sock.set_nonblocking(false)?;
+    sock.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+    // Unbuffered (nothing past the hello may be read here: the group thread reads the rest;
+    // a TLS session keeps what it decrypted beyond it), and one deadline for the whole hello,
+    // not one per read: a peer trickling a byte at a time would otherwise hold a handshake
+    // slot for minutes.
+    let mut deadline = Deadline { stream: sock, until: Instant::now() + CONNECT_TIMEOUT };
+    let hello = match stream.tls.as_deref_mut() {
+        Some(session) => Hello::read(&mut rustls::Stream::new(session, &mut deadline))?,
+        None => Hello::read(&mut deadline)?,
+    };
+    let certified = match (&inner.tls, identity) {
+        (None, _) => None,
+        (Some(_), Some(id)) if id.role == Role::Meta && id.name == hello.from.to_string() => None,
+        (Some(_), Some(id)) => Some(format!("{id} may not send as node {}", hello.from)),
+        (Some(_), None) => Some("a link without a certificate".to_string()),
+    };
+    let refusal = if let Some(why) = certified {
+        Some(why)
+    } else if hello.group != inner.group {
         Some(format!("this node serves raft group {}, not {}", inner.group, hello.group))
     } else if hello.to != inner.id {
         Some(format!("this is node {}, not node {}", inner.id, hello.to))
@@ -423,24 +485,50 @@ fn handshake(inner: &Inner, stream: &TcpStream) -> Result<NodeId, LinkError> {
         None
     };
     if let Some(why) = refusal {
-        let _ = link::refuse(&mut &*stream, &why);
+        let mut b = Vec::new();
+        let _ = link::refuse(&mut b, &why);
+        let _ = answer(stream, &b);
         return Err(LinkError::Protocol(format!("refused a link from node {}: {why}", hello.from)));
     }
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(5))
         .with_interval(Duration::from_secs(1))
         .with_retries(5);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)?;
-    stream.set_read_timeout(None)?;
-    (&*stream).write_all(&[link::ACCEPTED])?;
+    socket2::SockRef::from(&stream.sock).set_tcp_keepalive(&keepalive)?;
+    stream.sock.set_read_timeout(None)?;
+    answer(stream, &[link::ACCEPTED])?;
     learn(inner, hello.from, &hello.from_addr);
     Ok(hello.from)
+}
+
+/// Writes the answer to a hello (blocking, up to the socket's write timeout).
+fn answer(stream: &mut InStream, bytes: &[u8]) -> io::Result<()> {
+    match stream.tls.as_deref_mut() {
+        Some(session) => {
+            session.writer().write_all(bytes)?;
+            while session.wants_write() {
+                session.write_tls(&mut &stream.sock)?;
+            }
+            Ok(())
+        }
+        None => (&stream.sock).write_all(bytes),
+    }
 }
 
 /// Reads from a socket until a deadline.
 struct Deadline<'a> {
     stream: &'a TcpStream,
     until: Instant,
+}
+
+impl io::Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&mut &*self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl io::Read for Deadline<'_> {
@@ -467,7 +555,7 @@ fn send_snapshot(inner: &Arc<Inner>, m: Message) {
     let inner2 = inner.clone();
     inner.rt.spawn(async move {
         let inner = inner2;
-        let ok = match (connect_grpc(&addr), encode_message(&m)) {
+        let ok = match (connect_grpc(&addr, inner.tls.as_ref().map(|s| &s.grpc)), encode_message(&m)) {
             (Some(mut c), Ok(bytes)) => {
                 let req = RaftBatch {
                     group_id: inner.group,
@@ -495,13 +583,17 @@ fn send_snapshot(inner: &Arc<Inner>, m: Message) {
     });
 }
 
-fn connect_grpc(addr: &str) -> Option<PeerClient> {
+fn connect_grpc(addr: &str, tls: Option<&Connector>) -> Option<PeerClient> {
     let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .ok()?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
+    let channel = match tls {
+        Some(c) => ep.connect_with_connector_lazy(c.clone()),
+        None => ep.connect_lazy(),
+    };
     Some(
-        RaftPeerClient::new(ep.connect_lazy())
+        RaftPeerClient::new(channel)
             .max_decoding_message_size(MAX_RAFT_MESSAGE)
             .max_encoding_message_size(MAX_RAFT_MESSAGE),
     )
