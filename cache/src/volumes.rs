@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use elea_fsm::{BlockCodec, VolumeConfig};
+use elea_fsm::{BlockCodec, DataIdentity, VolumeConfig};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
-use elea_store::{Compression, Store, StoreConfig};
+use elea_store::{BlockKey, Compression, Store, StoreConfig};
 
 use crate::error::CacheError;
 
@@ -18,6 +18,8 @@ pub struct VolumeEntry {
     pub name: String,
     pub config: VolumeConfig,
     pub stores: Vec<Store>,
+    /// The cluster part of its object keys (`DataIdentity::key_tag`).
+    pub key_tag: u128,
 }
 
 impl VolumeEntry {
@@ -35,22 +37,36 @@ pub struct Volumes {
     meta: MetaClient,
     store_cfg: StoreConfig,
     map: Arc<Mutex<HashMap<u64, Arc<VolumeEntry>>>>,
+    /// The cluster's identity in data, once known (it never changes after).
+    identity: Arc<Mutex<Option<DataIdentity>>>,
 }
 
 impl Volumes {
     pub fn new(meta: MetaClient, store_cfg: StoreConfig) -> Self {
-        Self { meta, store_cfg, map: Arc::default() }
+        Self { meta, store_cfg, map: Arc::default(), identity: Arc::default() }
+    }
+
+    /// The cluster's identity in data (`None` before its first volume).
+    pub async fn identity(&self) -> Result<Option<DataIdentity>, CacheError> {
+        if let Some(i) = *self.identity.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(Some(i));
+        }
+        let i = self.meta.data_identity().await?;
+        *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = i;
+        Ok(i)
     }
 
     async fn load(&self, vol: u64) -> Result<Arc<VolumeEntry>, CacheError> {
         let info = self.meta.volume_by_id(vol).await?;
+        // Read after the volume: a volume that exists has the identity it was created under.
+        let key_tag = DataIdentity::key_tag(self.identity().await?.as_ref(), vol);
         let stores = info
             .config
             .stores
             .iter()
             .map(|u| Store::open(u, &self.store_cfg))
             .collect::<Result<Vec<_>, _>>()?;
-        let e = Arc::new(VolumeEntry { name: info.name, config: info.config, stores });
+        let e = Arc::new(VolumeEntry { name: info.name, config: info.config, stores, key_tag });
         self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(vol, e.clone());
         Ok(e)
     }
@@ -62,6 +78,11 @@ impl Volumes {
             Some(e) => Ok(e),
             None => self.load(vol).await,
         }
+    }
+
+    /// The object key of block `index` (`len` bytes) of `slice` in volume `vol`.
+    pub async fn key(&self, vol: u64, slice: u64, index: u32, len: u32) -> Result<BlockKey, CacheError> {
+        Ok(BlockKey { cluster: self.get(vol).await?.key_tag, vol, slice, index, len })
     }
 
     /// Store `idx` of the volume.

@@ -136,7 +136,7 @@ async fn write_tier_and_read(in_process: bool) {
     tier_now(&c, vol).await;
     wait_until(Duration::from_secs(20), "everything tiered", || async { staged_count(&c, vol).await == 0 })
         .await;
-    let keys = c.store().list_volume(vol).await.unwrap();
+    let keys = c.stored_keys(vol).await;
     assert_eq!(keys.len(), 5, "{keys:?}");
     for bl in &blocks {
         let r = BlockRef { vol, slice: bl.slice, index: bl.index };
@@ -229,8 +229,12 @@ async fn store_outage_keeps_writes_acknowledged_and_the_backlog_drains() {
     // The tiering worker tries to upload every one of them, and each upload fails. One upload
     // sends at most 1 + retries requests; more PUTs of a block than that mean a later round
     // tried it again, so the round before ended and left it staged.
-    let keys: Vec<String> =
-        staged.iter().map(|b| BlockKey { vol, slice: b.slice, index: b.index, len: b.len }.path()).collect();
+    let tag = c.key_tag(vol).await;
+    assert_ne!(tag, 0, "a new cluster's volumes carry its identity in their keys");
+    let keys: Vec<String> = staged
+        .iter()
+        .map(|b| BlockKey { cluster: tag, vol, slice: b.slice, index: b.index, len: b.len }.path())
+        .collect();
     let per_upload = 1 + c.store_cfg().retries;
     let tried_again = |reqs: &[String]| {
         keys.iter().all(|k| {
@@ -261,7 +265,7 @@ async fn store_outage_keeps_writes_acknowledged_and_the_backlog_drains() {
     for (ino, data) in &files {
         assert_eq!(&cold.read_file(vol, *ino, 0, data.len()).await.unwrap(), data);
     }
-    assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 6);
+    assert_eq!(c.stored_keys(vol).await.len(), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -276,7 +280,7 @@ async fn garbage_collection_removes_deleted_data_only() {
     d.write_extents(vol, fa.ino, &[(0, Bytes::from(a))]).await.unwrap();
     d.write_extents(vol, fb.ino, &[(0, Bytes::from(b.clone()))]).await.unwrap();
     wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol).await == 0 }).await;
-    assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 3);
+    assert_eq!(c.stored_keys(vol).await.len(), 3);
     // Unlink a; overwrite b (its first slice becomes garbage too).
     c.meta.unlink(vol, ROOT_INO, b"a").await.unwrap();
     let b2 = content(5, MIB);
@@ -287,7 +291,7 @@ async fn garbage_collection_removes_deleted_data_only() {
     })
     .await;
     wait_until(Duration::from_secs(20), "only live objects remain", || async {
-        c.store().list_volume(vol).await.unwrap().len() == 1
+        c.stored_keys(vol).await.len() == 1
     })
     .await;
     drop_caches(&c).await;
@@ -315,7 +319,7 @@ async fn corruption_is_detected_never_returned() {
     let g = c.meta.create(vol2, ROOT_INO, b"g", 0o644).await.unwrap();
     c.data().write_extents(vol2, g.ino, &[(0, Bytes::from(content(8, MIB)))]).await.unwrap();
     wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol2).await == 0 }).await;
-    let key: BlockKey = c.store().list_volume(vol2).await.unwrap()[0];
+    let key: BlockKey = c.stored_keys(vol2).await[0];
     let mut obj = c.store().get_raw(&key.path()).await.unwrap().to_vec();
     let n = obj.len();
     obj[n - 1] ^= 1;
@@ -433,7 +437,7 @@ async fn staging_above_its_high_watermark_tiers_early() {
         staged_count(&c, vol).await <= 4
     })
     .await;
-    assert!(!c.store().list_volume(vol).await.unwrap().is_empty());
+    assert!(!c.stored_keys(vol).await.is_empty());
     // More than the whole staging capacity can still be written, slice by slice: writers
     // wait for tiering to make room.
     let b = content(13, 40 * MIB);
@@ -565,7 +569,7 @@ async fn garbage_collection_retries_after_a_store_outage() {
     let f = c.meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
     c.data().write_extents(vol, f.ino, &[(0, Bytes::from(content(17, 5 * MIB)))]).await.unwrap();
     wait_until(Duration::from_secs(20), "tiered", || async { staged_count(&c, vol).await == 0 }).await;
-    assert_eq!(c.store().list_volume(vol).await.unwrap().len(), 2);
+    assert_eq!(c.stored_keys(vol).await.len(), 2);
     // Deletes fail while the store is down: the slice waits, with growing delays.
     c.stop_s3().await;
     c.meta.unlink(vol, ROOT_INO, b"f").await.unwrap();
@@ -577,7 +581,7 @@ async fn garbage_collection_retries_after_a_store_outage() {
         c.meta.pending_deletes(0, 100).await.unwrap().0.is_empty()
     })
     .await;
-    assert!(c.store().list_volume(vol).await.unwrap().is_empty());
+    assert!(c.stored_keys(vol).await.is_empty());
 }
 
 /// A small deterministic generator for random offsets.
@@ -733,7 +737,7 @@ async fn random_small_reads_match_the_written_bytes_on_every_tier() {
     wait_until(Duration::from_secs(20), "staged copies freed", || async {
         let p = BlockClients::default();
         for n in &c.nodes {
-            for k in c.store().list_volume(vol).await.unwrap() {
+            for k in c.stored_keys(vol).await {
                 let r = BlockRef { vol, slice: k.slice, index: k.index };
                 if p.has(&n.addr, r).await.unwrap().staged {
                     return false;

@@ -154,3 +154,73 @@ async fn acknowledged_blocks_survive_kill9_of_either_cache_node() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["cache_nodes"].as_array().map(Vec::len), Some(2), "{out}");
 }
+
+/// Two clusters pointed at one bucket and prefix, or one cache data directory: the second is
+/// refused with a clear error, and the first cluster's data reads back intact. The first
+/// cluster's objects carry its identity in their keys, and its store and data directory name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_cluster_on_the_same_store_or_disk_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    std::fs::create_dir_all(&objects).unwrap();
+    let store = format!("file://{}", objects.display());
+    let cluster = |name: &str| {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let m = MetaProc::start(
+            1,
+            &addr,
+            &dir.path().join(format!("meta-{name}")),
+            &["--initial-cluster".into(), format!("1={addr}")],
+        );
+        (m, addr)
+    };
+    let (_ma, a) = cluster("a");
+    let cache_dir = dir.path().join("cache-a");
+    let cache_addr = format!("127.0.0.1:{}", free_port());
+    let mut cache = MetaProc::start_cache(1, &cache_addr, &cache_dir, "a", &a, &["--staging-size", "1G"]);
+    let meta = MetaClient::connect(std::slice::from_ref(&a), ClientConfig::default()).unwrap();
+    wait_alive(&meta, &[1], &[]).await;
+    let (ok, out, err) =
+        elea_cli(&["volume", "create", "v", "--meta", &a, "--store", &store, "--replicas", "1"]);
+    assert!(ok, "{out}{err}");
+    let vol = meta.volume("v").await.unwrap().id;
+    let id = meta.data_identity().await.unwrap().expect("the first volume made the identity");
+    let data = DataClient::new(meta.clone(), DataConfig::new("a"));
+    let f = meta.create(vol, ROOT_INO, b"f", 0o644).await.unwrap();
+    let bytes = Bytes::from(content(7, 9 << 20));
+    data.write_extents(vol, f.ino, &[(0, bytes.clone())]).await.unwrap();
+    let (ok, out, err) = elea_cli(&["tier", "--meta", &a, "--volume", "v", "--wait"]);
+    assert!(ok, "{out}{err}");
+    let owner = std::fs::read_to_string(objects.join(elea_store::OWNER_OBJECT)).unwrap();
+    assert_eq!(owner.trim(), id.cluster_hex());
+    assert!(objects.join(format!("c{}/v{vol}", id.cluster_hex())).is_dir(), "keys carry the cluster");
+    assert_eq!(std::fs::read_to_string(cache_dir.join("cluster-id")).unwrap().trim(), id.cluster_hex());
+
+    // A second cluster: its volume on the same store is refused, and so is a cache node on the
+    // first one's data directory.
+    let (_mb, b) = cluster("b");
+    let (ok, out, err) = elea_cli(&["volume", "create", "v", "--meta", &b, "--store", &store]);
+    assert!(!ok && err.contains("belongs to another Elea cluster"), "{out}{err}");
+    cache.kill9();
+    let mut wrong = MetaProc::start_cache(1, &cache_addr, &cache_dir, "a", &b, &[]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while wrong.is_running() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!wrong.is_running(), "a cache node on another cluster's data directory kept running");
+    assert!(
+        wrong.log_tail().contains("holds the staged blocks of another Elea cluster"),
+        "{}",
+        wrong.log_tail()
+    );
+    // With its own store, the second cluster works.
+    let other = format!("file://{}", dir.path().join("objects-b").display());
+    let (ok, out, err) = elea_cli(&["volume", "create", "v", "--meta", &b, "--store", &other]);
+    assert!(ok, "{out}{err}");
+
+    // The first cluster's data is intact, read back from its store.
+    cache.restart();
+    wait_alive(&meta, &[1], &[]).await;
+    let got = data.read_file(vol, f.ino, 0, bytes.len()).await.unwrap();
+    assert!(got == bytes, "the first cluster's file changed");
+}

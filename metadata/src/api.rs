@@ -12,8 +12,8 @@
 
 use elea_common::{Ino, SessionId, SliceId, Timespec, VolumeId};
 use elea_fsm::{
-    Attr, CacheNodeInfo, CacheStats, Caller, DirEntry, LockInfo, LockKind, Op, Query, Reply, SetAttr, Slice,
-    SliceLoc, StagedBlock, StatFs, VolumeConfig, VolumeInfo,
+    Attr, CacheNodeInfo, CacheStats, Caller, DataIdentity, DirEntry, LockInfo, LockKind, Op, Query, Reply,
+    SetAttr, Slice, SliceLoc, StagedBlock, StatFs, VolumeConfig, VolumeInfo,
 };
 
 use crate::client::{ClientError, WatchStream};
@@ -146,6 +146,16 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         async move {
             match self.query(Query::VolumeByName { name: name.to_string() }).await? {
                 Reply::Volume(v) => Ok(v),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// The cluster's identity in stored data (`None` before its first volume).
+    fn data_identity(&self) -> impl Future<Output = Result<Option<DataIdentity>, ClientError>> + Send {
+        async move {
+            match self.query(Query::DataIdentity).await? {
+                Reply::Identity(i) => Ok(i),
                 other => Err(unexpected(&other)),
             }
         }

@@ -67,7 +67,9 @@ impl Need {
     pub fn of_query(q: &Query) -> Need {
         match q {
             // Answered whole to others, and only with the caller's volumes to a gateway.
-            Query::ListVolumes | Query::CacheNodes | Query::SliceLocs { .. } => Need::Any,
+            Query::ListVolumes | Query::CacheNodes | Query::SliceLocs { .. } | Query::DataIdentity => {
+                Need::Any
+            }
             Query::VolumeByName { name } => Need::VolumeNamed(name.clone()),
             Query::Lookup { vol, .. }
             | Query::GetAttr { vol, .. }

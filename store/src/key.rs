@@ -1,9 +1,12 @@
 //! Object key layout: where a block of a slice lives in the object store.
 //!
-//! A block is named `v{vol}/{hh}/{slice:016x}_{index}_{len}`. `hh` is two hex digits of a hash
-//! of `(slice, index)`, so consecutive slices spread over 256 prefixes (object stores partition
-//! and rate-limit by key prefix). The layout is stable forever: objects written by one version
-//! must be found by every later one, and a test pins an exact example.
+//! A block is named `c{cluster:032x}/v{vol}/{hh}/{slice:016x}_{index}_{len}`: the cluster's
+//! identity in data (so that clusters sharing a bucket and prefix never touch each other's
+//! objects), the volume, and `hh`, two hex digits of a hash of `(slice, index)`, so consecutive
+//! slices spread over 256 prefixes (object stores partition and rate-limit by key prefix).
+//! Volumes created before clusters had an identity (cluster 0) keep the older layout without
+//! the first part, `v{vol}/{hh}/...`. The layout is stable forever: objects written by one
+//! version must be found by every later one, and a test pins exact examples.
 
 use std::fmt;
 
@@ -11,6 +14,8 @@ use std::fmt;
 /// long once decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockKey {
+    /// The cluster's identity (0: a volume older than cluster identities).
+    pub cluster: u128,
     /// Volume id.
     pub vol: u64,
     /// Slice id (unique within the cluster).
@@ -38,21 +43,34 @@ impl BlockKey {
     }
 
     /// The object path, relative to the store's root:
-    /// `v{vol}/{hh}/{slice:016x}_{index}_{len}`.
+    /// `c{cluster:032x}/v{vol}/{hh}/{slice:016x}_{index}_{len}` (without the first part for
+    /// cluster 0).
     pub fn path(&self) -> String {
-        format!("v{}/{:02x}/{:016x}_{}_{}", self.vol, self.prefix(), self.slice, self.index, self.len)
+        format!(
+            "{}{:02x}/{:016x}_{}_{}",
+            Self::volume_dir(self.cluster, self.vol),
+            self.prefix(),
+            self.slice,
+            self.index,
+            self.len
+        )
     }
 
-    /// The directory holding all blocks of volume `vol` (`v{vol}/`).
-    pub fn volume_dir(vol: u64) -> String {
-        format!("v{vol}/")
+    /// The directory holding all blocks of volume `vol` of `cluster`.
+    pub fn volume_dir(cluster: u128, vol: u64) -> String {
+        if cluster == 0 { format!("v{vol}/") } else { format!("c{cluster:032x}/v{vol}/") }
     }
 
     /// Parses a path made by [`BlockKey::path`] (a leading `/` is accepted). Returns `None` for
     /// anything else, including a non-canonical spelling or a wrong prefix.
     pub fn parse(path: &str) -> Option<BlockKey> {
         let path = path.strip_prefix('/').unwrap_or(path);
-        let mut parts = path.split('/');
+        let mut parts = path.split('/').peekable();
+        let cluster = match parts.next_if(|p| p.starts_with('c')) {
+            Some(c) if c.len() == 33 => u128::from_str_radix(&c[1..], 16).ok().filter(|c| *c != 0)?,
+            Some(_) => return None,
+            None => 0,
+        };
         let (v, hh, name) = (parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some() {
             return None;
@@ -64,6 +82,7 @@ impl BlockKey {
             return None;
         }
         let key = BlockKey {
+            cluster,
             vol,
             slice: u64::from_str_radix(slice, 16).ok()?,
             index: index.parse().ok()?,
@@ -89,10 +108,18 @@ mod tests {
     #[test]
     fn layout_is_pinned() {
         // These strings are what is in object stores: they must never change.
-        let k = BlockKey { vol: 1, slice: 0x1234, index: 0, len: 4 << 20 };
+        let k = BlockKey { cluster: 0, vol: 1, slice: 0x1234, index: 0, len: 4 << 20 };
         assert_eq!(k.path(), "v1/d5/0000000000001234_0_4194304");
-        let k = BlockKey { vol: 42, slice: u64::MAX, index: 15, len: 17 };
+        let k = BlockKey { cluster: 0, vol: 42, slice: u64::MAX, index: 15, len: 17 };
         assert_eq!(k.path(), "v42/2f/ffffffffffffffff_15_17");
+        let k = BlockKey {
+            cluster: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+            vol: 1,
+            slice: 0x1234,
+            index: 0,
+            len: 4 << 20,
+        };
+        assert_eq!(k.path(), "c0123456789abcdef0011223344556677/v1/d5/0000000000001234_0_4194304");
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
@@ -100,9 +127,11 @@ mod tests {
     #[test]
     fn parse_round_trips() {
         for k in [
-            BlockKey { vol: 1, slice: 0, index: 0, len: 0 },
-            BlockKey { vol: u64::MAX, slice: u64::MAX, index: u32::MAX, len: u32::MAX },
-            BlockKey { vol: 7, slice: 0xdead_beef, index: 3, len: 4096 },
+            BlockKey { cluster: 0, vol: 1, slice: 0, index: 0, len: 0 },
+            BlockKey { cluster: 0, vol: u64::MAX, slice: u64::MAX, index: u32::MAX, len: u32::MAX },
+            BlockKey { cluster: 0, vol: 7, slice: 0xdead_beef, index: 3, len: 4096 },
+            BlockKey { cluster: 1, vol: 7, slice: 0xdead_beef, index: 3, len: 4096 },
+            BlockKey { cluster: u128::MAX, vol: 1, slice: 2, index: 3, len: 4 },
         ] {
             assert_eq!(BlockKey::parse(&k.path()), Some(k));
             assert_eq!(BlockKey::parse(&format!("/{}", k.path())), Some(k));
@@ -111,7 +140,7 @@ mod tests {
 
     #[test]
     fn parse_rejects_non_keys() {
-        let good = BlockKey { vol: 1, slice: 0x1234, index: 0, len: 5 }.path();
+        let good = BlockKey { cluster: 0, vol: 1, slice: 0x1234, index: 0, len: 5 }.path();
         assert!(BlockKey::parse(&good).is_some());
         let wrong_prefix = {
             let (v, rest) = good.split_once('/').unwrap_or_default();
@@ -133,6 +162,11 @@ mod tests {
             &format!("{good}_1"),
             &good.replace("_0_", "_00_"),
             ".elea-tmp/foo",
+            // A cluster part that is not 32 lower-case hex digits, or is zero.
+            &format!("c1/{good}"),
+            &format!("c{}/{good}", "0".repeat(32)),
+            &format!("c{}/{good}", "A".repeat(32)),
+            &format!("x{}/{good}", "1".repeat(32)),
         ] {
             assert_eq!(BlockKey::parse(bad), None, "{bad:?} parsed");
         }
@@ -142,12 +176,12 @@ mod tests {
     fn keys_spread_over_all_prefixes() {
         let mut seen = HashSet::new();
         for slice in 1..=4096u64 {
-            seen.insert(BlockKey { vol: 1, slice, index: 0, len: 1 }.prefix());
+            seen.insert(BlockKey { cluster: 0, vol: 1, slice, index: 0, len: 1 }.prefix());
         }
         assert_eq!(seen.len(), 256, "sequential slices must cover all prefixes");
         let mut seen = HashSet::new();
         for index in 0..4096u32 {
-            seen.insert(BlockKey { vol: 1, slice: 9, index, len: 1 }.prefix());
+            seen.insert(BlockKey { cluster: 0, vol: 1, slice: 9, index, len: 1 }.prefix());
         }
         assert_eq!(seen.len(), 256, "blocks of one slice must cover all prefixes");
     }

@@ -14,4 +14,4 @@ pub mod testing;
 
 pub use codec::{CodecError, Compression, HEADER_LEN, ParseCompressionError, decode_block, encode_block};
 pub use key::BlockKey;
-pub use store::{Store, StoreConfig, StoreError};
+pub use store::{OWNER_OBJECT, Store, StoreConfig, StoreError};

@@ -156,6 +156,10 @@ impl StoreError {
     }
 }
 
+/// The object at a store's root that names the cluster whose store it is
+/// ([`Store::check_owner`]). Block keys never start with a dot.
+pub const OWNER_OBJECT: &str = ".elea-cluster";
+
 /// An object store opened from a URL. Cheap to clone; clones share connections and limits.
 #[derive(Clone)]
 pub struct Store {
@@ -418,6 +422,41 @@ impl Store {
         })
     }
 
+    /// The cluster that claimed this store (its data identity as 32 hex digits, from the
+    /// [`OWNER_OBJECT`] at the store's root), if any did.
+    pub async fn owner(&self) -> Result<Option<String>, StoreError> {
+        match self.get_raw(OWNER_OBJECT).await {
+            Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim().to_string())),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks that the store is this cluster's, or nobody's: `cluster` is this cluster's data
+    /// identity (32 hex digits), `None` for a cluster that has none yet (no volume), which may
+    /// not take a store another cluster claimed either. A store claimed by another cluster is a
+    /// `Config` error that says whose it is.
+    pub async fn check_owner(&self, cluster: Option<&str>) -> Result<(), StoreError> {
+        match (self.owner().await?, cluster) {
+            (None, _) => Ok(()),
+            (Some(o), Some(c)) if o == c => Ok(()),
+            (Some(o), c) => Err(StoreError::Config(format!(
+                "{} belongs to another Elea cluster ({o}; this one is {}): clusters must not share a \
+                 bucket and prefix, so give this one its own",
+                self.url,
+                c.unwrap_or("new")
+            ))),
+        }
+    }
+
+    /// Claims the store for `cluster` (see [`Store::check_owner`], which should pass first).
+    pub async fn claim(&self, cluster: &str) -> Result<(), StoreError> {
+        if self.owner().await?.as_deref() == Some(cluster) {
+            return Ok(());
+        }
+        self.put_raw(OWNER_OBJECT, Bytes::from(format!("{cluster}\n"))).await
+    }
+
     /// Checks that the store takes writes, reads and deletes: writes a small object under
     /// `probes/` (named after `who` and the time), reads it back, compares, and deletes it.
     /// What a volume's stores must allow before any block is trusted to them.
@@ -458,10 +497,11 @@ impl Store {
         self.op.exists(&path).await.map_err(|e| StoreError::Io { op: "stat", key: path, source: Box::new(e) })
     }
 
-    /// All block keys of volume `vol`, sorted. Objects under `v{vol}/` that are not block keys
-    /// are skipped. For tests and fsck only: the file system itself never scans the store.
-    pub async fn list_volume(&self, vol: u64) -> Result<Vec<BlockKey>, StoreError> {
-        let dir = BlockKey::volume_dir(vol);
+    /// All block keys of volume `vol` of `cluster`, sorted. Objects under its directory that
+    /// are not block keys are skipped. For tests and fsck only: the file system itself never
+    /// scans the store.
+    pub async fn list_volume(&self, cluster: u128, vol: u64) -> Result<Vec<BlockKey>, StoreError> {
+        let dir = BlockKey::volume_dir(cluster, vol);
         let entries = match self.op.list_with(&dir).recursive(true).await {
             Ok(entries) => entries,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
@@ -471,7 +511,7 @@ impl Store {
             .iter()
             .filter(|e| e.metadata().is_file())
             .filter_map(|e| BlockKey::parse(e.path()))
-            .filter(|k| k.vol == vol)
+            .filter(|k| k.vol == vol && k.cluster == cluster)
             .collect();
         keys.sort_unstable();
         Ok(keys)

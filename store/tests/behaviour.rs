@@ -24,7 +24,7 @@ fn data(len: usize, mut seed: u64, compressible: bool) -> Vec<u8> {
 }
 
 fn key(vol: u64, slice: u64, index: u32, len: usize) -> BlockKey {
-    BlockKey { vol, slice, index, len: u32::try_from(len).unwrap_or(u32::MAX) }
+    BlockKey { cluster: 0, vol, slice, index, len: u32::try_from(len).unwrap_or(u32::MAX) }
 }
 
 fn must<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
@@ -107,7 +107,7 @@ async fn exists(store: &Store) {
 }
 
 async fn list_volume(store: &Store) {
-    assert!(must(store.list_volume(1).await).is_empty(), "empty volume");
+    assert!(must(store.list_volume(0, 1).await).is_empty(), "empty volume");
     let mut want = BTreeSet::new();
     for slice in 1..=20u64 {
         for index in 0..2u32 {
@@ -121,10 +121,10 @@ async fn list_volume(store: &Store) {
     put_block(store, &key(2, 1, 0, 3), b"abc", Compression::None).await;
     must(store.put_raw("v1/junk", Bytes::from_static(b"x")).await);
     must(store.put_raw("v1/zz/not_a_key", Bytes::from_static(b"x")).await);
-    let got = must(store.list_volume(1).await);
+    let got = must(store.list_volume(0, 1).await);
     assert_eq!(got, want.iter().copied().collect::<Vec<_>>());
-    assert_eq!(must(store.list_volume(11).await), vec![key(11, 1, 0, 3)]);
-    assert!(must(store.list_volume(3).await).is_empty());
+    assert_eq!(must(store.list_volume(0, 11).await), vec![key(11, 1, 0, 3)]);
+    assert!(must(store.list_volume(0, 3).await).is_empty());
 }
 
 async fn corrupt_object_is_corrupt(store: &Store) {
@@ -163,7 +163,7 @@ async fn keys_spread_over_prefixes(store: &Store) {
     for slice in 1000..1064u64 {
         put_block(store, &key(4, slice, 0, 1), b"x", Compression::None).await;
     }
-    let listed = must(store.list_volume(4).await);
+    let listed = must(store.list_volume(0, 4).await);
     assert_eq!(listed.len(), 64);
     let dirs: BTreeSet<String> =
         listed.iter().map(|k| k.path().split('/').nth(1).map(str::to_string).unwrap_or_default()).collect();

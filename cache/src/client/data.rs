@@ -27,7 +27,7 @@ use elea_common::{Ino, VolumeId};
 use elea_fsm::{Attr, CacheNodeInfo, Slice, SliceLoc, block_len};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
-use elea_store::{BlockKey, StoreConfig};
+use elea_store::StoreConfig;
 use foyer::{Cache, CacheBuilder, LruConfig};
 use futures::StreamExt as _;
 use tokio::sync::OnceCell;
@@ -762,7 +762,7 @@ impl DataClient {
                 Err(e) => last = e,
             }
         }
-        let key = BlockKey { vol, slice, index, len };
+        let key = self.inner.vols.key(vol, slice, index, len).await?;
         let d = match self.inner.vols.store(vol, store).await {
             Ok(s) => s.get(&key).await.map_err(CacheError::from)?,
             Err(e) => return Err(if matches!(e, CacheError::NotFound(_)) { last } else { e }),

@@ -25,7 +25,7 @@ use elea_common::ids::BLOCK_SIZE;
 use elea_fsm::{CacheNodeInfo, CacheStats};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, ClientError, MetaClient};
-use elea_store::{BlockKey, StoreConfig};
+use elea_store::StoreConfig;
 use tokio::sync::{Notify, watch};
 
 use crate::BoxFut;
@@ -143,6 +143,8 @@ pub struct Node {
     pub(crate) workers: workers::WorkerBoard,
     /// Block calls refused for their caller's role or volumes.
     pub(crate) refused_calls: AtomicU64,
+    /// The data directory is known to name this cluster (`check_data_dir`).
+    marked: std::sync::atomic::AtomicBool,
 }
 
 /// Reads or creates the data directory's incarnation (random, fsynced once).
@@ -168,7 +170,49 @@ fn incarnation(dir: &std::path::Path) -> Result<u64, CacheError> {
     }
 }
 
+/// The file in a cache node's data directory that names the cluster whose blocks it stages.
+const CLUSTER_FILE: &str = "cluster-id";
+
 impl Node {
+    /// Checks that the data directory stages this cluster's blocks (its `cluster-id` names this
+    /// cluster's data identity), and names the cluster there once it has an identity. A
+    /// directory of another cluster is a `BadRequest` that says whose it is.
+    pub(crate) async fn check_data_dir(&self) -> Result<(), CacheError> {
+        let path = self.cfg.data_dir.join(CLUSTER_FILE);
+        let ours = self.vols.identity().await?.map(|i| i.cluster_hex());
+        let theirs = match std::fs::read_to_string(&path) {
+            Ok(s) => Some(s.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(CacheError::io("reading", &path, e)),
+        };
+        match (theirs, ours) {
+            (Some(t), Some(o)) if t == o => {
+                self.marked.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            (Some(t), o) => Err(CacheError::BadRequest(format!(
+                "{} holds the staged blocks of another Elea cluster ({t}; this one is {}): give this \
+                 node an empty data directory, or start it with the cluster it belongs to",
+                self.cfg.data_dir.display(),
+                o.as_deref().unwrap_or("new")
+            ))),
+            (None, Some(o)) => {
+                let tmp = self.cfg.data_dir.join("cluster-id.tmp");
+                let write = || -> std::io::Result<()> {
+                    std::fs::write(&tmp, format!("{o}\n"))?;
+                    std::fs::File::open(&tmp)?.sync_all()?;
+                    std::fs::rename(&tmp, &path)?;
+                    std::fs::File::open(&self.cfg.data_dir)?.sync_all()
+                };
+                write().map_err(|e| CacheError::io("writing", &path, e))?;
+                tracing::info!(cluster = %o, "data directory marked as this cluster's");
+                self.marked.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            (None, None) => Ok(()),
+        }
+    }
+
     /// The registry's nodes as last seen.
     pub fn registry(&self) -> Vec<CacheNodeInfo> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -227,6 +271,10 @@ impl Node {
     /// against the bytes before anything is stored.
     pub(crate) async fn store_block(&self, b: BlockRef, data: Bytes, crc: u32) -> Result<(), CacheError> {
         let id = check_ref(&b)?;
+        if !self.marked.load(Ordering::Relaxed) {
+            // The cluster's first blocks here: its volume exists, so it has its identity.
+            self.check_data_dir().await?;
+        }
         if data.is_empty() || data.len() as u64 > BLOCK_SIZE {
             return Err(CacheError::BadRequest(format!("bad block length {}", data.len())));
         }
@@ -258,7 +306,7 @@ impl Node {
         let mut last = CacheError::NotFound(format!("block {id:?} is not staged or cached here"));
         if let Some(store) = req.tiered_store {
             let idx = u16::try_from(store).map_err(|_| CacheError::BadRequest("bad store index".into()))?;
-            let key = BlockKey { vol: b.vol, slice: id.0, index: id.1, len: req.len };
+            let key = self.vols.key(b.vol, id.0, id.1, req.len).await?;
             // An object is compressed and checksummed as a unit: fetch and verify all of it,
             // keep it, and serve the range from it.
             match self.vols.store(b.vol, idx).await {
@@ -399,6 +447,7 @@ pub async fn serve(
         workers: workers::WorkerBoard::default(),
         refused_calls: AtomicU64::new(0),
         nodes: Mutex::default(),
+        marked: std::sync::atomic::AtomicBool::new(false),
     });
     // Register before serving, retrying while the metadata service is unreachable. Until
     // then connections are accepted and closed at once: clients that still list this address
@@ -414,7 +463,14 @@ pub async fn serve(
         }
     };
     tokio::select! {
-        r = register_until_accepted(&node) => r?,
+        r = async {
+            register_until_accepted(&node).await?;
+            // Staging is keyed by slice id: another cluster's blocks must never be served.
+            node.check_data_dir().await.map_err(|e| match e {
+                CacheError::BadRequest(m) => ServeError::Config(m),
+                e => ServeError::Cache(e),
+            })
+        } => r?,
         () = refuse => {}
     }
     tracing::info!(

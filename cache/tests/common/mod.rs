@@ -177,6 +177,18 @@ impl TestCluster {
         elea_store::Store::open(&self.store_url(), &self.store_cfg()).expect("store")
     }
 
+    /// The block keys of volume `vol` in the store.
+    pub async fn stored_keys(&self, vol: u64) -> Vec<elea_store::BlockKey> {
+        self.store().list_volume(self.key_tag(vol).await, vol).await.expect("list")
+    }
+
+    /// The cluster part of volume `vol`'s object keys.
+    pub async fn key_tag(&self, vol: u64) -> u128 {
+        use elea_metadata::MetaApi as _;
+        let identity = self.meta.data_identity().await.expect("identity");
+        elea_fsm::DataIdentity::key_tag(identity.as_ref(), vol)
+    }
+
     pub async fn stop_s3(&mut self) {
         if let Some(s) = self.s3.take() {
             s.stop().await;

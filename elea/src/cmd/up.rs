@@ -95,15 +95,18 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
     // Wait for the one-voter group to elect itself, then make sure the default volume exists;
     // if the server fails to start, say why at once.
     let ensure = async {
-        match c.volume("default").await {
-            Ok(v) => Ok(v),
+        let vol = match c.volume("default").await {
+            Ok(v) => v,
             Err(elea_metadata::client::ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => {
+                super::volume::check_owners(&c, std::slice::from_ref(&store)).await?;
                 let config =
                     elea_fsm::VolumeConfig { stores: vec![store.clone()], replicas: 1, ..Default::default() };
-                c.create_volume("default", config).await
+                c.create_volume("default", config).await?
             }
-            Err(e) => Err(e),
-        }
+            Err(e) => return Err(anyhow::Error::from(e)),
+        };
+        super::volume::claim_stores(&c, &vol.config.stores).await;
+        anyhow::Ok(vol)
     };
     let vol = tokio::select! {
         v = ensure => v?,

@@ -2,6 +2,7 @@
 
 use anyhow::{Context as _, bail};
 use elea_metadata::MetaApi as _;
+use elea_metadata::client::MetaClient;
 use serde_json::json;
 
 use crate::cli::{VolumeCmd, client};
@@ -31,6 +32,7 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
             check_stores(&store, nodes, shared_file_store)?;
             if !no_probe {
                 probe_stores(&store).await?;
+                check_owners(&c, &store).await?;
             }
             let config = elea_fsm::VolumeConfig {
                 stores: store,
@@ -38,9 +40,13 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                 tier_after_ms: u64::try_from(tier_after.as_millis()).unwrap_or(u64::MAX),
                 compression,
             };
+            let stores = config.stores.clone();
             let vol =
                 c.create_volume(&name, config).await.with_context(|| format!("creating volume {name:?}"))?;
             println!("created volume {:?} (id {})", vol.name, vol.id);
+            if !no_probe {
+                claim_stores(&c, &stores).await;
+            }
         }
         VolumeCmd::List { meta, json: as_json } => {
             let vols = client(&meta)?.list_volumes().await?;
@@ -108,6 +114,33 @@ pub(crate) fn check_stores(
         }
     }
     Ok(())
+}
+
+/// Refuses stores another cluster claimed (`Store::check_owner`): two clusters on one bucket
+/// and prefix would otherwise mix their objects.
+pub(crate) async fn check_owners(c: &MetaClient, urls: &[String]) -> anyhow::Result<()> {
+    let ours = c.data_identity().await.context("reading the cluster's identity")?.map(|i| i.cluster_hex());
+    for url in urls {
+        let store = elea_store::Store::open(url, &elea_store::StoreConfig::default())?;
+        store.check_owner(ours.as_deref()).await.with_context(|| format!("--store {url}"))?;
+    }
+    Ok(())
+}
+
+/// Claims each store for this cluster (after a volume on them was created, so the cluster has
+/// its identity). A store that cannot be claimed from here is claimed by the cache nodes'
+/// store checks.
+pub(crate) async fn claim_stores(c: &MetaClient, urls: &[String]) {
+    let Ok(Some(id)) = c.data_identity().await else { return };
+    for url in urls {
+        let claimed = match elea_store::Store::open(url, &elea_store::StoreConfig::default()) {
+            Ok(s) => s.claim(&id.cluster_hex()).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = claimed {
+            tracing::warn!(store = %url, error = %e, "could not mark the store as this cluster's");
+        }
+    }
 }
 
 /// Writes, reads back and deletes a probe object in each store, from this host.

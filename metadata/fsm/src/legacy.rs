@@ -136,6 +136,58 @@ impl StateV2 {
             waits,
             clients,
             cache_nodes,
+            identity: None,
+        }
+    }
+}
+
+/// [`State`] as snapshot format version 3 encoded it: the same fields up to the cache node
+/// registry, without the data identity that version 4 appended.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub(crate) struct StateV3 {
+    clock: Timespec,
+    volumes_allocated: u64,
+    volumes: BTreeMap<VolumeId, Volume>,
+    volume_names: BTreeMap<String, VolumeId>,
+    slices_allocated: u64,
+    slices: SliceTable,
+    sessions_allocated: u64,
+    sessions: BTreeMap<SessionId, Session>,
+    waits: BTreeMap<LockOwner, Waiting>,
+    clients: BTreeMap<u64, Client>,
+    cache_nodes: BTreeMap<u64, CacheNode>,
+}
+
+impl StateV3 {
+    /// A cluster of version 3 has no identity yet: its next volume makes one.
+    pub(crate) fn upgrade(self) -> State {
+        let StateV3 {
+            clock,
+            volumes_allocated,
+            volumes,
+            volume_names,
+            slices_allocated,
+            slices,
+            sessions_allocated,
+            sessions,
+            waits,
+            clients,
+            cache_nodes,
+        } = self;
+        State {
+            clock,
+            volumes_allocated,
+            volumes,
+            volume_names,
+            slices_allocated,
+            slices,
+            sessions_allocated,
+            sessions,
+            waits,
+            clients,
+            cache_nodes,
+            identity: None,
         }
     }
 }

@@ -35,9 +35,9 @@ use state::State;
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"ELEAFSM\0";
-/// Snapshot format this build writes. [`StateMachine::restore`] reads it and version 2, the
-/// format of builds before [`Attr::blocks`].
-pub const SNAPSHOT_VERSION: u32 = 3;
+/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 3 (before
+/// [`DataIdentity`]) and version 2 (before [`Attr::blocks`]).
+pub const SNAPSHOT_VERSION: u32 = 4;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,20 @@ impl StateMachine {
         }
         let mut ch = Changes::default();
         self.st.slices.now = now;
+        if matches!(cmd.op, Op::CreateVolume { .. }) && self.st.identity.is_none() {
+            // Made before the volume, which is the first to carry it; kept even if the
+            // creation fails (the identity only has to be unique, not tied to this volume).
+            let seed = [
+                &cmd.client.to_le_bytes()[..],
+                &cmd.seq.to_le_bytes(),
+                &now.sec.to_le_bytes(),
+                &now.nsec.to_le_bytes(),
+            ]
+            .concat();
+            let cluster = u128::from(fnv1a(&seed)) << 64 | u128::from(fnv1a(&[&seed[..], b"elea"].concat()));
+            self.st.identity =
+                Some(DataIdentity { cluster: cluster.max(1), since_volume: self.st.volumes_allocated + 1 });
+        }
         let res = self.exec(&cmd.op, now, &mut ch);
         if cmd.client != 0 {
             self.st.dedup_record(cmd.client, cmd.seq, &res);
@@ -189,6 +203,7 @@ impl StateMachine {
             Query::SliceLocs { ids } => st.slice_locs(ids),
             Query::StagedBlocks { after, limit } => st.staged_blocks(*after, *limit),
             Query::PendingDeletes { after, limit } => st.pending_deletes(*after, *limit),
+            Query::DataIdentity => Ok(Reply::Identity(st.identity)),
         }
     }
 
@@ -221,6 +236,7 @@ impl StateMachine {
         }
         let st = match h.version {
             SNAPSHOT_VERSION => decode_state::<State>(rest)?,
+            3 => decode_state::<legacy::StateV3>(rest)?.upgrade(),
             2 => decode_state::<legacy::StateV2>(rest)?.upgrade(),
             v => return Err(SnapshotError::Version(v)),
         };

@@ -11,7 +11,9 @@ use elea_common::{Errno, Ino, SessionId, SliceId, Timespec, VolumeId};
 use serde::{Deserialize, Serialize};
 
 use crate::chunks::allocated_blocks;
-use crate::types::{Attr, CacheStats, FileType, LockKind, OpResult, Slice, SliceLoc, VolumeConfig, mode};
+use crate::types::{
+    Attr, CacheStats, DataIdentity, FileType, LockKind, OpResult, Slice, SliceLoc, VolumeConfig, mode,
+};
 
 /// A lock owner: the session and the owner id the gateway gave (a process or open file).
 pub(crate) type LockOwner = (SessionId, u64);
@@ -38,6 +40,8 @@ pub(crate) struct State {
     pub clients: BTreeMap<u64, Client>,
     /// The cache node registry.
     pub cache_nodes: BTreeMap<u64, CacheNode>,
+    /// Set with the first volume (snapshot format 4 on).
+    pub identity: Option<DataIdentity>,
 }
 
 /// A registered cache node.

@@ -718,6 +718,8 @@ pub enum Query {
         after: SliceId,
         limit: u32,
     },
+    /// The cluster's identity in stored data; replies [`Reply::Identity`].
+    DataIdentity,
 }
 
 /// What an [`Op`] or [`Query`] produced.
@@ -774,6 +776,33 @@ pub enum Reply {
         slices: Vec<(SliceId, Timespec, Option<SliceLoc>)>,
         more: bool,
     },
+    /// `None` until the cluster's first volume was created.
+    Identity(Option<DataIdentity>),
+}
+
+/// The cluster's identity in the data it stores: object keys of its volumes and the marker of
+/// its stores and cache node data directories carry `cluster`, so clusters that share a
+/// bucket, a prefix or a disk never read, overwrite or collect each other's data. Made when
+/// the cluster's first volume is created (from the creating command's random client id, its
+/// time and the volume's name), never changed after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    pub cluster: u128,
+    /// Volumes from this id on carry `cluster` in their object keys; older ones (created
+    /// before clusters had an identity) keep the keys they were written with.
+    pub since_volume: VolumeId,
+}
+
+impl DataIdentity {
+    /// The cluster tag of volume `vol`'s object keys: 0 for a volume older than the identity.
+    pub fn key_tag(identity: Option<&DataIdentity>, vol: VolumeId) -> u128 {
+        identity.filter(|i| vol >= i.since_volume).map_or(0, |i| i.cluster)
+    }
+
+    /// The cluster id as text (32 hex digits), as markers and logs show it.
+    pub fn cluster_hex(&self) -> String {
+        format!("{:032x}", self.cluster)
+    }
 }
 
 /// The result of applying an op or answering a query.

@@ -61,7 +61,7 @@ fn the_fixture_is_a_version_2_snapshot() {
     assert_eq!(V2[..8], SNAPSHOT_MAGIC);
     // postcard: the version is a varint, 2 in one byte.
     assert_eq!(V2[8], 2);
-    assert_eq!(SNAPSHOT_VERSION, 3);
+    assert_eq!(SNAPSHOT_VERSION, 4);
 }
 
 #[test]
@@ -180,22 +180,30 @@ fn retries_replay_the_kept_replies_with_blocks() {
     assert!(matches!(r, Ok(Reply::Session { id: 1, .. })), "{r:?}");
 
     // Once the clients acknowledge everything, nothing of the old replies is left, and the
-    // restored state is byte for byte the state the current build reaches from the same log.
+    // restored state is byte for byte the state the current build reaches from the same log,
+    // but for the data identity: the current build made one with the log's first volume, the
+    // old cluster has none (its next volume makes one).
     assert_ne!(old.snapshot(), new.snapshot());
     for (client, seq) in [(CLIENT, 23), (OTHER_CLIENT, 4)] {
         let op = Op::Heartbeat { session: 1 };
         let c = Command { client, seq, acked_below: seq, time: later(), op };
         assert_eq!(old.apply(&c), new.apply(&c));
     }
-    assert_eq!(old.snapshot(), new.snapshot());
+    assert_eq!(old.query(&Query::DataIdentity), Ok(Reply::Identity(None)));
+    let Ok(Reply::Identity(Some(id))) = new.query(&Query::DataIdentity) else { panic!() };
+    assert_eq!(id.since_volume, 1);
+    let (o, n) = (old.snapshot(), new.snapshot());
+    // `None` is one zero byte; `Some` is a one and the identity.
+    assert_eq!((o[o.len() - 1], n[o.len() - 1]), (0, 1));
+    assert_eq!(o[..o.len() - 1], n[..o.len() - 1]);
 }
 
 #[test]
-fn a_restored_version_2_snapshot_is_written_as_version_3() {
+fn a_restored_version_2_snapshot_is_written_in_the_current_version() {
     let sm = restored();
     let bytes = sm.snapshot();
     assert_eq!(bytes[..8], SNAPSHOT_MAGIC);
-    assert_eq!(bytes[8], 3);
+    assert_eq!(bytes[8], 4);
     let again = StateMachine::restore(&bytes).unwrap();
     assert_eq!(again.snapshot(), bytes);
     // And it goes on applying commands.
@@ -220,7 +228,7 @@ fn a_restored_version_2_snapshot_is_written_as_version_3() {
 
 #[test]
 fn other_versions_and_damaged_version_2_snapshots_are_refused() {
-    for v in [0u8, 1, 4, 9] {
+    for v in [0u8, 1, 5, 9] {
         let mut b = V2.to_vec();
         b[8] = v;
         assert!(matches!(StateMachine::restore(&b), Err(SnapshotError::Version(x)) if x == u32::from(v)));
@@ -229,7 +237,7 @@ fn other_versions_and_damaged_version_2_snapshots_are_refused() {
     let mut long = V2.to_vec();
     long.push(0);
     assert!(matches!(StateMachine::restore(&long), Err(SnapshotError::Corrupt(_))));
-    // A version 3 snapshot labelled 2 does not pass for one (its kept replies carry blocks).
+    // A current snapshot labelled 2 does not pass for one (its kept replies carry blocks).
     let mut relabelled = restored().snapshot();
     relabelled[8] = 2;
     assert!(matches!(StateMachine::restore(&relabelled), Err(SnapshotError::Corrupt(_))));
@@ -241,4 +249,38 @@ fn other_versions_and_damaged_version_2_snapshots_are_refused() {
         b.truncate(i);
         let _ = StateMachine::restore(&b);
     }
+}
+
+/// A version 3 snapshot (the format before the data identity: the same bytes without the
+/// trailing field) restores without an identity; the cluster's next volume makes one, which
+/// that volume and later ones carry in their keys and the older ones do not.
+#[test]
+fn a_version_3_snapshot_gets_its_identity_with_its_next_volume() {
+    let current = restored().snapshot();
+    let mut v3 = current[..current.len() - 1].to_vec();
+    v3[8] = 3;
+    let mut sm = StateMachine::restore(&v3).unwrap();
+    assert_eq!(sm.snapshot(), current);
+    assert_eq!(sm.query(&Query::DataIdentity), Ok(Reply::Identity(None)));
+    let create = |seq, name: &str| Command {
+        client: CLIENT,
+        seq,
+        acked_below: 0,
+        time: later(),
+        op: Op::CreateVolume { name: name.into(), config: VolumeConfig::default() },
+    };
+    let Ok(Reply::Volume(v)) = sm.apply(&create(23, "third")).0 else { panic!() };
+    let Ok(Reply::Identity(Some(id))) = sm.query(&Query::DataIdentity) else { panic!() };
+    assert_eq!(id.since_volume, v.id);
+    assert_ne!(id.cluster, 0);
+    assert_eq!(DataIdentity::key_tag(Some(&id), v.id), id.cluster);
+    assert_eq!(DataIdentity::key_tag(Some(&id), 1), 0, "older volumes keep their keys");
+    // Made once: later volumes share it.
+    sm.apply(&create(24, "fourth")).0.unwrap();
+    assert_eq!(sm.query(&Query::DataIdentity), Ok(Reply::Identity(Some(id))));
+    // Another cluster's identity differs (another random client id).
+    let mut other = StateMachine::new();
+    other.apply(&Command { client: CLIENT + 1, ..create(1, "third") }).0.unwrap();
+    let Ok(Reply::Identity(Some(o))) = other.query(&Query::DataIdentity) else { panic!() };
+    assert_ne!(o.cluster, id.cluster);
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use elea_metadata::MetaApi as _;
-use elea_store::BlockKey;
 
 use super::{Worker, ms_of};
 use crate::error::CacheError;
@@ -74,7 +73,14 @@ impl Worker for Gc {
                     let index = i as u32;
                     let len = elea_fsm::block_len(l.len, index);
                     if let Some(s) = b.tiered {
-                        let key = BlockKey { vol: l.vol, slice: id, index, len };
+                        let key = match node.vols.key(l.vol, id, index, len).await {
+                            Ok(k) => k,
+                            Err(e) => {
+                                tracing::warn!(slice = id, error = %e, "cannot name a deleted block's object");
+                                ok = false;
+                                continue;
+                            }
+                        };
                         let r = match node.vols.store(l.vol, s).await {
                             Ok(store) => store.delete(&key).await.map_err(CacheError::from),
                             Err(e) => Err(e),

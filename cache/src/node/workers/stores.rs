@@ -1,5 +1,5 @@
 //! The store prober: every volume's object stores must take writes, reads and deletes from
-//! this node.
+//! this node, and be this cluster's.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,7 +14,8 @@ use crate::node::Node;
 /// Probes each object store of every volume (an object written, read back and deleted; see
 /// `Store::probe`) when the node starts and every `store_probe_interval` after. A store that
 /// fails makes the round fail: the worker board, and so `elea status`, shows the volume, the
-/// store and the error, long before a growing tiering backlog would.
+/// store and the error, long before a growing tiering backlog would. A store another cluster
+/// claimed (`Store::check_owner`) fails too; one nobody claimed is claimed for this cluster.
 pub(crate) struct StoreProbe {
     node: Arc<Node>,
 }
@@ -37,6 +38,12 @@ impl Worker for StoreProbe {
         let who = format!("cache-{}", node.cfg.node_id);
         let mut seen = HashSet::new();
         let mut failed = Vec::new();
+        // A cluster that made its identity since this node started: name it in the data
+        // directory too.
+        if let Err(e) = node.check_data_dir().await {
+            failed.push(e.to_string());
+        }
+        let ours = node.vols.identity().await?.map(|i| i.cluster_hex());
         for v in node.meta.list_volumes().await? {
             let entry = match node.vols.get(v.id).await {
                 Ok(e) => e,
@@ -49,8 +56,16 @@ impl Worker for StoreProbe {
                 if !seen.insert(store.url().to_string()) {
                     continue;
                 }
-                if let Err(e) = store.probe(&who).await {
-                    tracing::warn!(volume = %v.name, store = store.url(), error = %e, "an object store failed its probe");
+                let checked = async {
+                    store.probe(&who).await?;
+                    store.check_owner(ours.as_deref()).await?;
+                    match &ours {
+                        Some(o) => store.claim(o).await,
+                        None => Ok(()),
+                    }
+                };
+                if let Err(e) = checked.await {
+                    tracing::warn!(volume = %v.name, store = store.url(), error = %e, "an object store failed its check");
                     failed.push(format!("volume {:?} store {}: {e}", v.name, store.url()));
                 }
             }

@@ -152,7 +152,7 @@ async fn upload(node: &Node, b: &StagedBlock) -> Result<(), CacheError> {
     let encoded = tokio::task::spawn_blocking(move || encode_block(&data, c))
         .await
         .map_err(|e| CacheError::Internal(format!("encoder: {e}")))?;
-    let key = BlockKey { vol: b.vol, slice: b.slice, index: b.index, len: b.len };
+    let key = BlockKey { cluster: vol.key_tag, vol: b.vol, slice: b.slice, index: b.index, len: b.len };
     store.put(&key, Bytes::from(encoded)).await?;
     Ok(())
 }
