@@ -20,6 +20,7 @@ use elea_common::ids::ROOT_INO;
 use elea_common::{Errno, Ino};
 use elea_fsm::{LockKind, Op};
 use elea_gateway::{Creds, VfsConfig};
+use elea_metadata::MetaApi as _;
 use elea_metadata::client::ClientError;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -246,5 +247,67 @@ fn a_failed_o_trunc_create_leaves_no_open_reference() {
         a.unlink(&root, ROOT_INO, b"f").await.unwrap();
         a.release_closed().await;
         assert_eq!(a.statfs().await.map(|s| s.used_inodes), Ok(1), "only the root is left");
+    });
+}
+
+/// A gateway cut off from metadata for longer than its session's lease loses its locks (the
+/// state machine expires the session and another mount may take them). When it gets through
+/// again it opens a new session, and every descriptor through which it held a lock answers
+/// `EIO` from then on (read, write, flush, sync, lock), so the application learns it no longer
+/// holds the lock instead of writing on unlocked; closing it works, and a new descriptor works
+/// and locks again. A descriptor that held no lock carries on.
+#[test]
+fn a_lapsed_session_fences_the_descriptors_that_held_its_locks() {
+    runtime().block_on(async {
+        let mem = MemCluster::new();
+        let vol = mem.volume().await;
+        let cfg = VfsConfig { session_ttl: Duration::from_millis(400), ..VfsConfig::default() };
+        let a = mem.gateway_with(vol, "a", cfg).await;
+        let b = mem.gateway(vol, "b").await;
+        let root = Creds::root();
+        let (locked, f) = a.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.unwrap();
+        let (flocked, _) = a.open(&root, f.ino, libc::O_RDWR).await.unwrap();
+        let (plain, _) = a.open(&root, f.ino, libc::O_RDWR).await.unwrap();
+        a.setlk(locked, 1, 100, LockKind::Write, 0, 99, false, false).await.unwrap();
+        let none = || false;
+        a.0.flock(flocked, 2, LockKind::Read, false, &none).await.unwrap();
+        assert_eq!(a.write(locked, 0, b"under the lock").await, Ok(14));
+        a.flush(locked).await.unwrap();
+        // Cut off: heartbeats fail until the lease is long gone and the session expired.
+        mem.meta.set_fault(Some(Arc::new(|op: &Op| {
+            matches!(op, Op::Heartbeat { .. }).then(|| ClientError::Unavailable("cut off".into()))
+        })));
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        mem.meta.op(Op::ExpireSessions).await.unwrap();
+        // Another mount takes the lock meanwhile.
+        let (hb, _) = b.open(&root, f.ino, libc::O_RDWR).await.unwrap();
+        b.setlk(hb, 9, 900, LockKind::Write, 0, 99, false, false).await.unwrap();
+        mem.meta.set_fault(None);
+        // The next heartbeat finds the session gone and opens a new one.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for fh in [locked, flocked] {
+            assert_eq!(a.read(fh, 0, 10).await.map(|_| ()), Err(Errno::EIO));
+            assert_eq!(a.write(fh, 0, b"x").await, Err(Errno::EIO));
+            assert_eq!(a.flush(fh).await, Err(Errno::EIO));
+            assert_eq!(a.fsync(fh).await, Err(Errno::EIO));
+            assert_eq!(a.setlk(fh, 1, 100, LockKind::Write, 0, 99, false, false).await, Err(Errno::EIO));
+            assert_eq!(a.getlk(fh, 1, LockKind::Write, 0, 99).await.map(|_| ()), Err(Errno::EIO));
+        }
+        // A descriptor that held no lock goes on, and sees the lock is another mount's.
+        assert_eq!(a.read(plain, 0, 14).await.map(|b| b.to_vec()), Ok(b"under the lock".to_vec()));
+        let holder = a.getlk(plain, 1, LockKind::Write, 0, 99).await.unwrap();
+        assert_eq!(holder.map(|l| l.owner), Some(9));
+        // Closing the fenced descriptors works; a new one locks again once the lock is free.
+        a.release(locked).await.unwrap();
+        a.release(flocked).await.unwrap();
+        b.setlk(hb, 9, 900, LockKind::Unlock, 0, u64::MAX, false, false).await.unwrap();
+        let (again, _) = a.open(&root, f.ino, libc::O_RDWR).await.unwrap();
+        a.setlk(again, 1, 100, LockKind::Write, 0, 99, false, false).await.unwrap();
+        assert_eq!(a.write(again, 0, b"relocked").await, Ok(8));
+        a.flush(again).await.unwrap();
+        for fh in [again, plain] {
+            a.release(fh).await.unwrap();
+        }
+        b.release(hb).await.unwrap();
     });
 }

@@ -55,6 +55,7 @@ impl Need {
             Op::OpenSession { .. } | Op::Heartbeat { .. } | Op::CloseSession { .. } => Need::Session,
             Op::AllocSlices { .. } => Need::Any,
             Op::ExpireSessions
+            | Op::ExtendSessions
             | Op::RegisterCacheNode { .. }
             | Op::CacheHeartbeat { .. }
             | Op::MarkTiered { .. }

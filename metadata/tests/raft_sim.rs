@@ -276,6 +276,11 @@ struct Sim {
     mode: Mode,
     rng: Rng,
     now: u64,
+    /// The rate of every node's lease clock against virtual time, as a fraction (1/1: exact).
+    /// Slower than 1 models a clock that runs slow, so a lease lasts longer in real time.
+    lease_clock_rate: (u64, u64),
+    /// Election timeouts are drawn from `election_tick + [0, election_spread)` ticks.
+    election_spread: u64,
     lclock: u64,
     nodes: BTreeMap<NodeId, SimNode>,
     net: Vec<Packet>,
@@ -318,6 +323,8 @@ impl Sim {
             mode,
             rng: Rng::new(seed),
             now: 0,
+            lease_clock_rate: (1, 1),
+            election_spread: 10,
             lclock: 0,
             nodes: BTreeMap::new(),
             net: Vec::new(),
@@ -356,7 +363,7 @@ impl Sim {
         cfg.heartbeat_tick = 2;
         // raft-rs randomizes the election timeout from thread_rng: fix it per incarnation
         // from our seed instead.
-        cfg.min_election_tick = 10 + self.rng.below(10) as usize;
+        cfg.min_election_tick = 10 + self.rng.below(self.election_spread) as usize;
         cfg.max_election_tick = cfg.min_election_tick + 1;
         cfg.snapshot_every = self.snapshot_every;
         cfg.compact_margin = self.compact_margin;
@@ -428,7 +435,8 @@ impl Sim {
     /// elsewhere was committed, may have been acknowledged or announced on a watch stream,
     /// and must be in the answer.
     fn local_read(&mut self, id: NodeId, q: &Query) -> Option<OpResult> {
-        let now = self.now;
+        // The node's own (lease) clock.
+        let now = self.now * self.lease_clock_rate.0 / self.lease_clock_rate.1;
         let node = self.nodes.get(&id)?;
         let applied = node.core.as_ref()?.applied();
         if now >= node.local_until {
@@ -670,9 +678,10 @@ impl Sim {
     fn step(&mut self) -> Vec<(NodeId, Event)> {
         self.now += 1;
         let now = self.now;
+        let clock = now * self.lease_clock_rate.0 / self.lease_clock_rate.1;
         for node in self.nodes.values_mut() {
             if let Some(core) = node.core.as_mut() {
-                core.set_clock(now);
+                core.set_clock(clock);
             }
         }
         let (mut due, rest): (Vec<Packet>, Vec<Packet>) =
@@ -2386,6 +2395,23 @@ fn local_reads_stop_while_a_follower_is_ahead() {
 /// then heard from no leader, yet must still refuse votes for an election timeout).
 #[test]
 fn lease_reads_stop_before_a_new_leader_can_be_elected() {
+    lease_reads_stop_in_time((1, 1));
+}
+
+/// The same with every lease clock running 20 % slow (a lease lasts a quarter longer in real
+/// time): the margin the lease leaves for clock-rate differences (docs/SEMANTICS.md). In the
+/// simulation a follower hears a heartbeat and ticks in the same step, its worst case.
+#[test]
+fn lease_reads_stop_in_time_with_clocks_20_percent_slow() {
+    // `SIM_LEASE_RATE=N/D` runs it at another rate (a slower one must be caught).
+    let rate = std::env::var("SIM_LEASE_RATE").ok().and_then(|r| {
+        let (n, d) = r.split_once('/')?;
+        Some((n.parse().ok()?, d.parse().ok()?))
+    });
+    lease_reads_stop_in_time(rate.unwrap_or((4, 5)));
+}
+
+fn lease_reads_stop_in_time(lease_clock_rate: (u64, u64)) {
     let mut served_from_lease = 0;
     let mut served_locally = 0;
     let mut last_served = 0;
@@ -2393,6 +2419,11 @@ fn lease_reads_stop_before_a_new_leader_can_be_elected() {
         let _run = RunGuard(seed, mode);
         let restart_variant = seed % 2 == 1;
         let mut sim = Sim::new(seed, mode, 3, 20_000, 0);
+        sim.lease_clock_rate = lease_clock_rate;
+        if lease_clock_rate != (1, 1) {
+            // The fastest elections raft allows, so a lease that runs long is caught.
+            sim.election_spread = 1;
+        }
         let mut wl = Workload::none();
         let leader = await_leader(&mut sim);
         Workload::create_volume(&mut sim);

@@ -97,7 +97,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
 
     /// Reads up to `len` bytes at `offset` (short at end of file).
     pub async fn read(&self, fh: u64, offset: u64, len: u32) -> VfsResult<Bytes> {
-        let h = self.handle(fh)?;
+        let h = self.live_handle(fh)?;
         if matches!(h.kind, HandleKind::Dir) {
             return Err(Errno::EISDIR.into());
         }
@@ -173,7 +173,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
     /// the size unless `FALLOC_FL_KEEP_SIZE`), punch a hole, zero a range, collapse or
     /// insert a range.
     pub async fn fallocate(&self, fh: u64, offset: u64, len: u64, mode_: u32) -> VfsResult<()> {
-        let h = self.handle(fh)?;
+        let h = self.live_handle(fh)?;
         if h.flags & libc::O_ACCMODE == libc::O_RDONLY {
             return Err(Errno::EBADF.into());
         }

@@ -8,6 +8,7 @@
 //! process exit, instead of keeping it stuck until the lock would be granted. Nothing waits
 //! on after the answer, so no lock is ever taken for an owner that stopped asking.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use elea_cache::DataPath;
@@ -38,7 +39,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         start: u64,
         end: u64,
     ) -> VfsResult<Option<LockInfo>> {
-        let h = self.handle(fh)?;
+        let h = self.live_handle(fh)?;
         let l = LockReq { session: self.session(), owner, pid: 0, kind, start, end };
         Ok(self.inner.meta.getlk(self.inner.vol, h.ino, l).await?)
     }
@@ -58,7 +59,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         wait: bool,
         interrupted: Interrupted<'_>,
     ) -> VfsResult<()> {
-        let h = self.handle(fh)?;
+        let h = self.live_handle(fh)?;
         if kind != LockKind::Unlock {
             // Held or waited for: either way a close of this owner must clear it.
             lock(&h.node.lock_owners).insert(owner);
@@ -67,7 +68,14 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             let l = LockReq { session: self.session(), owner, pid, kind, start, end };
             self.inner.meta.setlk(self.inner.vol, h.ino, l, wait)
         };
-        self.until_granted(&h.node, wait, interrupted, try_lock).await
+        self.until_granted(&h.node, wait, interrupted, try_lock).await?;
+        if kind != LockKind::Unlock {
+            h.locked_in.store(self.session(), Ordering::Relaxed);
+        } else if start == 0 && end == u64::MAX {
+            // Everything unlocked: nothing of this handle is lost if the session lapses now.
+            h.locked_in.store(0, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Drops every POSIX lock `owner` holds or waits for on the handle's inode (a close:
@@ -99,9 +107,12 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         wait: bool,
         interrupted: Interrupted<'_>,
     ) -> VfsResult<()> {
-        let h = self.handle(fh)?;
+        let h = self.live_handle(fh)?;
         let try_lock = || self.inner.meta.flock(self.inner.vol, h.ino, self.session(), owner, kind);
-        self.until_granted(&h.node, wait, interrupted, try_lock).await
+        self.until_granted(&h.node, wait, interrupted, try_lock).await?;
+        let taken = if kind == LockKind::Unlock { 0 } else { self.session() };
+        h.locked_in.store(taken, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Runs `try_lock` until it stops answering `EAGAIN` (at once when not `wait`): again

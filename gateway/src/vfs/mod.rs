@@ -109,6 +109,9 @@ struct Handle {
     node: Arc<InodeState>,
     /// The handle holds an open reference in metadata (dropped by `release`).
     meta_ref: bool,
+    /// The session in which a lock was last taken through this handle (0: none). When that
+    /// session lapsed, the lock is gone: the handle is fenced ([`Vfs::live_handle`]).
+    locked_in: AtomicU64,
 }
 
 /// Attribute changes a caller asks for (`setattr`).
@@ -250,6 +253,20 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         lock(&self.inner.handles).get(&fh).cloned().ok_or_else(|| VfsError::from(elea_common::Errno::EBADF))
     }
 
+    /// The handle, unless a lock taken through it was lost with a lapsed session: then the
+    /// application, which believes it still holds the lock, gets `EIO` for every later
+    /// read, write, flush, sync or lock call on it, rather than carrying on unlocked while
+    /// another mount may hold the lock (closing it works).
+    fn live_handle(&self, fh: u64) -> VfsResult<Arc<Handle>> {
+        let h = self.handle(fh)?;
+        let locked_in = h.locked_in.load(Ordering::Relaxed);
+        if locked_in != 0 && locked_in != self.session() {
+            tracing::warn!(fh, ino = h.ino, session = locked_in, "a lock of a lapsed session was lost");
+            return Err(VfsError::from(elea_common::Errno::EIO));
+        }
+        Ok(h)
+    }
+
     fn new_handle(&self, ino: Ino, flags: i32, kind: HandleKind, meta_ref: bool) -> u64 {
         let node = {
             let mut m = lock(&self.inner.inodes);
@@ -257,7 +274,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         };
         node.opens.fetch_add(1, Ordering::Relaxed);
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-        let h = Arc::new(Handle { ino, flags, kind, node, meta_ref });
+        let h = Arc::new(Handle { ino, flags, kind, node, meta_ref, locked_in: AtomicU64::new(0) });
         lock(&self.inner.handles).insert(fh, h);
         fh
     }

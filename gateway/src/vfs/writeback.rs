@@ -36,7 +36,7 @@ fn permanent(e: &CacheError) -> bool {
 impl<M: MetaApi, D: DataPath> Vfs<M, D> {
     /// Buffers a write; returns the bytes taken. `O_APPEND` handles write at the end.
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> VfsResult<u32> {
-        let h = self.handle(fh)?;
+        let h = self.live_handle(fh)?;
         if h.flags & libc::O_ACCMODE == libc::O_RDONLY {
             return Err(Errno::EBADF.into());
         }
@@ -106,7 +106,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
 
     /// Makes this node's buffered writes of the handle's inode durable and visible.
     pub async fn flush(&self, fh: u64) -> VfsResult<()> {
-        let h = self.handle(fh)?;
+        let h = self.live_handle(fh)?;
         self.flush_node(&h.node).await
     }
 

@@ -147,6 +147,7 @@ impl StateMachine {
             Op::Heartbeat { session } => st.heartbeat(*session, now),
             Op::CloseSession { session } => st.close_session(*session, now, ch),
             Op::ExpireSessions => st.expire_sessions(now, ch),
+            Op::ExtendSessions => st.extend_sessions(now),
             Op::Open { vol, ino, session } => st.open(*vol, *ino, *session, now),
             Op::Release { vol, ino, session } => st.release(*vol, *ino, *session, now, ch),
             Op::SetLk { vol, ino, session, owner, pid, kind, start, end, wait } => {

@@ -109,6 +109,13 @@ impl State {
         Ok(Reply::Ok)
     }
 
+    pub(crate) fn extend_sessions(&mut self, now: Timespec) -> OpResult {
+        for s in self.sessions.values_mut() {
+            s.expires = s.expires.max(now.plus_millis(s.ttl_ms));
+        }
+        Ok(Reply::Ok)
+    }
+
     pub(crate) fn expire_sessions(&mut self, now: Timespec, ch: &mut Changes) -> OpResult {
         let dead: Vec<SessionId> =
             self.sessions.iter().filter(|(_, s)| s.expires < now).map(|(id, _)| *id).collect();

@@ -615,6 +615,11 @@ pub enum Op {
         #[serde(deserialize_with = "inner_op")]
         op: Box<Op>,
     },
+    /// A new leader's grace period (as NFSv4's after a server restart): every session's lease
+    /// runs at least its own length from the command's time, so mounts that could not reach
+    /// the cluster during an election or an outage renew before anything of theirs expires.
+    /// Issued by a leader as its first command of a term.
+    ExtendSessions,
 }
 
 /// Decodes the op inside an [`Op::As`], refusing another `As` in it: `Op` is recursive only

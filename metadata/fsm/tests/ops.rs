@@ -852,6 +852,44 @@ fn sessions_lifecycle() {
     assert_eq!(h.q(Query::SessionInfo { session: 1 }), Err(Errno::ESTALE));
 }
 
+/// A new leader's grace period: every session, lapsed or not (but not yet expired), runs at
+/// least its own lease from the command's time; none is shortened, and its locks count again.
+#[test]
+fn extend_sessions_gives_every_session_its_lease_again() {
+    let mut h = H::new();
+    let short = h.session(5_000);
+    let long = h.session(100_000);
+    let vol = h.vol;
+    let f = h.file(ROOT, "f");
+    let lock = |session, owner| Op::SetLk {
+        vol,
+        ino: f,
+        session,
+        owner,
+        pid: 1,
+        kind: LockKind::Write,
+        start: 0,
+        end: 9,
+        wait: false,
+    };
+    h.ok(lock(short, 1));
+    // An election took 30 s: the short session's lease ran out (not yet expired).
+    h.t += 30;
+    assert_eq!(h.err(Op::Heartbeat { session: short }), Errno::ESTALE);
+    h.ok(Op::ExtendSessions);
+    assert_eq!(
+        h.ok(Op::Heartbeat { session: short }),
+        Reply::Session { id: short, expires: Timespec::new(h.t + 5, 0) }
+    );
+    let r = h.ok(Op::Heartbeat { session: long });
+    assert_eq!(r, Reply::Session { id: long, expires: Timespec::new(h.t + 100, 0) });
+    // Its lock still holds against another session.
+    let other = h.session(5_000);
+    assert_eq!(h.err(lock(other, 2)), Errno::EAGAIN);
+    h.ok(Op::ExpireSessions);
+    assert!(h.q(Query::SessionInfo { session: short }).is_ok());
+}
+
 #[test]
 fn orphan_lifetime_across_sessions() {
     let mut h = H::new();

@@ -51,7 +51,7 @@ pub struct CoreConfig {
     pub async_writes: bool,
     /// How long, in units of the driver's monotonic clock ([`GroupCore::set_clock`]), a
     /// leader may answer reads locally after a quorum acknowledged a heartbeat round it
-    /// started; 0 = every read takes a ReadIndex round. Must stay below `election_tick - 1`
+    /// started; 0 = every read takes a ReadIndex round. Must stay below `election_tick - 2`
     /// ticks (see [`GroupCore::read`]); [`CoreConfig::lease_for_tick`] picks a safe value.
     pub read_lease: u64,
     /// A leader does not send an append of its own just to tell followers a new commit
@@ -81,10 +81,14 @@ impl CoreConfig {
         }
     }
 
-    /// A read lease for a clock counting `tick` units per tick: 80% of `election_tick - 1`
-    /// ticks, leaving a fifth for clock-rate differences between nodes.
+    /// A read lease for a clock counting `tick` units per tick: 80% of `election_tick - 2`
+    /// ticks, leaving a fifth for clock-rate differences between nodes. A follower refuses
+    /// votes (and does not campaign) until it has counted `election_tick` ticks since it last
+    /// heard from the leader; at worst that is `election_tick - 2` tick periods: the driver
+    /// fires an overdue tick (up to one period late) right after the message that reset the
+    /// count, and the next ticks follow on the old schedule.
     pub fn lease_for_tick(&self, tick: u64) -> u64 {
-        (self.election_tick.saturating_sub(1) as u64).saturating_mul(tick).saturating_mul(4) / 5
+        (self.election_tick.saturating_sub(2) as u64).saturating_mul(tick).saturating_mul(4) / 5
     }
 }
 
@@ -377,6 +381,11 @@ impl GroupCore {
 
     /// Whether raft-rs considers this node the leader right now (not as of the last Ready:
     /// a message stepped in the same batch may have deposed it).
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader && !self.removed
     }

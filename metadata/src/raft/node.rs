@@ -372,6 +372,7 @@ fn run(
     let mut next_tick = Instant::now() + cfg.tick;
     let mut next_expire = Instant::now() + cfg.expire_every;
     let mut book_epoch = u64::MAX;
+    let mut clock = super::clock::LeaderClock::default();
     // When to send followers a commit index no append has carried yet.
     let mut announce_at: Option<Instant> = None;
     loop {
@@ -381,7 +382,7 @@ fn run(
         if inbox.wait(timeout, &mut batch, 8192).is_err() {
             return;
         }
-        let now = Timespec::now();
+        let (wall, mono) = (Timespec::now(), Instant::now());
         // Read after taking the batch: every request in it arrived before this instant, which
         // is what the read lease is checked against.
         core.set_clock(local.clock());
@@ -394,6 +395,7 @@ fn run(
                     let t = next_token;
                     next_token += 1;
                     waiters.insert(t, Waiter::Write(reply));
+                    let now = stamp(&mut core, &mut clock, wall, mono);
                     core.propose(t, cmd, now);
                 }
                 NodeMsg::Read(q, reply) => {
@@ -450,6 +452,7 @@ fn run(
         }
         if core.is_leader() && Instant::now() >= next_expire {
             next_expire = Instant::now() + cfg.expire_every;
+            let now = stamp(&mut core, &mut clock, wall, mono);
             let cmd = Command { client: 0, seq: 0, acked_below: 0, time: now, op: Op::ExpireSessions };
             core.propose(0, cmd, now);
         }
@@ -555,4 +558,27 @@ fn fail(w: Waiter, e: CoreError) {
             let _ = r.send(Err(e));
         }
     }
+}
+
+/// The time of a command this node proposes now: the leader's bounded clock (see
+/// [`super::clock`]). The first command of each term of leadership is preceded by the grace
+/// period every new leader gives the sessions (`Op::ExtendSessions`).
+fn stamp(
+    core: &mut GroupCore,
+    clock: &mut super::clock::LeaderClock,
+    wall: Timespec,
+    mono: Instant,
+) -> Timespec {
+    if !core.is_leader() {
+        return wall;
+    }
+    if clock.term() != core.term() {
+        let state_clock = core.state().clock();
+        clock.start_term(core.term(), state_clock, wall, mono);
+        let now = clock.stamp(wall, mono);
+        let cmd = Command { client: 0, seq: 0, acked_below: 0, time: now, op: Op::ExtendSessions };
+        core.propose(0, cmd, now);
+        tracing::info!(term = core.term(), "leading: sessions get a grace period to renew");
+    }
+    clock.stamp(wall, mono)
 }
