@@ -38,6 +38,9 @@ const H2_ALPN: &[u8] = b"h2";
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes a server runs at once; more connections wait in the listen queue.
 const MAX_HANDSHAKES: usize = 256;
+/// Connections a server keeps open at once (see [`Tls::accept`]); past it, new ones wait in
+/// the listen queue until one closes.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// A process's TLS settings: its credentials and the configurations made from them.
 #[derive(Clone)]
@@ -49,6 +52,9 @@ pub struct Tls {
     roots: Arc<RootCertStore>,
     creds: Arc<Credentials>,
     refused: Arc<AtomicU64>,
+    /// Open accepted connections (each holds a permit until it closes).
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
 }
 
 impl std::fmt::Debug for Tls {
@@ -90,6 +96,8 @@ impl Tls {
             roots,
             creds: Arc::new(creds),
             refused: Arc::default(),
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            max_connections: MAX_CONNECTIONS,
         })
     }
 
@@ -168,6 +176,10 @@ impl Tls {
                     p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                     () = tx.closed() => return,
                 };
+                let slot = tokio::select! {
+                    s = tls.connection_slot() => s,
+                    () = tx.closed() => return,
+                };
                 let (tcp, addr) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -181,7 +193,7 @@ impl Tls {
                 let (tls, tx) = (tls.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    if let Some(conn) = tls.accept(tcp, addr).await {
+                    if let Some(conn) = tls.accept(tcp, addr, slot).await {
                         let _ = tx.send(Ok(conn)).await;
                     }
                 });
@@ -190,12 +202,41 @@ impl Tls {
         tokio_stream::wrappers::ReceiverStream::new(rx)
     }
 
+    /// The same settings with at most `n` connections open at once (instead of
+    /// [`MAX_CONNECTIONS`]).
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.connections = Arc::new(tokio::sync::Semaphore::new(n));
+        self.max_connections = n;
+        self
+    }
+
+    /// A place for one more open connection, waiting while [`MAX_CONNECTIONS`] are open (a
+    /// server takes it before it accepts, so that past the cap connections wait in the
+    /// kernel's listen queue).
+    pub async fn connection_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.connections.clone().acquire_owned().await.ok()
+    }
+
+    /// Connections accepted and not yet closed.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections - self.connections.available_permits()
+    }
+
     /// The server's side of one accepted connection: the handshake (within
     /// [`HANDSHAKE_TIMEOUT`]) and the check of the client's certificate. A refused connection
-    /// is logged, counted and closed (`None`).
-    pub async fn accept(&self, tcp: TcpStream, addr: SocketAddr) -> Option<TlsConn> {
+    /// is logged, counted and closed (`None`). The connection keeps `slot` (see
+    /// [`Tls::connection_slot`]) until it closes.
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Option<TlsConn> {
         match self.handshake(tcp, addr).await {
-            Ok(conn) => Some(conn),
+            Ok(mut conn) => {
+                conn.slot = slot;
+                Some(conn)
+            }
             Err(why) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peer = %addr, "refused a connection: {why}");
@@ -217,7 +258,7 @@ impl Tls {
         if identity.cluster != self.cluster {
             return Err(format!("a certificate of cluster {}, not {}", identity.cluster, self.cluster));
         }
-        Ok(TlsConn { io, peer: Peer { addr: Some(addr), identity: Arc::new(identity) } })
+        Ok(TlsConn { io, peer: Peer { addr: Some(addr), identity: Arc::new(identity) }, slot: None })
     }
 }
 
@@ -225,6 +266,8 @@ impl Tls {
 pub struct TlsConn {
     io: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Peer,
+    /// Its place among the server's open connections, given back when it closes.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl TlsConn {
@@ -240,6 +283,7 @@ impl TlsConn {
     /// The socket and the TLS session, for a caller that drives the session itself (a
     /// session may already hold application data read with the handshake).
     pub fn into_parts(self) -> (TcpStream, rustls::ServerConnection, Peer) {
+        // A peer link leaves the server's connections: the transport caps links itself.
         let (tcp, session) = self.io.into_inner();
         (tcp, session, self.peer)
     }
@@ -395,5 +439,63 @@ impl ServerCertVerifier for ClusterVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+    use crate::certs::{self, Request, with_ext};
+
+    fn issue(dir: &std::path::Path, role: Role, name: &str) -> Tls {
+        let out = dir.join(name);
+        certs::issue(dir, &Request { role, name: name.into(), volumes: vec![], days: 1 }, &out).unwrap();
+        Tls::load(&dir.join(certs::CA_CERT), &with_ext(&out, "pem"), &with_ext(&out, "key")).unwrap()
+    }
+
+    async fn connect(
+        addr: SocketAddr,
+        client: &Tls,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let config = client.client_config(&[Role::Cache]).unwrap();
+        let tcp = TcpStream::connect(addr).await?;
+        let name = ServerName::try_from("elea").unwrap();
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+    }
+
+    /// Past its cap a server completes no more handshakes until a connection closes; then the
+    /// one that waited gets in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_cap_wait_until_one_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(dir.path()).unwrap();
+        let server = issue(dir.path(), Role::Cache, "node").with_max_connections(2);
+        let client = issue(dir.path(), Role::Admin, "ops");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = server.incoming(listener);
+        let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(conn)) = incoming.next().await {
+                let _ = held_tx.send(conn);
+            }
+        });
+        let _a = connect(addr, &client).await.unwrap();
+        let _b = connect(addr, &client).await.unwrap();
+        let first = held_rx.recv().await.unwrap();
+        let _second = held_rx.recv().await.unwrap();
+        assert_eq!(server.open_connections(), 2);
+        let third = tokio::spawn({
+            let client = client.clone();
+            async move { connect(addr, &client).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!third.is_finished(), "a third connection got through past the cap");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), third).await.unwrap().unwrap().unwrap();
+        let _third = tokio::time::timeout(Duration::from_secs(5), held_rx.recv()).await.unwrap().unwrap();
+        assert_eq!(server.open_connections(), 2);
     }
 }

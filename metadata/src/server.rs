@@ -19,6 +19,9 @@ use crate::raft::storage::{GroupStorage, LogStore, LogStoreConfig};
 use crate::raft::transport::{MAX_RAFT_MESSAGE, Transport};
 use crate::service::{MAX_REQUEST, MAX_RESPONSE, MetaService};
 
+/// How often an idle gRPC connection is pinged, and how long the answer may take.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
 /// How long open connections may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -202,6 +205,9 @@ pub async fn serve(
     let mut forced = stop_rx;
     let peers = svc.clone();
     let router = tonic::transport::Server::builder()
+        // A client that stops answering pings (gone without closing) is dropped.
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
         .add_service(
             MetaServer::from_arc(svc.clone())
                 .max_decoding_message_size(MAX_REQUEST * 2)
@@ -305,6 +311,7 @@ async fn accept_tls_loop(
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     while !grpc.is_closed() {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let slot = tls.connection_slot().await;
         let (stream, addr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -317,7 +324,7 @@ async fn accept_tls_loop(
         let (tls, transport, grpc) = (tls.clone(), transport.clone(), grpc.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let Some(conn) = tls.accept(stream, addr).await else { return };
+            let Some(conn) = tls.accept(stream, addr, slot).await else { return };
             if !conn.is_link() {
                 let _ = grpc.send(Ok(conn)).await;
                 return;

@@ -494,6 +494,9 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     let router = tonic::transport::Server::builder()
+        // A client that stops answering pings (gone without closing) is dropped.
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .initial_stream_window_size(BLOCK_WINDOW)
         .initial_connection_window_size(4 * BLOCK_WINDOW)
         .max_frame_size(FRAME)
