@@ -634,3 +634,129 @@ fn a_user_mounts_and_unmounts_with_fusermount3() {
     assert!(!elea_integration::is_mounted(&mp));
     drop(root_mount);
 }
+
+/// A cluster whose processes all use certificates: a mount with a gateway certificate serves
+/// the volume the certificate names (writes, fsync, reads back, and the cache node stages the
+/// data), and mounting another volume with it, or any volume without a certificate, fails
+/// with the reason.
+#[test]
+fn a_gateway_certificate_mounts_its_volume_and_no_other() {
+    if !fuse_available("a_gateway_certificate_mounts_its_volume_and_no_other") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    assert!(elea_cli(&["certs", "init", "--dir", ca.to_str().unwrap()]).0);
+    let issue = |role: &str, name: &str, vol: Option<&str>| -> Vec<(String, String)> {
+        let prefix = d.join(format!("{role}-{name}"));
+        let mut args = vec!["certs", "issue", "--dir", ca.to_str().unwrap(), "--role", role, "--name", name];
+        args.extend(vol.map(|v| ["--volume", v]).into_iter().flatten());
+        args.extend(["--out", prefix.to_str().unwrap()]);
+        let (ok, _, err) = elea_cli(&args);
+        assert!(ok, "{err}");
+        vec![
+            ("ELEA_CA".into(), ca.join("ca.pem").display().to_string()),
+            ("ELEA_CERT".into(), prefix.with_extension("pem").display().to_string()),
+            ("ELEA_KEY".into(), prefix.with_extension("key").display().to_string()),
+        ]
+    };
+    let flags = |env: &[(String, String)]| -> Vec<String> {
+        env.iter().flat_map(|(k, v)| [format!("--{}", k[5..].to_lowercase()), v.clone()]).collect()
+    };
+    let meta_addr = format!("127.0.0.1:{}", free_port());
+    let mut meta_args = vec!["--initial-cluster".to_string(), format!("1={meta_addr}")];
+    meta_args.extend(flags(&issue("meta", "1", None)));
+    let _meta = MetaProc::start(1, &meta_addr, &d.join("meta"), &meta_args);
+    let cache_flags = flags(&issue("cache", "c1", None));
+    let mut cache_args: Vec<&str> = vec!["--staging-size", "1G"];
+    cache_args.extend(cache_flags.iter().map(String::as_str));
+    let _cache = MetaProc::start_cache(
+        1,
+        &format!("127.0.0.1:{}", free_port()),
+        &d.join("cache"),
+        "local",
+        &meta_addr,
+        &cache_args,
+    );
+    let admin = issue("admin", "ops", None);
+    let gateway = issue("gateway", "host1", Some("v"));
+    let store = format!("file://{}", d.join("objects").display());
+    std::fs::create_dir_all(d.join("objects")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for vol in ["v", "w"] {
+        loop {
+            let args = ["volume", "create", vol, "--meta", &meta_addr, "--store", &store, "--replicas", "1"];
+            let (ok, _, err) = elea_integration::elea_cli_env(&args, &admin);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "volume create: {err}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    loop {
+        let (ok, out, _) =
+            elea_integration::elea_cli_env(&["status", "--json", "--meta", &meta_addr], &admin);
+        if ok && out.contains("\"alive\":true") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cache node did not register");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mp = d.join("mnt");
+    let args: Vec<String> = ["mount", "--meta", &meta_addr, "--volume", "v", mp.to_str().unwrap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mount = MountProc::start_wrapped(&args, &mp, &d.join("mount.log"), &[], &gateway);
+    let data = pattern(3, 5 << 20);
+    let mut f = File::create(mp.join("f")).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(std::fs::read(mp.join("f")).unwrap() == data, "the file read back differs");
+    // The cache node staged it (it reports with its next heartbeat).
+    loop {
+        let (ok, out, err) =
+            elea_integration::elea_cli_env(&["status", "--json", "--meta", &meta_addr], &admin);
+        if ok && out.contains("\"staged_bytes\":") && !out.contains("\"staged_bytes\":0,") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "the cache node staged nothing: {out}{err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The same certificate on another volume, and no certificate at all: refused, with why.
+    for (vol, env, want) in
+        [("w", gateway.clone(), "may not use volume \"w\""), ("v", vec![], "hint: the service may require")]
+    {
+        let mp2 = d.join(format!("mnt-{vol}-{}", env.len()));
+        std::fs::create_dir_all(&mp2).unwrap();
+        let mut c = std::process::Command::new(elea_integration::elea_bin())
+            .args(["mount", "--meta", &meta_addr, "--volume", vol, mp2.to_str().unwrap()])
+            .env_remove("ELEA_CA")
+            .env_remove("ELEA_CERT")
+            .env_remove("ELEA_KEY")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = wait_exit(&mut c, Duration::from_secs(60));
+        if status.is_none() {
+            let _ = c.kill();
+        }
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(
+            status.is_some_and(|s| !s.success()) && err.contains(want),
+            "mount of {vol}: {status:?} {err}"
+        );
+        assert!(!elea_integration::is_mounted(&mp2));
+    }
+    drop(mount);
+}
