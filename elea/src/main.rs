@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    quiet_broken_pipe();
     let args = cli::Cli::parse();
     let default_level = if args.command.is_server() { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -42,4 +43,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `elea status | head` closes the pipe early: the next print fails with EPIPE (Rust ignores
+/// SIGPIPE, and this crate has no unsafe code to restore it), and `println!` panics. End the
+/// process quietly then, with the status a shell gives a process killed by SIGPIPE.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }

@@ -329,3 +329,28 @@ async fn forged_raft_messages_neither_crash_nor_depose_the_leader() {
     assert_eq!((after.leader_id, after.term), (1, t), "still the leader, in the same term: {after:?}");
     assert!(after.commit_index > before.commit_index, "{after:?}");
 }
+
+/// A reader that stops early (`elea status | head -1`) ends the CLI quietly, as SIGPIPE would,
+/// instead of a panic and its backtrace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_the_cli_quietly() {
+    let cl = Cluster::start(1, &[]);
+    let c = cl.client();
+    let addr = cl.nodes[0].addr.clone();
+    wait_leader(&c, std::slice::from_ref(&addr), Duration::from_secs(15)).await.expect("leader");
+    for i in 0..40 {
+        c.create_volume(&format!("v{i}"), Default::default()).await.expect("volume");
+    }
+    let mut child = std::process::Command::new(elea_integration::elea_bin())
+        .args(["volume", "list", "--meta", &addr])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Close the reading end before the CLI writes anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(matches!(out.status.code(), Some(141) | Some(0)), "{:?} {err}", out.status);
+}
