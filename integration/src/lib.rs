@@ -2,6 +2,7 @@
 //! them with SIGKILL, restarts them on their data directories, and waits for cluster states.
 //! The tests live in `tests/`.
 
+pub mod appends;
 pub mod chaos;
 pub mod history;
 pub mod netns;

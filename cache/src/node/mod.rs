@@ -11,6 +11,7 @@
 
 pub mod readcache;
 mod service;
+pub mod stagelog;
 pub mod staging;
 mod workers;
 

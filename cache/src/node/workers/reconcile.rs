@@ -100,11 +100,15 @@ impl Worker for Reconcile {
         self.node.cfg.reconcile_interval
     }
 
-    /// Drops unneeded local copies, then scrubs; one failing does not stop the other.
+    /// Drops unneeded local copies, compacts the staging log, then scrubs; one failing does
+    /// not stop the others.
     async fn round(&mut self) -> Result<usize, CacheError> {
         let dropped = self.drop_unlisted().await;
         if let Err(e) = &dropped {
             tracing::warn!(error = %e, "dropping unneeded staged copies failed");
+        }
+        if let Err(e) = self.node.staging.compact().await {
+            tracing::warn!(error = %e, "compacting the staging log failed");
         }
         let scrubbed = self.scrub().await;
         Ok(dropped? + scrubbed?)
