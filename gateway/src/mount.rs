@@ -23,6 +23,8 @@ fn start_notifier(vfs: &Vfs, notifier: Notifier) {
         for i in rx {
             let r = match &i {
                 Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                // A negative offset: the attributes only, no cached pages.
+                Inval::Attrs(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
                 Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
                 Inval::All => Ok(()),
             };

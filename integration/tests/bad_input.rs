@@ -247,14 +247,16 @@ async fn watch_streams_changes_with_sequence_numbers() {
     let d = c.mkdir(vol.id, ROOT_INO, b"w", 0o755, 0, 0).await.expect("mkdir");
     let item =
         tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("an event").expect("item");
-    let WatchItem::Changes { seq, changes } = item.expect("ok") else { panic!("unexpected reset") };
+    let WatchItem::Changes { seq, changes, client } = item.expect("ok") else { panic!("unexpected reset") };
     assert!(seq > vol.change_seq, "sequence advances");
+    assert_eq!(client, elea_metadata::MetaApi::client_id(&c), "a change names the client that made it");
+    assert_ne!(client, 0);
     assert!(changes.contains(&Change::Entry { parent: ROOT_INO, name: b"w".to_vec() }), "{changes:?}");
     // Resuming from an old sequence replays what was missed.
     let mut resumed = Box::pin(c.watch(vol.id, seq - 1).await.expect("watch"));
     let again =
         tokio::time::timeout(Duration::from_secs(5), resumed.next()).await.expect("replayed").expect("item");
-    assert_eq!(again.expect("ok"), WatchItem::Changes { seq, changes });
+    assert_eq!(again.expect("ok"), WatchItem::Changes { seq, changes, client });
     let _ = d;
 }
 

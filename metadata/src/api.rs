@@ -118,6 +118,12 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         from_seq: u64,
     ) -> impl Future<Output = Result<WatchStream, ClientError>> + Send;
 
+    /// The id this client's commands carry (what [`crate::client::WatchItem::Changes`]
+    /// names as their maker); 0 when its commands carry none.
+    fn client_id(&self) -> u64 {
+        0
+    }
+
     // ---- volumes ----------------------------------------------------------------------
 
     fn create_volume(

@@ -774,7 +774,7 @@ impl MetaClient {
             match item {
                 Ok(ev) if ev.reset => Ok(WatchItem::Reset),
                 Ok(ev) => postcard::from_bytes::<Vec<Change>>(&ev.changes)
-                    .map(|changes| WatchItem::Changes { seq: ev.seq, changes })
+                    .map(|changes| WatchItem::Changes { seq: ev.seq, changes, client: ev.client })
                     .map_err(|e| ClientError::Protocol(e.to_string())),
                 Err(s) => Err(ClientError::Unavailable(s.message().to_string())),
             }
@@ -798,6 +798,10 @@ impl crate::api::MetaApi for MetaClient {
     ) -> impl Future<Output = Result<WatchStream, ClientError>> + Send {
         MetaClient::watch(self, vol, from_seq)
     }
+
+    fn client_id(&self) -> u64 {
+        self.inner.client_id
+    }
 }
 
 /// A volume's change stream (see [`MetaClient::watch`]).
@@ -818,12 +822,12 @@ pub(crate) fn local_watch(hub: &crate::watch::WatchHub, vol: VolumeId, from_seq:
     if sub.reset {
         head.push(Ok(WatchItem::Reset));
     }
-    head.extend(
-        sub.backlog.iter().map(|set| Ok(WatchItem::Changes { seq: set.seq, changes: set.changes.clone() })),
-    );
+    head.extend(sub.backlog.iter().map(|set| {
+        Ok(WatchItem::Changes { seq: set.seq, changes: set.changes.clone(), client: set.client })
+    }));
     let live = BroadcastStream::new(sub.rx).filter_map(move |ev| match ev {
         Ok(HubEvent::Changes(set)) if set.vol == vol => {
-            Some(Ok(WatchItem::Changes { seq: set.seq, changes: set.changes.clone() }))
+            Some(Ok(WatchItem::Changes { seq: set.seq, changes: set.changes.clone(), client: set.client }))
         }
         Ok(HubEvent::Changes(_)) => None,
         Ok(HubEvent::Reset) | Err(BroadcastStreamRecvError::Lagged(_)) => Some(Ok(WatchItem::Reset)),
@@ -837,6 +841,8 @@ pub enum WatchItem {
     Changes {
         seq: u64,
         changes: Vec<Change>,
+        /// The client whose command made them (0: the service, or unknown).
+        client: u64,
     },
     /// Changes were missed: drop every cached inode and entry of the volume.
     Reset,
@@ -849,11 +855,11 @@ mod tests {
     use elea_fsm::{Change, ChangeSet};
 
     fn set(vol: u64, seq: u64, ino: u64) -> ChangeSet {
-        ChangeSet { vol, seq, changes: vec![Change::Inode(ino)] }
+        ChangeSet { vol, seq, changes: vec![Change::Inode(ino)], client: 7 }
     }
 
     fn changes(seq: u64, ino: u64) -> WatchItem {
-        WatchItem::Changes { seq, changes: vec![Change::Inode(ino)] }
+        WatchItem::Changes { seq, changes: vec![Change::Inode(ino)], client: 7 }
     }
 
     async fn next(s: &mut WatchStream) -> Option<WatchItem> {

@@ -510,8 +510,10 @@ impl proto::meta_server::Meta for MetaService {
                 seq: set.seq,
                 changes: postcard::to_allocvec(&set.changes).unwrap_or_default(),
                 reset: false,
+                client: set.client,
             };
-            let reset = proto::WatchEvent { volume_id: vol, seq: 0, changes: Vec::new(), reset: true };
+            let reset =
+                proto::WatchEvent { volume_id: vol, seq: 0, changes: Vec::new(), reset: true, client: 0 };
             if sub.reset && tx.send(Ok(reset.clone())).await.is_err() {
                 return;
             }

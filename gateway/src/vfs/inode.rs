@@ -39,6 +39,10 @@ pub(super) struct InodeState {
     /// While `has_dirty`: the end of the furthest byte written here and not known to be
     /// committed (the file is at least this long as this node sees it).
     pub written_end: AtomicU64,
+    /// While `has_dirty`: when the last write here was buffered (nanoseconds since the
+    /// epoch): the file's mtime and ctime as this node reports them until the flush commits
+    /// (the commit then stamps its own, later time).
+    pub written_at: AtomicU64,
     pub cache: Mutex<Cached>,
     /// Signalled when the inode changes anywhere (lock waiters retry).
     pub changed: Notify,
@@ -56,6 +60,7 @@ impl InodeState {
             commit: Arc::default(),
             has_dirty: AtomicBool::new(false),
             written_end: AtomicU64::new(0),
+            written_at: AtomicU64::new(0),
             cache: Mutex::default(),
             changed: Notify::new(),
             lock_owners: Mutex::default(),
@@ -76,6 +81,15 @@ impl InodeState {
     /// The end of what this node wrote and has not committed (0 when nothing).
     pub fn buffered_end(&self) -> u64 {
         if self.has_dirty.load(Ordering::Acquire) { self.written_end.load(Ordering::Acquire) } else { 0 }
+    }
+
+    /// When this node last buffered a write it has not committed (`None` when nothing).
+    pub fn buffered_at(&self) -> Option<elea_common::Timespec> {
+        if !self.has_dirty.load(Ordering::Acquire) {
+            return None;
+        }
+        let ns = self.written_at.load(Ordering::Acquire);
+        Some(elea_common::Timespec::new((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as u32))
     }
 
     /// Records fresh attributes: a changed size or mtime means the data changed, so cached

@@ -241,10 +241,15 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
 
     /// `a` as this node sees it: a file with writes buffered here is as long as they make
     /// it, whether they are flushed yet or not (another descriptor, `lseek(SEEK_END)` and
-    /// `O_APPEND` through the kernel all go by the size reported here).
+    /// `O_APPEND` through the kernel all go by the size reported here), and was modified
+    /// when the last of them was taken.
     fn local_attr(&self, mut a: Attr) -> Attr {
         if let Some(n) = self.node(a.ino) {
             a.size = a.size.max(n.buffered_end());
+            if let Some(t) = n.buffered_at() {
+                a.mtime = a.mtime.max(t);
+                a.ctime = a.ctime.max(t);
+            }
         }
         a
     }

@@ -31,15 +31,16 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         Ok(self.local_attr(a?))
     }
 
-    /// Fresh attributes (buffered writes of this node are flushed first, so size and mtime
-    /// are exact).
+    /// Fresh attributes, as this node sees them: buffered writes count in the size, mtime
+    /// and ctime (see `local_attr`) without being flushed, so a `stat` or an
+    /// `lseek(SEEK_END)` (which a database makes before nearly every page it adds) costs one
+    /// metadata read, not a durable commit.
     pub async fn getattr(&self, ino: Ino) -> VfsResult<Attr> {
         if self.release_pending(ino) {
             // This node closed it last: an unlinked file must be gone now, here at least.
             self.release_closed().await;
         }
         if let Some(n) = self.node(ino) {
-            self.flush_node(&n).await?;
             let epoch = n.cache().epoch;
             let a = self.attr_of(ino).await?;
             n.observe(epoch, &a);

@@ -18,6 +18,10 @@ use super::{Inner, lock};
 pub enum Inval {
     /// Attributes or data of this inode.
     Inode(Ino),
+    /// Attributes of this inode only: a change this node made itself, whose data the
+    /// kernel's page cache already holds (the writes went through it), so its cached pages
+    /// stay.
+    Attrs(Ino),
     /// The name `name` in directory `parent`.
     Entry(Ino, Vec<u8>),
     /// Everything (changes were missed).
@@ -76,9 +80,13 @@ async fn watch_loop<M: MetaApi, D: DataPath>(weak: Weak<Inner<M, D>>, mut seq: u
             };
             let Some(i) = weak.upgrade() else { return };
             match item {
-                Some(Ok(WatchItem::Changes { seq: s, changes })) => {
+                Some(Ok(WatchItem::Changes { seq: s, changes, client })) => {
                     seq = s;
                     let sink = lock(&i.sink).clone();
+                    // This node's own changes went through the kernel, which updated its
+                    // caches as it sent them: its cached pages and entries are right, only
+                    // the attributes (times, the size as committed) need fetching again.
+                    let own = client != 0 && client == i.meta.client_id();
                     for ch in changes {
                         match ch {
                             elea_fsm::Change::Inode(ino) => {
@@ -88,11 +96,13 @@ async fn watch_loop<M: MetaApi, D: DataPath>(weak: Weak<Inner<M, D>>, mut seq: u
                                     n.changed.notify_waiters();
                                 }
                                 if let Some(f) = &sink {
-                                    f(Inval::Inode(ino));
+                                    f(if own { Inval::Attrs(ino) } else { Inval::Inode(ino) });
                                 }
                             }
                             elea_fsm::Change::Entry { parent, name } => {
-                                if let Some(f) = &sink {
+                                if let Some(f) = &sink
+                                    && !own
+                                {
                                     f(Inval::Entry(parent, name));
                                 }
                             }

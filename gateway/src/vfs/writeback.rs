@@ -78,6 +78,8 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
         let Some(end) = end else { return Err(Errno::EFBIG.into()) };
         let before = d.bytes;
         d.add(offset, data);
+        let now = elea_common::Timespec::now();
+        n.written_at.store(now.sec.max(0) as u64 * 1_000_000_000 + u64::from(now.nsec), Ordering::Release);
         if n.has_dirty.swap(true, Ordering::AcqRel) {
             n.written_end.fetch_max(end, Ordering::AcqRel);
         } else {

@@ -38,7 +38,7 @@ impl Changes {
     }
 
     /// Bump the change sequence of every touched volume and build the change sets.
-    pub fn commit(self, st: &mut State) -> Vec<ChangeSet> {
+    pub fn commit(self, st: &mut State, client: u64) -> Vec<ChangeSet> {
         let mut out = Vec::new();
         for (vol, v) in self.per_vol {
             if v.list.is_empty() {
@@ -48,7 +48,7 @@ impl Changes {
                 continue;
             };
             volume.change_seq = volume.change_seq.saturating_add(1);
-            out.push(ChangeSet { vol, seq: volume.change_seq, changes: v.list });
+            out.push(ChangeSet { vol, seq: volume.change_seq, changes: v.list, client });
         }
         out
     }

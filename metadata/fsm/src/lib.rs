@@ -107,7 +107,7 @@ impl StateMachine {
         if res.is_ok() || cmd.client != 0 {
             self.st.clock = now;
         }
-        let sets = if res.is_ok() { ch.commit(&mut self.st) } else { Vec::new() };
+        let sets = if res.is_ok() { ch.commit(&mut self.st, cmd.client) } else { Vec::new() };
         (res, sets)
     }
 

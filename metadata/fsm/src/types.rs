@@ -844,4 +844,7 @@ pub struct ChangeSet {
     pub vol: VolumeId,
     pub seq: u64,
     pub changes: Vec<Change>,
+    /// The client whose command made them (0: the service itself, or unknown): a gateway
+    /// knows its own changes from others'.
+    pub client: u64,
 }
