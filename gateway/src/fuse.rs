@@ -224,6 +224,12 @@ impl Filesystem for EleaFs {
             tracing::warn!(?missing, "the kernel does not offer remote POSIX locks; locks stay node-local");
         }
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Set-id bits and file capabilities are this file system's to drop on a write,
+        // truncate or chown by a caller without CAP_FSETID (see `Vfs::setattr` and
+        // `Vfs::drop_setid_after_write`). In exchange the kernel stops asking for the
+        // `security.capability` xattr before every write to a file it knows carries neither
+        // (it asks again after any attribute refresh): a metadata read per write less.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }
@@ -389,14 +395,22 @@ impl Filesystem for EleaFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        let drop_setid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         self.fast_or_spawn(|v| async move {
-            match v.write(fh.0, offset, &data).await {
+            let r = v.write(fh.0, offset, &data).await;
+            if drop_setid
+                && r.is_ok()
+                && let Err(e) = v.drop_setid_after_write(fh.0).await
+            {
+                tracing::warn!(fh = fh.0, error = %e, "dropping set-id bits after a write failed");
+            }
+            match r {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno("write", e)),
             }

@@ -1587,3 +1587,38 @@ fn regression_append_after_buffered_write() {
         assert_eq!(contents(&v, f.ino).await, b"x123456789END");
     });
 }
+
+/// The kernel leaves dropping set-id bits to the file system (`FUSE_HANDLE_KILLPRIV_V2`): a
+/// truncate, an `O_TRUNC` open or a write by a caller without CAP_FSETID drops S_ISUID (and
+/// S_ISGID when group-execute is set), as Linux does; root's keep them.
+#[test]
+fn set_id_bits_drop_on_truncate_and_write_by_others() {
+    runtime().block_on(async {
+        let (_cluster, v) = one_gateway().await;
+        let root = Creds::root();
+        let user = Creds::with_groups(1000, 1000, vec![]);
+        let mode_of = |a: Attr| a.mode & 0o7777;
+        let (fh, f) = v.create(&root, ROOT_INO, b"f", 0o777, 0, libc::O_RDWR).await.unwrap();
+        v.release(fh).await.unwrap();
+        assert_eq!(v.setattr(&root, f.ino, chmod(0o6777)).await.map(mode_of), Ok(0o6777));
+        let trunc = SetAttrReq { size: Some(3), ..SetAttrReq::default() };
+        assert_eq!(v.setattr(&root, f.ino, trunc.clone()).await.map(mode_of), Ok(0o6777), "root keeps them");
+        assert_eq!(v.setattr(&user, f.ino, trunc.clone()).await.map(mode_of), Ok(0o0777));
+        // S_ISGID without group-execute is mandatory locking, not set-group-ID: it stays.
+        assert_eq!(v.setattr(&root, f.ino, chmod(0o6767)).await.map(mode_of), Ok(0o6767));
+        assert_eq!(v.setattr(&user, f.ino, trunc).await.map(mode_of), Ok(0o2767));
+        assert_eq!(v.setattr(&root, f.ino, chmod(0o6777)).await.map(mode_of), Ok(0o6777));
+        let (fh, a) = v.open(&user, f.ino, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+        assert_eq!((a.mode & 0o7777, a.size), (0o0777, 0));
+        v.release(fh).await.unwrap();
+        // A write: dropped once this node has the mode cached (the kernel drops them itself
+        // before a write to a file whose mode it knows).
+        assert_eq!(v.setattr(&root, f.ino, chmod(0o6777)).await.map(mode_of), Ok(0o6777));
+        let (fh, _) = v.open(&user, f.ino, libc::O_WRONLY).await.unwrap();
+        v.write(fh, 0, b"x").await.unwrap();
+        v.getattr(f.ino).await.unwrap();
+        v.drop_setid_after_write(fh).await.unwrap();
+        assert_eq!(v.getattr(f.ino).await.map(mode_of), Ok(0o0777));
+        v.release(fh).await.unwrap();
+    });
+}

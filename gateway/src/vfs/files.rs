@@ -32,13 +32,14 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             self.inner.meta.open(self.inner.vol, ino, self.session()).await?;
         }
         let fh = self.new_handle(ino, flags, HandleKind::File, regular);
-        self.opened(fh, a, flags).await
+        self.opened(c, fh, a, flags).await
     }
 
     /// Finishes opening handle `fh` of an existing file with attributes `a`: drops what this
-    /// node cached about it (close-to-open) and applies `O_TRUNC`. On failure the handle is
-    /// closed again, its open reference included.
-    async fn opened(&self, fh: u64, a: Attr, flags: i32) -> VfsResult<(u64, Attr)> {
+    /// node cached about it (close-to-open) and applies `O_TRUNC` (which, for a caller
+    /// without CAP_FSETID, drops set-id bits as Linux does). On failure the handle is closed
+    /// again, its open reference included.
+    async fn opened(&self, c: &Creds, fh: u64, a: Attr, flags: i32) -> VfsResult<(u64, Attr)> {
         let r = async {
             let h = self.handle(fh)?;
             h.node.invalidate();
@@ -47,7 +48,8 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             }
             // This node's buffered writes came first: flush them, then cut them away.
             self.flush_node(&h.node).await?;
-            let set = SetAttr { size: Some(0), ..SetAttr::default() };
+            let clear_suid = !c.is_root() && a.mode & (mode::S_ISUID | mode::S_ISGID) != 0;
+            let set = SetAttr { size: Some(0), clear_suid, ..SetAttr::default() };
             let a = self.inner.meta.setattr(self.inner.vol, h.ino, set).await?;
             h.node.invalidate();
             Ok(a)
@@ -92,7 +94,7 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             let _ = self.release(fh).await;
             return Err(e.into());
         }
-        self.opened(fh, a, flags).await
+        self.opened(c, fh, a, flags).await
     }
 
     /// Reads up to `len` bytes at `offset` (short at end of file).

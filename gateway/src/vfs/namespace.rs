@@ -91,6 +91,11 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
                 perm::check(c, &a, MAY_WRITE)?;
             }
             set.size = Some(size);
+            // Like Linux: a truncate by a caller without CAP_FSETID drops set-id bits (the
+            // kernel leaves that to this file system, see `EleaFs::init`).
+            if !c.is_root() && a.mode & (mode::S_ISUID | mode::S_ISGID) != 0 && set.mode.is_none() {
+                set.clear_suid = true;
+            }
         }
         for (want, t) in [(&mut set.atime, req.atime), (&mut set.mtime, req.mtime)] {
             let Some(t) = t else { continue };
@@ -113,6 +118,25 @@ impl<M: MetaApi, D: DataPath> Vfs<M, D> {
             n.invalidate();
         }
         Ok(a)
+    }
+
+    /// After a write by a caller without CAP_FSETID: set-id bits go, as Linux drops them. The
+    /// kernel drops them itself (before the write) on any file whose mode it knows to carry
+    /// them; this covers a mode it has not seen yet, from this node's cached attributes only,
+    /// so a write costs no metadata read for it.
+    pub async fn drop_setid_after_write(&self, fh: u64) -> VfsResult<()> {
+        let h = self.live_handle(fh)?;
+        let setid = {
+            let c = h.node.cache();
+            c.attr.as_ref().is_some_and(|a| !is_dir(a) && a.mode & (mode::S_ISUID | mode::S_ISGID) != 0)
+        };
+        if !setid {
+            return Ok(());
+        }
+        let set = SetAttr { clear_suid: true, ..SetAttr::default() };
+        self.inner.meta.setattr(self.inner.vol, h.ino, set).await?;
+        h.node.invalidate();
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

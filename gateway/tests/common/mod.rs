@@ -238,6 +238,7 @@ forward! {
     fn create(c: &Creds, parent: Ino, name: &[u8], mode: u32, umask: u32, flags: i32) -> (u64, Attr);
     fn read(fh: u64, offset: u64, len: u32) -> Bytes;
     fn write(fh: u64, offset: u64, data: &[u8]) -> u32;
+    fn drop_setid_after_write(fh: u64) -> ();
     fn flush(fh: u64) -> ();
     fn fsync(fh: u64) -> ();
     fn release(fh: u64) -> ();
