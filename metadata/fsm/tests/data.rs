@@ -365,3 +365,79 @@ fn pieces_are_validated() {
     h.ok(op(vec![p(5, 0, 10, 0), p(5, 10, 10, 10), p(5, 4096, 100, 20)]));
     assert_eq!(h.attr(f).size, 4196);
 }
+
+/// A chunk-list op for [`no_write_leaves_pieces_overlapping`].
+#[derive(Debug, Clone)]
+enum ListOp {
+    Write { at: u32, len: u32 },
+    Pieces(Vec<(u32, u32)>),
+    Truncate(u32),
+    Punch { at: u32, len: u32 },
+    Collapse { at: u32, len: u32 },
+    Insert { at: u32, len: u32 },
+}
+
+fn list_op() -> impl proptest::strategy::Strategy<Value = ListOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0u32..96, 1u32..24).prop_map(|(at, len)| ListOp::Write { at, len }),
+        2 => proptest::collection::vec((0u32..6, 1u32..6), 1..6).prop_map(ListOp::Pieces),
+        1 => (0u32..110).prop_map(ListOp::Truncate),
+        1 => (0u32..100, 1u32..20).prop_map(|(at, len)| ListOp::Punch { at, len }),
+        1 => (0u32..24, 1u32..8).prop_map(|(at, len)| ListOp::Collapse { at, len }),
+        1 => (0u32..24, 1u32..8).prop_map(|(at, len)| ListOp::Insert { at, len }),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+    /// Writes, truncations and fallocate never leave two pieces of a chunk list overlapping,
+    /// so a file's allocated blocks (`st_blocks`) are the sum of its pieces, which is how
+    /// they are counted: checked here against the union of the pieces.
+    #[test]
+    fn no_write_leaves_pieces_overlapping(ops in proptest::collection::vec(list_op(), 1..40)) {
+        use fallocate_flags::*;
+        const K: u64 = 4096;
+        let (mut h, vol) = setup();
+        let f = h.file(ROOT, "f");
+        for (id, op) in (101u64..).zip(ops) {
+            // Some are refused (a collapse past the end, say): the lists must hold either way.
+            let _ = match op {
+                ListOp::Write { at, len } => {
+                    let s = Slice { id, offset: at * 4096, len: len * 4096, slice_len: len * 4096, slice_offset: 0 };
+                    h.apply(Op::WriteSlice { vol, ino: f, chunk: 0, slice: s, staged: vec![vec![1]; len.div_ceil(1024) as usize] })
+                }
+                ListOp::Pieces(gaps) => {
+                    let (mut at, mut packed) = (0u32, 0u32);
+                    let mut pieces = Vec::new();
+                    for (gap, len) in gaps {
+                        at += gap * 4096;
+                        pieces.push(Slice { id, offset: at, len: len * 4096, slice_len: 0, slice_offset: packed });
+                        at += len * 4096;
+                        packed += len * 4096;
+                    }
+                    for p in &mut pieces {
+                        p.slice_len = packed;
+                    }
+                    h.apply(Op::WriteSlicePieces { vol, ino: f, chunk: 0, pieces, staged: vec![vec![1]] })
+                }
+                ListOp::Truncate(n) => h.apply(Op::SetAttr { vol, ino: f, set: SetAttr { size: Some(u64::from(n) * K), ..Default::default() } }),
+                ListOp::Punch { at, len } => h.apply(Op::Fallocate { vol, ino: f, offset: u64::from(at) * K, len: u64::from(len) * K, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE }),
+                ListOp::Collapse { at, len } => h.apply(Op::Fallocate { vol, ino: f, offset: u64::from(at) * K, len: u64::from(len) * K, mode: FALLOC_FL_COLLAPSE_RANGE }),
+                ListOp::Insert { at, len } => h.apply(Op::Fallocate { vol, ino: f, offset: u64::from(at) * K, len: u64::from(len) * K, mode: FALLOC_FL_INSERT_RANGE }),
+            };
+            let (list, _, size) = chunk_state(&h, f);
+            let mut spans: Vec<(u64, u64)> = list
+                .iter()
+                .filter(|p| p.id != 0)
+                .map(|p| (u64::from(p.offset), u64::from(p.offset) + u64::from(p.len)))
+                .collect();
+            spans.sort_unstable();
+            for w in spans.windows(2) {
+                proptest::prop_assert!(w[0].1 <= w[1].0, "pieces overlap: {:?} and {:?}", w[0], w[1]);
+            }
+            let union: u64 = spans.iter().map(|(s, e)| (*e).min(size).saturating_sub(*s)).sum();
+            proptest::prop_assert_eq!(h.attr(f).blocks, union.div_ceil(4096) * 8);
+        }
+    }
+}
