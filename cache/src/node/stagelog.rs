@@ -367,7 +367,13 @@ fn writer(shared: Arc<Shared>, rx: Receiver<Req>) {
         match res {
             Ok(()) => {
                 for (r, loc) in placed {
-                    let _ = r.reply.send(Ok(loc));
+                    let len = record_len(r.meta.len, r.segs.len());
+                    if r.reply.send(Ok(loc)).is_err() {
+                        // Its put gave up waiting: nothing will ever index the record.
+                        let mut g = shared.segs();
+                        release_in(&mut g, loc, len);
+                        shared.free_if_dead(&mut g, loc.seg);
+                    }
                 }
             }
             Err((e, unplaced)) => {
@@ -583,7 +589,8 @@ impl Log {
 
     /// Appends a block's record and makes it durable. `segs` are the crc32c of each
     /// `1 << meta.seg_shift` bytes of `data`. The record counts as live until
-    /// [`Log::release`]d.
+    /// [`Log::release`]d. A caller that stops waiting (its future dropped) leaves nothing
+    /// behind: a record written for it is released, whether its answer came before or after.
     pub async fn append(
         &self,
         id: BlockId,
@@ -592,6 +599,7 @@ impl Log {
         data: Bytes,
     ) -> std::io::Result<Loc> {
         let (reply, rx) = tokio::sync::oneshot::channel();
+        let rec_len = record_len(meta.len, segs.len());
         let sent = {
             let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
             tx.as_ref().map(|t| t.send(Req { id, meta, segs, data, reply }).is_ok())
@@ -599,7 +607,19 @@ impl Log {
         if sent != Some(true) {
             return Err(std::io::Error::other("the staging log is closed"));
         }
-        rx.await.unwrap_or_else(|_| Err(std::io::Error::other("the staging log writer stopped")))
+        let mut waiting = Waiting { log: self, rx: Some(rx), rec_len };
+        let r = match waiting.rx.as_mut() {
+            Some(rx) => rx.await,
+            None => return Err(std::io::Error::other("the staging log writer stopped")),
+        };
+        waiting.rx = None;
+        r.unwrap_or_else(|_| Err(std::io::Error::other("the staging log writer stopped")))
+    }
+
+    fn release_len(&self, loc: Loc, len: u64) {
+        let mut g = self.shared.segs();
+        release_in(&mut g, loc, len);
+        self.shared.free_if_dead(&mut g, loc.seg);
     }
 
     /// Forgets a record (its block was removed here); a sealed segment left without live
@@ -643,6 +663,26 @@ impl Log {
 
     pub fn seg_size(&self) -> u64 {
         self.shared.seg_size
+    }
+}
+
+/// An append whose caller may stop waiting: dropped before its answer was taken, it closes
+/// the answer channel (a later answer then finds nobody, and the writer releases the record)
+/// and releases a record whose answer had already come.
+struct Waiting<'a> {
+    log: &'a Log,
+    rx: Option<tokio::sync::oneshot::Receiver<std::io::Result<Loc>>>,
+    rec_len: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(Ok(loc)) = rx.try_recv() {
+                self.log.release_len(loc, self.rec_len);
+            }
+        }
     }
 }
 

@@ -75,6 +75,19 @@ const SEGMENT_SHIFT: u8 = 16;
 /// Bytes covered by one checksum of a version-2 file's segment table.
 pub const SEGMENT: usize = 1 << SEGMENT_SHIFT;
 
+/// Space reserved for a put, given back if the put is dropped before it is settled
+/// (`std::mem::forget` it once settled).
+struct Reserved<'a> {
+    staging: &'a Staging,
+    len: u64,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.staging.unreserve(self.len);
+    }
+}
+
 /// The staging log's directory under the staging directory.
 const LOG_DIR: &str = "log";
 
@@ -692,41 +705,56 @@ impl Staging {
         }
         self.reserve(u64::from(len)).await?;
         let meta = StagedMeta { vol, len, crc, created_ms: now_ms(), seg_shift: SEGMENT_SHIFT };
-        // The write and its bookkeeping run in their own task: a caller that gives up (a
-        // deadline, a dropped connection) cannot leave a file on disk or a record in the log
-        // the map does not know, or space reserved for ever.
+        if len <= self.log_max {
+            // In the caller's task: a caller that gives up (a deadline, a dropped connection)
+            // leaves no record in use (see `Log::append`) and no space reserved (`Reserved`).
+            let reserved = Reserved { staging: self, len: u64::from(len) };
+            let res = self.log.append(id, meta, segs, data).await;
+            std::mem::forget(reserved);
+            return match res {
+                Ok(loc) => {
+                    self.write_succeeded();
+                    let mut g = self.lock();
+                    let g = &mut *g;
+                    match g.blocks.entry(id) {
+                        std::collections::hash_map::Entry::Occupied(_) => {
+                            // A concurrent put of the same block won; give back our
+                            // reservation and our record.
+                            g.used = g.used.saturating_sub(u64::from(len));
+                            self.log.release(loc, &meta);
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(meta);
+                            g.logged.insert(id, loc);
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    let e = CacheError::io("appending to the staging log", &self.dir, e);
+                    self.write_failed(&e);
+                    self.unreserve(u64::from(len));
+                    Err(e)
+                }
+            };
+        }
+        // A file's write and its bookkeeping run in their own task: a caller that gives up
+        // cannot leave a file on disk the map does not know, or space reserved for ever.
         let this = self.clone();
         let task = tokio::spawn(async move {
-            let res = if len <= this.log_max {
-                this.log
-                    .append(id, meta, segs, data)
-                    .await
-                    .map(Some)
-                    .map_err(|e| CacheError::io("appending to the staging log", &this.dir, e))
-            } else {
-                let w = this.clone();
-                tokio::task::spawn_blocking(move || w.write_file(id, &meta, &data, &segs))
-                    .await
-                    .map_err(|e| CacheError::Internal(format!("staging writer: {e}")))
-                    .and_then(|r| r)
-                    .map(|()| None)
-            };
+            let w = this.clone();
+            let res = tokio::task::spawn_blocking(move || w.write_file(id, &meta, &data, &segs))
+                .await
+                .map_err(|e| CacheError::Internal(format!("staging writer: {e}")))
+                .and_then(|r| r);
             match res {
-                Ok(loc) => {
+                Ok(()) => {
                     this.write_succeeded();
                     let mut g = this.lock();
-                    if g.blocks.contains_key(&id) {
-                        // A concurrent put of the same block won; give back our reservation
-                        // (and our record: the file, if any, is the same one, renamed over).
+                    if g.blocks.insert(id, meta).is_some() {
+                        // A concurrent put of the same block won (the same file, renamed
+                        // over); give back our reservation.
                         g.used = g.used.saturating_sub(u64::from(len));
-                        if let Some(loc) = loc {
-                            this.log.release(loc, &meta);
-                        }
-                        return Ok(());
-                    }
-                    g.blocks.insert(id, meta);
-                    if let Some(loc) = loc {
-                        g.logged.insert(id, loc);
                     }
                     Ok(())
                 }
@@ -1575,6 +1603,28 @@ mod tests {
         for i in (0..30u32).filter(|i| i % 3 == 0) {
             assert_eq!(s.get((6, i)).await.unwrap().unwrap().1, block(2000, i as u8).to_vec());
         }
+    }
+
+    /// A put dropped while its record is being written (a caller that gave up) leaves
+    /// neither space reserved nor a record in use.
+    #[tokio::test]
+    async fn a_put_given_up_leaves_nothing_behind() {
+        use futures::FutureExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let s = tiny_log(d.path(), 1 << 20);
+        for i in 0..20u32 {
+            let b = block(3000, i as u8);
+            // One poll: the record goes to the writer, then the put is dropped.
+            let done = s.put(1, (2, i), b, crc32c::crc32c(&block(3000, i as u8))).now_or_never();
+            assert!(done.is_none(), "a put cannot finish without the writer");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!((s.fill(), s.stats().blocks), (0.0, 0));
+        assert_eq!(s.log.usage().2, 0, "no record is in use");
+        // The store works on.
+        let b = block(3000, 99);
+        s.put(1, (3, 0), b.clone(), crc32c::crc32c(&b)).await.unwrap();
+        assert_eq!(s.get((3, 0)).await.unwrap().unwrap().1, b.to_vec());
     }
 
     mod model {

@@ -49,43 +49,67 @@ pub(crate) fn allocated_blocks(chunks: &Chunks, ino: Ino, size: u64) -> u64 {
 }
 
 /// Add `new` to a chunk's list: older pieces it overlaps are trimmed, split or dropped.
+///
+/// In place: a file written in small random pieces has thousands per chunk, and this runs
+/// for every write committed to it. The pieces it keeps move down over the ones it drops (no
+/// new list), and a write that overlaps nothing only appends.
 pub(crate) fn write_piece(list: &mut Vec<Slice>, new: Slice, table: &mut SliceTable) {
     let ns = u64::from(new.offset);
     let ne = ns + u64::from(new.len);
-    let mut out = Vec::with_capacity(list.len() + 2);
-    for p in list.drain(..) {
+    let overlaps = |p: &Slice| {
         let ps = u64::from(p.offset);
-        let pe = ps + u64::from(p.len);
-        if pe <= ns || ps >= ne {
-            out.push(p);
-            continue;
-        }
-        let mut kept = 0u32;
-        if ps < ns {
-            // Left part survives.
-            out.push(Slice { len: (ns - ps) as u32, ..p });
-            kept += 1;
-        }
-        if pe > ne {
-            // Right part survives.
-            let skip = (ne - ps) as u32;
-            out.push(Slice {
-                offset: ne as u32,
-                len: (pe - ne) as u32,
-                slice_offset: p.slice_offset.saturating_add(skip),
-                ..p
+        ps < ne && ps + u64::from(p.len) > ns
+    };
+    if let Some(first) = list.iter().position(overlaps) {
+        // Kept pieces are written at `w`, in their order; a piece split in two (`new` lies
+        // strictly inside it, so it is the only one `new` overlaps) gets its right part
+        // inserted after its left part once the pass is done.
+        let mut w = first;
+        let mut split: Option<(usize, Slice)> = None;
+        for r in first..list.len() {
+            let p = list[r];
+            let ps = u64::from(p.offset);
+            let pe = ps + u64::from(p.len);
+            if pe <= ns || ps >= ne {
+                list[w] = p;
+                w += 1;
+                continue;
+            }
+            let left = (ps < ns).then(|| Slice { len: (ns - ps) as u32, ..p });
+            let right = (pe > ne).then(|| {
+                let skip = (ne - ps) as u32;
+                Slice {
+                    offset: ne as u32,
+                    len: (pe - ne) as u32,
+                    slice_offset: p.slice_offset.saturating_add(skip),
+                    ..p
+                }
             });
-            kept += 1;
+            match (left, right) {
+                (None, None) => table.drop_ref(p.id),
+                (Some(l), None) => {
+                    list[w] = l;
+                    w += 1;
+                }
+                (None, Some(rp)) => {
+                    list[w] = rp;
+                    w += 1;
+                }
+                (Some(l), Some(rp)) => {
+                    list[w] = l;
+                    w += 1;
+                    split = Some((w, rp));
+                    table.add_ref(p.id);
+                }
+            }
         }
-        match kept {
-            0 => table.drop_ref(p.id),
-            2 => table.add_ref(p.id),
-            _ => {}
+        list.truncate(w);
+        if let Some((at, rp)) = split {
+            list.insert(at, rp);
         }
     }
     table.add_ref(new.id);
-    out.push(new);
-    *list = out;
+    list.push(new);
 }
 
 /// Add many new pieces at once: `new` is sorted by offset and its pieces do not overlap. The
