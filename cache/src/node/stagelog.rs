@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::staging::{BlockId, StagedMeta};
+use super::staging::{BlockId, StagedMeta, u32_at, u64_at};
 
 const SEG_MAGIC: [u8; 4] = *b"ELSG";
 const REC_MAGIC: [u8; 4] = *b"ELRC";
@@ -70,14 +70,6 @@ pub struct Loc {
 /// Bytes a record of a block of `len` bytes with `segs` segment checksums takes.
 pub fn record_len(len: u32, segs: usize) -> u64 {
     (REC_HEADER as u64 + 4 * segs as u64 + u64::from(len)).next_multiple_of(ALIGN)
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default())
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
 }
 
 pub fn encode_record_header(nonce: u64, id: BlockId, m: &StagedMeta) -> [u8; REC_HEADER] {
