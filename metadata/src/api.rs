@@ -12,8 +12,8 @@
 
 use elea_common::{Ino, SessionId, SliceId, Timespec, VolumeId};
 use elea_fsm::{
-    Attr, CacheNodeInfo, CacheStats, Caller, DataIdentity, DirEntry, LockInfo, LockKind, Op, Query, Reply,
-    SetAttr, Slice, SliceLoc, StagedBlock, StatFs, VolumeConfig, VolumeInfo,
+    Attr, CacheNodeInfo, CacheStats, Caller, DataIdentity, DirEntry, InlineSlice, LockInfo, LockKind, Op,
+    Query, Reply, SetAttr, Slice, SliceData, SliceLoc, StagedBlock, StatFs, VolumeConfig, VolumeInfo,
 };
 
 use crate::client::{ClientError, WatchStream};
@@ -536,6 +536,20 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         async move { attr_of(self.op(Op::WriteSlicePieces { vol, ino, chunk, pieces, staged }).await?) }
     }
 
+    /// Records pieces of one new slice whose bytes (`data`, the whole slice) travel in the
+    /// command ([`Op::WriteInline`]); `EAGAIN` when metadata holds all the inline bytes it
+    /// may.
+    fn write_inline(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        pieces: Vec<Slice>,
+        data: Vec<u8>,
+    ) -> impl Future<Output = Result<Attr, ClientError>> + Send {
+        async move { attr_of(self.op(Op::WriteInline { vol, ino, chunk, pieces, data }).await?) }
+    }
+
     /// `fallocate(2)` with [`elea_fsm::fallocate_flags`].
     fn fallocate(
         &self,
@@ -568,6 +582,24 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
             for part in ids.chunks(elea_fsm::limits::BATCH_MAX) {
                 match self.query(Query::SliceLocs { ids: part.to_vec() }).await? {
                     Reply::SliceLocs(l) => out.extend(l),
+                    other => return Err(unexpected(&other)),
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    /// Locations of slices with the bytes of those that are inline (any number: asked in
+    /// pages).
+    fn slice_data(
+        &self,
+        ids: &[SliceId],
+    ) -> impl Future<Output = Result<Vec<SliceData>, ClientError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for part in ids.chunks(elea_fsm::limits::BATCH_MAX) {
+                match self.query(Query::SliceData { ids: part.to_vec() }).await? {
+                    Reply::SliceData(l) => out.extend(l),
                     other => return Err(unexpected(&other)),
                 }
             }
@@ -735,6 +767,28 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
                 }
             }
         }
+    }
+
+    /// One page of live inline slices after `after`, and whether more follow.
+    fn inline_slices(
+        &self,
+        after: SliceId,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<InlineSlice>, bool), ClientError>> + Send {
+        async move {
+            match self.query(Query::InlineSlices { after, limit }).await? {
+                Reply::Inline { slices, more } => Ok((slices, more)),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Inline slices now staged on these nodes ([`Op::SpillInline`]).
+    fn spill_inline(
+        &self,
+        slices: Vec<(SliceId, Vec<u64>)>,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::SpillInline { slices }).await?) }
     }
 
     /// Blocks now live in store `store` of their volume ([`Op::MarkTiered`]).

@@ -45,6 +45,7 @@ impl Need {
             | Op::RemoveXattr { vol, .. }
             | Op::WriteSlice { vol, .. }
             | Op::WriteSlicePieces { vol, .. }
+            | Op::WriteInline { vol, .. }
             | Op::Fallocate { vol, .. }
             | Op::Open { vol, .. }
             | Op::Release { vol, .. }
@@ -61,16 +62,19 @@ impl Need {
             | Op::MarkTiered { .. }
             | Op::ReplaceReplica { .. }
             | Op::ForgetSlices { .. }
-            | Op::DropReplica { .. } => Need::Internal,
+            | Op::DropReplica { .. }
+            | Op::SpillInline { .. } => Need::Internal,
         }
     }
 
     pub fn of_query(q: &Query) -> Need {
         match q {
             // Answered whole to others, and only with the caller's volumes to a gateway.
-            Query::ListVolumes | Query::CacheNodes | Query::SliceLocs { .. } | Query::DataIdentity => {
-                Need::Any
-            }
+            Query::ListVolumes
+            | Query::CacheNodes
+            | Query::SliceLocs { .. }
+            | Query::SliceData { .. }
+            | Query::DataIdentity => Need::Any,
             Query::VolumeByName { name } => Need::VolumeNamed(name.clone()),
             Query::Lookup { vol, .. }
             | Query::GetAttr { vol, .. }
@@ -81,9 +85,10 @@ impl Need {
             | Query::StatFs { vol }
             | Query::ReadChunk { vol, .. }
             | Query::GetLk { vol, .. } => Need::Volume(*vol),
-            Query::SessionInfo { .. } | Query::StagedBlocks { .. } | Query::PendingDeletes { .. } => {
-                Need::Internal
-            }
+            Query::SessionInfo { .. }
+            | Query::StagedBlocks { .. }
+            | Query::PendingDeletes { .. }
+            | Query::InlineSlices { .. } => Need::Internal,
         }
     }
 }

@@ -150,18 +150,32 @@ impl MetaService {
         }
     }
 
-    /// A gateway sees only its own volumes in a volume list.
-    fn filter_reply(&self, who: Option<&Identity>, q: &Query, result: Vec<u8>) -> Vec<u8> {
-        let Some(who) = who.filter(|w| w.role == Role::Gateway && matches!(q, Query::ListVolumes)) else {
+    /// A gateway sees only its own volumes in a volume list, and only its own volumes'
+    /// slices (locations and inline bytes) in a slice data reply.
+    async fn filter_reply(&self, who: Option<&Identity>, q: &Query, result: Vec<u8>) -> Vec<u8> {
+        let Some(who) = who.filter(|w| w.role == Role::Gateway) else {
             return result;
         };
-        match postcard::from_bytes::<OpResult>(&result) {
-            Ok(Ok(Reply::Volumes(mut v))) => {
+        let reply = match (q, postcard::from_bytes::<OpResult>(&result)) {
+            (Query::ListVolumes, Ok(Ok(Reply::Volumes(mut v)))) => {
                 v.retain(|v| who.may_use_volume(&v.name));
-                postcard::to_allocvec(&OpResult::Ok(Reply::Volumes(v))).unwrap_or_default()
+                Reply::Volumes(v)
             }
-            _ => result,
-        }
+            (Query::SliceData { .. }, Ok(Ok(Reply::SliceData(mut d)))) => {
+                for s in &mut d {
+                    let Some(vol) = s.loc.as_ref().map(|l| l.vol) else { continue };
+                    let allowed =
+                        matches!(self.volume_name(vol).await, Ok(Some(n)) if who.may_use_volume(&n));
+                    if !allowed {
+                        s.loc = None;
+                        s.inline = None;
+                    }
+                }
+                Reply::SliceData(d)
+            }
+            _ => return result,
+        };
+        postcard::to_allocvec(&OpResult::Ok(reply)).unwrap_or_default()
     }
 
     /// Only meta nodes send Raft messages (checked before a message's body is read).
@@ -363,12 +377,12 @@ impl proto::meta_server::Meta for MetaService {
         let q: Query = postcard::from_bytes(&req.query)
             .map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
         self.authorize(who.as_deref(), &Need::of_query(&q)).await?;
-        let listing = matches!(q, Query::ListVolumes).then_some(Query::ListVolumes);
+        let listing = matches!(q, Query::ListVolumes | Query::SliceData { .. }).then(|| q.clone());
         match tokio::time::timeout(APPLY_TIMEOUT, self.node.read(q)).await {
             Ok(Ok(result)) => {
                 let result = postcard::to_allocvec(&result).map_err(|e| Status::internal(e.to_string()))?;
                 let result = match &listing {
-                    Some(q) => self.filter_reply(who.as_deref(), q, result),
+                    Some(q) => self.filter_reply(who.as_deref(), q, result).await,
                     None => result,
                 };
                 Ok(Response::new(proto::ReadReply { result }))
@@ -380,13 +394,12 @@ impl proto::meta_server::Meta for MetaService {
                         f.client.read(proto::ReadRequest { hops: req.hops + 1, ..req }),
                     )
                     .await;
-                    self.forwarded(&f, r).map(|mut resp| {
-                        if let Some(q) = &listing {
-                            let r = std::mem::take(&mut resp.get_mut().result);
-                            resp.get_mut().result = self.filter_reply(who.as_deref(), q, r);
-                        }
-                        resp
-                    })
+                    let mut resp = self.forwarded(&f, r)?;
+                    if let Some(q) = &listing {
+                        let r = std::mem::take(&mut resp.get_mut().result);
+                        resp.get_mut().result = self.filter_reply(who.as_deref(), q, r).await;
+                    }
+                    Ok(resp)
                 }
                 None => Err(self.to_status(e)),
             },
@@ -451,8 +464,11 @@ impl proto::meta_server::Meta for MetaService {
             self.authorize(who.as_deref(), &Need::of_query(&q)).await?;
             qs.push(q);
         }
-        // A gateway's volume lists are filtered (see `filter_reply`).
-        let listings: Vec<bool> = qs.iter().map(|q| matches!(q, Query::ListVolumes)).collect();
+        // A gateway's volume lists and slice data are filtered (see `filter_reply`).
+        let listings: Vec<Option<Query>> = qs
+            .iter()
+            .map(|q| matches!(q, Query::ListVolumes | Query::SliceData { .. }).then(|| q.clone()))
+            .collect();
         let waits = self.node.read_many(qs);
         let mut items = Vec::with_capacity(waits.len());
         let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
@@ -460,8 +476,8 @@ impl proto::meta_server::Meta for MetaService {
             match tokio::time::timeout_at(deadline, w).await {
                 Ok(Ok(result)) => {
                     let mut item = ok_item(&result)?;
-                    if listings[i] {
-                        item.result = self.filter_reply(who.as_deref(), &Query::ListVolumes, item.result);
+                    if let Some(q) = &listings[i] {
+                        item.result = self.filter_reply(who.as_deref(), q, item.result).await;
                     }
                     items.push(item);
                 }
@@ -473,16 +489,14 @@ impl proto::meta_server::Meta for MetaService {
                                 f.client.read_batch(proto::ReadBatchRequest { hops: req.hops + 1, ..req }),
                             )
                             .await;
-                            self.forwarded(&f, r).map(|mut resp| {
-                                for (item, listing) in resp.get_mut().items.iter_mut().zip(&listings) {
-                                    if *listing {
-                                        let r = std::mem::take(&mut item.result);
-                                        item.result =
-                                            self.filter_reply(who.as_deref(), &Query::ListVolumes, r);
-                                    }
+                            let mut resp = self.forwarded(&f, r)?;
+                            for (item, listing) in resp.get_mut().items.iter_mut().zip(&listings) {
+                                if let Some(q) = listing {
+                                    let r = std::mem::take(&mut item.result);
+                                    item.result = self.filter_reply(who.as_deref(), q, r).await;
                                 }
-                                resp
-                            })
+                            }
+                            Ok(resp)
                         }
                         None => Err(self.to_status(e)),
                     };

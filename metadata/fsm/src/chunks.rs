@@ -257,6 +257,23 @@ impl State {
         now: Timespec,
         ch: &mut Changes,
     ) -> OpResult {
+        let checked = self.check_pieces(vol, ino, chunk, pieces)?;
+        self.check_staged(vol, &pieces[0], staged)?;
+        self.record_loc(vol, &pieces[0], staged, now);
+        self.apply_pieces(vol, ino, chunk, pieces, checked, now, ch)
+    }
+
+    /// Checks a write of `pieces` of one slice into chunk `chunk` of regular file `ino`:
+    /// one slice id (not a hole), each piece inside the chunk and the slice, sorted and
+    /// disjoint, at most [`limits::PIECES_MAX`], the file no larger than the limit. Returns
+    /// the file's size before and after.
+    pub(crate) fn check_pieces(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        pieces: &[Slice],
+    ) -> R<(u64, u64)> {
         let old_size = self.regular(vol, ino, Errno::EINVAL)?;
         let (Some(first), Some(last)) = (pieces.first(), pieces.last()) else {
             return Err(Errno::EINVAL);
@@ -285,8 +302,21 @@ impl State {
             .and_then(|b| b.checked_add(u64::from(last.offset) + u64::from(last.len)))
             .filter(|e| *e <= limits::FILE_SIZE_MAX)
             .ok_or(Errno::EFBIG)?;
-        self.check_staged(vol, first, staged)?;
-        self.record_loc(vol, first, staged, now);
+        Ok((old_size, old_size.max(end)))
+    }
+
+    /// Applies pieces [`State::check_pieces`] passed (`sizes`: what it returned).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_pieces(
+        &mut self,
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        pieces: &[Slice],
+        (old_size, new_size): (u64, u64),
+        now: Timespec,
+        ch: &mut Changes,
+    ) -> OpResult {
         let State { volumes, slices, .. } = self;
         let v = volumes.get_mut(&vol).ok_or(Errno::ENODEV)?;
         let list = v.chunks.entry((ino, chunk)).or_default();
@@ -294,7 +324,6 @@ impl State {
             [one] => write_piece(list, *one, slices),
             many => write_pieces(list, many, slices),
         }
-        let new_size = old_size.max(end);
         v.account_size(old_size, new_size);
         let i = v.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         i.size = new_size;

@@ -166,6 +166,10 @@ impl State {
             }
         }
         for (id, index) in blocks {
+            if self.is_inline(*id) {
+                // Nothing holds a copy to upload yet.
+                continue;
+            }
             if let Some(b) = self.slices.locs.get_mut(id).and_then(|l| l.blocks.get_mut(*index as usize)) {
                 b.tiered = Some(store);
                 b.nodes.clear();
@@ -184,7 +188,7 @@ impl State {
         if !self.cache_nodes.contains_key(&new) {
             return Err(Errno::EINVAL);
         }
-        if old == Some(new) {
+        if old == Some(new) || self.is_inline(slice) {
             return Ok(Reply::Ok);
         }
         let Some(l) = self.slices.locs.get_mut(&slice) else { return Ok(Reply::Ok) };
@@ -222,6 +226,7 @@ impl State {
         for id in ids {
             if self.slices.to_delete.remove(id).is_some() {
                 self.slices.locs.remove(id);
+                self.inline.remove(*id);
             }
         }
         Ok(Reply::Ok)

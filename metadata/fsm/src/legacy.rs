@@ -15,10 +15,11 @@ use elea_common::{Errno, Ino, SessionId, SliceId, Timespec, VolumeId};
 use serde::Deserialize;
 
 use crate::chunks::allocated_blocks;
+use crate::inline::InlineTable;
 use crate::state::{CacheNode, Client, LockOwner, Session, SliceTable, State, Volume, Waiting};
 use crate::types::{
-    Attr, CacheNodeInfo, DirEntry, FileType, LockInfo, Reply, Slice, SliceLoc, StagedBlock, StatFs,
-    VolumeInfo, mode,
+    Attr, CacheNodeInfo, DataIdentity, DirEntry, FileType, LockInfo, Reply, Slice, SliceLoc, StagedBlock,
+    StatFs, VolumeInfo, mode,
 };
 
 /// [`State`] as snapshot format version 2 encoded it.
@@ -137,6 +138,58 @@ impl StateV2 {
             clients,
             cache_nodes,
             identity: None,
+            inline: InlineTable::default(),
+        }
+    }
+}
+
+/// [`State`] as snapshot format version 4 encoded it: without inline slices.
+#[derive(Deserialize)]
+pub(crate) struct StateV4 {
+    clock: Timespec,
+    volumes_allocated: u64,
+    volumes: BTreeMap<VolumeId, Volume>,
+    volume_names: BTreeMap<String, VolumeId>,
+    slices_allocated: u64,
+    slices: SliceTable,
+    sessions_allocated: u64,
+    sessions: BTreeMap<SessionId, Session>,
+    waits: BTreeMap<LockOwner, Waiting>,
+    clients: BTreeMap<u64, Client>,
+    cache_nodes: BTreeMap<u64, CacheNode>,
+    identity: Option<DataIdentity>,
+}
+
+impl StateV4 {
+    pub(crate) fn upgrade(self) -> State {
+        let StateV4 {
+            clock,
+            volumes_allocated,
+            volumes,
+            volume_names,
+            slices_allocated,
+            slices,
+            sessions_allocated,
+            sessions,
+            waits,
+            clients,
+            cache_nodes,
+            identity,
+        } = self;
+        State {
+            clock,
+            volumes_allocated,
+            volumes,
+            volume_names,
+            slices_allocated,
+            slices,
+            sessions_allocated,
+            sessions,
+            waits,
+            clients,
+            cache_nodes,
+            identity,
+            inline: InlineTable::default(),
         }
     }
 }
@@ -188,6 +241,7 @@ impl StateV3 {
             clients,
             cache_nodes,
             identity: None,
+            inline: InlineTable::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ mod changes;
 mod chunks;
 mod data;
 mod dedup;
+mod inline;
 mod legacy;
 mod locks;
 mod namespace;
@@ -35,9 +36,9 @@ use state::State;
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"ELEAFSM\0";
-/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 3 (before
-/// [`DataIdentity`]) and version 2 (before [`Attr::blocks`]).
-pub const SNAPSHOT_VERSION: u32 = 4;
+/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 4 (before
+/// inline slices), version 3 (before [`DataIdentity`]) and version 2 (before [`Attr::blocks`]).
+pub const SNAPSHOT_VERSION: u32 = 5;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +172,10 @@ impl StateMachine {
             Op::WriteSlicePieces { vol, ino, chunk, pieces, staged } => {
                 st.write_slice_pieces(*vol, *ino, *chunk, pieces, staged, now, ch)
             }
+            Op::WriteInline { vol, ino, chunk, pieces, data } => {
+                st.write_inline(*vol, *ino, *chunk, pieces, data, now, ch)
+            }
+            Op::SpillInline { slices } => st.spill_inline(slices),
             // The check refuses every op `As` does not carry, a nested `As` included, so this
             // recursion is one level deep.
             Op::As { caller, op } => {
@@ -205,6 +210,8 @@ impl StateMachine {
             Query::StagedBlocks { after, limit } => st.staged_blocks(*after, *limit),
             Query::PendingDeletes { after, limit } => st.pending_deletes(*after, *limit),
             Query::DataIdentity => Ok(Reply::Identity(st.identity)),
+            Query::SliceData { ids } => st.slice_data(ids),
+            Query::InlineSlices { after, limit } => st.inline_slices(*after, *limit),
         }
     }
 
@@ -237,6 +244,7 @@ impl StateMachine {
         }
         let st = match h.version {
             SNAPSHOT_VERSION => decode_state::<State>(rest)?,
+            4 => decode_state::<legacy::StateV4>(rest)?.upgrade(),
             3 => decode_state::<legacy::StateV3>(rest)?.upgrade(),
             2 => decode_state::<legacy::StateV2>(rest)?.upgrade(),
             v => return Err(SnapshotError::Version(v)),

@@ -11,6 +11,7 @@ use elea_common::{Errno, Ino, SessionId, SliceId, Timespec, VolumeId};
 use serde::{Deserialize, Serialize};
 
 use crate::chunks::allocated_blocks;
+use crate::inline::InlineTable;
 use crate::types::{
     Attr, CacheStats, DataIdentity, FileType, LockKind, OpResult, Slice, SliceLoc, VolumeConfig, mode,
 };
@@ -42,6 +43,8 @@ pub(crate) struct State {
     pub cache_nodes: BTreeMap<u64, CacheNode>,
     /// Set with the first volume (snapshot format 4 on).
     pub identity: Option<DataIdentity>,
+    /// Bytes of inline slices (snapshot format 5 on).
+    pub inline: InlineTable,
 }
 
 /// A registered cache node.

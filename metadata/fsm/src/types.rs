@@ -96,6 +96,13 @@ pub mod limits {
     /// A cache node that has not sent a heartbeat for this long is dead: its staged blocks
     /// are re-replicated elsewhere.
     pub const CACHE_DEAD_AFTER_MS: u64 = 10_000;
+    /// Largest slice a [`super::Op::WriteInline`] may carry: small writes travel inside the
+    /// metadata commit instead of being staged on cache nodes first.
+    pub const INLINE_MAX: u32 = 64 << 10;
+    /// Most bytes of inline slices the state holds at once. Past it `WriteInline` answers
+    /// `EAGAIN` and the writer stages its slice on cache nodes as any other; the spill worker
+    /// moves inline slices out to cache nodes within moments of their commit.
+    pub const INLINE_TOTAL_MAX: u64 = 64 << 20;
     /// Most supplementary groups one [`super::Caller`] may list (Linux's `NGROUPS_MAX`).
     pub const GROUPS_MAX: usize = 65536;
 }
@@ -381,6 +388,27 @@ pub struct StagedBlock {
     pub nodes: Vec<u64>,
 }
 
+/// Where a slice's blocks live and, while its bytes are still kept in metadata (it was
+/// written inline and not spilled yet), those bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceData {
+    pub id: SliceId,
+    /// `None` for a slice with no recorded location.
+    pub loc: Option<SliceLoc>,
+    #[serde(with = "serde_bytes")]
+    pub inline: Option<Vec<u8>>,
+}
+
+/// A live slice whose bytes are kept in metadata, as the spill worker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InlineSlice {
+    pub vol: VolumeId,
+    pub slice: SliceId,
+    pub created: Timespec,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
 /// A state-changing operation. Applied in Raft log order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
@@ -620,6 +648,24 @@ pub enum Op {
     /// the cluster during an election or an outage renew before anything of theirs expires.
     /// Issued by a leader as its first command of a term.
     ExtendSessions,
+    /// [`Op::WriteSlicePieces`] for a new slice whose bytes travel in the command itself
+    /// (`data`, the whole slice, at most [`limits::INLINE_MAX`]): durable in the Raft log
+    /// when it commits, with no copy on cache nodes yet. The state keeps the bytes until
+    /// [`Op::SpillInline`] records copies on cache nodes, or the slice is forgotten.
+    /// `EAGAIN` when the state already holds [`limits::INLINE_TOTAL_MAX`] inline bytes.
+    WriteInline {
+        vol: VolumeId,
+        ino: Ino,
+        chunk: u64,
+        pieces: Vec<Slice>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Inline slices now staged on these cache nodes: each one's bytes leave the state and
+    /// its only block lists the nodes. A slice that is no longer inline is skipped.
+    SpillInline {
+        slices: Vec<(SliceId, Vec<u64>)>,
+    },
 }
 
 /// Decodes the op inside an [`Op::As`], refusing another `As` in it: `Op` is recursive only
@@ -725,6 +771,16 @@ pub enum Query {
     },
     /// The cluster's identity in stored data; replies [`Reply::Identity`].
     DataIdentity,
+    /// [`Query::SliceLocs`] with the bytes of inline slices; replies [`Reply::SliceData`].
+    SliceData {
+        ids: Vec<SliceId>,
+    },
+    /// Live inline slices after slice id `after`, at most `limit` of them and about
+    /// [`limits::INLINE_TOTAL_MAX`] / 16 bytes; replies [`Reply::Inline`].
+    InlineSlices {
+        after: SliceId,
+        limit: u32,
+    },
 }
 
 /// What an [`Op`] or [`Query`] produced.
@@ -783,6 +839,12 @@ pub enum Reply {
     },
     /// `None` until the cluster's first volume was created.
     Identity(Option<DataIdentity>),
+    SliceData(Vec<SliceData>),
+    /// A page of inline slices; `more` is false at the end.
+    Inline {
+        slices: Vec<InlineSlice>,
+        more: bool,
+    },
 }
 
 /// The cluster's identity in the data it stores: object keys of its volumes and the marker of

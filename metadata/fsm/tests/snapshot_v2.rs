@@ -61,7 +61,7 @@ fn the_fixture_is_a_version_2_snapshot() {
     assert_eq!(V2[..8], SNAPSHOT_MAGIC);
     // postcard: the version is a varint, 2 in one byte.
     assert_eq!(V2[8], 2);
-    assert_eq!(SNAPSHOT_VERSION, 4);
+    assert_eq!(SNAPSHOT_VERSION, 5);
 }
 
 #[test]
@@ -193,9 +193,11 @@ fn retries_replay_the_kept_replies_with_blocks() {
     let Ok(Reply::Identity(Some(id))) = new.query(&Query::DataIdentity) else { panic!() };
     assert_eq!(id.since_volume, 1);
     let (o, n) = (old.snapshot(), new.snapshot());
-    // `None` is one zero byte; `Some` is a one and the identity.
-    assert_eq!((o[o.len() - 1], n[o.len() - 1]), (0, 1));
-    assert_eq!(o[..o.len() - 1], n[..o.len() - 1]);
+    // `None` is one zero byte; `Some` is a one and the identity. Both end with an empty
+    // table of inline slices (one zero byte).
+    let at = o.len() - 2;
+    assert_eq!((o[at], n[at], o[at + 1], n[n.len() - 1]), (0, 1, 0, 0));
+    assert_eq!(o[..at], n[..at]);
 }
 
 #[test]
@@ -203,7 +205,7 @@ fn a_restored_version_2_snapshot_is_written_in_the_current_version() {
     let sm = restored();
     let bytes = sm.snapshot();
     assert_eq!(bytes[..8], SNAPSHOT_MAGIC);
-    assert_eq!(bytes[8], 4);
+    assert_eq!(bytes[8], 5);
     let again = StateMachine::restore(&bytes).unwrap();
     assert_eq!(again.snapshot(), bytes);
     // And it goes on applying commands.
@@ -228,7 +230,7 @@ fn a_restored_version_2_snapshot_is_written_in_the_current_version() {
 
 #[test]
 fn other_versions_and_damaged_version_2_snapshots_are_refused() {
-    for v in [0u8, 1, 5, 9] {
+    for v in [0u8, 1, 6, 9] {
         let mut b = V2.to_vec();
         b[8] = v;
         assert!(matches!(StateMachine::restore(&b), Err(SnapshotError::Version(x)) if x == u32::from(v)));
@@ -257,7 +259,8 @@ fn other_versions_and_damaged_version_2_snapshots_are_refused() {
 #[test]
 fn a_version_3_snapshot_gets_its_identity_with_its_next_volume() {
     let current = restored().snapshot();
-    let mut v3 = current[..current.len() - 1].to_vec();
+    // Without the identity and the table of inline slices (each `None` or empty: one byte).
+    let mut v3 = current[..current.len() - 2].to_vec();
     v3[8] = 3;
     let mut sm = StateMachine::restore(&v3).unwrap();
     assert_eq!(sm.snapshot(), current);
@@ -283,4 +286,19 @@ fn a_version_3_snapshot_gets_its_identity_with_its_next_volume() {
     other.apply(&Command { client: CLIENT + 1, ..create(1, "third") }).0.unwrap();
     let Ok(Reply::Identity(Some(o))) = other.query(&Query::DataIdentity) else { panic!() };
     assert_ne!(o.cluster, id.cluster);
+}
+
+/// A version 4 snapshot (the format before inline slices: the same bytes without the
+/// trailing table) restores with no inline slice and is written in the current format.
+#[test]
+fn a_version_4_snapshot_restores_without_inline_slices() {
+    let current = restored().snapshot();
+    let mut v4 = current[..current.len() - 1].to_vec();
+    v4[8] = 4;
+    let sm = StateMachine::restore(&v4).unwrap();
+    assert_eq!(sm.snapshot(), current);
+    assert_eq!(
+        sm.query(&Query::InlineSlices { after: 0, limit: 10 }),
+        Ok(Reply::Inline { slices: vec![], more: false })
+    );
 }
