@@ -808,7 +808,7 @@ async fn workers_report_their_state() {
     };
     wait_until(Duration::from_secs(20), "every worker ran a round", || async {
         let w = peers.workers(&addr).await.unwrap();
-        names(&w) == ["gc", "lost-copies", "reconcile", "repair", "stores", "tiering"]
+        names(&w) == ["gc", "lost-copies", "reconcile", "repair", "spill", "stores", "tiering"]
             && w.iter().all(|w| w.rounds > 0)
     })
     .await;
@@ -835,4 +835,75 @@ async fn workers_report_their_state() {
             && staged_count(&c, vol).await == 0
     })
     .await;
+}
+
+/// A small write travels in its metadata commit: nothing is staged before it commits, it
+/// reads back from metadata, and the spill worker later stages it on the volume's replica
+/// count of nodes like any other slice. Once metadata holds all the inline bytes it may,
+/// writes are staged before their commit instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_writes_commit_inline_and_spill_to_their_replicas() {
+    let mut c = TestCluster::start(0).await;
+    // No spill yet: the nodes run one round at their start and then wait an hour.
+    for id in 1..=2 {
+        c.start_node_with(id, |cfg| cfg.spill_interval = Duration::from_secs(3600)).await;
+    }
+    c.wait_alive(2).await;
+    let vol = c.volume("s", 2, 3_600_000).await;
+    let d = c.data();
+    let f = c.meta.create(vol, ROOT_INO, b"small", 0o644).await.unwrap();
+    let small = content(1, 5000);
+    d.write_extents(vol, f.ino, &[(100, Bytes::from(small.clone()))]).await.unwrap();
+    let (inline, more) = c.meta.inline_slices(0, 100).await.unwrap();
+    assert!(!more);
+    assert_eq!(inline.len(), 1);
+    let slice = inline[0].slice;
+    assert_eq!(inline[0].data, small);
+    assert_eq!(
+        staged_anywhere(&c, BlockRef { vol, slice, index: 0 }).await,
+        0,
+        "not staged before the spill"
+    );
+    // Another client (nothing cached) reads it from metadata.
+    let fresh = c.data();
+    let want = [vec![0u8; 100], small.clone()].concat();
+    assert_eq!(fresh.read_file(vol, f.ino, 0, 10_000).await.unwrap(), want);
+
+    // Fill metadata's room for inline bytes: the next write is staged first, as any other.
+    let max = elea_fsm::limits::INLINE_MAX as usize;
+    let filler = c.meta.create(vol, ROOT_INO, b"filler", 0o644).await.unwrap();
+    let n = (elea_fsm::limits::INLINE_TOTAL_MAX / max as u64) as usize;
+    for i in 0..n {
+        let b = Bytes::from(content(i as u64, max));
+        d.write_extents(vol, filler.ino, &[((i * max) as u64, b)]).await.unwrap();
+    }
+    let g = c.meta.create(vol, ROOT_INO, b"staged", 0o644).await.unwrap();
+    // Metadata holds the first file's bytes and all fillers but the last: no room for this.
+    let late = content(9, max);
+    d.write_extents(vol, g.ino, &[(0, Bytes::from(late.clone()))]).await.unwrap();
+    let late_slice = c.meta.read_chunk(vol, g.ino, 0).await.unwrap()[0].id;
+    assert!(really_held(&c, vol, late_slice, 0, &late, 2).await, "staged on two nodes before its commit");
+    assert_eq!(fresh.read_file(vol, g.ino, 0, max).await.unwrap(), late);
+
+    // Nodes that spill: every inline slice leaves metadata for two staged copies.
+    for id in 1..=2 {
+        c.kill_node(id);
+        c.start_node_with(id, |cfg| cfg.spill_interval = Duration::from_millis(100)).await;
+    }
+    wait_until(Duration::from_secs(60), "every inline slice spilled", || async {
+        c.meta.inline_slices(0, 100).await.is_ok_and(|(s, _)| s.is_empty())
+    })
+    .await;
+    assert!(really_held(&c, vol, slice, 0, &small, 2).await);
+    let fresh = c.data();
+    assert_eq!(fresh.read_file(vol, f.ino, 0, 10_000).await.unwrap(), want);
+    let last = n - 1;
+    let got = fresh.read_file(vol, filler.ino, (last * max) as u64, max).await.unwrap();
+    assert_eq!(got, content(last as u64, max));
+    // And there is room for inline writes again.
+    let h = c.meta.create(vol, ROOT_INO, b"again", 0o644).await.unwrap();
+    d.write_extents(vol, h.ino, &[(0, Bytes::from_static(b"again"))]).await.unwrap();
+    let s = c.meta.read_chunk(vol, h.ino, 0).await.unwrap()[0].id;
+    let data = c.meta.slice_data(&[s]).await.unwrap();
+    assert!(data[0].inline.is_some() || really_held(&c, vol, s, 0, b"again", 2).await);
 }

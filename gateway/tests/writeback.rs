@@ -9,6 +9,7 @@
 
 mod common;
 
+use elea_metadata::MetaApi as _;
 use std::time::Duration;
 
 use common::{Gw, TestCluster};
@@ -167,11 +168,13 @@ fn background_flushes_commit_in_write_order() {
 
 /// A volume that wants two copies on a cluster with one cache node: every flush fails (once
 /// its wait for a second node runs out) until a second node joins. Nothing acknowledged is
-/// dropped meanwhile.
+/// dropped meanwhile. (Flushes small enough to commit inline would not need the nodes: this
+/// gateway stages every flush.)
 #[test]
 fn a_failed_background_flush_keeps_its_bytes() {
     runtime().block_on(async {
         let mut cluster = TestCluster::start(1).await;
+        cluster.inline_max = 0;
         let vol = cluster.volume_with_replicas(2).await;
         let w = cluster.gateway_with(vol, "writer", small_buffer()).await;
         let root = Creds::root();
@@ -229,5 +232,45 @@ fn writes_wait_for_cache_nodes_to_come() {
         w.release(fh).await.expect("release");
         w.shutdown().await.expect("shutdown");
         r.shutdown().await.expect("shutdown");
+    });
+}
+
+/// A small flush travels inside its metadata commit: its fsync needs no cache node, so it
+/// succeeds while the site has fewer nodes than the volume's copies, and its bytes read back
+/// everywhere. Once the nodes are there the spill worker gives it its copies.
+#[test]
+fn a_small_fsync_commits_inline_without_enough_cache_nodes() {
+    runtime().block_on(async {
+        let mut cluster = TestCluster::start(1).await;
+        let vol = cluster.volume_with_replicas(2).await;
+        let w = cluster.gateway(vol, "writer").await;
+        let root = Creds::root();
+        let (fh, f) = w.create(&root, ROOT_INO, b"f", 0o644, 0o022, libc::O_RDWR).await.expect("create");
+        let data = payload(3000, 5, 5);
+        assert_eq!(w.write(fh, 0, &data).await, Ok(3000));
+        let t = std::time::Instant::now();
+        w.fsync(fh).await.expect("fsync with one cache node of two");
+        assert!(t.elapsed() < Duration::from_secs(2), "the fsync did not wait for a second node");
+        let r = cluster.gateway(vol, "reader").await;
+        assert!(contents(&r, f.ino).await == data);
+        let slice = cluster.meta().read_chunk(vol, f.ino, 0).await.expect("chunk")[0].id;
+        let meta = cluster.meta().clone();
+        let held = || async {
+            let d = meta.slice_data(&[slice]).await.expect("slice data");
+            d[0].inline.is_none() && d[0].loc.as_ref().is_some_and(|l| l.blocks[0].nodes.len() == 2)
+        };
+        assert!(!held().await, "two copies need two nodes");
+        cluster.add_node(2).await;
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while !held().await {
+            assert!(std::time::Instant::now() < until, "the slice was not spilled to two nodes");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let fresh = cluster.gateway(vol, "fresh").await;
+        assert!(contents(&fresh, f.ino).await == data);
+        w.release(fh).await.expect("release");
+        for g in [w, r, fresh] {
+            g.shutdown().await.expect("shutdown");
+        }
     });
 }

@@ -143,6 +143,20 @@ async fn a_cluster_with_certificates_serves_its_roles_and_refuses_the_rest() {
     refused(g.mark_tiered(0, vec![(1, 0)]).await, "may not make the cache nodes' bookkeeping calls");
     refused(g.create_volume("v3", Default::default()).await, "admin only");
     refused(g.transfer_leader(2).await, "admin only");
+    // Bytes of another volume's inline slices do not reach it, nor the spill worker's calls.
+    let secret = a.create(v2.id, ROOT_INO, b"secret", 0o600).await.expect("create in v2");
+    let id = a.alloc_slices(1).await.expect("slice id");
+    let piece = elea_fsm::Slice { id, offset: 0, len: 6, slice_len: 6, slice_offset: 0 };
+    a.write_inline(v2.id, secret.ino, 0, vec![piece], b"hidden".to_vec()).await.expect("inline write in v2");
+    assert_eq!(a.slice_data(&[id]).await.expect("admin")[0].inline.as_deref(), Some(&b"hidden"[..]));
+    let seen = g.slice_data(&[id]).await.expect("slice data");
+    assert_eq!((seen[0].loc.is_none(), seen[0].inline.is_none()), (true, true), "{seen:?}");
+    refused(
+        g.write_inline(v2.id, secret.ino, 0, vec![piece], b"hidden".to_vec()).await,
+        "may not use volume \"v2\"",
+    );
+    refused(g.inline_slices(0, 10).await, "may not make the cache nodes' bookkeeping calls");
+    refused(g.spill_inline(vec![(id, vec![1])]).await, "may not make the cache nodes' bookkeeping calls");
     // A cache node does its bookkeeping and changes no namespace or volume.
     let c = client(&addrs, Some(&cache), Duration::from_secs(10));
     c.cache_nodes().await.expect("a cache node lists cache nodes");

@@ -12,7 +12,7 @@
 //! share one cache bounded by bytes; concurrent readers of the same piece share its fetch.
 //! Slices are immutable, so nothing cached by slice id ever goes stale.
 //!
-//! Where each slice's blocks live (`slice_locs`) is remembered too. A location can go stale
+//! Where each slice's blocks live (`slice_data`) is remembered too. A location can go stale
 //! (a slice is tiered and its staged copies freed, a dead node's copies are replaced): a
 //! fetch that fails drops the slice's entry and asks metadata again, so a stale entry costs
 //! a retry, never wrong bytes (every copy of a block has the same, checksummed bytes).
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use elea_common::ids::BLOCK_SIZE;
 use elea_common::{Ino, VolumeId};
-use elea_fsm::{Attr, CacheNodeInfo, Slice, SliceLoc, block_len};
+use elea_fsm::{Attr, CacheNodeInfo, Slice, SliceData, SliceLoc, block_len};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
 use elea_store::StoreConfig;
@@ -61,6 +61,10 @@ pub struct DataConfig {
     /// How long a read keeps retrying while no copy of a block is reachable (nodes
     /// restarting, a store outage) before it fails.
     pub read_timeout: Duration,
+    /// Largest slice a flush commits inline (its bytes in the metadata commit: one durable
+    /// round trip instead of a put to the cache nodes and then a commit). Zero turns it off.
+    /// Default and most [`elea_fsm::limits::INLINE_MAX`].
+    pub inline_max: u32,
     /// How long a write waits for enough of the site's cache nodes to be registered and
     /// alive (a whole site restarting) before it fails with `NoNodes`. Default 60 s.
     pub node_wait: Duration,
@@ -81,6 +85,7 @@ impl DataConfig {
             node_refresh: Duration::from_secs(2),
             read_timeout: Duration::from_secs(30),
             node_wait: Duration::from_secs(60),
+            inline_max: elea_fsm::limits::INLINE_MAX,
             store: StoreConfig::default(),
             blocks: BlockClientConfig::default(),
         }
@@ -315,16 +320,26 @@ impl DataClient {
 
     /// Stores sorted, disjoint extents as new slices (see [`DataPath::stage`]): each chunk's
     /// pieces packed into one slice, its blocks on `replicas` cache nodes, up to four chunks
-    /// at a time.
+    /// at a time. A slice of at most [`DataConfig::inline_max`] bytes is not stored: its
+    /// bytes go with the commit.
     async fn stage_extents(&self, vol: VolumeId, extents: &[(u64, Bytes)]) -> Result<Staged, CacheError> {
         let replicas = usize::from(self.inner.vols.get(vol).await?.config.replicas);
+        let inline_max = self.inner.cfg.inline_max.min(elea_fsm::limits::INLINE_MAX) as usize;
         let groups = group_by_chunk(extents)?;
-        let chunks: Vec<(u64, Vec<Slice>, Vec<Vec<u64>>)> = futures::stream::iter(groups)
+        /// Where a chunk's new slice is: staged on these nodes (per block), or in `Inline`.
+        enum Held {
+            Nodes(Vec<Vec<u64>>),
+            Inline(Bytes),
+        }
+        let chunks: Vec<(u64, Vec<Slice>, Held)> = futures::stream::iter(groups)
             .map(|(chunk, pieces)| async move {
                 let id = self.next_slice_id().await?;
                 let (list, bytes) = pack(id, &pieces);
+                if bytes.len() <= inline_max {
+                    return Ok::<_, CacheError>((chunk, list, Held::Inline(bytes)));
+                }
                 let holders = self.put_slice(vol, id, &bytes, replicas).await?;
-                Ok::<_, CacheError>((chunk, list, holders))
+                Ok((chunk, list, Held::Nodes(holders)))
             })
             .buffered(4)
             .collect::<Vec<_>>()
@@ -332,10 +347,36 @@ impl DataClient {
             .into_iter()
             .collect::<Result<_, _>>()?;
         let mut staged = Staged::default();
-        for (chunk, list, holders) in chunks {
-            staged.push(chunk, list, holders);
+        for (chunk, list, held) in chunks {
+            match held {
+                Held::Nodes(holders) => staged.push(chunk, list, holders),
+                Held::Inline(bytes) => staged.push_inline(chunk, list, bytes),
+            }
         }
         Ok(staged)
+    }
+
+    /// Commits `staged` (see [`DataPath::commit`]). An inline chunk metadata refuses for
+    /// want of room (`EAGAIN`: it holds all the inline bytes it may) is stored on cache
+    /// nodes and committed as a staged slice instead.
+    async fn commit_staged(
+        &self,
+        vol: VolumeId,
+        ino: Ino,
+        staged: &mut Staged,
+    ) -> Result<Option<Attr>, CacheError> {
+        loop {
+            match staged.commit_with(&self.inner.meta, vol, ino).await {
+                Ok(a) => return Ok(a),
+                Err(CacheError::Meta(e)) if e.errno() == elea_common::Errno::EAGAIN => {
+                    let Some((id, bytes)) = staged.next_inline() else { return Err(CacheError::Meta(e)) };
+                    let replicas = usize::from(self.inner.vols.get(vol).await?.config.replicas);
+                    let holders = self.put_slice(vol, id, &bytes, replicas).await?;
+                    staged.staged_instead(holders);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Stores and commits extents of a file in one go (for tools; a VFS stages and commits
@@ -348,7 +389,7 @@ impl DataClient {
         extents: &[(u64, Bytes)],
     ) -> Result<Option<Attr>, CacheError> {
         let mut staged = self.stage_extents(vol, extents).await?;
-        staged.commit_with(&self.inner.meta, vol, ino).await
+        self.commit_staged(vol, ino, &mut staged).await
     }
 
     /// Reads up to `len` bytes at `offset` of a file, its size and slice lists read from
@@ -573,6 +614,9 @@ impl DataClient {
     }
 
     /// Locations of `ids`, from the location cache or metadata (`None`: metadata has none).
+    /// The bytes of inline slices that metadata sends along go to the block cache (as their
+    /// whole block 0), where reads find them; their locations are not remembered, so one
+    /// that is evicted is asked for again.
     async fn locations(&self, ids: &[u64]) -> Result<HashMap<u64, Option<Arc<SliceLoc>>>, CacheError> {
         let mut out = HashMap::with_capacity(ids.len());
         let mut missing = Vec::new();
@@ -585,18 +629,38 @@ impl DataClient {
             }
         }
         if !missing.is_empty() {
-            for (id, l) in self.inner.meta.slice_locs(&missing).await? {
-                out.insert(id, l.map(|l| self.remember(id, l)));
+            for d in self.inner.meta.slice_data(&missing).await? {
+                let id = d.id;
+                out.insert(id, self.take_slice_data(d).0);
             }
         }
         Ok(out)
     }
 
-    /// Asks metadata where a slice is now, replacing what the location cache holds.
-    async fn refresh_location(&self, slice: u64) -> Result<Option<Arc<SliceLoc>>, CacheError> {
+    /// Asks metadata where a slice is now, replacing what the location cache holds; with
+    /// its bytes when it is inline.
+    async fn refresh_location(
+        &self,
+        slice: u64,
+    ) -> Result<(Option<Arc<SliceLoc>>, Option<Bytes>), CacheError> {
         self.inner.locs.remove(&slice);
-        let l = self.inner.meta.slice_locs(&[slice]).await?.pop().and_then(|(_, l)| l);
-        Ok(l.map(|l| self.remember(slice, l)))
+        match self.inner.meta.slice_data(&[slice]).await?.pop() {
+            Some(d) => Ok(self.take_slice_data(d)),
+            None => Ok((None, None)),
+        }
+    }
+
+    /// A slice's location as metadata sent it: remembered, or, for an inline slice, its
+    /// bytes put in the block cache instead.
+    fn take_slice_data(&self, d: SliceData) -> (Option<Arc<SliceLoc>>, Option<Bytes>) {
+        match d.inline {
+            Some(bytes) => {
+                let bytes = Bytes::from(bytes);
+                self.inner.cache.insert(PieceKey { slice: d.id, index: 0, piece: WHOLE }, bytes.clone());
+                (d.loc.map(Arc::new), Some(bytes))
+            }
+            None => (d.loc.map(|l| self.remember(d.id, l)), None),
+        }
     }
 
     fn remember(&self, id: u64, l: SliceLoc) -> Arc<SliceLoc> {
@@ -680,7 +744,20 @@ impl DataClient {
         loop {
             if attempt > 0 || loc.is_none() {
                 // The block may have been tiered or re-replicated since the location was read.
-                loc = self.refresh_location(slice).await?;
+                let (l, inline) = self.refresh_location(slice).await?;
+                if let Some(d) = inline.filter(|_| index == 0) {
+                    return match range {
+                        None => Ok(d.to_vec()),
+                        Some((off, n)) => {
+                            d.get(off as usize..(off + n) as usize).map(<[u8]>::to_vec).ok_or_else(|| {
+                                CacheError::Checksum(format!(
+                                    "slice {slice} is shorter than its metadata says"
+                                ))
+                            })
+                        }
+                    };
+                }
+                loc = l;
             }
             let Some(l) = &loc else {
                 return Err(CacheError::NotFound(format!("slice {slice} has no recorded location")));
@@ -792,7 +869,7 @@ impl DataPath for DataClient {
     }
 
     async fn commit(&self, vol: VolumeId, ino: Ino, staged: &mut Staged) -> Result<Option<Attr>, CacheError> {
-        staged.commit_with(&self.inner.meta, vol, ino).await
+        self.commit_staged(vol, ino, staged).await
     }
 
     async fn read(

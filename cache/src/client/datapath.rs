@@ -60,6 +60,10 @@ struct StagedChunk {
     pieces: Vec<Slice>,
     /// The cache nodes holding each block of the slice.
     holders: Vec<Vec<u64>>,
+    /// The slice's bytes when they travel in the commit instead ([`Op::WriteInline`]).
+    ///
+    /// [`Op::WriteInline`]: elea_fsm::Op::WriteInline
+    inline: Option<Bytes>,
     committed: bool,
 }
 
@@ -67,6 +71,9 @@ struct StagedChunk {
 #[derive(Debug, Clone, Default)]
 pub struct Staged {
     chunks: Vec<StagedChunk>,
+    /// The newest attributes a chunk's commit returned, until a commit of the rest returns
+    /// them.
+    newest: Option<Attr>,
 }
 
 impl Staged {
@@ -138,27 +145,58 @@ pub fn pack(id: SliceId, pieces: &[(u32, Bytes)]) -> (Vec<Slice>, Bytes) {
 
 impl Staged {
     pub(crate) fn push(&mut self, chunk: u64, pieces: Vec<Slice>, holders: Vec<Vec<u64>>) {
-        self.chunks.push(StagedChunk { chunk, pieces, holders, committed: false });
+        self.chunks.push(StagedChunk { chunk, pieces, holders, inline: None, committed: false });
+    }
+
+    /// A chunk whose slice (`bytes`) is committed inline: nothing is stored before the commit.
+    pub(crate) fn push_inline(&mut self, chunk: u64, pieces: Vec<Slice>, bytes: Bytes) {
+        self.chunks.push(StagedChunk {
+            chunk,
+            pieces,
+            holders: Vec::new(),
+            inline: Some(bytes),
+            committed: false,
+        });
+    }
+
+    /// The first chunk not committed yet, when it is inline: its slice id and bytes.
+    pub(crate) fn next_inline(&self) -> Option<(u64, Bytes)> {
+        let c = self.chunks.iter().find(|c| !c.committed)?;
+        Some((c.pieces.first()?.id, c.inline.clone()?))
+    }
+
+    /// The first chunk not committed yet is stored on cache nodes after all (`holders`, per
+    /// block): it is committed as a staged slice.
+    pub(crate) fn staged_instead(&mut self, holders: Vec<Vec<u64>>) {
+        if let Some(c) = self.chunks.iter_mut().find(|c| !c.committed) {
+            c.holders = holders;
+            c.inline = None;
+        }
     }
 
     /// Commits every chunk not committed yet, in order, through `meta`; returns the newest
-    /// attributes (`None` when nothing was left to commit). A chunk that commits stays
-    /// committed when a later one fails.
+    /// attributes any chunk's commit returned since the last call that succeeded (`None`
+    /// when nothing was left to commit). A chunk that commits stays committed when a later
+    /// one fails.
     pub(crate) async fn commit_with<M: MetaApi>(
         &mut self,
         meta: &M,
         vol: VolumeId,
         ino: Ino,
     ) -> Result<Option<Attr>, CacheError> {
-        let mut newest: Option<Attr> = None;
         for c in self.chunks.iter_mut().filter(|c| !c.committed) {
-            let a = meta.write_slice_pieces(vol, ino, c.chunk, c.pieces.clone(), c.holders.clone()).await?;
+            let a = match &c.inline {
+                Some(b) => meta.write_inline(vol, ino, c.chunk, c.pieces.clone(), b.to_vec()).await?,
+                None => {
+                    meta.write_slice_pieces(vol, ino, c.chunk, c.pieces.clone(), c.holders.clone()).await?
+                }
+            };
             c.committed = true;
-            if newest.as_ref().is_none_or(|n| (a.size, a.ctime) >= (n.size, n.ctime)) {
-                newest = Some(a);
+            if self.newest.as_ref().is_none_or(|n| (a.size, a.ctime) >= (n.size, n.ctime)) {
+                self.newest = Some(a);
             }
         }
-        Ok(newest)
+        Ok(self.newest.take())
     }
 }
 

@@ -62,6 +62,9 @@ pub struct CacheNodeConfig {
     pub high_watermark: f64,
     /// How often re-replication checks for blocks below their replica count.
     pub repair_interval: Duration,
+    /// How often inline slices (small writes committed with their bytes in metadata) are
+    /// looked for and staged here.
+    pub spill_interval: Duration,
     /// How often the garbage collector runs, and how long a deleted slice waits first.
     pub gc_interval: Duration,
     pub gc_delay: Duration,
@@ -100,6 +103,7 @@ impl CacheNodeConfig {
             tier_interval: Duration::from_secs(1),
             high_watermark: 0.8,
             repair_interval: Duration::from_secs(2),
+            spill_interval: Duration::from_millis(250),
             gc_interval: Duration::from_secs(5),
             gc_delay: Duration::from_secs(60),
             reconcile_interval: Duration::from_secs(30),

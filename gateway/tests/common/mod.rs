@@ -29,6 +29,8 @@ pub struct TestCluster {
     next_volume: AtomicU64,
     /// How long gateways' writes wait for enough cache nodes (see `DataConfig::node_wait`).
     pub node_wait: Duration,
+    /// The largest flush gateways commit inline (see `DataConfig::inline_max`).
+    pub inline_max: u32,
 }
 
 async fn free_listener() -> tokio::net::TcpListener {
@@ -60,6 +62,7 @@ impl TestCluster {
             meta_stop: Some(tx),
             next_volume: AtomicU64::new(0),
             node_wait: Duration::from_secs(2),
+            inline_max: elea_fsm::limits::INLINE_MAX,
         };
         for id in 1..=n {
             c.start_node(id).await;
@@ -169,6 +172,7 @@ impl TestCluster {
         dcfg.node_refresh = Duration::from_millis(200);
         // Writes wait this long for enough cache nodes (tests that add one later wait on).
         dcfg.node_wait = self.node_wait;
+        dcfg.inline_max = self.inline_max;
         let data = DataClient::new(meta.clone(), dcfg);
         let cfg = VfsConfig { session_name: name.to_string(), ..cfg };
         Gw(Vfs::new(meta, data, vol, cfg).await.expect("vfs"))

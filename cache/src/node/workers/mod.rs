@@ -15,6 +15,10 @@
 //!   Incremental: it pages through the metadata list of deleted slices, never a bucket. A
 //!   slice whose object delete fails is retried after a delay that doubles per failure, up
 //!   to five minutes, instead of every round.
+//! - [`Spill`]: stages the inline slices (small writes committed with their bytes in
+//!   metadata) this node is first for in placement order on the volume's replica count of
+//!   nodes of its site, and records them there in one proposal per page, so their bytes
+//!   leave metadata within moments.
 //! - [`Reconcile`]: drops staged copies metadata no longer lists here (tiered, replaced,
 //!   deleted, or never committed), each after a grace period. Then it scrubs: every block
 //!   metadata lists here, committed longer than the same grace ago, must have its staged
@@ -29,6 +33,7 @@
 mod gc;
 mod reconcile;
 mod repair;
+mod spill;
 mod stores;
 mod tiering;
 
@@ -50,6 +55,7 @@ use crate::proto::{BlockRef, GetRequest};
 pub(crate) use gc::Gc;
 pub(crate) use reconcile::{LostCopies, Reconcile};
 pub(crate) use repair::Repair;
+pub(crate) use spill::Spill;
 pub(crate) use stores::StoreProbe;
 pub(crate) use tiering::Tiering;
 
@@ -79,6 +85,7 @@ pub(crate) fn spawn_all(node: &Arc<Node>, stop: &watch::Receiver<bool>) -> Vec<J
     vec![
         tokio::spawn(run(Tiering::new(node.clone()), node.clone(), stop.clone())),
         tokio::spawn(run(Repair::new(node.clone()), node.clone(), stop.clone())),
+        tokio::spawn(run(Spill::new(node.clone()), node.clone(), stop.clone())),
         tokio::spawn(run(Gc::new(node.clone()), node.clone(), stop.clone())),
         tokio::spawn(run(Reconcile::new(node.clone()), node.clone(), stop.clone())),
         tokio::spawn(run(LostCopies::new(node.clone()), node.clone(), stop.clone())),
