@@ -258,6 +258,10 @@ impl State {
         ch: &mut Changes,
     ) -> OpResult {
         let checked = self.check_pieces(vol, ino, chunk, pieces)?;
+        if self.is_inline(pieces[0].id) {
+            // Its bytes live here and go when its last piece does: it takes no new ones.
+            return Err(Errno::EINVAL);
+        }
         self.check_staged(vol, &pieces[0], staged)?;
         self.record_loc(vol, &pieces[0], staged, now);
         self.apply_pieces(vol, ino, chunk, pieces, checked, now, ch)

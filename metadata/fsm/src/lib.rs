@@ -102,6 +102,11 @@ impl StateMachine {
                 Some(DataIdentity { cluster: cluster.max(1), since_volume: self.st.volumes_allocated + 1 });
         }
         let res = self.exec(&cmd.op, now, &mut ch);
+        if res.is_ok() {
+            self.st.settle_inline(now);
+        } else {
+            self.st.slices.zeroed.clear();
+        }
         if cmd.client != 0 {
             self.st.dedup_record(cmd.client, cmd.seq, &res);
         }

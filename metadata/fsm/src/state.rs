@@ -71,6 +71,10 @@ pub(crate) struct SliceTable {
     /// The time of the command being applied (set before every apply; not replicated state).
     #[serde(skip)]
     pub now: Timespec,
+    /// Slice ids whose last piece went away during the command being applied (drained after
+    /// it; not replicated state).
+    #[serde(skip)]
+    pub zeroed: Vec<SliceId>,
 }
 
 impl SliceTable {
@@ -96,6 +100,7 @@ impl SliceTable {
             Some(n) if *n > 1 => *n -= 1,
             _ => {
                 self.refs.remove(&id);
+                self.zeroed.push(id);
                 self.to_delete.insert(id, self.now);
                 if let Some(l) = self.locs.get_mut(&id) {
                     l.deleted = Some(self.now);

@@ -116,32 +116,66 @@ fn inline_writes_are_validated() {
 }
 
 #[test]
-fn inline_bytes_are_bounded_and_freed_when_forgotten() {
+fn live_inline_bytes_are_bounded() {
     let (mut h, vol) = setup();
     let f = h.file(ROOT, "f");
-    let max = limits::INLINE_MAX as usize;
-    let fits = limits::INLINE_TOTAL_MAX / u64::from(limits::INLINE_MAX);
+    let max = limits::INLINE_MAX;
+    let fits = limits::INLINE_TOTAL_MAX / u64::from(max);
     for i in 0..fits {
-        // Every write replaces the one before: the old slices wait for collection, and their
-        // bytes still count until they are forgotten.
-        h.ok(inline(vol, f, 100 + i, 0, &vec![i as u8; max]));
+        h.ok(inline(vol, f, 100 + i, i as u32 * max, &vec![i as u8; max as usize]));
     }
     assert_eq!(h.err(inline(vol, f, 100 + fits, 0, b"x")), Errno::EAGAIN);
     // The state restored from a snapshot counts the same.
     let mut again = StateMachine::restore(&h.sm.snapshot()).unwrap();
     let (r, _) = again.apply(&h.command(inline(vol, f, 100 + fits, 0, b"x")));
     assert_eq!(r, Err(Errno::EAGAIN));
-    // Only the live one is offered for spilling.
-    assert_eq!(inline_ids(&h), vec![100 + fits - 1]);
-    // Collected slices give their room back, and lose their bytes.
-    h.ok(Op::ForgetSlices { ids: vec![100, 101] });
-    assert_eq!(slice_data(&h, &[100])[0].inline, None);
-    h.ok(inline(vol, f, 100 + fits, 0, &vec![1u8; max]));
-    h.ok(inline(vol, f, 101 + fits, 0, &vec![1u8; max]));
-    assert_eq!(h.err(inline(vol, f, 102 + fits, 0, b"x")), Errno::EAGAIN);
+    // An inline slice whose last piece goes (here overwritten by a staged write) no longer
+    // counts: there is room for one more.
+    let slice = Slice { id: 50, offset: 0, len: max, slice_len: max, slice_offset: 0 };
+    h.ok(Op::WriteSlice { vol, ino: f, chunk: 0, slice, staged: vec![vec![1, 2]] });
+    h.ok(inline(vol, f, 100 + fits, 0, &vec![1u8; max as usize]));
+    assert_eq!(h.err(inline(vol, f, 101 + fits, 0, b"x")), Errno::EAGAIN);
     // A spilled slice's bytes leave at once.
-    h.ok(Op::SpillInline { slices: vec![(101 + fits, vec![1, 2])] });
-    h.ok(inline(vol, f, 102 + fits, 0, b"x"));
+    h.ok(Op::SpillInline { slices: vec![(101, vec![1, 2])] });
+    assert_eq!(slice_data(&h, &[101])[0].inline, None);
+    h.ok(inline(vol, f, 101 + fits, 0, b"x"));
+}
+
+/// The bytes of an inline slice that lost its last piece stay readable a few seconds (a
+/// reader may have resolved the chunk list just before), at most 16 MiB of them, and are
+/// never offered for spilling; a slice id that was inline takes no staged pieces.
+#[test]
+fn dead_inline_bytes_stay_readable_a_short_while() {
+    let (mut h, vol) = setup();
+    let f = h.file(ROOT, "f");
+    h.ok(inline(vol, f, 10, 0, b"first"));
+    h.ok(inline(vol, f, 11, 0, b"again"));
+    assert_eq!(inline_ids(&h), vec![11]);
+    assert_eq!(slice_data(&h, &[10])[0].inline.as_deref(), Some(&b"first"[..]));
+    let staged = |id| Op::WriteSlice {
+        vol,
+        ino: f,
+        chunk: 1,
+        slice: Slice { id, offset: 0, len: 5, slice_len: 5, slice_offset: 0 },
+        staged: vec![vec![1]],
+    };
+    assert_eq!(h.err(staged(10)), Errno::EINVAL);
+    assert_eq!(h.err(staged(11)), Errno::EINVAL);
+    // Each command is a second later (see `H::apply`): five more and slice 10 is gone.
+    for i in 0..5 {
+        h.ok(Op::SetXattr { vol, ino: f, name: b"user.t".to_vec(), value: vec![i], flags: 0 });
+    }
+    assert_eq!(slice_data(&h, &[10])[0].inline, None);
+    assert_eq!(slice_data(&h, &[11])[0].inline.as_deref(), Some(&b"again"[..]));
+    // Many dead at once: only the newest 16 MiB stay.
+    let max = limits::INLINE_MAX as usize;
+    for i in 0..400u64 {
+        h.t -= 1; // all in the same second
+        h.ok(inline(vol, f, 1000 + i, 0, &vec![1u8; max]));
+    }
+    let kept = (0..400u64).filter(|i| slice_data(&h, &[1000 + i])[0].inline.is_some()).count();
+    assert_eq!(kept, 1 + (16 << 20) / max, "the live one and 16 MiB of dead ones");
+    assert!(slice_data(&h, &[1399])[0].inline.is_some() && slice_data(&h, &[1000])[0].inline.is_none());
 }
 
 /// What one step of [`inline_and_staged_writes_read_as_a_byte_model`] does.

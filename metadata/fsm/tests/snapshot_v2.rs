@@ -194,9 +194,9 @@ fn retries_replay_the_kept_replies_with_blocks() {
     assert_eq!(id.since_volume, 1);
     let (o, n) = (old.snapshot(), new.snapshot());
     // `None` is one zero byte; `Some` is a one and the identity. Both end with an empty
-    // table of inline slices (one zero byte).
-    let at = o.len() - 2;
-    assert_eq!((o[at], n[at], o[at + 1], n[n.len() - 1]), (0, 1, 0, 0));
+    // table of inline slices (two empty maps: two zero bytes).
+    let at = o.len() - 3;
+    assert_eq!((o[at], n[at], &o[at + 1..], &n[n.len() - 2..]), (0, 1, &[0u8, 0][..], &[0u8, 0][..]));
     assert_eq!(o[..at], n[..at]);
 }
 
@@ -259,8 +259,9 @@ fn other_versions_and_damaged_version_2_snapshots_are_refused() {
 #[test]
 fn a_version_3_snapshot_gets_its_identity_with_its_next_volume() {
     let current = restored().snapshot();
-    // Without the identity and the table of inline slices (each `None` or empty: one byte).
-    let mut v3 = current[..current.len() - 2].to_vec();
+    // Without the identity (`None`: one byte) and the table of inline slices (two empty
+    // maps: two bytes).
+    let mut v3 = current[..current.len() - 3].to_vec();
     v3[8] = 3;
     let mut sm = StateMachine::restore(&v3).unwrap();
     assert_eq!(sm.snapshot(), current);
@@ -293,7 +294,7 @@ fn a_version_3_snapshot_gets_its_identity_with_its_next_volume() {
 #[test]
 fn a_version_4_snapshot_restores_without_inline_slices() {
     let current = restored().snapshot();
-    let mut v4 = current[..current.len() - 1].to_vec();
+    let mut v4 = current[..current.len() - 2].to_vec();
     v4[8] = 4;
     let sm = StateMachine::restore(&v4).unwrap();
     assert_eq!(sm.snapshot(), current);

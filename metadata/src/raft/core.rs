@@ -41,6 +41,9 @@ pub struct CoreConfig {
     pub max_election_tick: usize,
     /// Take a snapshot after this many applied entries.
     pub snapshot_every: u64,
+    /// Or once the entries applied since the last one hold this many bytes (small writes
+    /// carry their data inside their commands, so entries can be large).
+    pub snapshot_bytes: u64,
     /// Entries kept before the snapshot point, for followers that lag slightly.
     pub compact_margin: u64,
     /// Largest append message (bytes).
@@ -72,6 +75,7 @@ impl CoreConfig {
             min_election_tick: 0,
             max_election_tick: 0,
             snapshot_every: 20_000,
+            snapshot_bytes: 256 << 20,
             compact_margin: 2_000,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
@@ -236,6 +240,8 @@ pub struct GroupCore {
     snapshot_index: u64,
     /// Take a snapshot at the next opportunity (a member was added).
     snapshot_wanted: bool,
+    /// Bytes of the entries applied since the latest snapshot.
+    applied_bytes: u64,
     /// The driver's monotonic clock ([`GroupCore::set_clock`]).
     clock: u64,
     /// Reads may be answered locally while `clock < lease_until` in term `lease_term`.
@@ -353,6 +359,7 @@ impl GroupCore {
             writes: Vec::new(),
             snapshot_index: snap_index,
             snapshot_wanted: false,
+            applied_bytes: 0,
             clock: 0,
             lease_until: 0,
             lease_term: 0,
@@ -1103,6 +1110,7 @@ impl GroupCore {
             self.raw.store().stage_install_snapshot(snap, &encode_members(&members)).map_err(store_err)?;
         self.disk(job)?;
         self.snapshot_index = index;
+        self.applied_bytes = 0;
         *self.state_mut() = sm;
         self.members = members;
         self.members_epoch += 1;
@@ -1126,6 +1134,7 @@ impl GroupCore {
                 }
             }
             self.applied = e.index;
+            self.applied_bytes += e.data.len() as u64;
         }
         if !changes.is_empty() {
             self.events.push(Event::Changes(changes));
@@ -1223,7 +1232,10 @@ impl GroupCore {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), CoreError> {
-        if !self.snapshot_wanted && self.applied < self.snapshot_index + self.cfg.snapshot_every {
+        if !self.snapshot_wanted
+            && self.applied < self.snapshot_index + self.cfg.snapshot_every
+            && self.applied_bytes < self.cfg.snapshot_bytes
+        {
             return Ok(());
         }
         self.snapshot_wanted = false;
@@ -1243,6 +1255,7 @@ impl GroupCore {
         let job = self.raw.store().stage_save_snapshot(index, cs, data, compact_below).map_err(store_err)?;
         self.disk(job)?;
         self.snapshot_index = index;
+        self.applied_bytes = 0;
         tracing::info!(index, compact_below, "snapshot taken, log compacted");
         Ok(())
     }
