@@ -258,8 +258,10 @@ impl State {
         ch: &mut Changes,
     ) -> OpResult {
         let checked = self.check_pieces(vol, ino, chunk, pieces)?;
-        if self.is_inline(pieces[0].id) {
-            // Its bytes live here and go when its last piece does: it takes no new ones.
+        let id = pieces[0].id;
+        if self.is_inline(id) && !self.slices.refs.contains_key(&id) {
+            // An inline slice whose last piece went: its bytes are about to go, so it takes
+            // no new pieces. (A live one may: a copy of a range shares its slices.)
             return Err(Errno::EINVAL);
         }
         self.check_staged(vol, &pieces[0], staged)?;
