@@ -6,6 +6,7 @@ pub mod appends;
 pub mod chaos;
 pub mod history;
 pub mod netns;
+pub mod wan;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
