@@ -877,6 +877,10 @@ async fn small_writes_commit_inline_and_spill_to_their_replicas() {
         let b = Bytes::from(content(i as u64, max));
         d.write_extents(vol, filler.ino, &[((i * max) as u64, b)]).await.unwrap();
     }
+    // One read of all of it: a thousand inline slices, their bytes asked for in pages.
+    let all = c.data().read_file(vol, filler.ino, 0, n * max).await.unwrap();
+    let want_all: Vec<u8> = (0..n).flat_map(|i| content(i as u64, max)).collect();
+    assert!(all == want_all, "the filler file reads back other bytes");
     let g = c.meta.create(vol, ROOT_INO, b"staged", 0o644).await.unwrap();
     // Metadata holds the first file's bytes and all fillers but the last: no room for this.
     let late = content(9, max);

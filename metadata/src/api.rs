@@ -18,6 +18,10 @@ use elea_fsm::{
 
 use crate::client::{ClientError, WatchStream};
 
+/// Slices one `SliceData` query asks for: at most 16 MiB of inline bytes in its reply
+/// (256 times [`elea_fsm::limits::INLINE_MAX`]).
+pub const SLICE_DATA_PAGE: usize = 256;
+
 /// A new non-directory node ([`MetaApi::mknod`]).
 #[derive(Debug, Clone)]
 pub struct NewNode<'a> {
@@ -590,14 +594,15 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
     }
 
     /// Locations of slices with the bytes of those that are inline (any number: asked in
-    /// pages).
+    /// pages of [`SLICE_DATA_PAGE`], so that a page's reply stays far below the largest
+    /// reply a client takes).
     fn slice_data(
         &self,
         ids: &[SliceId],
     ) -> impl Future<Output = Result<Vec<SliceData>, ClientError>> + Send {
         async move {
             let mut out = Vec::with_capacity(ids.len());
-            for part in ids.chunks(elea_fsm::limits::BATCH_MAX) {
+            for part in ids.chunks(SLICE_DATA_PAGE) {
                 match self.query(Query::SliceData { ids: part.to_vec() }).await? {
                     Reply::SliceData(l) => out.extend(l),
                     other => return Err(unexpected(&other)),
