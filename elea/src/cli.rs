@@ -33,15 +33,21 @@ pub enum Command {
     /// Change the metadata cluster's membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Create and list volumes.
+    /// Create and list volumes, attach stores.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Declare and list sites (the environments a cluster spans).
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Make a cluster's certificate authority and issue its certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// A sandbox of several sites on this machine, joined by WAN links with a delay and a
+    /// bandwidth cap (network namespaces as root, loopback otherwise); stops on Ctrl-C.
+    Demo(crate::cmd::DemoArgs),
 }
 
 impl Command {
@@ -101,6 +107,10 @@ pub struct MetaArgs {
     /// Log entries kept behind a snapshot for slightly lagging followers.
     #[arg(long, default_value_t = 2_000)]
     pub compact_margin: u64,
+    /// The site (data centre, cloud region) this node runs in. Recorded in the cluster's
+    /// site map when the node starts; a new name makes a new site.
+    #[arg(long, default_value = elea_metadata::server::DEFAULT_SITE)]
+    pub site: String,
     /// This node's `meta` certificate (named by its node id): mutual TLS on every connection.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -358,8 +368,44 @@ pub enum VolumeCmd {
         /// Compression of tiered blocks: zstd:LEVEL or none.
         #[arg(long, default_value = "zstd:3")]
         compression: String,
+        /// The site the volume lives in (its stores are that site's). May be left out when
+        /// the cluster has one site.
+        #[arg(long)]
+        home_site: Option<String>,
+    },
+    /// Attach an object store to a volume as one site's store: that site's cache nodes tier
+    /// the volume's new blocks to it, and readers in that site read them from it.
+    AddStore {
+        volume: String,
+        /// The store's URL (as for `create --store`).
+        url: String,
+        #[arg(long)]
+        site: String,
+        #[command(flatten)]
+        meta: MetaAddr,
+        /// Do not probe the store from this host.
+        #[arg(long)]
+        no_probe: bool,
     },
     /// List volumes.
+    List {
+        #[command(flatten)]
+        meta: MetaAddr,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCmd {
+    /// Declare a site, so volumes can be homed in it and stores attached for it before its
+    /// nodes start.
+    Add {
+        name: String,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+    /// List the sites with their nodes and the volumes homed in each.
     List {
         #[command(flatten)]
         meta: MetaAddr,

@@ -6,7 +6,8 @@ pub mod appends;
 pub mod chaos;
 pub mod history;
 pub mod netns;
-pub mod wan;
+
+pub use elea_sandbox::{sites, wan};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -13,7 +13,8 @@
 use elea_common::{Ino, SessionId, SliceId, Timespec, VolumeId};
 use elea_fsm::{
     Attr, CacheNodeInfo, CacheStats, Caller, DataIdentity, DirEntry, InlineSlice, LockInfo, LockKind, Op,
-    Query, Reply, SetAttr, Slice, SliceData, SliceLoc, StagedBlock, StatFs, VolumeConfig, VolumeInfo,
+    Query, Reply, SetAttr, SiteMap, Slice, SliceData, SliceLoc, StagedBlock, StatFs, VolumeConfig,
+    VolumeInfo,
 };
 
 use crate::client::{ClientError, WatchStream};
@@ -724,6 +725,65 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         async move {
             match self.query(Query::CacheNodes).await? {
                 Reply::CacheNodes(n) => Ok(n),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// The site map: sites, where metadata nodes run, volumes' homes and per-site stores.
+    fn sites(&self) -> impl Future<Output = Result<SiteMap, ClientError>> + Send {
+        async move {
+            match self.query(Query::Sites).await? {
+                Reply::Sites(m) => Ok(m),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Declares a site (`EEXIST` when known).
+    fn add_site(&self, name: &str) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::AddSite { name: name.to_string() };
+        async move { ok(self.op(op).await?) }
+    }
+
+    /// A metadata node records its site and address.
+    fn register_meta_node(
+        &self,
+        id: u64,
+        site: &str,
+        addr: &str,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::RegisterMetaNode { id, site: site.to_string(), addr: addr.to_string() };
+        async move { ok(self.op(op).await?) }
+    }
+
+    /// Creates a volume homed in site `home`.
+    fn create_volume_in(
+        &self,
+        name: &str,
+        config: VolumeConfig,
+        home: &str,
+    ) -> impl Future<Output = Result<VolumeInfo, ClientError>> + Send {
+        let op = Op::CreateVolumeIn { name: name.to_string(), config, home: home.to_string() };
+        async move {
+            match self.op(op).await? {
+                Reply::Volume(v) => Ok(v),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Attaches store `url` to volume `vol` as site `site`'s store.
+    fn add_store(
+        &self,
+        vol: VolumeId,
+        site: &str,
+        url: &str,
+    ) -> impl Future<Output = Result<VolumeInfo, ClientError>> + Send {
+        let op = Op::AddStore { vol, site: site.to_string(), url: url.to_string() };
+        async move {
+            match self.op(op).await? {
+                Reply::Volume(v) => Ok(v),
                 other => Err(unexpected(&other)),
             }
         }

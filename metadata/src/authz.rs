@@ -32,7 +32,11 @@ pub enum Need {
 impl Need {
     pub fn of_op(op: &Op) -> Need {
         match op {
-            Op::CreateVolume { .. } => Need::Admin,
+            Op::CreateVolume { .. }
+            | Op::CreateVolumeIn { .. }
+            | Op::AddSite { .. }
+            | Op::AddStore { .. }
+            | Op::RegisterMetaNode { .. } => Need::Admin,
             Op::Mknod { vol, .. }
             | Op::Mkdir { vol, .. }
             | Op::Symlink { vol, .. }
@@ -74,7 +78,8 @@ impl Need {
             | Query::CacheNodes
             | Query::SliceLocs { .. }
             | Query::SliceData { .. }
-            | Query::DataIdentity => Need::Any,
+            | Query::DataIdentity
+            | Query::Sites => Need::Any,
             Query::VolumeByName { name } => Need::VolumeNamed(name.clone()),
             Query::Lookup { vol, .. }
             | Query::GetAttr { vol, .. }
@@ -145,6 +150,15 @@ mod tests {
         let unlink = Op::Unlink { vol: 1, parent: 1, name: b"f".to_vec() };
         let other = Op::Unlink { vol: 2, parent: 1, name: b"f".to_vec() };
         let create = Op::CreateVolume { name: "c".into(), config: Default::default() };
+        let meta_node = Op::RegisterMetaNode { id: 1, site: "a".into(), addr: "x:1".into() };
+        for who in [&gw, &id(Role::Cache, &[])] {
+            assert!(
+                allows(who, &Need::of_op(&meta_node), names).is_err(),
+                "only meta nodes say where they run"
+            );
+            assert!(allows(who, &Need::of_op(&Op::AddSite { name: "s".into() }), names).is_err());
+            assert!(allows(who, &Need::of_query(&Query::Sites), names).is_ok());
+        }
         let tiered = Op::MarkTiered { store: 0, blocks: vec![] };
         assert!(allows(&gw, &Need::of_op(&unlink), names).is_ok());
         let e = allows(&gw, &Need::of_op(&other), names).unwrap_err();

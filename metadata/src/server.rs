@@ -25,6 +25,9 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
 /// How long open connections may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// The site of a node that names none.
+pub const DEFAULT_SITE: &str = "local";
+
 /// Everything `elea meta` needs.
 #[derive(Debug, Clone)]
 pub struct MetaNodeConfig {
@@ -38,6 +41,8 @@ pub struct MetaNodeConfig {
     /// Addresses of an existing cluster this (new, empty) node joins after `cluster add`.
     pub join: Vec<String>,
     pub group: GroupId,
+    /// The site (environment) this node runs in; recorded in the site map when it starts.
+    pub site: String,
     pub snapshot_every: u64,
     pub compact_margin: u64,
     pub node: NodeConfig,
@@ -56,6 +61,7 @@ impl MetaNodeConfig {
             initial_cluster: Vec::new(),
             join: Vec::new(),
             group: DEFAULT_GROUP,
+            site: DEFAULT_SITE.to_string(),
             snapshot_every: core.snapshot_every,
             compact_margin: core.compact_margin,
             node: NodeConfig::default(),
@@ -192,6 +198,8 @@ pub async fn serve(
         .map_err(|e| ServeError::Config(e.to_string()))?,
     );
     let _local = crate::local::register(&cfg.advertise, handle.clone());
+    let registration =
+        tokio::spawn(register_site(svc.clone(), cfg.node_id, cfg.site.clone(), cfg.advertise.clone()));
     // Peers keep long-lived streams open, so a graceful shutdown would wait for ever: after
     // the signal, open connections get SHUTDOWN_GRACE to finish, then the server is dropped.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -252,6 +260,7 @@ pub async fn serve(
         _ = &mut ended => Err(ServeError::Storage("the raft group stopped after a fatal error (see the log)".into())),
     };
     accept.abort();
+    registration.abort();
     transport.shutdown();
     handle.stop();
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
@@ -412,3 +421,28 @@ async fn hand_over_leadership(node: &NodeHandle) {
 }
 
 const HAND_OVER_WAIT: Duration = Duration::from_secs(2);
+
+/// Records this node's site and address in the site map, retrying until the cluster has a
+/// leader that takes it (a node that is not a member yet, or a cluster still electing, gets
+/// there later). Once per start: the record only changes when the node is restarted with
+/// another site or address.
+async fn register_site(svc: std::sync::Arc<MetaService>, id: NodeId, site: String, addr: String) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let op = elea_fsm::Op::RegisterMetaNode { id, site: site.clone(), addr: addr.clone() };
+        match svc.propose(op).await {
+            Ok(Ok(_)) => {
+                tracing::info!(site = %site, "recorded this node's site");
+                return;
+            }
+            // Refused for good (a bad site name is refused at start; this is a full table).
+            Ok(Err(e)) => {
+                tracing::error!(site = %site, "the cluster refused this node's site: {e}");
+                return;
+            }
+            Err(e) => tracing::debug!("recording this node's site: {}; retrying", e.message()),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}

@@ -150,6 +150,25 @@ impl MetaService {
         }
     }
 
+    /// Applies `op` on this node's own behalf (no caller to check): here when this node
+    /// leads, else at the leader.
+    pub async fn propose(&self, op: elea_fsm::Op) -> Result<OpResult, Status> {
+        let cmd = Command { client: 0, seq: 0, acked_below: 0, time: Default::default(), op };
+        match tokio::time::timeout(APPLY_TIMEOUT, self.node.write(cmd.clone())).await {
+            Ok(Ok((result, _))) => Ok(result),
+            Ok(Err(e)) => {
+                let Some(mut f) = self.forward_target(&e, 0) else { return Err(self.to_status(e)) };
+                let command = postcard::to_allocvec(&cmd).map_err(|e| Status::internal(e.to_string()))?;
+                let req = proto::WriteRequest { group_id: self.group, command, hops: 1 };
+                let r = tokio::time::timeout(FORWARD_TIMEOUT, f.client.write(req)).await;
+                let reply = self.forwarded(&f, r)?.into_inner();
+                postcard::from_bytes::<OpResult>(&reply.result)
+                    .map_err(|e| Status::internal(format!("the leader's answer: {e}")))
+            }
+            Err(_) => Err(Status::deadline_exceeded("the command was not applied in time")),
+        }
+    }
+
     /// A gateway sees only its own volumes in a volume list, and only its own volumes'
     /// slices (locations and inline bytes) in a slice data reply.
     async fn filter_reply(&self, who: Option<&Identity>, q: &Query, result: Vec<u8>) -> Vec<u8> {

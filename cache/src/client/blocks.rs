@@ -215,6 +215,13 @@ impl BlockClients {
         Ok(r.into_inner().workers)
     }
 
+    /// What a node fetched from other sites, by site: (site, bytes, blocks).
+    pub async fn from_sites(&self, addr: &str) -> Result<Vec<(String, u64, u64)>, CacheError> {
+        let mut c = self.conn(addr)?;
+        let r = c.workers(crate::proto::WorkersRequest {}).await.map_err(|s| from_status(addr, &s))?;
+        Ok(r.into_inner().from_sites.into_iter().map(|s| (s.site, s.bytes, s.blocks)).collect())
+    }
+
     /// Empties a node's read cache.
     pub async fn drop_cache(&self, addr: &str) -> Result<(), CacheError> {
         let mut c = self.conn(addr)?;

@@ -804,15 +804,45 @@ impl DataClient {
         // Retryable: holders may be restarting or out of touch with metadata for a while.
         let mut last = CacheError::NoNodes(format!("block {slice}/{index}: no copy reachable"));
         // Holders the registry calls alive first, then the others (one that lost touch with
-        // metadata may still serve).
+        // metadata may still serve); this site's before other sites'.
         let dead = |id: u64| nodes.iter().find(|n| n.id == id && !n.alive).map(|n| n.addr.clone());
-        let holders: Vec<String> = b
-            .nodes
-            .iter()
-            .filter_map(|id| addr(*id))
-            .chain(b.nodes.iter().filter_map(|id| dead(*id)))
-            .collect();
-        for a in holders {
+        let here = |id: &u64| nodes.iter().any(|n| n.id == *id && n.site == self.inner.cfg.site);
+        let (local, remote): (Vec<u64>, Vec<u64>) = b.nodes.iter().partition(|id| here(id));
+        let holders = |ids: &[u64]| -> Vec<String> {
+            ids.iter().filter_map(|id| addr(*id)).chain(ids.iter().filter_map(|id| dead(*id))).collect()
+        };
+        for a in holders(&local) {
+            let req = GetRequest { block, len, tiered_store: None, peers: vec![], cache: false, range: want };
+            match self.inner.blocks.get(&a, req).await {
+                Ok(d) => return Ok(d),
+                Err(e) => last = e,
+            }
+        }
+        // Then this site's cache nodes in placement order: they fetch the whole block (from the
+        // store, or from the other sites' holders), verify it and keep it in their read cache,
+        // so the next reader in this site finds it here.
+        let remote = holders(&remote);
+        let site: Vec<u64> =
+            nodes.iter().filter(|n| n.alive && n.site == self.inner.cfg.site).map(|n| n.id).collect();
+        if b.tiered.is_some() || !remote.is_empty() {
+            for id in rank(slice, index, &site).into_iter().take(2) {
+                let Some(a) = addr(id) else { continue };
+                let req = GetRequest {
+                    block,
+                    len,
+                    tiered_store: b.tiered.map(u32::from),
+                    peers: remote.clone(),
+                    cache: true,
+                    range: want,
+                };
+                match self.inner.blocks.get(&a, req).await {
+                    Ok(d) => return Ok(d),
+                    Err(e) => last = e,
+                }
+            }
+        }
+        // This site has no cache node that could: the other sites' holders, then the store.
+        for a in remote {
             let req = GetRequest { block, len, tiered_store: None, peers: vec![], cache: false, range: want };
             match self.inner.blocks.get(&a, req).await {
                 Ok(d) => return Ok(d),
@@ -820,25 +850,6 @@ impl DataClient {
             }
         }
         let Some(store) = b.tiered else { return Err(last) };
-        // Tiered: ask the site's cache nodes in placement order (they fetch the whole object,
-        // verify it and keep it in their read cache), then the store itself.
-        let site: Vec<u64> =
-            nodes.iter().filter(|n| n.alive && n.site == self.inner.cfg.site).map(|n| n.id).collect();
-        for id in rank(slice, index, &site).into_iter().take(2) {
-            let Some(a) = addr(id) else { continue };
-            let req = GetRequest {
-                block,
-                len,
-                tiered_store: Some(u32::from(store)),
-                peers: vec![],
-                cache: true,
-                range: want,
-            };
-            match self.inner.blocks.get(&a, req).await {
-                Ok(d) => return Ok(d),
-                Err(e) => last = e,
-            }
-        }
         let key = self.inner.vols.key(vol, slice, index, len).await?;
         let d = match self.inner.vols.store(vol, store).await {
             Ok(s) => s.get(&key).await.map_err(CacheError::from)?,

@@ -15,7 +15,7 @@ pub mod stagelog;
 pub mod staging;
 mod workers;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use elea_common::ids::BLOCK_SIZE;
-use elea_fsm::{CacheNodeInfo, CacheStats};
+use elea_fsm::{CacheNodeInfo, CacheStats, SiteMap};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, ClientError, MetaClient};
 use elea_store::StoreConfig;
@@ -150,7 +150,15 @@ pub struct Node {
     pub(crate) refused_calls: AtomicU64,
     /// The data directory is known to name this cluster (`check_data_dir`).
     marked: std::sync::atomic::AtomicBool,
+    /// The site map and when it was read (see [`Node::site_map`]).
+    sites: Mutex<Option<(Arc<SiteMap>, std::time::Instant)>>,
+    /// Bytes and blocks this node fetched from other sites (their cache nodes and stores),
+    /// by the site they came from.
+    pub(crate) from_sites: Mutex<BTreeMap<String, (u64, u64)>>,
 }
+
+/// How long a node uses the site map it read before reading it again.
+const SITE_MAP_TTL: Duration = Duration::from_secs(5);
 
 /// Reads or creates the data directory's incarnation (random, fsynced once).
 fn incarnation(dir: &std::path::Path) -> Result<u64, CacheError> {
@@ -221,6 +229,50 @@ impl Node {
     /// The registry's nodes as last seen.
     pub fn registry(&self) -> Vec<CacheNodeInfo> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The site map, read at most every [`SITE_MAP_TTL`] (the last one read when the
+    /// metadata service cannot answer; `None` before any).
+    pub(crate) async fn site_map(&self) -> Option<Arc<SiteMap>> {
+        let cached = self.sites.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some((m, at)) = &cached
+            && at.elapsed() < SITE_MAP_TTL
+        {
+            return Some(m.clone());
+        }
+        match self.meta.sites().await {
+            Ok(m) => {
+                let m = Arc::new(m);
+                *self.sites.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((m.clone(), std::time::Instant::now()));
+                Some(m)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the site map");
+                cached.map(|(m, _)| m)
+            }
+        }
+    }
+
+    /// The store this node tiers volume `vol`'s blocks to: its site's store of the volume,
+    /// else the volume's first.
+    pub(crate) async fn tier_store(&self, vol: u64) -> u16 {
+        self.site_map().await.and_then(|m| m.store_of(vol, &self.cfg.site)).unwrap_or(0)
+    }
+
+    /// Counts a block of `bytes` that came from site `from` (nothing when it is this one's or
+    /// unknown).
+    fn count_from(&self, from: Option<&str>, bytes: usize) {
+        let Some(from) = from.filter(|s| *s != self.cfg.site) else { return };
+        let mut m = self.from_sites.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(from.to_string()).or_default();
+        e.0 += bytes as u64;
+        e.1 += 1;
+    }
+
+    /// The site of the cache node at `addr`, from the registry.
+    fn site_of_addr(&self, addr: &str) -> Option<String> {
+        self.registry().into_iter().find(|n| n.addr == addr).map(|n| n.site)
     }
 
     pub(crate) fn addr_of(&self, id: u64) -> Option<String> {
@@ -317,6 +369,8 @@ impl Node {
             match self.vols.store(b.vol, idx).await {
                 Ok(s) => match s.get(&key).await {
                     Ok(d) => {
+                        let map = self.site_map().await;
+                        self.count_from(map.as_ref().and_then(|m| m.site_of_store(b.vol, idx)), d.len());
                         if req.cache {
                             self.cache.insert(id, &d);
                         }
@@ -340,6 +394,7 @@ impl Node {
             };
             match self.peers.get(peer, r).await {
                 Ok(d) => {
+                    self.count_from(self.site_of_addr(peer).as_deref(), d.len());
                     if range.is_none() {
                         if req.cache {
                             self.cache.insert(id, &d);
@@ -453,6 +508,8 @@ pub async fn serve(
         refused_calls: AtomicU64::new(0),
         nodes: Mutex::default(),
         marked: std::sync::atomic::AtomicBool::new(false),
+        sites: Mutex::default(),
+        from_sites: Mutex::default(),
     });
     // Register before serving, retrying while the metadata service is unreachable. Until
     // then connections are accepted and closed at once: clients that still list this address

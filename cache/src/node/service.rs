@@ -173,6 +173,18 @@ impl Block for Svc {
                 last_error: w.last_error.map(|(e, _)| e).unwrap_or_default(),
             })
             .collect();
-        Ok(Response::new(WorkersReply { workers }))
+        let from_sites = self
+            .0
+            .from_sites
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(site, (bytes, blocks))| crate::proto::SiteBytes {
+                site: site.clone(),
+                bytes: *bytes,
+                blocks: *blocks,
+            })
+            .collect();
+        Ok(Response::new(WorkersReply { workers, from_sites }))
     }
 }

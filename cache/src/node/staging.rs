@@ -1618,7 +1618,13 @@ mod tests {
             let done = s.put(1, (2, i), b, crc32c::crc32c(&block(3000, i as u8))).now_or_never();
             assert!(done.is_none(), "a put cannot finish without the writer");
         }
+        // The writer releases what the dropped puts held once it is done with their records:
+        // wait for that (a loaded machine may take a while), then check nothing is left.
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while s.log.usage().2 != 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!((s.fill(), s.stats().blocks), (0.0, 0));
         assert_eq!(s.log.usage().2, 0, "no record is in use");
         // The store works on.

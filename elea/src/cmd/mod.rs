@@ -6,8 +6,10 @@ mod bench_meta;
 mod cache;
 mod certs;
 mod cluster;
+mod demo;
 mod meta;
 mod mount;
+mod site;
 mod status;
 mod tier;
 mod up;
@@ -15,6 +17,7 @@ mod volume;
 
 pub use bench_data::{DataBenchArgs, StoreBenchArgs};
 pub use bench_meta::MetaBenchArgs;
+pub use demo::DemoArgs;
 
 use crate::cli::{BenchCmd, Cli, Command};
 
@@ -44,9 +47,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::status(a).await,
         Command::Cluster(c) => cluster::cluster(c).await,
         Command::Volume(v) => volume::volume(v).await,
+        Command::Site(c) => site::site(c).await,
         Command::Bench(BenchCmd::Meta(a)) => bench_meta::run_meta_bench(a).await,
         Command::Bench(BenchCmd::Data(a)) => bench_data::run_data_bench(a).await,
         Command::Bench(BenchCmd::Store(a)) => bench_data::run_store_bench(a).await,
         Command::Certs(c) => certs::certs(c),
+        Command::Demo(a) => demo::run_demo(a).await,
     }
 }

@@ -57,19 +57,24 @@ pub(crate) async fn print_status(
         .max_by_key(|s| s.term)
         .map(|s| s.node_id);
     let any_up = rows.iter().any(|(_, r)| r.is_ok());
+    // Sites and volumes, when the cluster can answer (it has a leader).
+    let map = if any_up { c.sites().await.ok() } else { None };
+    let vols = if map.is_some() { c.list_volumes().await.unwrap_or_default() } else { Vec::new() };
+    let group = rows.iter().find_map(|(_, r)| r.as_ref().ok()).map_or(0, |s| s.group_id);
+    let site_of = |id: Option<u64>| -> Option<String> { Some(map.as_ref()?.meta_site(id?)?.to_string()) };
     if as_json {
         let nodes: Vec<_> = rows
             .iter()
             .map(|(addr, r)| match r {
                 Ok(s) => json!({
-                    "node_id": s.node_id, "addr": addr, "reachable": true, "role": s.role,
+                    "node_id": s.node_id, "site": site_of(Some(s.node_id)), "addr": addr, "reachable": true, "role": s.role,
                     "term": s.term, "commit_index": s.commit_index, "applied_index": s.applied_index,
                     "leader_id": s.leader_id, "first_index": s.first_index, "last_index": s.last_index,
                     "snapshot_index": s.snapshot_index,
                     "learner": s.members.iter().any(|m| m.node_id == s.node_id && m.learner),
                 }),
                 Err(e) => json!({
-                    "node_id": id_of(addr), "addr": addr, "reachable": false, "error": e.to_string(),
+                    "node_id": id_of(addr), "site": site_of(id_of(addr)), "addr": addr, "reachable": false, "error": e.to_string(),
                 }),
             })
             .collect();
@@ -79,24 +84,51 @@ pub(crate) async fn print_status(
             .collect();
         let cache =
             if any_up { print_cache_nodes(c, peers, true).await.unwrap_or(json!([])) } else { json!([]) };
+        let volumes: Vec<_> = vols
+            .iter()
+            .map(|v| {
+                json!({"id": v.id, "name": v.name, "home_site": map.as_ref().and_then(|m| m.home(v.id)),
+                       "group": group, "leader_node": leader, "leader_site": site_of(leader)})
+            })
+            .collect();
+        let sites = sites_json(map.as_ref(), &book, &cache, &vols);
+        let transfers: Vec<_> = if any_up { transfers(c, peers).await } else { Vec::new() }
+            .into_iter()
+            .map(
+                |(from, to, bytes, blocks)| json!({"from": from, "to": to, "bytes": bytes, "blocks": blocks}),
+            )
+            .collect();
         println!(
             "{}",
-            json!({ "leader_id": leader, "nodes": nodes, "members": members, "cache_nodes": cache })
+            json!({ "leader_id": leader, "leader_site": site_of(leader), "nodes": nodes, "members": members,
+                    "cache_nodes": cache, "sites": sites, "volumes": volumes, "transfers": transfers })
         );
     } else {
         println!(
-            "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:>6}  reachable",
-            "node", "address", "role", "term", "commit", "applied", "leader"
+            "{:>4}  {:<12} {:<22} {:<10} {:>6} {:>10} {:>10} {:>6}  reachable",
+            "node", "site", "address", "role", "term", "commit", "applied", "leader"
         );
-        for (addr, r) in &rows {
+        // Grouped by site: the rows of each site together, in the order sites first appear.
+        let mut order: Vec<(String, usize)> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (addr, r))| {
+                let id = r.as_ref().ok().map(|s| s.node_id).or_else(|| id_of(addr));
+                (site_of(id).unwrap_or_else(|| "-".into()), i)
+            })
+            .collect();
+        order.sort();
+        for (site, i) in order {
+            let (addr, r) = &rows[i];
             match r {
                 Ok(s) => println!(
-                    "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:>6}  yes",
-                    s.node_id, addr, s.role, s.term, s.commit_index, s.applied_index, s.leader_id
+                    "{:>4}  {:<12} {:<22} {:<10} {:>6} {:>10} {:>10} {:>6}  yes",
+                    s.node_id, site, addr, s.role, s.term, s.commit_index, s.applied_index, s.leader_id
                 ),
                 Err(_) => println!(
-                    "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:>6}  no",
+                    "{:>4}  {:<12} {:<22} {:<10} {:>6} {:>10} {:>10} {:>6}  no",
                     id_of(addr).map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
+                    site,
                     addr,
                     "-",
                     "-",
@@ -108,6 +140,58 @@ pub(crate) async fn print_status(
         }
         if any_up && let Err(e) = print_cache_nodes(c, peers, false).await {
             println!("cache nodes: unknown ({e})");
+        }
+        if let Some(m) = &map {
+            println!();
+            println!("{:<12} {:>10} {:>12}  volumes homed here", "site", "meta nodes", "cache nodes");
+            let cache = c.cache_nodes().await.unwrap_or_default();
+            for site in &m.sites {
+                let metas = m.meta_nodes.iter().filter(|(_, s, _)| s == site).count();
+                let caches = cache.iter().filter(|n| &n.site == site).count();
+                let homed: Vec<&str> =
+                    vols.iter().filter(|v| m.home(v.id) == Some(site)).map(|v| v.name.as_str()).collect();
+                println!(
+                    "{:<12} {:>10} {:>12}  {}",
+                    site,
+                    metas,
+                    caches,
+                    if homed.is_empty() { "-".to_string() } else { homed.join(", ") }
+                );
+            }
+            let moved = transfers(c, peers).await;
+            if !moved.is_empty() {
+                println!();
+                println!(
+                    "{:<12} {:<12} {:>14} {:>10}  (fetched across sites by cache nodes)",
+                    "from", "to", "MiB", "blocks"
+                );
+                for (from, to, bytes, blocks) in moved {
+                    println!(
+                        "{:<12} {:<12} {:>14.1} {:>10}",
+                        from,
+                        to,
+                        bytes as f64 / (1 << 20) as f64,
+                        blocks
+                    );
+                }
+            }
+            if !vols.is_empty() {
+                println!();
+                println!("{:<24} {:<12} {:>6}  leader", "volume", "home site", "group");
+                for v in &vols {
+                    println!(
+                        "{:<24} {:<12} {:>6}  {}",
+                        v.name,
+                        m.home(v.id).unwrap_or("-"),
+                        group,
+                        match leader {
+                            Some(l) =>
+                                format!("node {l} in site {}", site_of(Some(l)).unwrap_or_else(|| "?".into())),
+                            None => "none".into(),
+                        }
+                    );
+                }
+            }
         }
     }
     Ok(any_up)
@@ -208,4 +292,57 @@ pub(crate) async fn print_cache_nodes(
         }
     }
     Ok(json!(list))
+}
+
+/// Each site with its metadata nodes (Raft members whose recorded site it is), its cache
+/// nodes and the volumes homed in it.
+fn sites_json(
+    map: Option<&elea_fsm::SiteMap>,
+    book: &[(u64, String, bool)],
+    cache: &serde_json::Value,
+    vols: &[elea_fsm::VolumeInfo],
+) -> serde_json::Value {
+    let Some(m) = map else { return json!([]) };
+    let members = dedup_book(book);
+    let list: Vec<_> = m
+        .sites
+        .iter()
+        .map(|site| {
+            let meta: Vec<u64> =
+                members.iter().map(|b| b.0).filter(|id| m.meta_site(*id) == Some(site)).collect();
+            let caches: Vec<&serde_json::Value> = cache
+                .as_array()
+                .map(|a| {
+                    a.iter().filter(|n| n["site"].as_str() == Some(site)).map(|n| &n["node_id"]).collect()
+                })
+                .unwrap_or_default();
+            let homed: Vec<&str> =
+                vols.iter().filter(|v| m.home(v.id) == Some(site)).map(|v| v.name.as_str()).collect();
+            json!({"name": site, "meta_nodes": meta, "cache_nodes": caches, "volumes": homed})
+        })
+        .collect();
+    json!(list)
+}
+
+/// Bytes and blocks the live cache nodes fetched across sites since they started, per
+/// (from, to) site pair.
+async fn transfers(
+    c: &MetaClient,
+    peers: &elea_cache::client::BlockClients,
+) -> Vec<(String, String, u64, u64)> {
+    let nodes = c.cache_nodes().await.unwrap_or_default();
+    let mut pairs: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
+    for n in nodes.iter().filter(|n| n.alive) {
+        let Ok(Ok(from)) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), peers.from_sites(&n.addr)).await
+        else {
+            continue;
+        };
+        for (site, bytes, blocks) in from {
+            let e = pairs.entry((site, n.site.clone())).or_default();
+            e.0 += bytes;
+            e.1 += blocks;
+        }
+    }
+    pairs.into_iter().map(|((f, t), (b, n))| (f, t, b, n)).collect()
 }

@@ -101,7 +101,8 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
                 super::volume::check_owners(&c, std::slice::from_ref(&store)).await?;
                 let config =
                     elea_fsm::VolumeConfig { stores: vec![store.clone()], replicas: 1, ..Default::default() };
-                c.create_volume("default", config).await?
+                let home = super::volume::home_of(&c, None).await?;
+                c.create_volume_in("default", config, &home).await?
             }
             Err(e) => return Err(anyhow::Error::from(e)),
         };

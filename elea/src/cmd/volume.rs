@@ -1,8 +1,9 @@
 //! `elea volume`: create and list volumes.
 
 use anyhow::{Context as _, bail};
+use elea_common::Errno;
 use elea_metadata::MetaApi as _;
-use elea_metadata::client::MetaClient;
+use elea_metadata::client::{ClientError, MetaClient};
 use serde_json::json;
 
 use crate::cli::{VolumeCmd, client};
@@ -18,6 +19,7 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
             compression,
             shared_file_store,
             no_probe,
+            home_site,
         } => {
             let compression = match compression.parse::<elea_store::Compression>() {
                 Ok(elea_store::Compression::None) => elea_fsm::BlockCodec::None,
@@ -41,12 +43,47 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                 compression,
             };
             let stores = config.stores.clone();
-            let vol =
-                c.create_volume(&name, config).await.with_context(|| format!("creating volume {name:?}"))?;
-            println!("created volume {:?} (id {})", vol.name, vol.id);
+            let home = home_of(&c, home_site).await?;
+            let vol = c
+                .create_volume_in(&name, config, &home)
+                .await
+                .with_context(|| format!("creating volume {name:?} in site {home:?}"))?;
+            println!("created volume {:?} (id {}) in site {home:?}", vol.name, vol.id);
             if !no_probe {
                 claim_stores(&c, &stores).await;
             }
+        }
+        VolumeCmd::AddStore { volume, url, site, meta, no_probe } => {
+            let c = client(&meta)?;
+            let vol = c.volume(&volume).await.with_context(|| format!("volume {volume:?}"))?;
+            check_stores(std::slice::from_ref(&url), 1, false)?;
+            if !no_probe {
+                probe_stores(std::slice::from_ref(&url)).await?;
+                check_owners(&c, std::slice::from_ref(&url)).await?;
+            }
+            let after = c.add_store(vol.id, &site, &url).await.map_err(|e| match e {
+                ClientError::Fs(Errno::ENOENT) => {
+                    anyhow::anyhow!("there is no site {site:?} (elea site add)")
+                }
+                ClientError::Fs(Errno::EEXIST) => anyhow::anyhow!(
+                    "volume {volume:?} has that store already, or site {site:?} has a store for it"
+                ),
+                ClientError::Fs(Errno::ENOSPC) => {
+                    anyhow::anyhow!(
+                        "volume {volume:?} has {} stores, the most it may have",
+                        elea_fsm::limits::STORES_MAX
+                    )
+                }
+                _ => anyhow::Error::new(e).context(format!("attaching {url} to volume {volume:?}")),
+            })?;
+            if !no_probe {
+                claim_stores(&c, std::slice::from_ref(&url)).await;
+            }
+            println!(
+                "volume {volume:?}: store {} is site {site:?}'s ({} stores)",
+                after.config.stores.len() - 1,
+                after.config.stores.len()
+            );
         }
         VolumeCmd::List { meta, json: as_json } => {
             let vols = client(&meta)?.list_volumes().await?;
@@ -84,6 +121,45 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sites that have metadata nodes.
+fn meta_sites(map: &elea_fsm::SiteMap) -> Vec<String> {
+    let mut v: Vec<String> = map.meta_nodes.iter().map(|(_, s, _)| s.clone()).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The home site of a new volume: the one named, which must exist; else the cluster's only
+/// site, or the only site with metadata nodes.
+pub(crate) async fn home_of(c: &MetaClient, named: Option<String>) -> anyhow::Result<String> {
+    let mut map = c.sites().await.context("reading the site map")?;
+    // Metadata nodes record their sites as they start: a cluster started a moment ago may
+    // not have done so yet (wait up to 5 s for the first).
+    for _ in 0..50 {
+        if !map.meta_nodes.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        map = c.sites().await.context("reading the site map")?;
+    }
+    match named {
+        Some(s) if map.sites.contains(&s) => Ok(s),
+        Some(s) => bail!(
+            "--home-site {s:?}: there is no such site (sites: {}; `elea site add` declares one)",
+            if map.sites.is_empty() { "none yet".to_string() } else { map.sites.join(", ") }
+        ),
+        None if map.sites.len() == 1 => Ok(map.sites[0].clone()),
+        // Where its metadata lives, when that is one site.
+        None if meta_sites(&map).len() == 1 => Ok(meta_sites(&map).swap_remove(0)),
+        None if map.sites.is_empty() => {
+            bail!("the cluster knows no site yet (its metadata nodes record theirs as they start)")
+        }
+        None => {
+            bail!("this cluster spans sites {}: name the volume's with --home-site", map.sites.join(", "))
+        }
+    }
 }
 
 /// Refuses stores that would lose tiered blocks: `memory://` (one process's memory, for

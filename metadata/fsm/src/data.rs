@@ -45,13 +45,6 @@ pub(crate) fn check_config(c: &VolumeConfig) -> R<()> {
     Ok(())
 }
 
-fn check_site(site: &str) -> R<()> {
-    let ok = !site.is_empty()
-        && site.len() <= limits::SITE_NAME_MAX
-        && site.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok { Ok(()) } else { Err(Errno::EINVAL) }
-}
-
 fn check_batch<T>(items: &[T]) -> R<()> {
     if items.is_empty() || items.len() > limits::BATCH_MAX { Err(Errno::EINVAL) } else { Ok(()) }
 }
@@ -101,7 +94,7 @@ impl State {
         incarnation: u64,
         now: Timespec,
     ) -> OpResult {
-        check_site(site)?;
+        crate::sites::check_site(site)?;
         if id == 0 || addr.is_empty() || addr.len() > limits::NODE_ADDR_MAX {
             return Err(Errno::EINVAL);
         }
@@ -134,6 +127,9 @@ impl State {
         }
         n.site = site.to_string();
         n.addr = addr.to_string();
+        // A node's site is known from then on (never fails: checked above, and a cluster
+        // whose site table is full refuses nothing that registers in a known site).
+        let _ = self.sites.ensure(site);
         n.incarnation = incarnation;
         n.last_seen = now;
         Ok(Reply::Ok)

@@ -139,6 +139,7 @@ impl StateV2 {
             cache_nodes,
             identity: None,
             inline: InlineTable::default(),
+            sites: Default::default(),
         }
     }
 }
@@ -190,6 +191,7 @@ impl StateV4 {
             cache_nodes,
             identity,
             inline: InlineTable::default(),
+            sites: Default::default(),
         }
     }
 }
@@ -242,6 +244,7 @@ impl StateV3 {
             cache_nodes,
             identity: None,
             inline: InlineTable::default(),
+            sites: Default::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ mod locks;
 mod namespace;
 pub mod perm;
 mod sessions;
+mod sites;
 mod state;
 // The contract is formatted by hand (one-line variants); keep rustfmt off it.
 pub mod types;
@@ -36,9 +37,10 @@ use state::State;
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"ELEAFSM\0";
-/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 4 (before
-/// inline slices), version 3 (before [`DataIdentity`]) and version 2 (before [`Attr::blocks`]).
-pub const SNAPSHOT_VERSION: u32 = 5;
+/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 5 (before
+/// sites), version 4 (before inline slices), version 3 (before [`DataIdentity`]) and version
+/// 2 (before [`Attr::blocks`]).
+pub const SNAPSHOT_VERSION: u32 = 6;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,7 @@ struct SnapshotOut<'a> {
     magic: [u8; 8],
     version: u32,
     state: &'a State,
+    sites: &'a sites::SiteTable,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +90,8 @@ impl StateMachine {
         }
         let mut ch = Changes::default();
         self.st.slices.now = now;
-        if matches!(cmd.op, Op::CreateVolume { .. }) && self.st.identity.is_none() {
+        if matches!(cmd.op, Op::CreateVolume { .. } | Op::CreateVolumeIn { .. }) && self.st.identity.is_none()
+        {
             // Made before the volume, which is the first to carry it; kept even if the
             // creation fails (the identity only has to be unique, not tied to this volume).
             let seed = [
@@ -181,6 +185,10 @@ impl StateMachine {
                 st.write_inline(*vol, *ino, *chunk, pieces, data, now, ch)
             }
             Op::SpillInline { slices } => st.spill_inline(slices),
+            Op::AddSite { name } => st.add_site(name),
+            Op::RegisterMetaNode { id, site, addr } => st.register_meta_node(*id, site, addr),
+            Op::CreateVolumeIn { name, config, home } => st.create_volume_in(name, config, home, now, ch),
+            Op::AddStore { vol, site, url } => st.add_store(*vol, site, url),
             // The check refuses every op `As` does not carry, a nested `As` included, so this
             // recursion is one level deep.
             Op::As { caller, op } => {
@@ -217,6 +225,7 @@ impl StateMachine {
             Query::DataIdentity => Ok(Reply::Identity(st.identity)),
             Query::SliceData { ids } => st.slice_data(ids),
             Query::InlineSlices { after, limit } => st.inline_slices(*after, *limit),
+            Query::Sites => Ok(Reply::Sites(st.sites.map())),
         }
     }
 
@@ -232,7 +241,12 @@ impl StateMachine {
 
     /// Serialize the whole state (deterministic bytes).
     pub fn snapshot(&self) -> Vec<u8> {
-        let out = SnapshotOut { magic: SNAPSHOT_MAGIC, version: SNAPSHOT_VERSION, state: &self.st };
+        let out = SnapshotOut {
+            magic: SNAPSHOT_MAGIC,
+            version: SNAPSHOT_VERSION,
+            state: &self.st,
+            sites: &self.st.sites,
+        };
         // Serializing plain data into a growable buffer cannot fail.
         postcard::to_stdvec(&out).unwrap_or_default()
     }
@@ -247,13 +261,21 @@ impl StateMachine {
         if h.magic != SNAPSHOT_MAGIC {
             return Err(SnapshotError::Corrupt("bad magic".into()));
         }
-        let st = match h.version {
-            SNAPSHOT_VERSION => decode_state::<State>(rest)?,
+        let mut st = match h.version {
+            SNAPSHOT_VERSION => {
+                let (mut st, sites) = decode_state::<(State, sites::SiteTable)>(rest)?;
+                st.sites = sites;
+                st
+            }
+            5 => decode_state::<State>(rest)?,
             4 => decode_state::<legacy::StateV4>(rest)?.upgrade(),
             3 => decode_state::<legacy::StateV3>(rest)?.upgrade(),
             2 => decode_state::<legacy::StateV2>(rest)?.upgrade(),
             v => return Err(SnapshotError::Version(v)),
         };
+        if h.version < 6 {
+            st.sites = sites::SiteTable::derive(&st);
+        }
         Ok(Self { st })
     }
 

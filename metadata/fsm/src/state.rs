@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunks::allocated_blocks;
 use crate::inline::InlineTable;
+use crate::sites::SiteTable;
 use crate::types::{
     Attr, CacheStats, DataIdentity, FileType, LockKind, OpResult, Slice, SliceLoc, VolumeConfig, mode,
 };
@@ -45,6 +46,10 @@ pub(crate) struct State {
     pub identity: Option<DataIdentity>,
     /// Bytes of inline slices (snapshot format 5 on).
     pub inline: InlineTable,
+    /// Sites (snapshot format 6 on). Written after the rest of the state, not with it, so
+    /// a format 5 snapshot is a [`State`] as it is.
+    #[serde(skip)]
+    pub sites: SiteTable,
 }
 
 /// A registered cache node.

@@ -87,6 +87,10 @@ pub mod limits {
     pub const REPLICAS_MAX: u8 = 5;
     /// Longest site name and cache node address.
     pub const SITE_NAME_MAX: usize = 64;
+    /// Sites a cluster may have.
+    pub const SITES_MAX: usize = 64;
+    /// Metadata nodes the site map records.
+    pub const META_NODES_MAX: usize = 256;
     pub const NODE_ADDR_MAX: usize = 256;
     /// Most blocks or slices one data-path op or query may name.
     pub const BATCH_MAX: usize = 4096;
@@ -666,6 +670,34 @@ pub enum Op {
     SpillInline {
         slices: Vec<(SliceId, Vec<u64>)>,
     },
+    /// Declare a site (an environment: a data centre, a cloud region). `EEXIST` when it is
+    /// known already. A site is also made by the first node that registers in it.
+    AddSite {
+        name: String,
+    },
+    /// A metadata node says which site it runs in and where it serves (each node sends it
+    /// when it starts; idempotent). Makes the site when it is new.
+    RegisterMetaNode {
+        id: u64,
+        site: String,
+        addr: String,
+    },
+    /// [`Op::CreateVolume`] with a home site, which must be known (`ENOENT`). The volume's
+    /// initial stores belong to its home site.
+    CreateVolumeIn {
+        name: String,
+        config: VolumeConfig,
+        home: String,
+    },
+    /// Attach object store `url` to volume `vol` as site `site`'s store: that site's cache
+    /// nodes tier the volume's blocks to it. `ENOENT` for an unknown volume or site, `EEXIST`
+    /// when the volume has the store already or the site has a store for it, `ENOSPC` past
+    /// [`limits::STORES_MAX`]. Replies [`Reply::Volume`].
+    AddStore {
+        vol: VolumeId,
+        site: String,
+        url: String,
+    },
 }
 
 /// Decodes the op inside an [`Op::As`], refusing another `As` in it: `Op` is recursive only
@@ -781,6 +813,8 @@ pub enum Query {
         after: SliceId,
         limit: u32,
     },
+    /// The site map; replies [`Reply::Sites`].
+    Sites,
 }
 
 /// What an [`Op`] or [`Query`] produced.
@@ -845,6 +879,42 @@ pub enum Reply {
         slices: Vec<InlineSlice>,
         more: bool,
     },
+    Sites(SiteMap),
+}
+
+/// Sites, where the metadata nodes run, and which site each volume and store belongs to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteMap {
+    /// Site names, sorted.
+    pub sites: Vec<String>,
+    /// Metadata nodes by id: (id, site, address).
+    pub meta_nodes: Vec<(u64, String, String)>,
+    /// Home site of each volume that has one.
+    pub homes: Vec<(VolumeId, String)>,
+    /// The site of each store a site owns: (volume, index in its `stores`, site).
+    pub stores: Vec<(VolumeId, u16, String)>,
+}
+
+impl SiteMap {
+    /// The home site of volume `vol`.
+    pub fn home(&self, vol: VolumeId) -> Option<&str> {
+        self.homes.iter().find(|(v, _)| *v == vol).map(|(_, s)| s.as_str())
+    }
+
+    /// The site of metadata node `id`.
+    pub fn meta_site(&self, id: u64) -> Option<&str> {
+        self.meta_nodes.iter().find(|(n, _, _)| *n == id).map(|(_, s, _)| s.as_str())
+    }
+
+    /// Index of the store of volume `vol` that belongs to `site`.
+    pub fn store_of(&self, vol: VolumeId, site: &str) -> Option<u16> {
+        self.stores.iter().find(|(v, _, s)| *v == vol && s == site).map(|(_, i, _)| *i)
+    }
+
+    /// The site a store of volume `vol` belongs to.
+    pub fn site_of_store(&self, vol: VolumeId, index: u16) -> Option<&str> {
+        self.stores.iter().find(|(v, i, _)| *v == vol && *i == index).map(|(_, _, s)| s.as_str())
+    }
 }
 
 /// The cluster's identity in the data it stores: object keys of its volumes and the marker of

@@ -61,7 +61,7 @@ fn the_fixture_is_a_version_2_snapshot() {
     assert_eq!(V2[..8], SNAPSHOT_MAGIC);
     // postcard: the version is a varint, 2 in one byte.
     assert_eq!(V2[8], 2);
-    assert_eq!(SNAPSHOT_VERSION, 5);
+    assert_eq!(SNAPSHOT_VERSION, 6);
 }
 
 #[test]
@@ -194,7 +194,10 @@ fn retries_replay_the_kept_replies_with_blocks() {
     assert_eq!(id.since_volume, 1);
     let (o, n) = (old.snapshot(), new.snapshot());
     // `None` is one zero byte; `Some` is a one and the identity. Both end with an empty
-    // table of inline slices (two empty maps: two zero bytes).
+    // table of inline slices (two empty maps: two zero bytes) and the site table.
+    let sites = site_table(&old);
+    assert_eq!(sites, site_table(&new));
+    let (o, n) = (&o[..o.len() - sites.len()], &n[..n.len() - sites.len()]);
     let at = o.len() - 3;
     assert_eq!((o[at], n[at], &o[at + 1..], &n[n.len() - 2..]), (0, 1, &[0u8, 0][..], &[0u8, 0][..]));
     assert_eq!(o[..at], n[..at]);
@@ -205,7 +208,7 @@ fn a_restored_version_2_snapshot_is_written_in_the_current_version() {
     let sm = restored();
     let bytes = sm.snapshot();
     assert_eq!(bytes[..8], SNAPSHOT_MAGIC);
-    assert_eq!(bytes[8], 5);
+    assert_eq!(bytes[8], 6);
     let again = StateMachine::restore(&bytes).unwrap();
     assert_eq!(again.snapshot(), bytes);
     // And it goes on applying commands.
@@ -230,7 +233,7 @@ fn a_restored_version_2_snapshot_is_written_in_the_current_version() {
 
 #[test]
 fn other_versions_and_damaged_version_2_snapshots_are_refused() {
-    for v in [0u8, 1, 6, 9] {
+    for v in [0u8, 1, 7, 9] {
         let mut b = V2.to_vec();
         b[8] = v;
         assert!(matches!(StateMachine::restore(&b), Err(SnapshotError::Version(x)) if x == u32::from(v)));
@@ -259,9 +262,9 @@ fn other_versions_and_damaged_version_2_snapshots_are_refused() {
 #[test]
 fn a_version_3_snapshot_gets_its_identity_with_its_next_volume() {
     let current = restored().snapshot();
-    // Without the identity (`None`: one byte) and the table of inline slices (two empty
-    // maps: two bytes).
-    let mut v3 = current[..current.len() - 3].to_vec();
+    // Without the identity (`None`: one byte), the table of inline slices (two empty maps:
+    // two bytes) and the site table.
+    let mut v3 = current[..current.len() - 3 - site_table(&restored()).len()].to_vec();
     v3[8] = 3;
     let mut sm = StateMachine::restore(&v3).unwrap();
     assert_eq!(sm.snapshot(), current);
@@ -290,11 +293,12 @@ fn a_version_3_snapshot_gets_its_identity_with_its_next_volume() {
 }
 
 /// A version 4 snapshot (the format before inline slices: the same bytes without the
-/// trailing table) restores with no inline slice and is written in the current format.
+/// trailing table, and without the site table of version 6) restores with no inline slice
+/// and is written in the current format.
 #[test]
 fn a_version_4_snapshot_restores_without_inline_slices() {
     let current = restored().snapshot();
-    let mut v4 = current[..current.len() - 2].to_vec();
+    let mut v4 = current[..current.len() - 2 - site_table(&restored()).len()].to_vec();
     v4[8] = 4;
     let sm = StateMachine::restore(&v4).unwrap();
     assert_eq!(sm.snapshot(), current);
@@ -302,4 +306,29 @@ fn a_version_4_snapshot_restores_without_inline_slices() {
         sm.query(&Query::InlineSlices { after: 0, limit: 10 }),
         Ok(Reply::Inline { slices: vec![], more: false })
     );
+}
+
+/// A version 5 snapshot (the format before sites: the same bytes without the trailing site
+/// table) restores and is written in the current format.
+#[test]
+fn a_version_5_snapshot_restores_without_sites() {
+    let current = restored().snapshot();
+    let mut v5 = current[..current.len() - site_table(&restored()).len()].to_vec();
+    v5[8] = 5;
+    let sm = StateMachine::restore(&v5).unwrap();
+    assert_eq!(sm.snapshot(), current);
+    // The sites its cache nodes registered in.
+    let Ok(Reply::Sites(m)) = sm.query(&Query::Sites) else { panic!() };
+    assert!(!m.sites.is_empty() && m.meta_nodes.is_empty() && m.homes.is_empty());
+}
+
+/// The site table's encoding at the end of a snapshot of `sm`, which has only sites (the
+/// sites as a sequence of names, then three empty collections).
+fn site_table(sm: &StateMachine) -> Vec<u8> {
+    let Ok(Reply::Sites(m)) = sm.query(&Query::Sites) else { panic!() };
+    assert!(m.meta_nodes.is_empty() && m.homes.is_empty() && m.stores.is_empty());
+    let mut b = postcard::to_stdvec(&m.sites).unwrap();
+    b.extend([0, 0, 0]);
+    assert!(sm.snapshot().ends_with(&b));
+    b
 }

@@ -1,7 +1,8 @@
-//! The tiering worker: uploads staged blocks to the volume's object store, records them
-//! tiered, then frees their staged copies.
+//! The tiering worker: uploads staged blocks to the volume's object store of this node's site
+//! (its first store when the site has none), records them tiered, then frees their staged
+//! copies.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -99,13 +100,29 @@ async fn tier_round(node: Arc<Node>) -> Result<usize, CacheError> {
     node.tier_now.lock().unwrap_or_else(|p| p.into_inner()).retain(|v, _| forced_left.contains(v));
     let mut done = 0;
     let mut round_err = None;
-    for batch in due.chunks(TIER_BATCH) {
+    // Each volume's blocks go to this site's store of it (else its first store); a batch is
+    // recorded with one store, so blocks are grouped by it.
+    let mut targets: HashMap<u64, u16> = HashMap::new();
+    for b in &due {
+        if let std::collections::hash_map::Entry::Vacant(e) = targets.entry(b.vol) {
+            e.insert(node.tier_store(b.vol).await);
+        }
+    }
+    due.sort_by_key(|b| targets.get(&b.vol).copied().unwrap_or(0));
+    let batches: Vec<(u16, Vec<StagedBlock>)> = due
+        .chunk_by(|a, b| targets.get(&a.vol) == targets.get(&b.vol))
+        .flat_map(|same| {
+            let store = targets.get(&same[0].vol).copied().unwrap_or(0);
+            same.chunks(TIER_BATCH).map(move |c| (store, c.to_vec()))
+        })
+        .collect();
+    for (store, batch) in batches {
         let results: Vec<(StagedBlock, Result<(), CacheError>)> =
             futures::stream::iter(batch.iter().cloned())
                 .map(|b| {
                     let node = node.clone();
                     async move {
-                        let r = upload(&node, &b).await;
+                        let r = upload(&node, &b, store).await;
                         (b, r)
                     }
                 })
@@ -125,7 +142,7 @@ async fn tier_round(node: Arc<Node>) -> Result<usize, CacheError> {
         }
         if !ok.is_empty() {
             let blocks = ok.iter().map(|b| (b.slice, b.index)).collect();
-            node.meta.mark_tiered(0, blocks).await?;
+            node.meta.mark_tiered(store, blocks).await?;
             done += ok.len();
             for b in &ok {
                 free_copies(&node, b).await;
@@ -142,11 +159,10 @@ async fn tier_round(node: Arc<Node>) -> Result<usize, CacheError> {
     }
 }
 
-/// Uploads one block to the volume's first store.
-async fn upload(node: &Node, b: &StagedBlock) -> Result<(), CacheError> {
+/// Uploads one block to store `store` of its volume.
+async fn upload(node: &Node, b: &StagedBlock, store: u16) -> Result<(), CacheError> {
     let vol = node.vols.get(b.vol).await?;
-    let store =
-        vol.stores.first().ok_or_else(|| CacheError::NotFound(format!("volume {} has no store", b.vol)))?;
+    let store = node.vols.store(b.vol, store).await?;
     let data = node.staged_bytes(b).await?;
     let c = vol.compression();
     let encoded = tokio::task::spawn_blocking(move || encode_block(&data, c))

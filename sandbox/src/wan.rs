@@ -50,59 +50,26 @@ impl LinkConfig {
     }
 }
 
-/// Bytes a relay has carried, each way, since it started.
-#[derive(Debug, Default)]
-pub struct Carried {
-    /// From the connecting side to the target.
-    pub forward: AtomicU64,
-    /// From the target back.
-    pub back: AtomicU64,
-}
-
-/// A running relay: connections to [`Relay::addr`] are carried to the target across the
-/// link. Stops (closing every connection it carries) when dropped.
-pub struct Relay {
-    addr: SocketAddr,
+/// A link between two sides: its delay and cap, whether it is cut, when each direction is
+/// free again and what crossed it. Relays that share a link share its bandwidth: several
+/// connections across one WAN link queue behind each other, as on a real one.
+pub struct Link {
+    cfg: LinkConfig,
     cut: watch::Sender<bool>,
-    carried: Arc<Carried>,
-    task: JoinHandle<()>,
+    /// When each direction (0: from side A to side B, 1: back) has sent what was queued.
+    free: [std::sync::Mutex<Instant>; 2],
+    carried: [AtomicU64; 2],
 }
 
-impl Relay {
-    /// Listens on `listen` (port 0 for any) and carries each connection to `to`.
-    pub async fn start(listen: SocketAddr, to: SocketAddr, cfg: LinkConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(listen).await?;
-        let addr = listener.local_addr()?;
-        let (cut, cut_rx) = watch::channel(false);
-        let carried = Arc::new(Carried::default());
-        let c = carried.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
-                let cut = cut_rx.clone();
-                let c = c.clone();
-                conns.spawn(async move {
-                    // No connection is made across a cut link until it heals.
-                    let mut waiting = cut.clone();
-                    if waiting.wait_for(|cut| !*cut).await.is_err() {
-                        return;
-                    }
-                    // A target that cannot be reached ends the connection, as the WAN would.
-                    if let Ok(target) = TcpStream::connect(to).await {
-                        carry(client, target, cfg, cut, c).await;
-                    }
-                });
-                // Forget the connections that ended.
-                while conns.try_join_next().is_some() {}
-            }
-        });
-        Ok(Self { addr, cut, carried, task })
-    }
-
-    /// The address that stands for the target on this side of the link.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+impl Link {
+    pub fn new(cfg: LinkConfig) -> Arc<Self> {
+        let now = Instant::now();
+        Arc::new(Self {
+            cfg,
+            cut: watch::channel(false).0,
+            free: [std::sync::Mutex::new(now), std::sync::Mutex::new(now)],
+            carried: [AtomicU64::new(0), AtomicU64::new(0)],
+        })
     }
 
     /// Cuts the link (`true`) or heals it.
@@ -110,9 +77,92 @@ impl Relay {
         self.cut.send_replace(cut);
     }
 
-    /// Bytes carried so far: (to the target, back from it).
+    /// Bytes carried so far: (side A to side B, back).
     pub fn carried(&self) -> (u64, u64) {
-        (self.carried.forward.load(Ordering::Relaxed), self.carried.back.load(Ordering::Relaxed))
+        (self.carried[0].load(Ordering::Relaxed), self.carried[1].load(Ordering::Relaxed))
+    }
+
+    /// When a chunk of `len` bytes that arrived at `arrived`, going direction `dir`, leaves
+    /// the far end: after what was queued before it in that direction, its own sending time,
+    /// and the delay.
+    fn schedule(&self, dir: usize, arrived: Instant, len: usize) -> Instant {
+        let sending = match self.cfg.rate {
+            Some(r) if r > 0 => Duration::from_secs_f64(len as f64 / r as f64),
+            _ => Duration::ZERO,
+        };
+        let mut free = self.free[dir].lock().unwrap_or_else(|p| p.into_inner());
+        let departs = arrived.max(*free);
+        *free = departs + sending;
+        *free + self.cfg.delay
+    }
+}
+
+/// A running relay: connections to [`Relay::addr`] are carried to the target across the
+/// link. Stops (closing every connection it carries) when dropped.
+pub struct Relay {
+    addr: SocketAddr,
+    link: Arc<Link>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Listens on `listen` (port 0 for any) and carries each connection to `to` over a link
+    /// of its own.
+    pub async fn start(listen: SocketAddr, to: SocketAddr, cfg: LinkConfig) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind(listen)?;
+        Self::start_on(listener, to, Link::new(cfg), 0)
+    }
+
+    /// Carries each connection made to `listener` (bound already, perhaps in another network
+    /// namespace) to `to`, over `link` in direction `dir` (0: the link's side A is the
+    /// connecting side; 1: side B is).
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        to: SocketAddr,
+        link: Arc<Link>,
+        dir: usize,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
+        let l = link.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                let link = l.clone();
+                conns.spawn(async move {
+                    // No connection is made across a cut link until it heals.
+                    let mut waiting = link.cut.subscribe();
+                    if waiting.wait_for(|cut| !*cut).await.is_err() {
+                        return;
+                    }
+                    // A target that cannot be reached ends the connection, as the WAN would.
+                    if let Ok(target) = TcpStream::connect(to).await {
+                        carry(client, target, link, dir).await;
+                    }
+                });
+                // Forget the connections that ended.
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(Self { addr, link, task })
+    }
+
+    /// The address that stands for the target on this side of the link.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Cuts the relay's link (`true`) or heals it.
+    pub fn set_cut(&self, cut: bool) {
+        self.link.set_cut(cut);
+    }
+
+    /// Bytes its link carried so far: (to the target, back from it) for a relay with a link
+    /// of its own.
+    pub fn carried(&self) -> (u64, u64) {
+        self.link.carried()
     }
 }
 
@@ -125,31 +175,19 @@ impl Drop for Relay {
 
 /// Carries one connection both ways until both sides have closed (a side that closes its
 /// half is passed on as a half close, after what it sent).
-async fn carry(
-    client: TcpStream,
-    target: TcpStream,
-    cfg: LinkConfig,
-    cut: watch::Receiver<bool>,
-    c: Arc<Carried>,
-) {
+async fn carry(client: TcpStream, target: TcpStream, link: Arc<Link>, dir: usize) {
     let _ = client.set_nodelay(true);
     let _ = target.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (tr, tw) = target.into_split();
-    tokio::join!(direction(cr, tw, cfg, cut.clone(), c.clone(), true), direction(tr, cw, cfg, cut, c, false));
+    tokio::join!(direction(cr, tw, link.clone(), dir), direction(tr, cw, link, 1 - dir));
 }
 
 /// One direction of a connection: a reader that stamps each chunk with its arrival, and a
 /// writer that delivers it when the link would have.
-async fn direction(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    cfg: LinkConfig,
-    mut cut: watch::Receiver<bool>,
-    c: Arc<Carried>,
-    forward: bool,
-) {
+async fn direction(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: Arc<Link>, dir: usize) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Bytes)>(QUEUE);
+    let mut cut = link.cut.subscribe();
     let reader = async move {
         loop {
             let mut buf = BytesMut::with_capacity(CHUNK);
@@ -164,7 +202,6 @@ async fn direction(
         }
     };
     let writer = async move {
-        let mut link_free = Instant::now();
         while let Some((arrived, data)) = rx.recv().await {
             // Nothing crosses a cut link; the chunk waits for it to heal.
             while *cut.borrow_and_update() {
@@ -172,18 +209,11 @@ async fn direction(
                     return;
                 }
             }
-            let departs = arrived.max(link_free);
-            let sending = match cfg.rate {
-                Some(r) if r > 0 => Duration::from_secs_f64(data.len() as f64 / r as f64),
-                _ => Duration::ZERO,
-            };
-            link_free = departs + sending;
-            tokio::time::sleep_until(link_free + cfg.delay).await;
+            tokio::time::sleep_until(link.schedule(dir, arrived, data.len())).await;
             if to.write_all(&data).await.is_err() {
                 return;
             }
-            let n = data.len() as u64;
-            if forward { &c.forward } else { &c.back }.fetch_add(n, Ordering::Relaxed);
+            link.carried[dir].fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         // The sender closed its side: so does the link, once everything before crossed.
         let _ = to.shutdown().await;
