@@ -2,9 +2,10 @@
 # usage: scripts/bench-sites.sh [RTT] [BANDWIDTH] [MIB]   (defaults: 20ms 100MiB 128; needs root,
 # iproute2, nsenter and /dev/fuse)
 # The multi-site figures of docs/BENCHMARKS.md ("Sites"), in one run:
-#  - meta-home: `elea bench meta` run in site a on a one-site sandbox (`elea demo --sites a`),
-#    then in site a of a two-site one (`--sites a,b`, links of RTT and BANDWIDTH): the home
-#    site's cost of a second site;
+#  - meta-home, data-home: `elea bench meta`, and MIB MiB written (fsync) and read back through
+#    fresh mounts, run in site a of a one-site sandbox (`elea demo --sites a`), then in site a
+#    of a two-site one (`--sites a,b`, links of RTT and BANDWIDTH): the home site's cost of a
+#    second site;
 #  - meta-remote: `elea bench meta --threads 1` run in site b: what one metadata call from the
 #    other site costs (p50 per phase, against the RTT);
 #  - data: MIB MiB written through a mount in a, read through a mount in b (the first read
@@ -50,16 +51,28 @@ meta_bench() { # SITE LABEL THREADS FILES
   python3 -c "import json,sys; d=json.loads(sys.argv[1]); d['bench']=sys.argv[2]; d['site']=sys.argv[3]; print(json.dumps(d))" "$out" "$2" "$1"
 }
 
+home_data() { # LABEL: sequential write (fsync) and read through a fresh mount, in site a
+  "$B" volume create h --home-site a --store "$(j "$WORK/demo.json" 'd["sites"]["a"]["store"]')" --shared-file-store >/dev/null
+  mount_in a h "$WORK/h1"
+  local w r; w=$(secs dd if="$WORK/src" of="$WORK/h1/f" bs=4M conv=fsync)
+  unmount "$WORK/h1"; mount_in a h "$WORK/h2"
+  r=$(secs dd if="$WORK/h2/f" of=/dev/null bs=4M)
+  unmount "$WORK/h2"
+  python3 -c "import json,sys; m=int(sys.argv[2]); print(json.dumps({'bench': sys.argv[1], 'site': 'a', 'mib': m, 'write_mib_s': round(m/float(sys.argv[3]),1), 'read_mib_s': round(m/float(sys.argv[4]),1)}))" "$1" "$MIB" "$w" "$r"
+}
+
+dd if=/dev/urandom of="$WORK/src" bs=1M count="$MIB" status=none
 start_demo a
 meta_bench a meta-home-one-site 16 4000
+home_data data-home-one-site
 stop_demo
 start_demo a,b
 meta_bench a meta-home-two-sites 16 4000
+home_data data-home-two-sites
 meta_bench b meta-remote 1 200
 "$B" volume create v --home-site a --store "$(j "$WORK/demo.json" 'd["sites"]["a"]["store"]')" --shared-file-store >/dev/null
 "$B" volume add-store v --site b "$(j "$WORK/demo.json" 'd["sites"]["b"]["store"]')" >/dev/null
 mount_in a v "$WORK/ma"; mount_in b v "$WORK/mb"
-dd if=/dev/urandom of="$WORK/src" bs=1M count="$MIB" status=none
 write_a=$(secs dd if="$WORK/src" of="$WORK/ma/fa" bs=4M conv=fsync)
 first_b=$(secs dd if="$WORK/mb/fa" of=/dev/null bs=4M)
 cmp "$WORK/src" "$WORK/mb/fa"

@@ -59,16 +59,30 @@ pub struct Link {
     /// When each direction (0: from side A to side B, 1: back) has sent what was queued.
     free: [std::sync::Mutex<Instant>; 2],
     carried: [AtomicU64; 2],
+    delay: Arc<DelayLine>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.delay.stop();
+    }
 }
 
 impl Link {
     pub fn new(cfg: LinkConfig) -> Arc<Self> {
         let now = Instant::now();
+        let delay = Arc::new(DelayLine::default());
+        let d = delay.clone();
+        std::thread::Builder::new()
+            .name("wan-delay".into())
+            .spawn(move || d.run())
+            .expect("a thread for the link's delay line");
         Arc::new(Self {
             cfg,
             cut: watch::channel(false).0,
             free: [std::sync::Mutex::new(now), std::sync::Mutex::new(now)],
             carried: [AtomicU64::new(0), AtomicU64::new(0)],
+            delay,
         })
     }
 
@@ -94,6 +108,91 @@ impl Link {
         let departs = arrived.max(*free);
         *free = departs + sending;
         *free + self.cfg.delay
+    }
+}
+
+/// Chunks of one connection that arrived within this of each other cross the link together
+/// (the first of them up to this much late): a busy link's small messages then cost one
+/// wake-up per burst, not one each.
+const COALESCE: Duration = Duration::from_millis(1);
+/// Most bytes one burst carries.
+const BURST_MAX: usize = 4 * CHUNK;
+
+/// Wakes each waiter at its instant (within the OS's sleep precision, tens of microseconds);
+/// never earlier. tokio's timer rounds every deadline up to the next millisecond, which on a
+/// link would add up to a millisecond each way, more than a metadata call costs here; so the
+/// link keeps its own clock thread.
+#[derive(Default)]
+struct DelayLine {
+    inner: std::sync::Mutex<DelayQueue>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct DelayQueue {
+    due: std::collections::BinaryHeap<std::cmp::Reverse<(std::time::Instant, u64)>>,
+    waiters: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+    next: u64,
+    stopped: bool,
+}
+
+impl DelayLine {
+    /// Returns at `at` (at once when it has passed).
+    async fn until(&self, at: Instant) {
+        let at = at.into_std();
+        if at <= std::time::Instant::now() {
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let earliest = {
+            let mut q = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if q.stopped {
+                return;
+            }
+            let id = q.next;
+            q.next += 1;
+            let earliest = q.due.peek().is_none_or(|std::cmp::Reverse((first, _))| at < *first);
+            q.due.push(std::cmp::Reverse((at, id)));
+            q.waiters.insert(id, tx);
+            earliest
+        };
+        // The clock thread sleeps until the earliest instant it knows: it needs waking only
+        // for an earlier one.
+        if earliest {
+            self.wake.notify_one();
+        }
+        let _ = rx.await;
+    }
+
+    fn stop(&self) {
+        let mut q = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        q.stopped = true;
+        q.waiters.clear();
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// The clock thread: wakes the waiters whose instant came, sleeps until the next one.
+    fn run(&self) {
+        let mut q = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        while !q.stopped {
+            let now = std::time::Instant::now();
+            while let Some(std::cmp::Reverse((at, id))) = q.due.peek().copied()
+                && at <= now
+            {
+                q.due.pop();
+                if let Some(w) = q.waiters.remove(&id) {
+                    let _ = w.send(());
+                }
+            }
+            q = match q.due.peek() {
+                Some(std::cmp::Reverse((at, _))) => {
+                    let wait = at.saturating_duration_since(now);
+                    self.wake.wait_timeout(q, wait).unwrap_or_else(|p| p.into_inner()).0
+                }
+                None => self.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
+            };
+        }
     }
 }
 
@@ -202,18 +301,48 @@ async fn direction(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: Arc<Li
         }
     };
     let writer = async move {
-        while let Some((arrived, data)) = rx.recv().await {
-            // Nothing crosses a cut link; the chunk waits for it to heal.
+        let mut next: Option<(Instant, Bytes)> = None;
+        loop {
+            let first = match next.take() {
+                Some(c) => c,
+                None => match rx.recv().await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            // The chunks already waiting that arrived within COALESCE of this one go with it
+            // (released with the last of them): on a busy link, one wake-up for many small
+            // messages instead of one each.
+            let (start, mut arrived) = (first.0, first.0);
+            let mut burst = vec![first.1];
+            let mut len = burst[0].len();
+            while len < BURST_MAX {
+                match rx.try_recv() {
+                    Ok((at, d)) if at.duration_since(start) <= COALESCE => {
+                        arrived = at;
+                        len += d.len();
+                        burst.push(d);
+                    }
+                    Ok(later) => {
+                        next = Some(later);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Nothing crosses a cut link; the chunks wait for it to heal.
             while *cut.borrow_and_update() {
                 if cut.changed().await.is_err() {
                     return;
                 }
             }
-            tokio::time::sleep_until(link.schedule(dir, arrived, data.len())).await;
-            if to.write_all(&data).await.is_err() {
-                return;
+            link.delay.until(link.schedule(dir, arrived, len)).await;
+            for d in &burst {
+                if to.write_all(d).await.is_err() {
+                    return;
+                }
             }
-            link.carried[dir].fetch_add(data.len() as u64, Ordering::Relaxed);
+            link.carried[dir].fetch_add(len as u64, Ordering::Relaxed);
         }
         // The sender closed its side: so does the link, once everything before crossed.
         let _ = to.shutdown().await;

@@ -155,6 +155,28 @@ pub struct Node {
     /// Bytes and blocks this node fetched from other sites (their cache nodes and stores),
     /// by the site they came from.
     pub(crate) from_sites: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Blocks being fetched to keep (see [`Node::fetch_guard`]).
+    fetching: Mutex<HashMap<BlockId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A block fetch in progress here (see [`Node::fetch_guard`]); forgets the block's lock when
+/// the last holder or waiter is gone.
+struct FetchGuard<'a> {
+    node: &'a Node,
+    id: BlockId,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.node.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference and ours: nobody else waits for this block.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.id);
+        }
+    }
 }
 
 /// How long a node uses the site map it read before reading it again.
@@ -270,6 +292,14 @@ impl Node {
         e.1 += 1;
     }
 
+    /// Waits until no other task of this node fetches block `id` to keep it, and holds that
+    /// until the guard is dropped.
+    async fn fetch_guard(&self, id: BlockId) -> FetchGuard<'_> {
+        let lock = self.fetching.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().clone();
+        let guard = lock.clone().lock_owned().await;
+        FetchGuard { node: self, id, lock, guard: Some(guard) }
+    }
+
     /// The site of the cache node at `addr`, from the registry.
     fn site_of_addr(&self, addr: &str) -> Option<String> {
         self.registry().into_iter().find(|n| n.addr == addr).map(|n| n.site)
@@ -356,6 +386,16 @@ impl Node {
             Err(e) => tracing::warn!(error = %e, "staged copy unreadable; trying other copies"),
         }
         if let Some((len, d)) = self.cache.get_range(id, Some((off, n))).await
+            && len == req.len
+        {
+            return Ok(d);
+        }
+        // One fetch per block at a time for a copy to keep: concurrent readers of a block
+        // missing here (a reader's window and its readahead, two gateways) wait for the first
+        // and read what it kept, instead of each pulling it across the network again.
+        let _fetching = if req.cache { Some(self.fetch_guard(id).await) } else { None };
+        if _fetching.is_some()
+            && let Some((len, d)) = self.cache.get_range(id, Some((off, n))).await
             && len == req.len
         {
             return Ok(d);
@@ -510,6 +550,7 @@ pub async fn serve(
         marked: std::sync::atomic::AtomicBool::new(false),
         sites: Mutex::default(),
         from_sites: Mutex::default(),
+        fetching: Mutex::default(),
     });
     // Register before serving, retrying while the metadata service is unreachable. Until
     // then connections are accepted and closed at once: clients that still list this address
