@@ -5,7 +5,8 @@
 #  - meta-home, data-home: `elea bench meta`, and MIB MiB written (fsync) and read back through
 #    fresh mounts, run in site a of a one-site sandbox (`elea demo --sites a`), then in site a
 #    of a two-site one (`--sites a,b`, links of RTT and BANDWIDTH): the home site's cost of a
-#    second site;
+#    second site; the metadata benchmark also on two sites with no metadata node in b (on one
+#    machine, b's learner applies every entry on the same two cores as a's voter);
 #  - meta-remote: `elea bench meta --threads 1` run in site b: what one metadata call from the
 #    other site costs (p50 per phase, against the RTT);
 #  - data: MIB MiB written through a mount in a, read through a mount in b (the first read
@@ -26,10 +27,11 @@ cleanup() {
 trap cleanup EXIT
 j() { python3 -c "import json,sys; d=json.load(open('$1')); print(eval(sys.argv[1]))" "$2"; }
 
-start_demo() { # SITES
+start_demo() { # SITES [demo flags]
+  local sites=$1; shift
   rm -rf "$WORK/demo"; rm -f "$WORK/demo.json"
-  "$B" demo --dir "$WORK/demo" --sites "$1" --wan-rtt "$RTT" --wan-bandwidth "$BW" --json-out "$WORK/demo.json" \
-    >"$WORK/demo.log" 2>&1 &
+  "$B" demo --dir "$WORK/demo" --sites "$sites" --wan-rtt "$RTT" --wan-bandwidth "$BW" --json-out "$WORK/demo.json" \
+    "$@" >"$WORK/demo.log" 2>&1 &
   DEMO=$!
   for _ in $(seq 1 600); do [ -f "$WORK/demo.json" ] && break; sleep 0.2; done
   [ -f "$WORK/demo.json" ] || { cat "$WORK/demo.log"; exit 1; }
@@ -65,6 +67,9 @@ dd if=/dev/urandom of="$WORK/src" bs=1M count="$MIB" status=none
 start_demo a
 meta_bench a meta-home-one-site 16 4000
 home_data data-home-one-site
+stop_demo
+start_demo a,b --meta-per-site 1,0
+meta_bench a meta-home-two-sites-no-learner 16 4000
 stop_demo
 start_demo a,b
 meta_bench a meta-home-two-sites 16 4000

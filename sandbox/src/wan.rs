@@ -24,15 +24,17 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Most bytes one read takes from a socket (one chunk on the link).
 const CHUNK: usize = 64 << 10;
-/// Chunks queued per direction and connection before the relay stops reading from the
-/// sender (so a capped link pushes back on it instead of buffering without bound).
-const QUEUE: usize = 64;
+/// Bytes queued per direction and connection before the relay stops reading from the sender
+/// (so a capped link pushes back on it instead of buffering without bound). Enough for the
+/// bytes in flight over any delay and cap the tests use (100 ms at 100 MiB/s is 10 MiB): a
+/// smaller queue would cap a connection's throughput at queue / delay below the link's cap.
+const QUEUE_BYTES: usize = 16 << 20;
 
 /// What a link adds to the traffic that crosses it, each way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,15 +287,18 @@ async fn carry(client: TcpStream, target: TcpStream, link: Arc<Link>, dir: usize
 /// One direction of a connection: a reader that stamps each chunk with its arrival, and a
 /// writer that delivers it when the link would have.
 async fn direction(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: Arc<Link>, dir: usize) {
-    let (tx, mut rx) = mpsc::channel::<(Instant, Bytes)>(QUEUE);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Bytes, OwnedSemaphorePermit)>();
+    let queue = Arc::new(Semaphore::new(QUEUE_BYTES));
     let mut cut = link.cut.subscribe();
     let reader = async move {
         loop {
             let mut buf = BytesMut::with_capacity(CHUNK);
             match from.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {
-                    if tx.send((Instant::now(), buf.freeze())).await.is_err() {
+                Ok(n) => {
+                    // Room in the queue first: the chunk reaches the link when it is queued.
+                    let Ok(room) = queue.clone().acquire_many_owned(n as u32).await else { return };
+                    if tx.send((Instant::now(), buf.freeze(), room)).is_err() {
                         return;
                     }
                 }
@@ -301,7 +306,7 @@ async fn direction(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: Arc<Li
         }
     };
     let writer = async move {
-        let mut next: Option<(Instant, Bytes)> = None;
+        let mut next: Option<(Instant, Bytes, OwnedSemaphorePermit)> = None;
         loop {
             let first = match next.take() {
                 Some(c) => c,
@@ -314,14 +319,14 @@ async fn direction(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: Arc<Li
             // (released with the last of them): on a busy link, one wake-up for many small
             // messages instead of one each.
             let (start, mut arrived) = (first.0, first.0);
-            let mut burst = vec![first.1];
-            let mut len = burst[0].len();
+            let mut len = first.1.len();
+            let mut burst = vec![(first.1, first.2)];
             while len < BURST_MAX {
                 match rx.try_recv() {
-                    Ok((at, d)) if at.duration_since(start) <= COALESCE => {
+                    Ok((at, d, room)) if at.duration_since(start) <= COALESCE => {
                         arrived = at;
                         len += d.len();
-                        burst.push(d);
+                        burst.push((d, room));
                     }
                     Ok(later) => {
                         next = Some(later);
@@ -337,7 +342,7 @@ async fn direction(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: Arc<Li
                 }
             }
             link.delay.until(link.schedule(dir, arrived, len)).await;
-            for d in &burst {
+            for (d, _room) in &burst {
                 if to.write_all(d).await.is_err() {
                     return;
                 }

@@ -35,9 +35,10 @@ pub struct DemoArgs {
     /// The sites, comma-separated (1 to 3).
     #[arg(long, default_value = "a,b")]
     pub sites: String,
-    /// Metadata nodes per site (the first site's are the voters).
-    #[arg(long, default_value_t = 1)]
-    pub meta_per_site: u16,
+    /// Metadata nodes per site (the first site's are the voters, the others' learners): one
+    /// count for every site, or one per site (`3,1,0`; the first at least 1).
+    #[arg(long, default_value = "1")]
+    pub meta_per_site: String,
     /// Cache nodes per site.
     #[arg(long, default_value_t = 2)]
     pub cache_per_site: u16,
@@ -89,16 +90,17 @@ pub(crate) async fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
             bail!("--sites: {n:?} is named twice");
         }
     }
-    if a.meta_per_site == 0 || a.meta_per_site > 5 || a.cache_per_site == 0 || a.cache_per_site > 8 {
-        bail!("--meta-per-site is 1 to 5 and --cache-per-site 1 to 8");
+    let metas = meta_counts(&a.meta_per_site, names.len())?;
+    if a.cache_per_site == 0 || a.cache_per_site > 8 {
+        bail!("--cache-per-site is 1 to 8");
     }
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     let dir = std::fs::canonicalize(&a.dir)?;
     let certs_dir = dir.join("certs");
-    let cli_cert = demo_certs(&certs_dir, &a, names.len())?;
+    let cli_cert = demo_certs(&certs_dir, &a, &metas)?;
 
     // The network: namespaces and WAN links when possible, else loopback.
-    let ports: Vec<u16> = (0..a.meta_per_site)
+    let ports: Vec<u16> = (0..metas.iter().copied().max().unwrap_or(1))
         .map(|k| META_PORT + k)
         .chain((0..a.cache_per_site).map(|k| CACHE_PORT + k))
         .collect();
@@ -141,7 +143,7 @@ pub(crate) async fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
     };
 
     let mut procs: Vec<Proc> = Vec::new();
-    let started = start_all(&a, &dir, &certs_dir, &cli_cert, &places, &mut procs).await;
+    let started = start_all(&a, &metas, &dir, &certs_dir, &cli_cert, &places, &mut procs).await;
     let summary = match started {
         Ok(s) => s,
         Err(e) => {
@@ -190,9 +192,27 @@ pub(crate) async fn run_demo(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Metadata nodes per site from `--meta-per-site`: one count for all, or one per site.
+fn meta_counts(arg: &str, sites: usize) -> anyhow::Result<Vec<u16>> {
+    let v: Vec<u16> = arg
+        .split(',')
+        .map(|n| n.trim().parse::<u16>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("--meta-per-site {arg:?}: a count, or one per site (3,1,0)"))?;
+    let v = match v.len() {
+        1 => vec![v[0]; sites],
+        n if n == sites => v,
+        n => bail!("--meta-per-site gives {n} counts for {sites} sites"),
+    };
+    if v[0] == 0 || v.iter().any(|n| *n > 5) {
+        bail!("--meta-per-site: the first site has 1 to 5 metadata nodes, the others 0 to 5");
+    }
+    Ok(v)
+}
+
 /// The CA and every process's certificate (made once; a second start reuses them). Returns
 /// the CLI's (admin) certificate prefix.
-fn demo_certs(dir: &Path, a: &DemoArgs, sites: usize) -> anyhow::Result<PathBuf> {
+fn demo_certs(dir: &Path, a: &DemoArgs, metas: &[u16]) -> anyhow::Result<PathBuf> {
     if !dir.join(certs::CA_KEY).exists() {
         certs::init(dir).with_context(|| format!("making the sandbox's CA in {}", dir.display()))?;
     }
@@ -206,8 +226,8 @@ fn demo_certs(dir: &Path, a: &DemoArgs, sites: usize) -> anyhow::Result<PathBuf>
         Ok(())
     };
     issue(Role::Admin, "admin")?;
-    for s in 0..sites {
-        for k in 0..a.meta_per_site {
+    for (s, &m) in metas.iter().enumerate() {
+        for k in 0..m {
             issue(Role::Meta, &meta_id(s, k).to_string())?;
         }
         for k in 0..a.cache_per_site {
@@ -260,6 +280,7 @@ fn spawn(place: &SitePlace, args: &[String], log: &Path) -> anyhow::Result<Child
 /// Starts every process and waits for them; returns the sandbox's description.
 async fn start_all(
     a: &DemoArgs,
+    metas: &[u16],
     dir: &Path,
     certs_dir: &Path,
     cli_cert: &Path,
@@ -268,7 +289,8 @@ async fn start_all(
 ) -> anyhow::Result<serde_json::Value> {
     let meta_addrs: Vec<Vec<String>> = places
         .iter()
-        .map(|p| (0..a.meta_per_site).map(|k| format!("{}:{}", p.ip, META_PORT + k)).collect())
+        .zip(metas)
+        .map(|(p, &m)| (0..m).map(|k| format!("{}:{}", p.ip, META_PORT + k)).collect())
         .collect();
     let voters = &meta_addrs[0];
     let admin = elea_auth::tls::Tls::load(
