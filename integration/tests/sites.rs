@@ -183,6 +183,11 @@ async fn two_sites_local_writes_counted_cross_site_reads_and_the_loss_of_a_site(
         "{st}"
     );
 
+    // A mount in a site the cluster does not know is refused, saying so.
+    let bad = args(&["mount", "--meta", &meta, "--volume", "v", "--site", "nowhere", "/nonexistent"]);
+    let (ok, _, err) = blocking(move || elea_cli(&bad.iter().map(String::as_str).collect::<Vec<_>>())).await;
+    assert!(!ok && err.contains("no such site"), "{err}");
+
     let mount = |site: &elea_integration::sites::Site, name: &str| {
         let mp = dir.path().join(name);
         let a = args(&[

@@ -140,6 +140,16 @@ pub async fn serve_mount(
 pub(crate) async fn run_mount(a: MountArgs) -> anyhow::Result<()> {
     let c = client(&a.meta)?;
     let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
+    // A mistyped site would leave the mount with no cache node to write to.
+    let map = c.sites().await.context("reading the site map")?;
+    if !map.sites.is_empty() && !map.sites.contains(&a.site) {
+        bail!(
+            "--site {:?}: the cluster has no such site (sites: {}); `elea site add` declares one, and \
+             its cache nodes take this mount's writes",
+            a.site,
+            map.sites.join(", ")
+        );
+    }
     let mut opts = MountOpts::new(a.site.clone(), &a.ttls);
     opts.blocks = a.meta.tls.block_clients()?.config().clone();
     serve_mount(c, &vol, &a.mountpoint, &opts, shutdown_signal()).await
