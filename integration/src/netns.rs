@@ -19,18 +19,10 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::Mutex;
 
+use elea_sandbox::sites::run;
+
 /// The rate of an unthrottled link.
 const FULL_RATE: &str = "10gbit";
-
-/// Runs a command; returns its stderr as the error when it fails.
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(program).args(args).output().map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
 
 fn must(program: &str, args: &[&str]) {
     if let Err(e) = run(program, args) {

@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use crate::wan::{Link, LinkConfig, Relay};
 
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
+/// Runs a command; its stderr is the error when it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new(program).args(args).output().map_err(|e| format!("{program}: {e}"))?;
     if out.status.success() {
         Ok(())
