@@ -368,10 +368,21 @@ pub enum VolumeCmd {
         /// Compression of tiered blocks: zstd:LEVEL or none.
         #[arg(long, default_value = "zstd:3")]
         compression: String,
-        /// The site the volume lives in (its stores are that site's). May be left out when
-        /// the cluster has one site.
+        /// The site the volume lives in (its stores are that site's). Named, it puts the
+        /// volume in a Raft group of its own whose voters are that site's metadata nodes (the
+        /// other sites' are learners), so its commits stay in the site. Left out (a cluster of
+        /// one site), the volume lives in the control group.
         #[arg(long)]
         home_site: Option<String>,
+        /// Voters of the volume's group (with --home-site or --spread-voters): 1 to 7, fewer
+        /// when the site has fewer metadata nodes.
+        #[arg(long, default_value_t = elea_fsm::DEFAULT_GROUP_VOTERS)]
+        voters: u8,
+        /// Take the voters from every site in turn (the home site first) instead of from the
+        /// home site only: the volume survives the loss of a site, and every commit waits for
+        /// a round trip between sites.
+        #[arg(long)]
+        spread_voters: bool,
     },
     /// Attach an object store to a volume as one site's store: that site's cache nodes tier
     /// the volume's new blocks to it, and readers in that site read them from it.

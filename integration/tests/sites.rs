@@ -273,3 +273,199 @@ async fn two_sites_local_writes_counted_cross_site_reads_and_the_loss_of_a_site(
     }
     drop((ma, mb, m, caches));
 }
+
+/// Each volume in a Raft group of its own homed in a site: a volume homed in a has its
+/// voter in a, one homed in b has its voter in b, each with the other site's metadata node as
+/// a learner. With the link between the sites cut, each site's mount of its own volume goes
+/// on creating, writing and reading (its commits need no other site), and once the link is
+/// back each site reads what the other wrote meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_homed_in_each_site_commit_there_and_outlive_a_cut_link() {
+    if !fuse_available("volume_groups") || !network_available("volume_groups") {
+        return;
+    }
+    let ports: Vec<u16> = std::iter::once(META_PORT).chain(CACHE_PORTS).collect();
+    let bed = SiteBed::create(&["a", "b"], LinkConfig::rtt(Duration::from_millis(20), None), &ports)
+        .expect("site bed");
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (bed.site("a").clone(), bed.site("b").clone());
+    let (meta_a, meta_b) = (a.addr(META_PORT), b.addr(META_PORT));
+    let m1 = MetaProc::start_wrapped(
+        "meta",
+        1,
+        &meta_a,
+        &dir.path().join("meta1"),
+        &args(&["--initial-cluster", &format!("1={meta_a}"), "--site", "a"]),
+        &a.command_prefix(),
+        &[],
+    );
+    // b's metadata node: a learner of the control group.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let add =
+            args(&["cluster", "add", "--meta", &meta_a, "--node-id", "2", "--addr", &meta_b, "--learner"]);
+        let (ok, out, err) =
+            blocking(move || elea_cli(&add.iter().map(String::as_str).collect::<Vec<_>>())).await;
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "adding node 2: {out}{err}\n{}", m1.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m2 = MetaProc::start_wrapped(
+        "meta",
+        2,
+        &meta_b,
+        &dir.path().join("meta2"),
+        &args(&["--join", &meta_a, "--site", "b"]),
+        &b.command_prefix(),
+        &[],
+    );
+    let mut caches = Vec::new();
+    for (site, first) in [(&a, 1u64), (&b, 3)] {
+        for (i, port) in CACHE_PORTS.iter().enumerate() {
+            let id = first + i as u64;
+            let extra = args(&["--site", &site.name, "--meta", &format!("{meta_a},{meta_b}")]);
+            let d = dir.path().join(format!("cache{id}"));
+            caches.push(MetaProc::start_wrapped(
+                "cache",
+                id,
+                &site.addr(*port),
+                &d,
+                &extra,
+                &site.command_prefix(),
+                &[],
+            ));
+        }
+    }
+    // Both metadata nodes have recorded their sites, and every cache node is up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = args(&["site", "list", "--json", "--meta", &meta_a]);
+        let (_, out, _) =
+            blocking(move || elea_cli(&st.iter().map(String::as_str).collect::<Vec<_>>())).await;
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let ready = s["sites"].as_array().is_some_and(|sites| {
+            sites.len() == 2
+                && sites.iter().all(|x| {
+                    x["meta_nodes"].as_array().is_some_and(|m| m.len() == 1)
+                        && x["cache_nodes"].as_array().is_some_and(|c| c.len() == 2)
+                })
+        });
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sites did not fill: {s}\n{}\n{}",
+            m1.log_tail(),
+            m2.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let store = |s: &str| format!("file://{}", dir.path().join(format!("store-{s}")).display());
+    for (vol, home) in [("va", "a"), ("vb", "b")] {
+        cli(args(&[
+            "volume",
+            "create",
+            vol,
+            "--meta",
+            &meta_a,
+            "--home-site",
+            home,
+            "--store",
+            &store(home),
+            "--shared-file-store",
+        ]))
+        .await;
+    }
+    let st = cli(args(&["status", "--json", "--meta", &meta_a])).await;
+    let placed: Vec<(String, String, u64, u64)> = st["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or("").to_string(),
+                v["leader_site"].as_str().unwrap_or("").to_string(),
+                v["group"].as_u64().unwrap_or(0),
+                v["leader_node"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(placed, [("va".into(), "a".into(), 2, 1), ("vb".into(), "b".into(), 3, 2)], "{st}");
+
+    let mount = |site: &elea_integration::sites::Site, vol: &str, name: &str| {
+        let mp = dir.path().join(name);
+        let meta = if site.name == "a" { &meta_a } else { &meta_b };
+        let a = args(&[
+            "mount",
+            "--meta",
+            meta,
+            "--volume",
+            vol,
+            "--site",
+            &site.name,
+            &mp.display().to_string(),
+        ]);
+        MountProc::start_wrapped(
+            &a,
+            &mp,
+            &dir.path().join(format!("{name}.log")),
+            &site.command_prefix(),
+            &[],
+        )
+    };
+    let (ma, mb) = (mount(&a, "va", "mnt-a"), mount(&b, "vb", "mnt-b"));
+    let before = (elea_common::pattern::pattern(1, MIB), elea_common::pattern::pattern(2, MIB));
+    write_file(ma.mountpoint.join("before"), before.0.clone()).await;
+    write_file(mb.mountpoint.join("before"), before.1.clone()).await;
+
+    // The link is cut: each site serves its own volume.
+    bed.set_site_cut("b", true);
+    let t = Instant::now();
+    for (m, seed) in [(&ma, 10u64), (&mb, 20)] {
+        let root = m.mountpoint.clone();
+        blocking(move || {
+            let d = root.join("during");
+            std::fs::create_dir(&d).expect("mkdir while cut");
+            for i in 0..20 {
+                std::fs::write(d.join(format!("f{i}")), elea_common::pattern::pattern(seed + i, 4096))
+                    .expect("write while cut");
+            }
+            std::fs::rename(d.join("f0"), d.join("renamed")).expect("rename while cut");
+        })
+        .await;
+        let big = elea_common::pattern::pattern(seed, 2 * MIB);
+        write_file(m.mountpoint.join("during-big"), big.clone()).await;
+        assert!(read_file(m.mountpoint.join("during-big")).await == big);
+    }
+    eprintln!("both sites served their own volume with the link cut: {:?}", t.elapsed());
+
+    // The link is back: a mount of each volume in the other site sees everything.
+    bed.set_site_cut("b", false);
+    let (xa, xb) = (mount(&b, "va", "mnt-va-in-b"), mount(&a, "vb", "mnt-vb-in-a"));
+    for (m, seed, first) in [(&xa, 10u64, &before.0), (&xb, 20, &before.1)] {
+        assert!(read_file(m.mountpoint.join("before")).await == *first);
+        let root = m.mountpoint.clone();
+        let names = blocking(move || {
+            let mut n: Vec<String> = std::fs::read_dir(root.join("during"))
+                .expect("readdir")
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        })
+        .await;
+        assert_eq!(names.len(), 20, "{names:?}");
+        assert!(names.contains(&"renamed".to_string()));
+        for i in 1..20 {
+            let got = read_file(m.mountpoint.join("during").join(format!("f{i}"))).await;
+            assert!(got == elea_common::pattern::pattern(seed + i, 4096), "during/f{i} differs");
+        }
+        assert!(
+            read_file(m.mountpoint.join("during-big")).await == elea_common::pattern::pattern(seed, 2 * MIB)
+        );
+    }
+    drop((xa, xb, ma, mb, caches, m1, m2));
+}

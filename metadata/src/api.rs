@@ -12,9 +12,9 @@
 
 use elea_common::{Ino, SessionId, SliceId, Timespec, VolumeId};
 use elea_fsm::{
-    Attr, CacheNodeInfo, CacheStats, Caller, DataIdentity, DirEntry, InlineSlice, LockInfo, LockKind, Op,
-    Query, Reply, SetAttr, SiteMap, Slice, SliceData, SliceLoc, StagedBlock, StatFs, VolumeConfig,
-    VolumeInfo,
+    Attr, CacheNodeInfo, CacheStats, Caller, DataIdentity, DirEntry, GroupRecord, InlineSlice, LockInfo,
+    LockKind, Op, Query, Reply, SetAttr, SiteMap, Slice, SliceData, SliceLoc, StagedBlock, StatFs,
+    VolumeConfig, VolumeInfo,
 };
 
 use crate::client::{ClientError, WatchStream};
@@ -768,6 +768,37 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         async move {
             match self.op(op).await? {
                 Reply::Volume(v) => Ok(v),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Creates a volume in a Raft group of its own homed in `home` (`voters`: 0 = the
+    /// default; `spread`: voters across sites). Control group only.
+    fn create_volume_group(
+        &self,
+        name: &str,
+        config: VolumeConfig,
+        home: &str,
+        voters: u8,
+        spread: bool,
+    ) -> impl Future<Output = Result<GroupRecord, ClientError>> + Send {
+        let op =
+            Op::CreateVolumeGroup { name: name.to_string(), config, home: home.to_string(), voters, spread };
+        async move {
+            match self.op(op).await? {
+                Reply::Group(g) => Ok(*g),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// The volumes in groups of their own (asked of the control group), or this group's own
+    /// record (asked of a volume's group).
+    fn volume_groups(&self) -> impl Future<Output = Result<Vec<GroupRecord>, ClientError>> + Send {
+        async move {
+            match self.query(Query::Groups).await? {
+                Reply::Groups(g) => Ok(g),
                 other => Err(unexpected(&other)),
             }
         }

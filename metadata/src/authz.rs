@@ -36,6 +36,7 @@ impl Need {
             | Op::CreateVolumeIn { .. }
             | Op::AddSite { .. }
             | Op::AddStore { .. }
+            | Op::CreateVolumeGroup { .. }
             | Op::RegisterMetaNode { .. } => Need::Admin,
             Op::Mknod { vol, .. }
             | Op::Mkdir { vol, .. }
@@ -79,7 +80,8 @@ impl Need {
             | Query::SliceLocs { .. }
             | Query::SliceData { .. }
             | Query::DataIdentity
-            | Query::Sites => Need::Any,
+            | Query::Sites
+            | Query::Groups => Need::Any,
             Query::VolumeByName { name } => Need::VolumeNamed(name.clone()),
             Query::Lookup { vol, .. }
             | Query::GetAttr { vol, .. }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use elea_common::ids::DEFAULT_GROUP;
-use elea_common::{Errno, GroupId, NodeId, Timespec, VolumeId};
-use elea_fsm::{Change, Command, Op, OpResult, Query, Reply};
+use elea_common::{Errno, GroupId, NodeId, SliceId, Timespec, VolumeId};
+use elea_fsm::{Change, Command, GroupRecord, Op, OpResult, Query, Reply, VolumeInfo};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
@@ -104,7 +104,22 @@ struct Inner {
     inflight: Mutex<BTreeSet<u64>>,
     writes: OnceLock<mpsc::UnboundedSender<WriteJob>>,
     reads: OnceLock<mpsc::UnboundedSender<ReadJob>>,
+    /// The clients of the other groups, shared by the control group's client and them.
+    directory: Arc<Directory>,
 }
+
+/// Which group each volume lives in, and a client per group, shared by a control group
+/// client and the clients it made for other groups.
+#[derive(Default)]
+struct Directory {
+    /// The control group's list of volumes in groups of their own, and when it was read.
+    records: Mutex<(Arc<Vec<GroupRecord>>, Option<Instant>)>,
+    /// One client per group (weak: a group's client lives as long as someone uses it).
+    clients: Mutex<HashMap<GroupId, std::sync::Weak<Inner>>>,
+}
+
+/// How often the list of volume groups is read again for a volume not in it.
+const DIRECTORY_REFRESH: Duration = Duration::from_millis(200);
 
 type Answer = oneshot::Sender<Result<OpResult, ClientError>>;
 
@@ -281,8 +296,116 @@ impl MetaClient {
                 inflight: Mutex::new(BTreeSet::new()),
                 writes: OnceLock::new(),
                 reads: OnceLock::new(),
+                directory: Arc::default(),
             }),
         })
+    }
+
+    /// The Raft group this client sends to.
+    pub fn group(&self) -> GroupId {
+        self.inner.cfg.group
+    }
+
+    /// The client of group `group` (this one for its own group): the same addresses and
+    /// settings, its own leader and request numbers. A group's members are tried first when
+    /// the control group's record of it is known.
+    pub fn for_group(&self, group: GroupId) -> MetaClient {
+        if group == self.inner.cfg.group {
+            return self.clone();
+        }
+        let dir = &self.inner.directory;
+        let mut clients = dir.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(inner) = clients.get(&group).and_then(std::sync::Weak::upgrade) {
+            return MetaClient { inner };
+        }
+        let records = dir.records.lock().unwrap_or_else(|p| p.into_inner()).0.clone();
+        let mut addrs: Vec<String> = records
+            .iter()
+            .find(|r| r.group == group)
+            .map(|r| r.voters.iter().chain(&r.learners).map(|(_, a)| a.clone()).collect())
+            .unwrap_or_default();
+        for a in &self.inner.addrs {
+            if !addrs.contains(a) {
+                addrs.push(a.clone());
+            }
+        }
+        let inner = Arc::new(Inner {
+            cfg: ClientConfig { group, ..self.inner.cfg.clone() },
+            addrs,
+            leader: Mutex::new(None),
+            suspects: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            client_id: random_u64(),
+            next_seq: AtomicU64::new(1),
+            inflight: Mutex::new(BTreeSet::new()),
+            writes: OnceLock::new(),
+            reads: OnceLock::new(),
+            directory: self.inner.directory.clone(),
+        });
+        clients.retain(|_, w| w.strong_count() > 0);
+        clients.insert(group, Arc::downgrade(&inner));
+        MetaClient { inner }
+    }
+
+    /// The control group's list of volumes in groups of their own: as last read, or read
+    /// again when `fresh` and it was not read in the last moments.
+    pub async fn volume_group_list(&self, fresh: bool) -> Result<Arc<Vec<GroupRecord>>, ClientError> {
+        let dir = &self.inner.directory;
+        {
+            let r = dir.records.lock().unwrap_or_else(|p| p.into_inner());
+            let recent = r.1.is_some_and(|t| t.elapsed() < DIRECTORY_REFRESH);
+            if r.1.is_some() && (!fresh || recent) {
+                return Ok(r.0.clone());
+            }
+        }
+        let control = self.for_group(DEFAULT_GROUP);
+        let list = match control.query_here(Query::Groups).await {
+            Ok(Reply::Groups(g)) => Arc::new(g),
+            Ok(other) => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+            // The control group cannot answer (its site is down, say): the list as last read
+            // still routes the volumes it names.
+            Err(e) => {
+                let r = dir.records.lock().unwrap_or_else(|p| p.into_inner());
+                return if r.1.is_some() { Ok(r.0.clone()) } else { Err(e) };
+            }
+        };
+        *dir.records.lock().unwrap_or_else(|p| p.into_inner()) = (list.clone(), Some(Instant::now()));
+        Ok(list)
+    }
+
+    /// The client of the group volume `vol` lives in.
+    pub async fn for_volume(&self, vol: VolumeId) -> Result<MetaClient, ClientError> {
+        let find = |l: &[GroupRecord]| l.iter().find(|r| r.vol == vol).map(|r| r.group);
+        let list = self.volume_group_list(false).await?;
+        let group = match find(&list) {
+            Some(g) => g,
+            None => find(&self.volume_group_list(true).await?).unwrap_or(DEFAULT_GROUP),
+        };
+        Ok(self.for_group(group))
+    }
+
+    /// The client of the group that records slice `id` (see [`elea_fsm::group_of_slice`]).
+    pub fn for_slice(&self, id: SliceId) -> MetaClient {
+        self.for_group(elea_fsm::group_of_slice(id))
+    }
+
+    /// The control group's client and one for each volume group, as last listed.
+    pub async fn all_groups(&self) -> Result<Vec<MetaClient>, ClientError> {
+        let list = self.volume_group_list(true).await?;
+        let mut out = vec![self.for_group(DEFAULT_GROUP)];
+        out.extend(list.iter().map(|r| self.for_group(r.group)));
+        Ok(out)
+    }
+
+    /// Volume `name` and the client of its group.
+    pub async fn volume_client(&self, name: &str) -> Result<(MetaClient, VolumeInfo), ClientError> {
+        let list = self.volume_group_list(true).await?;
+        let c = match list.iter().find(|r| r.name == name) {
+            Some(r) => self.for_group(r.group),
+            None => self.for_group(DEFAULT_GROUP),
+        };
+        let v = crate::api::MetaApi::volume(&c, name).await?;
+        Ok((c, v))
     }
 
     fn conn(&self, addr: &str) -> Result<RawClient<Channel>, ClientError> {
@@ -310,7 +433,8 @@ impl MetaClient {
     /// this client knows (or it knows no leader).
     fn local_node(&self) -> Option<(crate::raft::node::NodeHandle, String)> {
         let hint = self.leader_hint();
-        let local = |a: &String| crate::local::node_at(a).map(|n| (n, a.clone()));
+        let group = self.inner.cfg.group;
+        let local = |a: &String| crate::local::node_at(a, group).map(|n| (n, a.clone()));
         match hint {
             Some(h) => local(&h),
             None => self.inner.addrs.iter().find_map(local),
@@ -342,6 +466,11 @@ impl MetaClient {
                     self.set_leader(None);
                 }
                 Attempt::Retry(hint, format!("{addr}: {}", s.message()))
+            }
+            Code::NotFound if s.metadata().get(crate::service::NO_GROUP_KEY).is_some() => {
+                // This node does not run the group (not a member, or not started it yet).
+                self.set_leader(None);
+                Attempt::Retry(None, format!("{addr}: {}", s.message()))
             }
             Code::FailedPrecondition => {
                 // This node is not (or no longer) a member: try another.
@@ -445,6 +574,24 @@ impl MetaClient {
 
     /// Applies a state-changing op (linearizable, exactly once).
     pub async fn op(&self, op: Op) -> Result<Reply, ClientError> {
+        match self.route_op(&op).await? {
+            crate::route::Route::Here => self.op_here(op).await,
+            crate::route::Route::To(g) if g == self.group() => self.op_here(op).await,
+            crate::route::Route::To(g) => self.for_group(g).op_here(op).await,
+            crate::route::Route::Split(parts) => {
+                for (g, op) in parts {
+                    match self.for_group(g).op_here(op).await? {
+                        Reply::Ok => {}
+                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                    }
+                }
+                Ok(Reply::Ok)
+            }
+        }
+    }
+
+    /// [`MetaClient::op`] applied by this client's group, whatever it is about.
+    pub(crate) async fn op_here(&self, op: Op) -> Result<Reply, ClientError> {
         // Allocate and register under one lock: otherwise a later request could report
         // `acked_below` past this one before it is registered.
         let guard = {
@@ -658,6 +805,14 @@ impl MetaClient {
 
     /// Answers a query from the latest committed state (linearizable).
     pub async fn query(&self, q: Query) -> Result<Reply, ClientError> {
+        match self.route_query(&q).await? {
+            Some(r) => Ok(r),
+            None => self.query_here(q).await,
+        }
+    }
+
+    /// [`MetaClient::query`] answered by this client's group, whatever it is about.
+    pub(crate) async fn query_here(&self, q: Query) -> Result<Reply, ClientError> {
         if let Some((node, addr)) = self.local_node()
             && let Ok(Ok(result)) =
                 tokio::time::timeout(self.inner.cfg.attempt_timeout, node.read(q.clone())).await

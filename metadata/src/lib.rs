@@ -5,7 +5,8 @@
 //! Raft + state machine, no I/O besides storage), [`raft::node`] (the thread that drives a
 //! core), [`raft::transport`] (peer messages), [`service`] (gRPC), [`server`] (start-up),
 //! [`client`] (what gateways and the CLI use), [`watch`] (change fan-out), [`authz`] (who may
-//! ask what, with certificates). [`api`] is the
+//! ask what, with certificates), `route` (a control group client's requests sent to the
+//! groups of the volumes and slices they are about). [`api`] is the
 //! typed API every caller uses, implemented by the client and by [`mem`] (the state machine
 //! in memory, for tests).
 
@@ -15,6 +16,7 @@ pub mod client;
 mod local;
 pub mod mem;
 pub mod raft;
+mod route;
 pub mod server;
 pub mod service;
 pub mod watch;

@@ -3,18 +3,24 @@
 //! node's thread instead of through gRPC over loopback: the same commands, deduplication and
 //! replies, without serializing, two TCP hops and the thread wake-ups they cost.
 
+use elea_common::GroupId;
+use elea_common::ids::DEFAULT_GROUP;
 use elea_common::local::{Registration, Registry};
 
 use crate::raft::node::NodeHandle;
 
 static NODES: Registry<NodeHandle> = Registry::new();
 
-/// Makes `node` reachable in-process at `addr` until the guard is dropped.
-pub(crate) fn register(addr: &str, node: NodeHandle) -> Registration<NodeHandle> {
-    NODES.register(addr, node)
+fn key(addr: &str, group: GroupId) -> String {
+    if group == DEFAULT_GROUP { addr.to_string() } else { format!("{addr}#{group}") }
 }
 
-/// The node of this process listening at `addr`, if any.
-pub(crate) fn node_at(addr: &str) -> Option<NodeHandle> {
-    NODES.get(addr)
+/// Makes group `group` of the node at `addr` reachable in-process until the guard is dropped.
+pub(crate) fn register(addr: &str, group: GroupId, node: NodeHandle) -> Registration<NodeHandle> {
+    NODES.register(&key(addr, group), node)
+}
+
+/// Group `group` of the node of this process listening at `addr`, if any.
+pub(crate) fn node_at(addr: &str, group: GroupId) -> Option<NodeHandle> {
+    NODES.get(&key(addr, group))
 }

@@ -2,6 +2,7 @@
 //! serve gRPC on an already-bound listener until a shutdown future resolves.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use elea_auth::Role;
@@ -16,8 +17,9 @@ use crate::raft::core::{CoreConfig, GroupCore, Member, validate_addr};
 use crate::raft::link::MAGIC;
 use crate::raft::node::{self, NodeConfig, NodeHandle};
 use crate::raft::storage::{GroupStorage, LogStore, LogStoreConfig};
-use crate::raft::transport::{MAX_RAFT_MESSAGE, Transport};
-use crate::service::{MAX_REQUEST, MAX_RESPONSE, MetaService};
+use crate::raft::transport::{LinkRouter, MAX_RAFT_MESSAGE, Transport};
+use crate::service::{Groups, Hosted, MAX_REQUEST, MAX_RESPONSE, MetaService};
+use elea_common::local::Registration;
 
 /// How often an idle gRPC connection is pinged, and how long the answer may take.
 const KEEPALIVE: Duration = Duration::from_secs(20);
@@ -131,22 +133,26 @@ pub async fn serve(
     }
     let store = LogStore::open(&cfg.data_dir.join("raft"), &LogStoreConfig::default())
         .map_err(|e| ServeError::Storage(e.to_string()))?;
-    let mut storage = GroupStorage::open(store, cfg.group).map_err(|e| ServeError::Storage(e.to_string()))?;
-    let transport = match &cfg.tls {
-        Some(tls) => {
-            let me = tls.identity();
-            if me.role != Role::Meta || me.name != cfg.node_id.to_string() {
-                return Err(ServeError::Config(format!(
-                    "the certificate is for {me}; node {} needs a meta certificate named {} \
-                     (`elea certs issue --role meta --name {}`)",
-                    cfg.node_id, cfg.node_id, cfg.node_id
-                )));
-            }
-            Transport::with_tls(cfg.node_id, cfg.advertise.clone(), cfg.group, tls)
-                .map_err(|e| ServeError::Config(e.to_string()))?
+    let mut storage =
+        GroupStorage::open(store.clone(), cfg.group).map_err(|e| ServeError::Storage(e.to_string()))?;
+    if let Some(tls) = &cfg.tls {
+        let me = tls.identity();
+        if me.role != Role::Meta || me.name != cfg.node_id.to_string() {
+            return Err(ServeError::Config(format!(
+                "the certificate is for {me}; node {} needs a meta certificate named {} \
+                 (`elea certs issue --role meta --name {}`)",
+                cfg.node_id, cfg.node_id, cfg.node_id
+            )));
         }
-        None => Transport::new(cfg.node_id, cfg.advertise.clone(), cfg.group),
-    };
+    }
+    let host = Arc::new(Host {
+        cfg: cfg.clone(),
+        store,
+        router: Arc::new(LinkRouter::default()),
+        groups: Arc::new(Groups::default()),
+        running: std::sync::Mutex::new(Vec::new()),
+    });
+    let transport = host.transport(cfg.group)?;
     if storage.is_fresh() {
         if !cfg.join.is_empty() {
             tracing::info!(join = ?cfg.join, "empty data dir: joining an existing cluster");
@@ -176,37 +182,24 @@ pub async fn serve(
     } else {
         tracing::info!(dir = %cfg.data_dir.display(), "rejoining with existing state");
     }
-    let mut core_cfg = CoreConfig::new(cfg.node_id, cfg.group);
-    core_cfg.snapshot_every = cfg.snapshot_every;
-    core_cfg.compact_margin = cfg.compact_margin;
-    core_cfg.async_writes = true;
-    core_cfg.defer_commit_broadcast = !cfg.node.announce_commit_after.is_zero();
-    core_cfg.read_lease =
-        core_cfg.lease_for_tick(u64::try_from(cfg.node.tick.as_nanos()).unwrap_or(u64::MAX));
-    let core = GroupCore::open(core_cfg, storage).map_err(|e| ServeError::Storage(e.to_string()))?;
-    let (handle, join, mut ended) = node::spawn(core, cfg.node.clone(), transport.clone())
-        .map_err(|e| ServeError::Storage(format!("cannot start the raft group: {e}")))?;
-    let svc = std::sync::Arc::new(
-        MetaService::new(
-            handle.clone(),
-            transport.clone(),
-            cfg.node_id,
-            cfg.advertise.clone(),
-            cfg.group,
-            cfg.tls.as_ref(),
-        )
-        .map_err(|e| ServeError::Config(e.to_string()))?,
+    let (handle, mut ended) = host.start(cfg.group, storage, transport)?;
+    let svc = Arc::new(
+        MetaService::new(host.groups.clone(), cfg.node_id, cfg.advertise.clone(), cfg.tls.as_ref())
+            .map_err(|e| ServeError::Config(e.to_string()))?,
     );
-    let _local = crate::local::register(&cfg.advertise, handle.clone());
+    let volume_groups = tokio::spawn(host_volume_groups(host.clone(), handle.clone()));
     let registration =
         tokio::spawn(register_site(svc.clone(), cfg.node_id, cfg.site.clone(), cfg.advertise.clone()));
     // Peers keep long-lived streams open, so a graceful shutdown would wait for ever: after
     // the signal, open connections get SHUTDOWN_GRACE to finish, then the server is dropped.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let node = handle.clone();
+    let groups = host.groups.clone();
     tokio::spawn(async move {
         shutdown.await;
-        hand_over_leadership(&node).await;
+        // Every group this node leads hands over at once.
+        let handing =
+            groups.all().into_iter().map(|(_, h)| async move { hand_over_leadership(&h.node).await });
+        futures::future::join_all(handing).await;
         let _ = stop_tx.send(true);
     });
     let mut graceful = stop_rx.clone();
@@ -235,13 +228,13 @@ pub async fn serve(
     let (server, accept): (std::pin::Pin<Box<dyn Future<Output = _> + Send>>, _) = match cfg.tls.clone() {
         None => {
             let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<TcpStream>>(64);
-            let accept = tokio::spawn(accept_loop(listener, transport.clone(), conn_tx));
+            let accept = tokio::spawn(accept_loop(listener, host.router.clone(), conn_tx));
             let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
             (Box::pin(router.serve_with_incoming_shutdown(incoming, stop)), accept)
         }
         Some(tls) => {
             let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(64);
-            let accept = tokio::spawn(accept_tls_loop(listener, tls, transport.clone(), conn_tx));
+            let accept = tokio::spawn(accept_tls_loop(listener, tls, host.router.clone(), conn_tx));
             let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
             (Box::pin(router.serve_with_incoming_shutdown(incoming, stop)), accept)
         }
@@ -261,9 +254,18 @@ pub async fn serve(
     };
     accept.abort();
     registration.abort();
-    transport.shutdown();
-    handle.stop();
-    let _ = tokio::task::spawn_blocking(move || join.join()).await;
+    volume_groups.abort();
+    let running = std::mem::take(&mut *host.running.lock().unwrap_or_else(|p| p.into_inner()));
+    for r in &running {
+        r.transport.shutdown();
+        r.handle.stop();
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        for r in running {
+            let _ = r.join.join();
+        }
+    })
+    .await;
     result
 }
 
@@ -274,7 +276,7 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// sends) from gRPC connections. Ends when the gRPC server stops taking connections.
 async fn accept_loop(
     listener: TcpListener,
-    transport: Transport,
+    router: Arc<LinkRouter>,
     grpc: tokio::sync::mpsc::Sender<std::io::Result<TcpStream>>,
 ) {
     while !grpc.is_closed() {
@@ -288,13 +290,13 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (transport, grpc) = (transport.clone(), grpc.clone());
+        let (router, grpc) = (router.clone(), grpc.clone());
         tokio::spawn(async move {
             let mut first = [0u8; 1];
             match tokio::time::timeout(SNIFF_TIMEOUT, stream.peek(&mut first)).await {
                 Ok(Ok(0) | Err(_)) => {}
                 Ok(Ok(_)) if first[0] == MAGIC[0] => match stream.into_std() {
-                    Ok(sock) => transport.accept_link(crate::raft::link::InStream { sock, tls: None }, None),
+                    Ok(sock) => router.accept_link(crate::raft::link::InStream { sock, tls: None }, None),
                     Err(e) => tracing::warn!(error = %e, "cannot take over a peer link"),
                 },
                 _ => {
@@ -314,7 +316,7 @@ const MAX_HANDSHAKES: usize = 256;
 async fn accept_tls_loop(
     listener: TcpListener,
     tls: Tls,
-    transport: Transport,
+    router: Arc<LinkRouter>,
     grpc: tokio::sync::mpsc::Sender<std::io::Result<TlsConn>>,
 ) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
@@ -330,7 +332,7 @@ async fn accept_tls_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (tls, transport, grpc) = (tls.clone(), transport.clone(), grpc.clone());
+        let (tls, router, grpc) = (tls.clone(), router.clone(), grpc.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let Some(conn) = tls.accept(stream, addr, slot).await else { return };
@@ -340,7 +342,7 @@ async fn accept_tls_loop(
             }
             let (tcp, session, peer) = conn.into_parts();
             match tcp.into_std() {
-                Ok(sock) => transport.accept_link(
+                Ok(sock) => router.accept_link(
                     crate::raft::link::InStream { sock, tls: Some(Box::new(session)) },
                     Some(peer.identity),
                 ),
@@ -444,5 +446,112 @@ async fn register_site(svc: std::sync::Arc<MetaService>, id: NodeId, site: Strin
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The Raft groups this node runs.
+struct Host {
+    cfg: MetaNodeConfig,
+    store: Arc<LogStore>,
+    router: Arc<LinkRouter>,
+    groups: Arc<Groups>,
+    running: std::sync::Mutex<Vec<Running>>,
+}
+
+/// A group's threads, stopped when the node stops.
+struct Running {
+    handle: NodeHandle,
+    transport: Transport,
+    join: std::thread::JoinHandle<()>,
+    _local: Registration<NodeHandle>,
+}
+
+impl Host {
+    fn transport(&self, group: GroupId) -> Result<Transport, ServeError> {
+        let (id, addr) = (self.cfg.node_id, self.cfg.advertise.clone());
+        match &self.cfg.tls {
+            Some(tls) => {
+                Transport::with_tls(id, addr, group, tls).map_err(|e| ServeError::Config(e.to_string()))
+            }
+            None => Ok(Transport::new(id, addr, group)),
+        }
+    }
+
+    /// Starts group `group` from its storage: its thread, its links, its place in the service.
+    /// The receiver resolves when the group's thread ends.
+    fn start(
+        &self,
+        group: GroupId,
+        storage: GroupStorage,
+        transport: Transport,
+    ) -> Result<(NodeHandle, tokio::sync::oneshot::Receiver<()>), ServeError> {
+        let cfg = &self.cfg;
+        let mut core_cfg = CoreConfig::new(cfg.node_id, group);
+        core_cfg.snapshot_every = cfg.snapshot_every;
+        core_cfg.compact_margin = cfg.compact_margin;
+        core_cfg.async_writes = true;
+        core_cfg.defer_commit_broadcast = !cfg.node.announce_commit_after.is_zero();
+        core_cfg.read_lease =
+            core_cfg.lease_for_tick(u64::try_from(cfg.node.tick.as_nanos()).unwrap_or(u64::MAX));
+        let core = GroupCore::open(core_cfg, storage).map_err(|e| ServeError::Storage(e.to_string()))?;
+        let (handle, join, ended) = node::spawn(core, cfg.node.clone(), transport.clone())
+            .map_err(|e| ServeError::Storage(format!("cannot start raft group {group}: {e}")))?;
+        self.router.add(transport.clone());
+        self.groups.insert(group, Hosted { node: handle.clone(), transport: transport.clone() });
+        let local = crate::local::register(&cfg.advertise, group, handle.clone());
+        if let Ok(mut r) = self.running.lock() {
+            r.push(Running { handle: handle.clone(), transport, join, _local: local });
+        }
+        Ok((handle, ended))
+    }
+
+    /// Starts the group of volume record `rec`, from its storage when this node ran it
+    /// before, else from the record (the first state every first member starts from).
+    fn start_volume_group(&self, rec: &elea_fsm::GroupRecord) -> Result<(), ServeError> {
+        let mut storage = GroupStorage::open(self.store.clone(), rec.group)
+            .map_err(|e| ServeError::Storage(e.to_string()))?;
+        if storage.is_fresh() {
+            let members: Vec<Member> = rec
+                .voters
+                .iter()
+                .map(|(id, addr)| Member { id: *id, addr: addr.clone(), learner: false })
+                .chain(rec.learners.iter().map(|(id, addr)| Member {
+                    id: *id,
+                    addr: addr.clone(),
+                    learner: true,
+                }))
+                .collect();
+            let state = elea_fsm::StateMachine::for_group(rec).map_err(|e| {
+                ServeError::Config(format!("group {} of volume {}: {e}", rec.group, rec.name))
+            })?;
+            GroupCore::bootstrap_with(&mut storage, &members, &state)
+                .map_err(|e| ServeError::Storage(e.to_string()))?;
+        }
+        let transport = self.transport(rec.group)?;
+        self.start(rec.group, storage, transport)?;
+        tracing::info!(group = rec.group, volume = %rec.name, home = %rec.home, "serving the volume's raft group");
+        Ok(())
+    }
+}
+
+/// How often a node looks for volume groups it should run.
+const GROUPS_EVERY: Duration = Duration::from_millis(200);
+
+/// Starts the group of every volume the control group places on this node, as the node
+/// learns of it from its replica of the control group (at start, the groups it ran before).
+async fn host_volume_groups(host: Arc<Host>, control: NodeHandle) {
+    let me = host.cfg.node_id;
+    let mut failed: std::collections::HashSet<GroupId> = std::collections::HashSet::new();
+    loop {
+        if let Some(Ok(elea_fsm::Reply::Groups(recs))) = control.query_applied(&elea_fsm::Query::Groups) {
+            for rec in recs.iter().filter(|r| r.has_member(me) && !host.groups.contains(r.group)) {
+                if let Err(e) = host.start_volume_group(rec)
+                    && failed.insert(rec.group)
+                {
+                    tracing::error!(group = rec.group, volume = %rec.name, "cannot run the volume's raft group: {e}");
+                }
+            }
+        }
+        tokio::time::sleep(GROUPS_EVERY).await;
     }
 }

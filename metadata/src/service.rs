@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use elea_auth::tls::{Connector, Peer, Tls};
 use elea_auth::{Identity, Role};
+use elea_common::ids::DEFAULT_GROUP;
 use elea_common::{GroupId, NodeId, VolumeId};
 use elea_fsm::{Command, OpResult, Query, Reply};
 use tokio_stream::Stream;
@@ -39,13 +40,56 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub const LEADER_ID_KEY: &str = "elea-leader-id";
 pub const LEADER_ADDR_KEY: &str = "elea-leader-addr";
+/// On a `NOT_FOUND` status: the group the node does not serve (a client of a volume's group
+/// tries the group's other members).
+pub const NO_GROUP_KEY: &str = "elea-no-group";
+
+/// A Raft group this node serves.
+#[derive(Clone)]
+pub struct Hosted {
+    pub node: NodeHandle,
+    pub transport: Transport,
+}
+
+/// The Raft groups this node serves, by id: the control group, and the groups of the volumes
+/// it is a member of.
+#[derive(Default)]
+pub struct Groups {
+    map: std::sync::RwLock<HashMap<GroupId, Hosted>>,
+}
+
+impl Groups {
+    pub fn insert(&self, group: GroupId, h: Hosted) {
+        if let Ok(mut m) = self.map.write() {
+            m.insert(group, h);
+        }
+    }
+
+    pub fn remove(&self, group: GroupId) -> Option<Hosted> {
+        self.map.write().ok()?.remove(&group)
+    }
+
+    pub fn get(&self, group: GroupId) -> Option<Hosted> {
+        self.map.read().ok()?.get(&group).cloned()
+    }
+
+    pub fn contains(&self, group: GroupId) -> bool {
+        self.map.read().is_ok_and(|m| m.contains_key(&group))
+    }
+
+    /// Every group, by id.
+    pub fn all(&self) -> Vec<(GroupId, Hosted)> {
+        let mut v: Vec<_> =
+            self.map.read().map(|m| m.iter().map(|(g, h)| (*g, h.clone())).collect()).unwrap_or_default();
+        v.sort_by_key(|(g, _)| *g);
+        v
+    }
+}
 
 pub struct MetaService {
-    node: NodeHandle,
-    transport: Transport,
+    groups: Arc<Groups>,
     id: NodeId,
     addr: String,
-    group: GroupId,
     forward: Mutex<HashMap<String, RawMetaClient<Channel>>>,
     /// With certificates: how this node reaches the leader, and who may ask what.
     tls: Option<Connector>,
@@ -60,19 +104,15 @@ const VOLUME_NAMES_REFRESH: Duration = Duration::from_millis(200);
 
 impl MetaService {
     pub fn new(
-        node: NodeHandle,
-        transport: Transport,
+        groups: Arc<Groups>,
         id: NodeId,
         addr: String,
-        group: GroupId,
         tls: Option<&Tls>,
     ) -> Result<Self, elea_auth::AuthError> {
         Ok(Self {
-            node,
-            transport,
+            groups,
             id,
             addr,
-            group,
             forward: Mutex::new(HashMap::new()),
             tls: tls.map(|t| t.connector(&[Role::Meta])).transpose()?,
             volume_names: tokio::sync::Mutex::new((HashMap::new(), None)),
@@ -103,17 +143,18 @@ impl MetaService {
     }
 
     /// Checks that the caller may make a request that needs `need`.
-    async fn authorize(&self, who: Option<&Identity>, need: &Need) -> Result<(), Status> {
+    async fn authorize(&self, who: Option<&Identity>, need: &Need, h: &Hosted) -> Result<(), Status> {
         let Some(who) = who else { return Ok(()) };
         let name = match need {
-            Need::Volume(vol) if who.role == Role::Gateway => self.volume_name(*vol).await?,
+            Need::Volume(vol) if who.role == Role::Gateway => self.volume_name(*vol, h).await?,
             _ => None,
         };
         authz::allows(who, need, |_| name).map_err(|why| self.refuse(why))
     }
 
-    /// The name of volume `vol`, from the list kept here or, for an id not in it, a fresh one.
-    async fn volume_name(&self, vol: VolumeId) -> Result<Option<String>, Status> {
+    /// The name of volume `vol`, from the list kept here or, for an id not in it, a fresh one
+    /// from group `h` (volume ids are unique across groups).
+    async fn volume_name(&self, vol: VolumeId, h: &Hosted) -> Result<Option<String>, Status> {
         let mut names = self.volume_names.lock().await;
         if let Some(n) = names.0.get(&vol) {
             return Ok(Some(n.clone()));
@@ -121,7 +162,7 @@ impl MetaService {
         if names.1.is_some_and(|t| t.elapsed() < VOLUME_NAMES_REFRESH) {
             return Ok(None);
         }
-        let list = self.list_volumes().await?;
+        let list = self.list_volumes(h).await?;
         names.1 = Some(Instant::now());
         for v in list {
             names.0.insert(v.id, v.name);
@@ -129,15 +170,17 @@ impl MetaService {
         Ok(names.0.get(&vol).cloned())
     }
 
-    /// Every volume, read here or (on a follower) from the leader.
-    async fn list_volumes(&self) -> Result<Vec<elea_fsm::VolumeInfo>, Status> {
-        let result = match self.node.read(Query::ListVolumes).await {
+    /// Every volume of group `h`, read here or (on a follower) from the leader.
+    async fn list_volumes(&self, h: &Hosted) -> Result<Vec<elea_fsm::VolumeInfo>, Status> {
+        let result = match h.node.read(Query::ListVolumes).await {
             Ok(r) => r,
             Err(e) => {
-                let Some(mut f) = self.forward_target(&e, 0) else { return Err(self.to_status(e)) };
+                let Some(mut f) = self.forward_target(&e, 0, &h.node) else {
+                    return Err(self.to_status(e, &h.node));
+                };
                 let query = postcard::to_allocvec(&Query::ListVolumes)
                     .map_err(|e| Status::internal(e.to_string()))?;
-                let req = proto::ReadRequest { group_id: self.group, query, hops: 1 };
+                let req = proto::ReadRequest { group_id: h.transport.group(), query, hops: 1 };
                 let r = tokio::time::timeout(FORWARD_TIMEOUT, f.client.read(req)).await;
                 let reply = self.forwarded(&f, r)?.into_inner();
                 postcard::from_bytes::<OpResult>(&reply.result)
@@ -153,13 +196,16 @@ impl MetaService {
     /// Applies `op` on this node's own behalf (no caller to check): here when this node
     /// leads, else at the leader.
     pub async fn propose(&self, op: elea_fsm::Op) -> Result<OpResult, Status> {
+        let h = self.hosted(DEFAULT_GROUP)?;
         let cmd = Command { client: 0, seq: 0, acked_below: 0, time: Default::default(), op };
-        match tokio::time::timeout(APPLY_TIMEOUT, self.node.write(cmd.clone())).await {
+        match tokio::time::timeout(APPLY_TIMEOUT, h.node.write(cmd.clone())).await {
             Ok(Ok((result, _))) => Ok(result),
             Ok(Err(e)) => {
-                let Some(mut f) = self.forward_target(&e, 0) else { return Err(self.to_status(e)) };
+                let Some(mut f) = self.forward_target(&e, 0, &h.node) else {
+                    return Err(self.to_status(e, &h.node));
+                };
                 let command = postcard::to_allocvec(&cmd).map_err(|e| Status::internal(e.to_string()))?;
-                let req = proto::WriteRequest { group_id: self.group, command, hops: 1 };
+                let req = proto::WriteRequest { group_id: DEFAULT_GROUP, command, hops: 1 };
                 let r = tokio::time::timeout(FORWARD_TIMEOUT, f.client.write(req)).await;
                 let reply = self.forwarded(&f, r)?.into_inner();
                 postcard::from_bytes::<OpResult>(&reply.result)
@@ -171,7 +217,7 @@ impl MetaService {
 
     /// A gateway sees only its own volumes in a volume list, and only its own volumes'
     /// slices (locations and inline bytes) in a slice data reply.
-    async fn filter_reply(&self, who: Option<&Identity>, q: &Query, result: Vec<u8>) -> Vec<u8> {
+    async fn filter_reply(&self, who: Option<&Identity>, q: &Query, result: Vec<u8>, h: &Hosted) -> Vec<u8> {
         let Some(who) = who.filter(|w| w.role == Role::Gateway) else {
             return result;
         };
@@ -184,7 +230,7 @@ impl MetaService {
                 for s in &mut d {
                     let Some(vol) = s.loc.as_ref().map(|l| l.vol) else { continue };
                     let allowed =
-                        matches!(self.volume_name(vol).await, Ok(Some(n)) if who.may_use_volume(&n));
+                        matches!(self.volume_name(vol, h).await, Ok(Some(n)) if who.may_use_volume(&n));
                     if !allowed {
                         s.loc = None;
                         s.inline = None;
@@ -205,21 +251,21 @@ impl MetaService {
         }
     }
 
-    fn check_group(&self, group: GroupId) -> Result<(), Status> {
-        if group == self.group {
-            Ok(())
-        } else {
-            Err(Status::not_found(format!(
-                "unknown raft group {group}: node {} serves group {}",
-                self.id, self.group
-            )))
-        }
+    /// The group a request names (0: the control group), or `NOT_FOUND` for one this node
+    /// does not serve.
+    fn hosted(&self, group: GroupId) -> Result<Hosted, Status> {
+        let group = if group == 0 { DEFAULT_GROUP } else { group };
+        self.groups.get(group).ok_or_else(|| {
+            let mut s = Status::not_found(format!("node {} serves no raft group {group}", self.id));
+            s.metadata_mut().insert(NO_GROUP_KEY, tonic::metadata::MetadataValue::from(group));
+            s
+        })
     }
 
-    fn to_status(&self, e: CoreError) -> Status {
+    fn to_status(&self, e: CoreError, node: &NodeHandle) -> Status {
         match e {
             CoreError::NotLeader { leader: Some(l) } => {
-                let addr = self.node.addr_of(l).unwrap_or_default();
+                let addr = node.addr_of(l).unwrap_or_default();
                 let mut s = Status::unavailable(format!(
                     "node {} is not the leader; the leader is node {l} at {addr}",
                     self.id
@@ -246,12 +292,12 @@ impl MetaService {
     }
 
     /// The leader to forward to, when this node knows it and is not it.
-    fn forward_target(&self, e: &CoreError, hops: u32) -> Option<Forward> {
+    fn forward_target(&self, e: &CoreError, hops: u32, node: &NodeHandle) -> Option<Forward> {
         let CoreError::NotLeader { leader: Some(l) } = e else { return None };
         if hops > 0 || *l == self.id {
             return None;
         }
-        let addr = self.node.addr_of(*l)?;
+        let addr = node.addr_of(*l)?;
         let mut map = self.forward.lock().ok()?;
         if let Some(c) = map.get(&addr) {
             return Some(Forward { client: c.clone(), leader: addr });
@@ -356,7 +402,7 @@ impl proto::meta_server::Meta for MetaService {
     async fn write(&self, req: Request<proto::WriteRequest>) -> Result<Response<proto::WriteReply>, Status> {
         let who = self.caller(&req)?;
         let req = req.into_inner();
-        self.check_group(req.group_id)?;
+        let h = self.hosted(req.group_id)?;
         if req.command.len() > MAX_REQUEST {
             return Err(Status::invalid_argument(format!(
                 "command of {} bytes exceeds {MAX_REQUEST}",
@@ -365,13 +411,13 @@ impl proto::meta_server::Meta for MetaService {
         }
         let cmd: Command = postcard::from_bytes(&req.command)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
-        self.authorize(who.as_deref(), &Need::of_op(&cmd.op)).await?;
-        match tokio::time::timeout(APPLY_TIMEOUT, self.node.write(cmd)).await {
+        self.authorize(who.as_deref(), &Need::of_op(&cmd.op), &h).await?;
+        match tokio::time::timeout(APPLY_TIMEOUT, h.node.write(cmd)).await {
             Ok(Ok((result, index))) => {
                 let result = postcard::to_allocvec(&result).map_err(|e| Status::internal(e.to_string()))?;
                 Ok(Response::new(proto::WriteReply { result, index }))
             }
-            Ok(Err(e)) => match self.forward_target(&e, req.hops) {
+            Ok(Err(e)) => match self.forward_target(&e, req.hops, &h.node) {
                 Some(mut f) => {
                     let r = tokio::time::timeout(
                         FORWARD_TIMEOUT,
@@ -380,7 +426,7 @@ impl proto::meta_server::Meta for MetaService {
                     .await;
                     self.forwarded(&f, r)
                 }
-                None => Err(self.to_status(e)),
+                None => Err(self.to_status(e, &h.node)),
             },
             Err(_) => Err(Status::deadline_exceeded("the command was not applied in time; retry")),
         }
@@ -389,24 +435,24 @@ impl proto::meta_server::Meta for MetaService {
     async fn read(&self, req: Request<proto::ReadRequest>) -> Result<Response<proto::ReadReply>, Status> {
         let who = self.caller(&req)?;
         let req = req.into_inner();
-        self.check_group(req.group_id)?;
+        let h = self.hosted(req.group_id)?;
         if req.query.len() > MAX_REQUEST {
             return Err(Status::invalid_argument("query too large"));
         }
         let q: Query = postcard::from_bytes(&req.query)
             .map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
-        self.authorize(who.as_deref(), &Need::of_query(&q)).await?;
+        self.authorize(who.as_deref(), &Need::of_query(&q), &h).await?;
         let listing = matches!(q, Query::ListVolumes | Query::SliceData { .. }).then(|| q.clone());
-        match tokio::time::timeout(APPLY_TIMEOUT, self.node.read(q)).await {
+        match tokio::time::timeout(APPLY_TIMEOUT, h.node.read(q)).await {
             Ok(Ok(result)) => {
                 let result = postcard::to_allocvec(&result).map_err(|e| Status::internal(e.to_string()))?;
                 let result = match &listing {
-                    Some(q) => self.filter_reply(who.as_deref(), q, result).await,
+                    Some(q) => self.filter_reply(who.as_deref(), q, result, &h).await,
                     None => result,
                 };
                 Ok(Response::new(proto::ReadReply { result }))
             }
-            Ok(Err(e)) => match self.forward_target(&e, req.hops) {
+            Ok(Err(e)) => match self.forward_target(&e, req.hops, &h.node) {
                 Some(mut f) => {
                     let r = tokio::time::timeout(
                         FORWARD_TIMEOUT,
@@ -416,11 +462,11 @@ impl proto::meta_server::Meta for MetaService {
                     let mut resp = self.forwarded(&f, r)?;
                     if let Some(q) = &listing {
                         let r = std::mem::take(&mut resp.get_mut().result);
-                        resp.get_mut().result = self.filter_reply(who.as_deref(), q, r).await;
+                        resp.get_mut().result = self.filter_reply(who.as_deref(), q, r, &h).await;
                     }
                     Ok(resp)
                 }
-                None => Err(self.to_status(e)),
+                None => Err(self.to_status(e, &h.node)),
             },
             Err(_) => Err(Status::deadline_exceeded("the read did not complete in time; retry")),
         }
@@ -432,16 +478,16 @@ impl proto::meta_server::Meta for MetaService {
     ) -> Result<Response<proto::BatchReply>, Status> {
         let who = self.caller(&req)?;
         let req = req.into_inner();
-        self.check_group(req.group_id)?;
+        let h = self.hosted(req.group_id)?;
         check_batch(&req.commands)?;
         let mut cmds = Vec::with_capacity(req.commands.len());
         for b in &req.commands {
             let cmd: Command = postcard::from_bytes(b)
                 .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
-            self.authorize(who.as_deref(), &Need::of_op(&cmd.op)).await?;
+            self.authorize(who.as_deref(), &Need::of_op(&cmd.op), &h).await?;
             cmds.push(cmd);
         }
-        let waits = self.node.write_many(cmds);
+        let waits = h.node.write_many(cmds);
         let mut items = Vec::with_capacity(waits.len());
         let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
         for w in waits {
@@ -449,7 +495,7 @@ impl proto::meta_server::Meta for MetaService {
                 Ok(Ok((result, _))) => items.push(ok_item(&result)?),
                 Ok(Err(e)) if items.is_empty() && matches!(e, CoreError::NotLeader { .. }) => {
                     // The whole batch went to a follower: forward it, or redirect the client.
-                    return match self.forward_target(&e, req.hops) {
+                    return match self.forward_target(&e, req.hops, &h.node) {
                         Some(mut f) => {
                             let r = tokio::time::timeout(
                                 FORWARD_TIMEOUT,
@@ -458,7 +504,7 @@ impl proto::meta_server::Meta for MetaService {
                             .await;
                             self.forwarded(&f, r)
                         }
-                        None => Err(self.to_status(e)),
+                        None => Err(self.to_status(e, &h.node)),
                     };
                 }
                 Ok(Err(e)) => items.push(err_item(e.to_string())),
@@ -474,13 +520,13 @@ impl proto::meta_server::Meta for MetaService {
     ) -> Result<Response<proto::BatchReply>, Status> {
         let who = self.caller(&req)?;
         let req = req.into_inner();
-        self.check_group(req.group_id)?;
+        let h = self.hosted(req.group_id)?;
         check_batch(&req.queries)?;
         let mut qs = Vec::with_capacity(req.queries.len());
         for b in &req.queries {
             let q: Query = postcard::from_bytes(b)
                 .map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
-            self.authorize(who.as_deref(), &Need::of_query(&q)).await?;
+            self.authorize(who.as_deref(), &Need::of_query(&q), &h).await?;
             qs.push(q);
         }
         // A gateway's volume lists and slice data are filtered (see `filter_reply`).
@@ -488,7 +534,7 @@ impl proto::meta_server::Meta for MetaService {
             .iter()
             .map(|q| matches!(q, Query::ListVolumes | Query::SliceData { .. }).then(|| q.clone()))
             .collect();
-        let waits = self.node.read_many(qs);
+        let waits = h.node.read_many(qs);
         let mut items = Vec::with_capacity(waits.len());
         let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
         for (i, w) in waits.into_iter().enumerate() {
@@ -496,12 +542,12 @@ impl proto::meta_server::Meta for MetaService {
                 Ok(Ok(result)) => {
                     let mut item = ok_item(&result)?;
                     if let Some(q) = &listings[i] {
-                        item.result = self.filter_reply(who.as_deref(), q, item.result).await;
+                        item.result = self.filter_reply(who.as_deref(), q, item.result, &h).await;
                     }
                     items.push(item);
                 }
                 Ok(Err(e)) if items.is_empty() && matches!(e, CoreError::NotLeader { .. }) => {
-                    return match self.forward_target(&e, req.hops) {
+                    return match self.forward_target(&e, req.hops, &h.node) {
                         Some(mut f) => {
                             let r = tokio::time::timeout(
                                 FORWARD_TIMEOUT,
@@ -512,12 +558,12 @@ impl proto::meta_server::Meta for MetaService {
                             for (item, listing) in resp.get_mut().items.iter_mut().zip(&listings) {
                                 if let Some(q) = listing {
                                     let r = std::mem::take(&mut item.result);
-                                    item.result = self.filter_reply(who.as_deref(), q, r).await;
+                                    item.result = self.filter_reply(who.as_deref(), q, r, &h).await;
                                 }
                             }
                             Ok(resp)
                         }
-                        None => Err(self.to_status(e)),
+                        None => Err(self.to_status(e, &h.node)),
                     };
                 }
                 Ok(Err(e)) => items.push(err_item(e.to_string())),
@@ -532,10 +578,10 @@ impl proto::meta_server::Meta for MetaService {
     async fn watch(&self, req: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let who = self.caller(&req)?;
         let req = req.into_inner();
-        self.check_group(req.group_id)?;
+        let h = self.hosted(req.group_id)?;
         let vol = req.volume_id;
-        self.authorize(who.as_deref(), &Need::Volume(vol)).await?;
-        let sub = self.node.hub.subscribe(vol, req.from_seq);
+        self.authorize(who.as_deref(), &Need::Volume(vol), &h).await?;
+        let sub = h.node.hub.subscribe(vol, req.from_seq);
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             let event = |set: &elea_fsm::ChangeSet| proto::WatchEvent {
@@ -583,12 +629,9 @@ impl proto::meta_server::Meta for MetaService {
         req: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusReply>, Status> {
         let who = self.caller(&req)?;
-        self.authorize(who.as_deref(), &Need::Any).await?;
-        let req = req.into_inner();
-        if req.group_id != 0 {
-            self.check_group(req.group_id)?;
-        }
-        let s = self.node.status().await.map_err(|e| self.to_status(e))?;
+        let h = self.hosted(req.get_ref().group_id)?;
+        self.authorize(who.as_deref(), &Need::Any, &h).await?;
+        let s = h.node.status().await.map_err(|e| self.to_status(e, &h.node))?;
         Ok(Response::new(status_reply(s, &self.addr)))
     }
 
@@ -597,9 +640,9 @@ impl proto::meta_server::Meta for MetaService {
         req: Request<proto::ChangeMembershipRequest>,
     ) -> Result<Response<proto::ChangeMembershipReply>, Status> {
         let who = self.caller(&req)?;
-        self.authorize(who.as_deref(), &Need::Admin).await?;
+        let h = self.hosted(req.get_ref().group_id)?;
+        self.authorize(who.as_deref(), &Need::Admin, &h).await?;
         let req = req.into_inner();
-        self.check_group(req.group_id)?;
         let change = match Kind::try_from(req.kind) {
             Ok(Kind::AddVoter) => MemberChange::AddVoter,
             Ok(Kind::AddLearner) => MemberChange::AddLearner,
@@ -610,14 +653,14 @@ impl proto::meta_server::Meta for MetaService {
         };
         match tokio::time::timeout(
             APPLY_TIMEOUT,
-            self.node.change_membership(change, req.node_id, req.addr.clone()),
+            h.node.change_membership(change, req.node_id, req.addr.clone()),
         )
         .await
         {
             Ok(Ok(members)) => {
                 Ok(Response::new(proto::ChangeMembershipReply { members: members_to_proto(members) }))
             }
-            Ok(Err(e)) => match self.forward_target(&e, req.hops) {
+            Ok(Err(e)) => match self.forward_target(&e, req.hops, &h.node) {
                 Some(mut f) => {
                     let r = tokio::time::timeout(
                         APPLY_TIMEOUT,
@@ -627,7 +670,7 @@ impl proto::meta_server::Meta for MetaService {
                     .await;
                     self.forwarded(&f, r)
                 }
-                None => Err(self.to_status(e)),
+                None => Err(self.to_status(e, &h.node)),
             },
             Err(_) => Err(Status::deadline_exceeded("the membership change was not applied in time")),
         }
@@ -638,12 +681,12 @@ impl proto::meta_server::Meta for MetaService {
         req: Request<proto::TransferLeaderRequest>,
     ) -> Result<Response<proto::TransferLeaderReply>, Status> {
         let who = self.caller(&req)?;
-        self.authorize(who.as_deref(), &Need::Admin).await?;
+        let h = self.hosted(req.get_ref().group_id)?;
+        self.authorize(who.as_deref(), &Need::Admin, &h).await?;
         let req = req.into_inner();
-        self.check_group(req.group_id)?;
-        match self.node.transfer_leader(req.to).await {
+        match h.node.transfer_leader(req.to).await {
             Ok(()) => Ok(Response::new(proto::TransferLeaderReply {})),
-            Err(e) => match self.forward_target(&e, req.hops) {
+            Err(e) => match self.forward_target(&e, req.hops, &h.node) {
                 Some(mut f) => {
                     let r = tokio::time::timeout(
                         APPLY_TIMEOUT,
@@ -652,7 +695,7 @@ impl proto::meta_server::Meta for MetaService {
                     .await;
                     self.forwarded(&f, r)
                 }
-                None => Err(self.to_status(e)),
+                None => Err(self.to_status(e, &h.node)),
             },
         }
     }
@@ -675,7 +718,7 @@ impl MetaService {
     /// Checks a peer's batch and hands its messages to the group. A bad batch is refused
     /// whole (nothing of it is delivered).
     fn deliver_batch(&self, req: proto::RaftBatch) -> Result<(), Status> {
-        self.check_group(req.group_id)?;
+        let h = self.hosted(req.group_id)?;
         if req.to != self.id {
             return Err(Status::failed_precondition(format!(
                 "raft message for node {} reached node {}",
@@ -690,7 +733,7 @@ impl MetaService {
             }
             msgs.push(m);
         }
-        self.transport.learn(req.from, &req.from_addr);
-        self.node.deliver(msgs).map_err(|e| self.to_status(e))
+        h.transport.learn(req.from, &req.from_addr);
+        h.node.deliver(msgs).map_err(|e| self.to_status(e, &h.node))
     }
 }

@@ -150,8 +150,8 @@ pub struct Node {
     pub(crate) refused_calls: AtomicU64,
     /// The data directory is known to name this cluster (`check_data_dir`).
     marked: std::sync::atomic::AtomicBool,
-    /// The site map and when it was read (see [`Node::site_map`]).
-    sites: Mutex<Option<(Arc<SiteMap>, std::time::Instant)>>,
+    /// The site map of each group and when it was read (see [`Node::site_map`]).
+    sites: Mutex<HashMap<elea_common::GroupId, (Arc<SiteMap>, std::time::Instant)>>,
     /// Bytes and blocks this node fetched from other sites (their cache nodes and stores),
     /// by the site they came from.
     pub(crate) from_sites: Mutex<BTreeMap<String, (u64, u64)>>,
@@ -253,20 +253,31 @@ impl Node {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The site map, read at most every [`SITE_MAP_TTL`] (the last one read when the
-    /// metadata service cannot answer; `None` before any).
-    pub(crate) async fn site_map(&self) -> Option<Arc<SiteMap>> {
-        let cached = self.sites.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    /// The site map of volume `vol`'s group (which names its stores' sites), read at most
+    /// every [`SITE_MAP_TTL`] (the last one read when the metadata service cannot answer;
+    /// `None` before any).
+    pub(crate) async fn site_map(&self, vol: u64) -> Option<Arc<SiteMap>> {
+        let meta = match self.meta.for_volume(vol).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "finding the volume's group");
+                self.meta.clone()
+            }
+        };
+        let group = meta.group();
+        let cached = self.sites.lock().unwrap_or_else(|p| p.into_inner()).get(&group).cloned();
         if let Some((m, at)) = &cached
             && at.elapsed() < SITE_MAP_TTL
         {
             return Some(m.clone());
         }
-        match self.meta.sites().await {
+        match meta.sites().await {
             Ok(m) => {
                 let m = Arc::new(m);
-                *self.sites.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((m.clone(), std::time::Instant::now()));
+                self.sites
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(group, (m.clone(), std::time::Instant::now()));
                 Some(m)
             }
             Err(e) => {
@@ -279,7 +290,7 @@ impl Node {
     /// The store this node tiers volume `vol`'s blocks to: its site's store of the volume,
     /// else the volume's first.
     pub(crate) async fn tier_store(&self, vol: u64) -> u16 {
-        self.site_map().await.and_then(|m| m.store_of(vol, &self.cfg.site)).unwrap_or(0)
+        self.site_map(vol).await.and_then(|m| m.store_of(vol, &self.cfg.site)).unwrap_or(0)
     }
 
     /// Counts a block of `bytes` that came from site `from` (nothing when it is this one's or
@@ -325,28 +336,62 @@ impl Node {
     }
 
     async fn register(&self) -> Result<(), ClientError> {
-        self.meta
-            .register_cache_node(self.cfg.node_id, &self.cfg.site, &self.cfg.advertise, self.incarnation)
+        self.register_in(&self.meta).await
+    }
+
+    /// Registers this node in the registry of `meta`'s group.
+    async fn register_in(&self, meta: &MetaClient) -> Result<(), ClientError> {
+        meta.register_cache_node(self.cfg.node_id, &self.cfg.site, &self.cfg.advertise, self.incarnation)
             .await
     }
 
-    async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        loop {
-            match self.meta.cache_heartbeat(self.cfg.node_id, self.incarnation, self.stats()).await {
-                Ok(_) => {}
-                Err(ClientError::Fs(elea_common::Errno::ESTALE)) => {
-                    tracing::warn!(
-                        "the registry does not know this node (or this incarnation): registering again"
-                    );
-                    if let Err(e) = self.register().await {
-                        tracing::warn!(error = %e, "registering");
-                    }
+    /// One heartbeat to `meta`'s group, registering there when it does not know this node
+    /// (a volume's group this node has not joined yet, or one that lost track of it).
+    async fn heartbeat_in(&self, meta: &MetaClient) {
+        match meta.cache_heartbeat(self.cfg.node_id, self.incarnation, self.stats()).await {
+            Ok(_) => {}
+            Err(ClientError::Fs(elea_common::Errno::ESTALE)) => {
+                tracing::info!(group = meta.group(), "registering in a group that does not know this node");
+                if let Err(e) = self.register_in(meta).await {
+                    tracing::warn!(group = meta.group(), error = %e, "registering");
                 }
-                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
-            match self.meta.cache_nodes().await {
-                Ok(n) => *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = n,
-                Err(e) => tracing::warn!(error = %e, "reading the cache node registry"),
+            Err(e) => tracing::warn!(group = meta.group(), error = %e, "heartbeat failed"),
+        }
+    }
+
+    /// Heartbeats go to the control group and to every volume's group, each of which keeps a
+    /// registry of the cache nodes that stage its blocks; one that does not answer does not
+    /// hold up the others.
+    async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let wait = self.cfg.heartbeat.max(Duration::from_millis(500)) * 3;
+        loop {
+            let groups = match self.meta.all_groups().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing the volume groups");
+                    vec![self.meta.clone()]
+                }
+            };
+            let beats = groups.iter().map(|c| tokio::time::timeout(wait, self.heartbeat_in(c)));
+            for (c, r) in groups.iter().zip(futures::future::join_all(beats).await) {
+                if r.is_err() {
+                    tracing::warn!(group = c.group(), "heartbeat not answered in {wait:?}");
+                }
+            }
+            // The registry as the control group has it, or as the first group that answers
+            // has it when the control group does not.
+            for c in &groups {
+                match tokio::time::timeout(wait, c.cache_nodes()).await {
+                    Ok(Ok(n)) => {
+                        *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = n;
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(group = c.group(), error = %e, "reading the cache node registry")
+                    }
+                    Err(_) => tracing::warn!(group = c.group(), "reading the cache node registry timed out"),
+                }
             }
             if sleep_or_stop(&mut stop, self.cfg.heartbeat).await {
                 return;
@@ -409,7 +454,7 @@ impl Node {
             match self.vols.store(b.vol, idx).await {
                 Ok(s) => match s.get(&key).await {
                     Ok(d) => {
-                        let map = self.site_map().await;
+                        let map = self.site_map(b.vol).await;
                         self.count_from(map.as_ref().and_then(|m| m.site_of_store(b.vol, idx)), d.len());
                         if req.cache {
                             self.cache.insert(id, &d);

@@ -58,8 +58,9 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
     if a.block > 64 << 20 {
         bail!("--block must be at most 64M");
     }
-    let meta = client(&a.meta)?;
-    let vol = meta.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
+    // A volume in a Raft group of its own is served by that group (slice ids included).
+    let (meta, vol) =
+        client(&a.meta)?.volume_client(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
     let peers = a.meta.tls.block_clients()?;
     let mut cfg = DataConfig::new(&a.site);
     cfg.blocks = peers.config().clone();

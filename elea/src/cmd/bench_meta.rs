@@ -71,12 +71,15 @@ pub async fn run_meta_bench(a: MetaBenchArgs) -> anyhow::Result<()> {
         .map(|d| d.as_millis())
         .unwrap_or(0);
     let vol_name = a.volume.clone().unwrap_or_else(|| format!("bench-{stamp}"));
-    let vol = match c.volume(&vol_name).await {
-        Ok(v) => v,
-        Err(ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => c
-            .create_volume(&vol_name, elea_fsm::VolumeConfig::default())
-            .await
-            .context("creating the benchmark volume")?,
+    let (c, vol) = match c.volume_client(&vol_name).await {
+        Ok(found) => found,
+        Err(ClientError::Fs(e)) if e == elea_common::Errno::ENOENT => {
+            let v = c
+                .create_volume(&vol_name, elea_fsm::VolumeConfig::default())
+                .await
+                .context("creating the benchmark volume")?;
+            (c, v)
+        }
         Err(e) => return Err(e).context("looking up the benchmark volume"),
     };
     let top = c

@@ -138,10 +138,12 @@ pub async fn serve_mount(
 }
 
 pub(crate) async fn run_mount(a: MountArgs) -> anyhow::Result<()> {
-    let c = client(&a.meta)?;
-    let vol = c.volume(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
+    let control = client(&a.meta)?;
+    // A volume in a Raft group of its own is served by that group.
+    let (c, vol) =
+        control.volume_client(&a.volume).await.with_context(|| format!("volume {:?}", a.volume))?;
     // A mistyped site would leave the mount with no cache node to write to.
-    let map = c.sites().await.context("reading the site map")?;
+    let map = control.sites().await.context("reading the site map")?;
     if !map.sites.is_empty() && !map.sites.contains(&a.site) {
         bail!(
             "--site {:?}: the cluster has no such site (sites: {}); `elea site add` declares one, and \

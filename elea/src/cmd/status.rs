@@ -60,7 +60,23 @@ pub(crate) async fn print_status(
     // Sites and volumes, when the cluster can answer (it has a leader).
     let map = if any_up { c.sites().await.ok() } else { None };
     let vols = if map.is_some() { c.list_volumes().await.unwrap_or_default() } else { Vec::new() };
-    let group = rows.iter().find_map(|(_, r)| r.as_ref().ok()).map_or(0, |s| s.group_id);
+    let control = rows.iter().find_map(|(_, r)| r.as_ref().ok()).map_or(0, |s| s.group_id);
+    // Each volume's group and its leader: the control group's for a volume that lives there.
+    let groups = if map.is_some() {
+        c.volume_group_list(true).await.map(|l| (*l).clone()).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut placed: std::collections::HashMap<u64, (u64, Option<u64>)> = std::collections::HashMap::new();
+    for v in &vols {
+        let g = elea_fsm::group_of_volume(&groups, v.id);
+        let l = match groups.iter().find(|r| r.group == g) {
+            Some(rec) => group_leader(c, rec).await,
+            None => leader,
+        };
+        placed.insert(v.id, (if g == 1 { control } else { g }, l));
+    }
+    let placed_of = |vol: u64| placed.get(&vol).copied().unwrap_or((control, leader));
     let site_of = |id: Option<u64>| -> Option<String> { Some(map.as_ref()?.meta_site(id?)?.to_string()) };
     if as_json {
         let nodes: Vec<_> = rows
@@ -87,6 +103,7 @@ pub(crate) async fn print_status(
         let volumes: Vec<_> = vols
             .iter()
             .map(|v| {
+                let (group, leader) = placed_of(v.id);
                 json!({"id": v.id, "name": v.name, "home_site": map.as_ref().and_then(|m| m.home(v.id)),
                        "group": group, "leader_node": leader, "leader_site": site_of(leader)})
             })
@@ -179,6 +196,7 @@ pub(crate) async fn print_status(
                 println!();
                 println!("{:<24} {:<12} {:>6}  leader", "volume", "home site", "group");
                 for v in &vols {
+                    let (group, leader) = placed_of(v.id);
                     println!(
                         "{:<24} {:<12} {:>6}  {}",
                         v.name,
@@ -195,6 +213,20 @@ pub(crate) async fn print_status(
         }
     }
     Ok(any_up)
+}
+
+/// The leader of a volume's own group, as the first of its members that answers knows it.
+async fn group_leader(c: &MetaClient, rec: &elea_fsm::GroupRecord) -> Option<u64> {
+    let gc = c.for_group(rec.group);
+    for (_, addr) in rec.voters.iter().chain(&rec.learners) {
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(2), gc.status_of(addr)).await;
+        if let Ok(Ok(s)) = asked
+            && s.leader_id != 0
+        {
+            return Some(s.leader_id);
+        }
+    }
+    None
 }
 
 pub(crate) fn dedup_book(book: &[(u64, String, bool)]) -> Vec<(u64, String, bool)> {

@@ -20,12 +20,17 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
             shared_file_store,
             no_probe,
             home_site,
+            voters,
+            spread_voters,
         } => {
             let compression = match compression.parse::<elea_store::Compression>() {
                 Ok(elea_store::Compression::None) => elea_fsm::BlockCodec::None,
                 Ok(elea_store::Compression::Zstd(l)) => elea_fsm::BlockCodec::Zstd(l),
                 Err(e) => bail!("--compression: {e}"),
             };
+            if voters == 0 || voters > elea_fsm::limits::GROUP_VOTERS_MAX {
+                bail!("--voters must be between 1 and {}", elea_fsm::limits::GROUP_VOTERS_MAX);
+            }
             if replicas == 0 || replicas > elea_fsm::limits::REPLICAS_MAX {
                 bail!("--replicas must be between 1 and {}", elea_fsm::limits::REPLICAS_MAX);
             }
@@ -43,19 +48,56 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                 compression,
             };
             let stores = config.stores.clone();
+            let own_group = home_site.is_some() || spread_voters;
             let home = home_of(&c, home_site).await?;
-            let vol = c
-                .create_volume_in(&name, config, &home)
-                .await
-                .with_context(|| format!("creating volume {name:?} in site {home:?}"))?;
-            println!("created volume {:?} (id {}) in site {home:?}", vol.name, vol.id);
+            let map = c.sites().await.context("reading the site map")?;
+            let local_meta = map.meta_nodes.iter().any(|(_, s, _)| *s == home);
+            if own_group && (local_meta || spread_voters) {
+                let g = c.create_volume_group(&name, config, &home, voters, spread_voters).await.map_err(
+                    |e| match e {
+                        ClientError::Fs(Errno::ENODEV) => {
+                            anyhow::anyhow!("no metadata node has registered yet")
+                        }
+                        ClientError::Fs(Errno::EEXIST) => anyhow::anyhow!("a volume named {name:?} exists"),
+                        e => anyhow::Error::new(e)
+                            .context(format!("creating volume {name:?} in site {home:?}")),
+                    },
+                )?;
+                let ids = |v: &[(u64, String)]| {
+                    v.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(",")
+                };
+                println!(
+                    "created volume {:?} (id {}) in site {home:?}: raft group {} with voters {} and learners {}",
+                    g.name,
+                    g.vol,
+                    g.group,
+                    ids(&g.voters),
+                    if g.learners.is_empty() { "none".to_string() } else { ids(&g.learners) }
+                );
+                // Its members start the group as they learn of it; the volume answers once one
+                // of them leads it.
+                wait_for_group(&c, &name).await?;
+            } else {
+                if own_group {
+                    println!(
+                        "site {home:?} has no metadata node: volume {name:?} lives in the control group \
+                         (its metadata calls cross to wherever that group leads)"
+                    );
+                }
+                let vol = c
+                    .create_volume_in(&name, config, &home)
+                    .await
+                    .with_context(|| format!("creating volume {name:?} in site {home:?}"))?;
+                println!("created volume {:?} (id {}) in site {home:?}", vol.name, vol.id);
+            }
             if !no_probe {
                 claim_stores(&c, &stores).await;
             }
         }
         VolumeCmd::AddStore { volume, url, site, meta, no_probe } => {
-            let c = client(&meta)?;
-            let vol = c.volume(&volume).await.with_context(|| format!("volume {volume:?}"))?;
+            // A volume in a Raft group of its own takes the store there.
+            let (c, vol) =
+                client(&meta)?.volume_client(&volume).await.with_context(|| format!("volume {volume:?}"))?;
             check_stores(std::slice::from_ref(&url), 1, false)?;
             if !no_probe {
                 probe_stores(std::slice::from_ref(&url)).await?;
@@ -133,6 +175,22 @@ fn meta_sites(map: &elea_fsm::SiteMap) -> Vec<String> {
 
 /// The home site of a new volume: the one named, which must exist; else the cluster's only
 /// site, or the only site with metadata nodes.
+/// Waits (up to 30 s) until volume `name`'s new group answers.
+async fn wait_for_group(c: &MetaClient, name: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match c.volume_client(name).await {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("volume {name:?}'s raft group did not start"))
+                );
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
 pub(crate) async fn home_of(c: &MetaClient, named: Option<String>) -> anyhow::Result<String> {
     let mut map = c.sites().await.context("reading the site map")?;
     // Metadata nodes record their sites as they start: a cluster started a moment ago may

@@ -292,6 +292,7 @@ impl State {
             let off = u64::from(p.offset);
             let len = u64::from(p.len);
             let bad = p.id == 0
+                || !self.groups.owns_slice(p.id)
                 || p.id != first.id
                 || p.slice_len != first.slice_len
                 || len == 0

@@ -140,6 +140,7 @@ impl StateV2 {
             identity: None,
             inline: InlineTable::default(),
             sites: Default::default(),
+            groups: Default::default(),
         }
     }
 }
@@ -192,6 +193,7 @@ impl StateV4 {
             identity,
             inline: InlineTable::default(),
             sites: Default::default(),
+            groups: Default::default(),
         }
     }
 }
@@ -245,6 +247,7 @@ impl StateV3 {
             identity: None,
             inline: InlineTable::default(),
             sites: Default::default(),
+            groups: Default::default(),
         }
     }
 }

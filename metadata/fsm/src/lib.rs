@@ -10,6 +10,7 @@ mod changes;
 mod chunks;
 mod data;
 mod dedup;
+mod groups;
 mod inline;
 mod legacy;
 mod locks;
@@ -24,6 +25,7 @@ pub mod types;
 pub use types::*;
 
 pub use data::{block_len, blocks_of, millis_between};
+pub use groups::{DEFAULT_GROUP_VOTERS, group_of_volume};
 pub use namespace::{ALLOC_MAX, check_name};
 pub use sessions::{CLIENT_IDLE_MS, SESSION_NAME_MAX, SESSION_TTL_MAX_MS};
 
@@ -37,10 +39,10 @@ use state::State;
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"ELEAFSM\0";
-/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 5 (before
-/// sites), version 4 (before inline slices), version 3 (before [`DataIdentity`]) and version
+/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 6 (before
+/// volumes in groups of their own), version 5 (before sites), version 4 (before inline slices), version 3 (before [`DataIdentity`]) and version
 /// 2 (before [`Attr::blocks`]).
-pub const SNAPSHOT_VERSION: u32 = 6;
+pub const SNAPSHOT_VERSION: u32 = 7;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,7 @@ struct SnapshotOut<'a> {
     version: u32,
     state: &'a State,
     sites: &'a sites::SiteTable,
+    groups: &'a groups::GroupTable,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +80,12 @@ impl StateMachine {
         Self::default()
     }
 
+    /// The first state of a volume's own group, as the control group recorded it: every
+    /// member starts from this same state. `EINVAL` for a record no control group makes.
+    pub fn for_group(rec: &GroupRecord) -> Result<Self, elea_common::Errno> {
+        Ok(Self { st: State::for_group(rec)? })
+    }
+
     /// Apply one command. Never panics on any input; invalid ops return an errno and leave
     /// the state unchanged.
     pub fn apply(&mut self, cmd: &Command) -> (OpResult, Vec<ChangeSet>) {
@@ -90,8 +99,15 @@ impl StateMachine {
         }
         let mut ch = Changes::default();
         self.st.slices.now = now;
-        if matches!(cmd.op, Op::CreateVolume { .. } | Op::CreateVolumeIn { .. }) && self.st.identity.is_none()
-        {
+        let creates = matches!(
+            cmd.op,
+            Op::CreateVolume { .. } | Op::CreateVolumeIn { .. } | Op::CreateVolumeGroup { .. }
+        );
+        if creates && self.st.groups.own.is_some() {
+            // A volume's own group holds that volume only (its ids come from the control group).
+            return (Err(elea_common::Errno::EPERM), Vec::new());
+        }
+        if creates && self.st.identity.is_none() {
             // Made before the volume, which is the first to carry it; kept even if the
             // creation fails (the identity only has to be unique, not tied to this volume).
             let seed = [
@@ -189,6 +205,9 @@ impl StateMachine {
             Op::RegisterMetaNode { id, site, addr } => st.register_meta_node(*id, site, addr),
             Op::CreateVolumeIn { name, config, home } => st.create_volume_in(name, config, home, now, ch),
             Op::AddStore { vol, site, url } => st.add_store(*vol, site, url),
+            Op::CreateVolumeGroup { name, config, home, voters, spread } => {
+                st.create_volume_group(name, config, home, *voters, *spread, now)
+            }
             // The check refuses every op `As` does not carry, a nested `As` included, so this
             // recursion is one level deep.
             Op::As { caller, op } => {
@@ -226,6 +245,7 @@ impl StateMachine {
             Query::SliceData { ids } => st.slice_data(ids),
             Query::InlineSlices { after, limit } => st.inline_slices(*after, *limit),
             Query::Sites => Ok(Reply::Sites(st.sites.map())),
+            Query::Groups => Ok(Reply::Groups(st.groups.records())),
         }
     }
 
@@ -246,6 +266,7 @@ impl StateMachine {
             version: SNAPSHOT_VERSION,
             state: &self.st,
             sites: &self.st.sites,
+            groups: &self.st.groups,
         };
         // Serializing plain data into a growable buffer cannot fail.
         postcard::to_stdvec(&out).unwrap_or_default()
@@ -263,6 +284,13 @@ impl StateMachine {
         }
         let mut st = match h.version {
             SNAPSHOT_VERSION => {
+                let (mut st, sites, groups) =
+                    decode_state::<(State, sites::SiteTable, groups::GroupTable)>(rest)?;
+                st.sites = sites;
+                st.groups = groups;
+                st
+            }
+            6 => {
                 let (mut st, sites) = decode_state::<(State, sites::SiteTable)>(rest)?;
                 st.sites = sites;
                 st

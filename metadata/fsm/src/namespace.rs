@@ -35,7 +35,7 @@ pub fn check_name(name: &[u8]) -> R<()> {
     Ok(())
 }
 
-fn check_volume_name(name: &str) -> R<()> {
+pub(crate) fn check_volume_name(name: &str) -> R<()> {
     let ok = !name.is_empty()
         && name.len() <= limits::VOLUME_NAME_MAX
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
@@ -254,7 +254,7 @@ impl State {
     ) -> OpResult {
         check_volume_name(name)?;
         crate::data::check_config(config)?;
-        if self.volume_names.contains_key(name) {
+        if self.volume_names.contains_key(name) || self.groups.volumes.values().any(|r| r.name == name) {
             return Err(Errno::EEXIST);
         }
         let id = self.volumes_allocated.checked_add(1).ok_or(Errno::ENOSPC)?;
@@ -303,6 +303,10 @@ impl State {
         }
         let start = self.slices_allocated.checked_add(1).ok_or(Errno::ENOSPC)?;
         let last = self.slices_allocated.checked_add(count).ok_or(Errno::ENOSPC)?;
+        // Past the group's range the ids would name another group.
+        if last >= self.groups.slice_limit() {
+            return Err(Errno::ENOSPC);
+        }
         self.slices_allocated = last;
         Ok(Reply::Range { start, count })
     }

@@ -143,7 +143,7 @@ mod tests {
     use crate::{SNAPSHOT_MAGIC, StateMachine};
 
     /// A format 5 snapshot (a header and the state, no site table) restores with the sites its
-    /// cache nodes registered in, and is written back as format 6.
+    /// cache nodes registered in, and is written back in the current format.
     #[test]
     fn format_5_snapshots_get_their_sites_from_the_cache_registry() {
         let mut sm = StateMachine::new();

@@ -11,6 +11,7 @@ use elea_common::{Errno, Ino, SessionId, SliceId, Timespec, VolumeId};
 use serde::{Deserialize, Serialize};
 
 use crate::chunks::allocated_blocks;
+use crate::groups::GroupTable;
 use crate::inline::InlineTable;
 use crate::sites::SiteTable;
 use crate::types::{
@@ -50,6 +51,9 @@ pub(crate) struct State {
     /// a format 5 snapshot is a [`State`] as it is.
     #[serde(skip)]
     pub sites: SiteTable,
+    /// Volumes in groups of their own (snapshot format 7 on), written after the sites.
+    #[serde(skip)]
+    pub groups: GroupTable,
 }
 
 /// A registered cache node.

@@ -5,7 +5,7 @@
 //! protobuf `bytes`) and the client library. Adding a variant at the end of an enum is a
 //! compatible change; reordering or removing one is not (postcard encodes the variant index).
 
-use elea_common::{Errno, Ino, SessionId, SliceId, Timespec, VolumeId};
+use elea_common::{Errno, GroupId, Ino, SessionId, SliceId, Timespec, VolumeId};
 use serde::{Deserialize, Serialize};
 
 /// File type bits of `mode` (`S_IFMT` and friends, Linux values).
@@ -91,6 +91,10 @@ pub mod limits {
     pub const SITES_MAX: usize = 64;
     /// Metadata nodes the site map records.
     pub const META_NODES_MAX: usize = 256;
+    /// Most voters of a volume's own group.
+    pub const GROUP_VOTERS_MAX: u8 = 7;
+    /// Most volumes in Raft groups of their own.
+    pub const VOLUME_GROUPS_MAX: usize = 4096;
     pub const NODE_ADDR_MAX: usize = 256;
     /// Most blocks or slices one data-path op or query may name.
     pub const BATCH_MAX: usize = 4096;
@@ -698,6 +702,21 @@ pub enum Op {
         site: String,
         url: String,
     },
+    /// [`Op::CreateVolumeIn`] in a Raft group of the volume's own (control group only):
+    /// `voters` metadata nodes (0 = 3; fewer when fewer are known) of the home site vote in
+    /// it, or with `spread` nodes taken from each site in turn (home first), so the group
+    /// outlives the loss of a site. Every other known metadata node is a learner. Replies
+    /// [`Reply::Group`]; each member starts the group from that record. `ENOENT` for an
+    /// unknown home, `ENODEV` when no metadata node runs in it (or none at all with
+    /// `spread`), `EINVAL` for more than [`limits::GROUP_VOTERS_MAX`] voters, `EPERM` in a
+    /// volume's own group (volumes are made in the control group).
+    CreateVolumeGroup {
+        name: String,
+        config: VolumeConfig,
+        home: String,
+        voters: u8,
+        spread: bool,
+    },
 }
 
 /// Decodes the op inside an [`Op::As`], refusing another `As` in it: `Op` is recursive only
@@ -815,6 +834,9 @@ pub enum Query {
     },
     /// The site map; replies [`Reply::Sites`].
     Sites,
+    /// The volumes that live in groups of their own (control group), or this group's own
+    /// record (a volume's group); replies [`Reply::Groups`].
+    Groups,
 }
 
 /// What an [`Op`] or [`Query`] produced.
@@ -880,6 +902,43 @@ pub enum Reply {
         more: bool,
     },
     Sites(SiteMap),
+    Group(Box<GroupRecord>),
+    Groups(Vec<GroupRecord>),
+}
+
+/// A volume that lives in a Raft group of its own, as the control group made it: everything
+/// each member needs to start the group with the same first state ([`crate::StateMachine::for_group`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub group: GroupId,
+    pub vol: VolumeId,
+    pub name: String,
+    pub config: VolumeConfig,
+    pub home: String,
+    /// (node id, address) of the first voters and learners.
+    pub voters: Vec<(u64, String)>,
+    pub learners: Vec<(u64, String)>,
+    pub spread: bool,
+    pub created: Timespec,
+    pub identity: Option<DataIdentity>,
+    /// The sites known when the group was made.
+    pub sites: Vec<String>,
+}
+
+impl GroupRecord {
+    /// Whether metadata node `id` is one of the first members.
+    pub fn has_member(&self, id: u64) -> bool {
+        self.voters.iter().chain(&self.learners).any(|(n, _)| *n == id)
+    }
+}
+
+/// Slice ids of a volume's own group `g` are `g << SLICE_GROUP_SHIFT` and up; the control
+/// group's are below `2 << SLICE_GROUP_SHIFT`. A block's slice id names the group that records it.
+pub const SLICE_GROUP_SHIFT: u32 = 40;
+
+/// The Raft group that records slice `id`.
+pub fn group_of_slice(id: SliceId) -> GroupId {
+    (id >> SLICE_GROUP_SHIFT).max(elea_common::ids::DEFAULT_GROUP)
 }
 
 /// Sites, where the metadata nodes run, and which site each volume and store belongs to.

@@ -293,15 +293,23 @@ fn decode_members(bytes: &[u8]) -> Result<BTreeMap<NodeId, Member>, CoreError> {
 impl GroupCore {
     /// Bootstraps a new cluster on a fresh storage: `initial` lists every initial voter.
     pub fn bootstrap(storage: &mut GroupStorage, initial: &[Member]) -> Result<(), CoreError> {
+        Self::bootstrap_with(storage, initial, &StateMachine::new())
+    }
+
+    /// [`GroupCore::bootstrap`] with a first state other than the empty one (a volume's own
+    /// group starts with its volume) and members that may be learners. Every first member
+    /// must bootstrap with the same `initial` and `state`.
+    pub fn bootstrap_with(
+        storage: &mut GroupStorage,
+        initial: &[Member],
+        state: &StateMachine,
+    ) -> Result<(), CoreError> {
         let members: BTreeMap<NodeId, Member> = initial.iter().map(|m| (m.id, m.clone())).collect();
-        let data = SnapshotData {
-            members: members.values().cloned().collect(),
-            state: StateMachine::new().snapshot(),
-        };
+        let data = SnapshotData { members: members.values().cloned().collect(), state: state.snapshot() };
         let data = postcard::to_allocvec(&data).map_err(|e| CoreError::Invalid(e.to_string()))?;
-        storage
-            .bootstrap(members.keys().copied().collect(), &encode_members(&members), data)
-            .map_err(store_err)
+        let voters = members.values().filter(|m| !m.learner).map(|m| m.id).collect();
+        let learners = members.values().filter(|m| m.learner).map(|m| m.id).collect();
+        storage.bootstrap(voters, learners, &encode_members(&members), data).map_err(store_err)
     }
 
     /// Opens the group from its storage: restores the latest snapshot; raft-rs then replays

@@ -156,6 +156,13 @@ impl NodeHandle {
         self.call(|r| NodeMsg::Read(q, r)).await
     }
 
+    /// Answers `q` from this replica's applied state as it is, with no check that it is
+    /// current (a follower's may lag): for what only has to be eventually seen, such as the
+    /// groups a node must host.
+    pub fn query_applied(&self, q: &Query) -> Option<OpResult> {
+        Some(self.local.state.read().ok()?.query(q))
+    }
+
     /// Submits many commands in one message; each answer arrives on its own receiver.
     pub fn write_many(&self, cmds: Vec<Command>) -> Vec<Waiting<(OpResult, u64)>> {
         let mut msgs = Vec::with_capacity(cmds.len());

@@ -374,11 +374,17 @@ impl GroupStorage {
     /// 1 (term 1) holding the voters, the member address book and the initial state. The log
     /// therefore starts at 2, so a node that joins later always catches up from a snapshot and
     /// learns the initial configuration from it. Only valid on a fresh group.
-    pub fn bootstrap(&self, voters: Vec<u64>, members: &[u8], data: Vec<u8>) -> Result<(), StoreError> {
+    pub fn bootstrap(
+        &self,
+        voters: Vec<u64>,
+        learners: Vec<u64>,
+        members: &[u8],
+        data: Vec<u8>,
+    ) -> Result<(), StoreError> {
         if !self.is_fresh() {
             return Err(StoreError::Invalid("bootstrap of a group that has state".into()));
         }
-        let cs = ConfState::from((voters, vec![]));
+        let cs = ConfState::from((voters, learners));
         let mut snap = Snapshot::default();
         snap.set_data(data.into());
         snap.mut_metadata().index = 1;
@@ -740,7 +746,7 @@ mod tests {
         let store = open(dir.path());
         let s = GroupStorage::open(store.clone(), 7).unwrap();
         assert!(s.is_fresh());
-        s.bootstrap(vec![1, 2, 3], b"m", vec![]).unwrap();
+        s.bootstrap(vec![1, 2, 3], vec![], b"m", vec![]).unwrap();
         assert_eq!(s.first_index().unwrap(), 2);
         let hs = HardState { term: 2, vote: 1, ..Default::default() };
         s.persist(&(2..=5).map(|i| entry(i, 1)).collect::<Vec<_>>(), Some(&hs)).unwrap();
@@ -775,7 +781,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let s = GroupStorage::open(store.clone(), 1).unwrap();
-        s.bootstrap(vec![1], b"", vec![]).unwrap();
+        s.bootstrap(vec![1], vec![], b"", vec![]).unwrap();
         let hs = HardState { term: 3, vote: 1, commit: 1, ..Default::default() };
         s.persist(&(2..=10).map(|i| entry(i, 3)).collect::<Vec<_>>(), Some(&hs)).unwrap();
         s.persist(&[], Some(&HardState { commit: 10, ..hs.clone() })).unwrap();
@@ -791,7 +797,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let s = GroupStorage::open(store.clone(), 1).unwrap();
-        s.bootstrap(vec![1], b"", vec![]).unwrap();
+        s.bootstrap(vec![1], vec![], b"", vec![]).unwrap();
         s.persist(&(2..=10).map(|i| entry(i, 3)).collect::<Vec<_>>(), None).unwrap();
         s.save_snapshot(8, s.conf_state().clone(), b"state".to_vec(), 6).unwrap();
         assert_eq!(s.first_index().unwrap(), 6);
@@ -840,7 +846,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let s = GroupStorage::open(store.clone(), 1).unwrap();
-        s.bootstrap(vec![1], b"", b"state".to_vec()).unwrap();
+        s.bootstrap(vec![1], vec![], b"", b"state".to_vec()).unwrap();
         drop((s, store));
         let file = std::fs::read_dir(dir.path().join("snapshots")).unwrap().next().unwrap().unwrap();
         std::fs::write(file.path(), b"stale").unwrap();

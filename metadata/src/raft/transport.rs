@@ -59,8 +59,6 @@ struct Inner {
     learned: RwLock<HashMap<NodeId, String>>,
     node: OnceLock<NodeHandle>,
     rt: tokio::runtime::Handle,
-    /// Hellos of links peers opened to us being checked.
-    handshakes: AtomicUsize,
     closed: AtomicBool,
     /// Mutual TLS, in a cluster with certificates.
     tls: Option<Secure>,
@@ -100,11 +98,15 @@ impl Transport {
                 learned: RwLock::new(HashMap::new()),
                 node: OnceLock::new(),
                 rt: tokio::runtime::Handle::current(),
-                handshakes: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 tls,
             }),
         }
+    }
+
+    /// The group this transport carries.
+    pub fn group(&self) -> GroupId {
+        self.inner.group
     }
 
     pub(crate) fn attach(&self, node: NodeHandle) {
@@ -176,43 +178,6 @@ impl Transport {
         }
         links.insert(to, l.clone());
         Some(l)
-    }
-
-    /// Takes a link a peer opened to us (the listener saw its first byte, or the ALPN of its
-    /// TLS handshake, whose certificate names `identity`): a short-lived thread checks the
-    /// hello and hands the link to the group thread, which reads it.
-    pub fn accept_link(&self, mut stream: InStream, identity: Option<Arc<Identity>>) {
-        let inner = self.inner.clone();
-        if inner.closed.load(Ordering::Relaxed) {
-            return;
-        }
-        if inner.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
-            inner.handshakes.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!("too many peer links being opened at once; closing one");
-            return;
-        }
-        let spawned = std::thread::Builder::new().name("raft-link-hello".into()).spawn({
-            let inner = inner.clone();
-            move || {
-                let peer = stream.sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                match handshake(&inner, &mut stream, identity.as_deref()) {
-                    Ok(from) => {
-                        if let Some(n) = inner.node.get() {
-                            n.report(NodeMsg::Link(stream, from));
-                        }
-                    }
-                    Err(LinkError::Io(e)) => {
-                        tracing::debug!(%peer, error = %e, "raft link from a peer failed")
-                    }
-                    Err(e) => tracing::warn!(%peer, error = %e, "raft link from a peer refused"),
-                }
-                inner.handshakes.fetch_sub(1, Ordering::AcqRel);
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start a thread for a raft link");
-            inner.handshakes.fetch_sub(1, Ordering::AcqRel);
-        }
     }
 
     /// Closes the links to peers and drops later sends. (The group thread closes the links
@@ -449,8 +414,8 @@ impl Link {
     }
 }
 
-/// Checks the hello of a link a peer opened to us and answers it; returns the sender.
-fn handshake(inner: &Inner, stream: &mut InStream, identity: Option<&Identity>) -> Result<NodeId, LinkError> {
+/// Reads the hello of a link a peer opened to us.
+fn read_hello(stream: &mut InStream) -> Result<Hello, LinkError> {
     let sock = &stream.sock;
     sock.set_nonblocking(false)?;
     sock.set_write_timeout(Some(CONNECT_TIMEOUT))?;
@@ -459,10 +424,28 @@ fn handshake(inner: &Inner, stream: &mut InStream, identity: Option<&Identity>) 
     // not one per read: a peer trickling a byte at a time would otherwise hold a handshake
     // slot for minutes.
     let mut deadline = Deadline { stream: sock, until: Instant::now() + CONNECT_TIMEOUT };
-    let hello = match stream.tls.as_deref_mut() {
-        Some(session) => Hello::read(&mut rustls::Stream::new(session, &mut deadline))?,
-        None => Hello::read(&mut deadline)?,
-    };
+    match stream.tls.as_deref_mut() {
+        Some(session) => Hello::read(&mut rustls::Stream::new(session, &mut deadline)),
+        None => Hello::read(&mut deadline),
+    }
+}
+
+/// Refuses a link with the reason.
+fn refuse(stream: &mut InStream, hello: &Hello, why: String) -> LinkError {
+    let mut b = Vec::new();
+    let _ = link::refuse(&mut b, &why);
+    let _ = answer(stream, &b);
+    LinkError::Protocol(format!("refused a link from node {}: {why}", hello.from))
+}
+
+/// Checks the hello of a link a peer opened to us for group `inner` and answers it; returns
+/// the sender.
+fn admit(
+    inner: &Inner,
+    stream: &mut InStream,
+    hello: &Hello,
+    identity: Option<&Identity>,
+) -> Result<NodeId, LinkError> {
     let certified = match (&inner.tls, identity) {
         (None, _) => None,
         (Some(_), Some(id)) if id.role == Role::Meta && id.name == hello.from.to_string() => None,
@@ -471,8 +454,6 @@ fn handshake(inner: &Inner, stream: &mut InStream, identity: Option<&Identity>) 
     };
     let refusal = if let Some(why) = certified {
         Some(why)
-    } else if hello.group != inner.group {
-        Some(format!("this node serves raft group {}, not {}", inner.group, hello.group))
     } else if hello.to != inner.id {
         Some(format!("this is node {}, not node {}", inner.id, hello.to))
     } else if hello.from == 0 || hello.from == inner.id {
@@ -485,10 +466,7 @@ fn handshake(inner: &Inner, stream: &mut InStream, identity: Option<&Identity>) 
         None
     };
     if let Some(why) = refusal {
-        let mut b = Vec::new();
-        let _ = link::refuse(&mut b, &why);
-        let _ = answer(stream, &b);
-        return Err(LinkError::Protocol(format!("refused a link from node {}: {why}", hello.from)));
+        return Err(refuse(stream, hello, why));
     }
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(5))
@@ -499,6 +477,71 @@ fn handshake(inner: &Inner, stream: &mut InStream, identity: Option<&Identity>) 
     answer(stream, &[link::ACCEPTED])?;
     learn(inner, hello.from, &hello.from_addr);
     Ok(hello.from)
+}
+
+/// The Raft groups this node serves: a link a peer opens goes to the group its hello names.
+#[derive(Default)]
+pub struct LinkRouter {
+    groups: RwLock<HashMap<GroupId, Transport>>,
+    /// Hellos of links peers opened to us being checked.
+    handshakes: AtomicUsize,
+}
+
+impl LinkRouter {
+    pub fn add(&self, t: Transport) {
+        if let Ok(mut g) = self.groups.write() {
+            g.insert(t.inner.group, t);
+        }
+    }
+
+    pub fn remove(&self, group: GroupId) {
+        if let Ok(mut g) = self.groups.write() {
+            g.remove(&group);
+        }
+    }
+
+    fn get(&self, group: GroupId) -> Option<Transport> {
+        self.groups.read().ok()?.get(&group).cloned()
+    }
+
+    /// Takes a link a peer opened to us (the listener saw its first byte, or the ALPN of its
+    /// TLS handshake, whose certificate names `identity`): a short-lived thread checks the
+    /// hello and hands the link to the thread of the group it names, which reads it.
+    pub fn accept_link(self: &Arc<Self>, mut stream: InStream, identity: Option<Arc<Identity>>) {
+        if self.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("too many peer links being opened at once; closing one");
+            return;
+        }
+        let router = self.clone();
+        let spawned = std::thread::Builder::new().name("raft-link-hello".into()).spawn(move || {
+            let peer = stream.sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let admitted = read_hello(&mut stream).and_then(|hello| match router.get(hello.group) {
+                Some(t) if !t.inner.closed.load(Ordering::Relaxed) => {
+                    admit(&t.inner, &mut stream, &hello, identity.as_deref()).map(|from| (t, from))
+                }
+                _ => Err(refuse(
+                    &mut stream,
+                    &hello,
+                    format!("this node serves no raft group {}", hello.group),
+                )),
+            });
+            match admitted {
+                Ok((t, from)) => {
+                    if let Some(n) = t.inner.node.get() {
+                        n.report(NodeMsg::Link(stream, from));
+                    }
+                }
+                Err(LinkError::Io(e)) => tracing::debug!(%peer, error = %e, "raft link from a peer failed"),
+                Err(e) => tracing::warn!(%peer, error = %e, "raft link from a peer refused"),
+            }
+            router.handshakes.fetch_sub(1, Ordering::AcqRel);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a thread for a raft link");
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Writes the answer to a hello (blocking, up to the socket's write timeout).

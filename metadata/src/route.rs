@@ -1,0 +1,259 @@
+//! Routing a control group client's requests to the groups they belong to. A volume that
+//! lives in a Raft group of its own is served by that group; so are the blocks of its slices,
+//! whose ids fall in the group's range ([`elea_fsm::group_of_slice`]). A client of the
+//! control group sends each request about such a volume or slice to the volume's group,
+//! splits requests that name slices of several groups, and walks the paged lists (staged
+//! blocks, deleted slices, inline slices, volumes) through every group in order, so its
+//! callers (cache nodes, the CLI) see one cluster.
+//!
+//! A gateway talks to its volume's group directly ([`MetaClient::volume_client`]): none of
+//! this is on its path.
+
+use elea_common::ids::DEFAULT_GROUP;
+use elea_common::{GroupId, SliceId, VolumeId};
+use elea_fsm::{Op, Query, Reply, group_of_slice};
+
+use crate::client::{ClientError, MetaClient};
+
+/// Where an op goes.
+pub(crate) enum Route {
+    /// To this client's group.
+    Here,
+    To(GroupId),
+    /// In parts, one per group, each applied there; the answer is `Ok` when every part is.
+    Split(Vec<(GroupId, Op)>),
+}
+
+/// The volume an op is about.
+fn op_volume(op: &Op) -> Option<VolumeId> {
+    match op {
+        Op::Mknod { vol, .. }
+        | Op::Mkdir { vol, .. }
+        | Op::Symlink { vol, .. }
+        | Op::Link { vol, .. }
+        | Op::Unlink { vol, .. }
+        | Op::Rmdir { vol, .. }
+        | Op::Rename { vol, .. }
+        | Op::SetAttr { vol, .. }
+        | Op::SetXattr { vol, .. }
+        | Op::RemoveXattr { vol, .. }
+        | Op::WriteSlice { vol, .. }
+        | Op::Fallocate { vol, .. }
+        | Op::Open { vol, .. }
+        | Op::Release { vol, .. }
+        | Op::SetLk { vol, .. }
+        | Op::Flock { vol, .. }
+        | Op::AllocInodes { vol, .. }
+        | Op::WriteSlicePieces { vol, .. }
+        | Op::WriteInline { vol, .. }
+        | Op::AddStore { vol, .. } => Some(*vol),
+        Op::As { op, .. } => op_volume(op),
+        _ => None,
+    }
+}
+
+/// The volume a query is about.
+fn query_volume(q: &Query) -> Option<VolumeId> {
+    match q {
+        Query::Lookup { vol, .. }
+        | Query::GetAttr { vol, .. }
+        | Query::ReadDir { vol, .. }
+        | Query::ReadLink { vol, .. }
+        | Query::GetXattr { vol, .. }
+        | Query::ListXattr { vol, .. }
+        | Query::StatFs { vol }
+        | Query::ReadChunk { vol, .. }
+        | Query::GetLk { vol, .. } => Some(*vol),
+        _ => None,
+    }
+}
+
+/// Splits `items` by the group of the slice id `id` gives for each, in order of group.
+fn by_group<T>(items: &[T], id: impl Fn(&T) -> SliceId) -> Vec<(GroupId, Vec<T>)>
+where
+    T: Clone,
+{
+    let mut out: Vec<(GroupId, Vec<T>)> = Vec::new();
+    for it in items {
+        let g = group_of_slice(id(it));
+        match out.iter_mut().find(|(x, _)| *x == g) {
+            Some((_, v)) => v.push(it.clone()),
+            None => out.push((g, vec![it.clone()])),
+        }
+    }
+    out.sort_by_key(|(g, _)| *g);
+    out
+}
+
+impl MetaClient {
+    /// Whether this client routes: it is a control group client and the cluster has
+    /// volumes in groups of their own.
+    async fn routes(&self) -> Result<bool, ClientError> {
+        if self.group() != DEFAULT_GROUP {
+            return Ok(false);
+        }
+        Ok(!self.volume_group_list(false).await?.is_empty()
+            || !self.volume_group_list(true).await?.is_empty())
+    }
+
+    /// The group of volume `vol` (the control group for one not in a group of its own).
+    async fn group_of(&self, vol: VolumeId) -> Result<GroupId, ClientError> {
+        Ok(self.for_volume(vol).await?.group())
+    }
+
+    pub(crate) async fn route_op(&self, op: &Op) -> Result<Route, ClientError> {
+        if !self.routes().await? {
+            return Ok(Route::Here);
+        }
+        if let Some(vol) = op_volume(op) {
+            return Ok(Route::To(self.group_of(vol).await?));
+        }
+        let split = |parts: Vec<(GroupId, Op)>| match parts.as_slice() {
+            [] => Route::Here,
+            [(g, _)] => Route::To(*g),
+            _ => Route::Split(parts),
+        };
+        Ok(match op {
+            Op::ReplaceReplica { slice, .. } | Op::DropReplica { slice, .. } => {
+                Route::To(group_of_slice(*slice))
+            }
+            Op::MarkTiered { store, blocks } => split(
+                by_group(blocks, |b| b.0)
+                    .into_iter()
+                    .map(|(g, blocks)| (g, Op::MarkTiered { store: *store, blocks }))
+                    .collect(),
+            ),
+            Op::ForgetSlices { ids } => split(
+                by_group(ids, |id| *id).into_iter().map(|(g, ids)| (g, Op::ForgetSlices { ids })).collect(),
+            ),
+            Op::SpillInline { slices } => split(
+                by_group(slices, |s| s.0)
+                    .into_iter()
+                    .map(|(g, slices)| (g, Op::SpillInline { slices }))
+                    .collect(),
+            ),
+            _ => Route::Here,
+        })
+    }
+
+    /// Answers `q` across groups when it must be; `None` when this client's group answers it
+    /// alone.
+    pub(crate) async fn route_query(&self, q: &Query) -> Result<Option<Reply>, ClientError> {
+        if !self.routes().await? {
+            return Ok(None);
+        }
+        if let Some(vol) = query_volume(q) {
+            let g = self.group_of(vol).await?;
+            if g == DEFAULT_GROUP {
+                return Ok(None);
+            }
+            return Ok(Some(Box::pin(self.for_group(g).query(q.clone())).await?));
+        }
+        match q {
+            Query::VolumeByName { name } => {
+                let list = self.volume_group_list(true).await?;
+                match list.iter().find(|r| &r.name == name) {
+                    Some(r) => Ok(Some(Box::pin(self.for_group(r.group).query(q.clone())).await?)),
+                    None => Ok(None),
+                }
+            }
+            Query::ListVolumes => {
+                let mut all = Vec::new();
+                for c in self.all_groups().await? {
+                    match Box::pin(c.query_here(Query::ListVolumes)).await? {
+                        Reply::Volumes(v) => all.extend(v),
+                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                    }
+                }
+                all.sort_by_key(|v| v.id);
+                Ok(Some(Reply::Volumes(all)))
+            }
+            Query::SliceLocs { ids } => {
+                let mut out = Vec::new();
+                for (g, ids) in by_group(ids, |id| *id) {
+                    match Box::pin(self.for_group(g).query_here(Query::SliceLocs { ids })).await? {
+                        Reply::SliceLocs(l) => out.extend(l),
+                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                    }
+                }
+                Ok(Some(Reply::SliceLocs(out)))
+            }
+            Query::SliceData { ids } => {
+                let mut out = Vec::new();
+                for (g, ids) in by_group(ids, |id| *id) {
+                    match Box::pin(self.for_group(g).query_here(Query::SliceData { ids })).await? {
+                        Reply::SliceData(l) => out.extend(l),
+                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                    }
+                }
+                Ok(Some(Reply::SliceData(out)))
+            }
+            Query::StagedBlocks { after, limit } => {
+                let mut out = Vec::new();
+                let mut after = *after;
+                for g in self.groups_from(group_of_slice(after.0)).await? {
+                    let q = Query::StagedBlocks { after, limit: *limit };
+                    match Box::pin(self.for_group(g).query_here(q)).await? {
+                        Reply::Blocks { blocks, more } => {
+                            out.extend(blocks);
+                            if more || out.len() >= *limit as usize {
+                                return Ok(Some(Reply::Blocks { blocks: out, more: true }));
+                            }
+                        }
+                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                    }
+                    after = (0, 0);
+                }
+                Ok(Some(Reply::Blocks { blocks: out, more: false }))
+            }
+            Query::PendingDeletes { after, limit } => {
+                let mut out = Vec::new();
+                let mut after = *after;
+                for g in self.groups_from(group_of_slice(after)).await? {
+                    let q = Query::PendingDeletes { after, limit: *limit };
+                    match Box::pin(self.for_group(g).query_here(q)).await? {
+                        Reply::Deletes { slices, more } => {
+                            out.extend(slices);
+                            if more || out.len() >= *limit as usize {
+                                return Ok(Some(Reply::Deletes { slices: out, more: true }));
+                            }
+                        }
+                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                    }
+                    after = 0;
+                }
+                Ok(Some(Reply::Deletes { slices: out, more: false }))
+            }
+            Query::InlineSlices { after, limit } => {
+                let mut out = Vec::new();
+                let mut after = *after;
+                for g in self.groups_from(group_of_slice(after)).await? {
+                    let q = Query::InlineSlices { after, limit: *limit };
+                    match Box::pin(self.for_group(g).query_here(q)).await? {
+                        Reply::Inline { slices, more } => {
+                            out.extend(slices);
+                            if more || out.len() >= *limit as usize {
+                                return Ok(Some(Reply::Inline { slices: out, more: true }));
+                            }
+                        }
+                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                    }
+                    after = 0;
+                }
+                Ok(Some(Reply::Inline { slices: out, more: false }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The control group and every volume group, by id, from `first` on (a paged list's
+    /// cursor names the group it is in by its slice id).
+    async fn groups_from(&self, first: GroupId) -> Result<Vec<GroupId>, ClientError> {
+        let list = self.volume_group_list(true).await?;
+        let mut ids: Vec<GroupId> =
+            std::iter::once(DEFAULT_GROUP).chain(list.iter().map(|r| r.group)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids.into_iter().filter(|g| *g >= first).collect())
+    }
+}
