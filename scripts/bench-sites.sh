@@ -7,8 +7,12 @@
 #    of a two-site one (`--sites a,b`, links of RTT and BANDWIDTH): the home site's cost of a
 #    second site; the metadata benchmark also on two sites with no metadata node in b (on one
 #    machine, b's learner applies every entry on the same two cores as a's voter);
-#  - meta-remote: `elea bench meta --threads 1` run in site b: what one metadata call from the
-#    other site costs (p50 per phase, against the RTT);
+#  - meta-remote: `elea bench meta --threads 1` run in site b on a volume homed in a: what one
+#    metadata call from the other site costs (p50 per phase, against the RTT); meta-b-home-b:
+#    the same in b on a volume homed in b (its own Raft group, voter in b): local latency;
+#  - meta-spread: three sites, one metadata node each: `elea bench meta --threads 1` in a on a
+#    volume homed in a with --spread-voters (a voter per site: every commit waits for a round
+#    trip to another site) and on one homed in a only (the reference);
 #  - data: MIB MiB written through a mount in a, read through a mount in b (the first read
 #    crosses the link: MiB/s against BANDWIDTH), read again through a fresh mount in b (from
 #    b's cache nodes), and MIB MiB written and read in b (the local reference).
@@ -48,8 +52,13 @@ mount_in() { # SITE VOLUME MOUNTPOINT
 }
 unmount() { umount "$1"; for _ in $(seq 1 100); do mountpoint -q "$1" || return 0; sleep 0.1; done; }
 secs() { python3 -c 'import sys,time; t=time.time(); import subprocess; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(f"{time.time()-t:.3f}")' "$@"; }
-meta_bench() { # SITE LABEL THREADS FILES
-  local out; out=$(in_site "$1" "$B" bench meta --threads "$3" --files "$4" --json)
+volume_in() { # NAME HOME [flags]: a volume in a Raft group of its own homed in HOME
+  local name=$1 home=$2; shift 2
+  "$B" volume create "$name" --home-site "$home" --store "$(j "$WORK/demo.json" "d['sites']['$home']['store']")" \
+    --shared-file-store "$@" >/dev/null
+}
+meta_bench() { # SITE LABEL THREADS FILES VOLUME
+  local out; out=$(in_site "$1" "$B" bench meta --threads "$3" --files "$4" --volume "$5" --json)
   python3 -c "import json,sys; d=json.loads(sys.argv[1]); d['bench']=sys.argv[2]; d['site']=sys.argv[3]; print(json.dumps(d))" "$out" "$2" "$1"
 }
 
@@ -65,16 +74,22 @@ home_data() { # LABEL: sequential write (fsync) and read through a fresh mount, 
 
 dd if=/dev/urandom of="$WORK/src" bs=1M count="$MIB" status=none
 start_demo a
-meta_bench a meta-home-one-site 16 4000
+volume_in m a; meta_bench a meta-home-one-site 16 4000 m
 home_data data-home-one-site
 stop_demo
 start_demo a,b --meta-per-site 1,0
-meta_bench a meta-home-two-sites-no-learner 16 4000
+volume_in m a; meta_bench a meta-home-two-sites-no-learner 16 4000 m
+stop_demo
+start_demo a,b,c --meta-per-site 1,1,1
+volume_in ma a; volume_in ms a --spread-voters
+meta_bench a meta-home-only 1 200 ma
+meta_bench a meta-spread 1 200 ms
 stop_demo
 start_demo a,b
-meta_bench a meta-home-two-sites 16 4000
+volume_in m a; meta_bench a meta-home-two-sites 16 4000 m
 home_data data-home-two-sites
-meta_bench b meta-remote 1 200
+meta_bench b meta-remote 1 200 m
+volume_in mb b; meta_bench b meta-b-home-b 1 200 mb
 "$B" volume create v --home-site a --store "$(j "$WORK/demo.json" 'd["sites"]["a"]["store"]')" --shared-file-store >/dev/null
 "$B" volume add-store v --site b "$(j "$WORK/demo.json" 'd["sites"]["b"]["store"]')" >/dev/null
 mount_in a v "$WORK/ma"; mount_in b v "$WORK/mb"

@@ -42,7 +42,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let e =
         raw.write(proto::WriteRequest { group_id: 42, command: bytes.clone(), hops: 0 }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert!(e.message().contains("unknown raft group 42"), "{}", e.message());
+    assert!(e.message().contains("serves no raft group 42"), "{}", e.message());
 
     // Oversized request.
     let e =
@@ -147,7 +147,7 @@ async fn bad_peer_links_are_refused_and_the_node_keeps_serving() {
         assert_closed(s, want);
     };
     refused(hello(1, 2, 5, "127.0.0.1:9"), "this is node 1, not node 5");
-    refused(hello(42, 2, 1, "127.0.0.1:9"), "serves raft group 1, not 42");
+    refused(hello(42, 2, 1, "127.0.0.1:9"), "serves no raft group 42");
     refused(hello(1, 1, 1, "127.0.0.1:9"), "from node 1 makes no sense");
     refused(hello(1, 2, 1, "nohost"), "bad address");
 

@@ -99,12 +99,14 @@ fn demo_starts_two_sites_describes_them_and_stops_everything() {
         "{sites}"
     );
 
-    // A volume homed in b, mounted in b's namespace: it works.
+    // A volume homed in b, mounted in b's namespace: it works. Its Raft group's voter is b's
+    // metadata node, so its leader is in b (the control group's is in a).
     let store_b = desc["sites"]["b"]["store"].as_str().unwrap();
     cli(&["volume", "create", "v", "--home-site", "b", "--store", store_b, "--shared-file-store"], &env);
     let status = cli(&["status", "--json"], &env);
     assert_eq!(status["volumes"][0]["home_site"], "b", "{status}");
-    assert_eq!(status["volumes"][0]["leader_site"], "a", "{status}");
+    assert_eq!(status["volumes"][0]["leader_site"], "b", "{status}");
+    assert_eq!(status["volumes"][0]["group"], 2, "{status}");
     let wrap: Vec<String> = desc["sites"]["b"]["mount_prefix"]
         .as_array()
         .unwrap()

@@ -469,3 +469,176 @@ async fn volumes_homed_in_each_site_commit_there_and_outlive_a_cut_link() {
     }
     drop((xa, xb, ma, mb, caches, m1, m2));
 }
+
+/// Adds metadata node `id` at `addr` to the control group as a learner (retried until the
+/// group has a leader).
+async fn add_learner(meta: &str, id: u64, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let id_s = id.to_string();
+        let add = args(&["cluster", "add", "--meta", meta, "--node-id", &id_s, "--addr", addr, "--learner"]);
+        let (ok, out, err) =
+            blocking(move || elea_cli(&add.iter().map(String::as_str).collect::<Vec<_>>())).await;
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "adding node {id}: {out}{err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Three sites, a metadata node and a cache node in each. A volume homed in c (its voter in c),
+/// one homed in a, and one homed in a with `--spread-voters` (a voter in each site). Site c is
+/// lost (its processes killed, its link cut): the volume homed in a and the spread one go on
+/// serving writes and reads in a; the one homed in c cannot be mounted, with an error that
+/// says the metadata service is unavailable; when c returns, everything written before and
+/// during the loss is there, in every site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
+    if !fuse_available("site_loss") || !network_available("site_loss") {
+        return;
+    }
+    let cache_port = CACHE_PORTS[0];
+    let bed = SiteBed::create(
+        &["a", "b", "c"],
+        LinkConfig::rtt(Duration::from_millis(10), None),
+        &[META_PORT, cache_port],
+    )
+    .expect("site bed");
+    let dir = tempfile::tempdir().unwrap();
+    let sites: Vec<_> = ["a", "b", "c"].iter().map(|s| bed.site(s).clone()).collect();
+    let metas: Vec<String> = sites.iter().map(|s| s.addr(META_PORT)).collect();
+    let all_meta = metas.join(",");
+    let mut procs = Vec::new();
+    for (i, site) in sites.iter().enumerate() {
+        let id = i as u64 + 1;
+        let how = if i == 0 {
+            args(&["--initial-cluster", &format!("1={}", metas[0]), "--site", &site.name])
+        } else {
+            add_learner(&metas[0], id, &metas[i]).await;
+            args(&["--join", &metas[0], "--site", &site.name])
+        };
+        let d = dir.path().join(format!("meta{id}"));
+        procs.push(MetaProc::start_wrapped("meta", id, &metas[i], &d, &how, &site.command_prefix(), &[]));
+        let extra = args(&["--site", &site.name, "--meta", &all_meta]);
+        let d = dir.path().join(format!("cache{id}"));
+        let addr = site.addr(cache_port);
+        procs.push(MetaProc::start_wrapped("cache", id, &addr, &d, &extra, &site.command_prefix(), &[]));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = args(&["site", "list", "--json", "--meta", &metas[0]]);
+        let (_, out, _) =
+            blocking(move || elea_cli(&st.iter().map(String::as_str).collect::<Vec<_>>())).await;
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let ready = s["sites"].as_array().is_some_and(|l| {
+            l.len() == 3
+                && l.iter().all(|x| {
+                    x["meta_nodes"].as_array().is_some_and(|m| m.len() == 1)
+                        && x["cache_nodes"].as_array().is_some_and(|c| c.len() == 1)
+                })
+        });
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sites did not fill: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let store = format!("file://{}", dir.path().join("store").display());
+    for (vol, home, spread) in [("va", "a", false), ("vs", "a", true), ("vc", "c", false)] {
+        let mut a = args(&[
+            "volume",
+            "create",
+            vol,
+            "--meta",
+            &metas[0],
+            "--home-site",
+            home,
+            "--store",
+            &store,
+            "--shared-file-store",
+            "--replicas",
+            "1",
+        ]);
+        if spread {
+            a.push("--spread-voters".into());
+        }
+        cli(a).await;
+    }
+    let st = cli(args(&["site", "list", "--json", "--meta", &metas[0]])).await;
+    eprintln!("{st}");
+
+    let mount = |site: usize, vol: &str, name: &str| {
+        let mp = dir.path().join(name);
+        let a = args(&[
+            "mount",
+            "--meta",
+            &metas[site],
+            "--volume",
+            vol,
+            "--site",
+            &sites[site].name,
+            &mp.display().to_string(),
+        ]);
+        MountProc::start_wrapped(
+            &a,
+            &mp,
+            &dir.path().join(format!("{name}.log")),
+            &sites[site].command_prefix(),
+            &[],
+        )
+    };
+    let (ma, ms, mut mc) = (mount(0, "va", "va-a"), mount(0, "vs", "vs-a"), mount(2, "vc", "vc-c"));
+    let data = |seed| elea_common::pattern::pattern(seed, MIB);
+    for (m, seed) in [(&ma, 1), (&ms, 2), (&mc, 3)] {
+        write_file(m.mountpoint.join("before"), data(seed)).await;
+    }
+
+    // Site c is lost.
+    mc.kill9();
+    for p in procs.iter_mut().skip(4) {
+        p.kill9();
+    }
+    bed.set_site_cut("c", true);
+    let t = Instant::now();
+    for (m, seed) in [(&ma, 11), (&ms, 12)] {
+        write_file(m.mountpoint.join("during"), data(seed)).await;
+        assert!(read_file(m.mountpoint.join("during")).await == data(seed));
+        assert!(read_file(m.mountpoint.join("before")).await == data(seed - 10));
+    }
+    eprintln!("a's volumes, the spread one included, served {:?} after c was lost", t.elapsed());
+    let mp = dir.path().join("vc-a");
+    std::fs::create_dir_all(&mp).unwrap();
+    let try_mount =
+        args(&["mount", "--meta", &metas[0], "--volume", "vc", "--site", "a", &mp.display().to_string()]);
+    let prefix = sites[0].command_prefix();
+    let t = Instant::now();
+    let (ok, out, err) = blocking(move || {
+        let mut cmd: Vec<String> = prefix;
+        cmd.push(elea_integration::elea_bin().display().to_string());
+        cmd.extend(try_mount);
+        let o = std::process::Command::new(&cmd[0]).args(&cmd[1..]).output().expect("run elea mount");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    })
+    .await;
+    assert!(!ok && err.contains("unavailable"), "mounting vc while c is lost: {out}{err}");
+    eprintln!("a mount of vc failed after {:?}: {}", t.elapsed(), err.lines().last().unwrap_or(""));
+
+    // c returns: everything is there, in every site.
+    bed.set_site_cut("c", false);
+    for p in procs.iter_mut().skip(4) {
+        p.restart();
+    }
+    mc.restart();
+    assert!(read_file(mc.mountpoint.join("before")).await == data(3));
+    let (va_c, vs_b) = (mount(2, "va", "va-c"), mount(1, "vs", "vs-b"));
+    for (m, seed) in [(&va_c, 1), (&vs_b, 2)] {
+        assert!(read_file(m.mountpoint.join("before")).await == data(seed));
+        assert!(read_file(m.mountpoint.join("during")).await == data(seed + 10));
+    }
+    drop((va_c, vs_b, ma, ms, mc, procs));
+}

@@ -5,8 +5,9 @@
 //! As root (with iproute2 and nsenter) each site is a network namespace of its own and every
 //! byte between sites crosses a link of `elea_sandbox` (see its docs for how). Otherwise the
 //! sites share loopback (each its own 127.0.N.1 address) with no delay between them, and the
-//! demo says so. The first site's metadata nodes are the Raft voters; the other sites' are
-//! learners. Every process speaks mutual TLS with certificates made in `DIR/certs`; the CLI
+//! demo says so. The first site's metadata nodes are the control group's voters; the other
+//! sites' are its learners (a volume created with `--home-site S` gets a group of its own
+//! whose voters are S's). Every process speaks mutual TLS with certificates made in `DIR/certs`; the CLI
 //! uses the admin one. Runs in the foreground until Ctrl-C or SIGTERM, then stops everything
 //! it started.
 
@@ -35,7 +36,8 @@ pub struct DemoArgs {
     /// The sites, comma-separated (1 to 3).
     #[arg(long, default_value = "a,b")]
     pub sites: String,
-    /// Metadata nodes per site (the first site's are the voters, the others' learners): one
+    /// Metadata nodes per site (the first site's are the control group's voters, the others'
+    /// its learners; a volume homed in a site gets that site's as its group's voters): one
     /// count for every site, or one per site (`3,1,0`; the first at least 1).
     #[arg(long, default_value = "1")]
     pub meta_per_site: String,
