@@ -58,7 +58,7 @@ impl Volumes {
 
     async fn load(&self, vol: u64) -> Result<Arc<VolumeEntry>, CacheError> {
         // From the volume's own group when it has one.
-        let info = self.meta.for_volume(vol).await?.volume_by_id(vol).await?;
+        let info = self.meta.volume_info(vol).await?;
         // Read after the volume: a volume that exists has the identity it was created under.
         let key_tag = DataIdentity::key_tag(self.identity().await?.as_ref(), vol);
         let stores = info

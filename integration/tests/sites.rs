@@ -565,8 +565,29 @@ async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
         }
         cli(a).await;
     }
-    let st = cli(args(&["site", "list", "--json", "--meta", &metas[0]])).await;
-    eprintln!("{st}");
+    // Every volume's group is led from its home site, the spread one included (whichever
+    // voter won its first election hands the leadership to a's).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = cli(args(&["status", "--json", "--meta", &metas[0]])).await;
+        let leaders: Vec<(String, String)> = st["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .map(|v| {
+                (v["name"].as_str().unwrap_or("").into(), v["leader_site"].as_str().unwrap_or("").into())
+            })
+            .collect();
+        let want: Vec<(String, String)> = [("va", "a"), ("vs", "a"), ("vc", "c")]
+            .iter()
+            .map(|(v, s)| (v.to_string(), s.to_string()))
+            .collect();
+        if leaders == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "volumes not led from their home sites: {leaders:?}\n{st}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     let mount = |site: usize, vol: &str, name: &str| {
         let mp = dir.path().join(name);

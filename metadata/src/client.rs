@@ -106,6 +106,9 @@ struct Inner {
     reads: OnceLock<mpsc::UnboundedSender<ReadJob>>,
     /// The clients of the other groups, shared by the control group's client and them.
     directory: Arc<Directory>,
+    /// A control group client that sends requests about other groups' volumes to them
+    /// (see `crate::route`); off for every other client.
+    routing: bool,
 }
 
 /// Which group each volume lives in, and a client per group, shared by a control group
@@ -297,7 +300,42 @@ impl MetaClient {
                 writes: OnceLock::new(),
                 reads: OnceLock::new(),
                 directory: Arc::default(),
+                routing: true,
             }),
+        })
+    }
+
+    /// Whether this client sends requests about other groups' volumes to them.
+    pub(crate) fn routing(&self) -> bool {
+        self.inner.routing && self.inner.cfg.group == DEFAULT_GROUP
+    }
+
+    /// A new client of `group` sharing this one's addresses, settings and directory.
+    fn sibling(&self, group: GroupId, routing: bool) -> Arc<Inner> {
+        let records = self.inner.directory.records.lock().unwrap_or_else(|p| p.into_inner()).0.clone();
+        let mut addrs: Vec<String> = records
+            .iter()
+            .find(|r| r.group == group)
+            .map(|r| r.voters.iter().chain(&r.learners).map(|(_, a)| a.clone()).collect())
+            .unwrap_or_default();
+        for a in &self.inner.addrs {
+            if !addrs.contains(a) {
+                addrs.push(a.clone());
+            }
+        }
+        Arc::new(Inner {
+            cfg: ClientConfig { group, ..self.inner.cfg.clone() },
+            addrs,
+            leader: Mutex::new(None),
+            suspects: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            client_id: random_u64(),
+            next_seq: AtomicU64::new(1),
+            inflight: Mutex::new(BTreeSet::new()),
+            writes: OnceLock::new(),
+            reads: OnceLock::new(),
+            directory: self.inner.directory.clone(),
+            routing,
         })
     }
 
@@ -318,30 +356,7 @@ impl MetaClient {
         if let Some(inner) = clients.get(&group).and_then(std::sync::Weak::upgrade) {
             return MetaClient { inner };
         }
-        let records = dir.records.lock().unwrap_or_else(|p| p.into_inner()).0.clone();
-        let mut addrs: Vec<String> = records
-            .iter()
-            .find(|r| r.group == group)
-            .map(|r| r.voters.iter().chain(&r.learners).map(|(_, a)| a.clone()).collect())
-            .unwrap_or_default();
-        for a in &self.inner.addrs {
-            if !addrs.contains(a) {
-                addrs.push(a.clone());
-            }
-        }
-        let inner = Arc::new(Inner {
-            cfg: ClientConfig { group, ..self.inner.cfg.clone() },
-            addrs,
-            leader: Mutex::new(None),
-            suspects: Mutex::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
-            client_id: random_u64(),
-            next_seq: AtomicU64::new(1),
-            inflight: Mutex::new(BTreeSet::new()),
-            writes: OnceLock::new(),
-            reads: OnceLock::new(),
-            directory: self.inner.directory.clone(),
-        });
+        let inner = self.sibling(group, false);
         clients.retain(|_, w| w.strong_count() > 0);
         clients.insert(group, Arc::downgrade(&inner));
         MetaClient { inner }
@@ -397,12 +412,24 @@ impl MetaClient {
         Ok(out)
     }
 
-    /// Volume `name` and the client of its group.
+    /// Volume `vol`, asked of its own group only (a control group client's volume list
+    /// would ask every group, and fail while any of them cannot answer).
+    pub async fn volume_info(&self, vol: VolumeId) -> Result<VolumeInfo, ClientError> {
+        let c = self.for_volume(vol).await?;
+        match c.query_here(Query::ListVolumes).await? {
+            Reply::Volumes(v) => v.into_iter().find(|v| v.id == vol).ok_or(ClientError::Fs(Errno::ENODEV)),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Volume `name` and a client of its group that sends everything there (for a volume of
+    /// the control group, one that does not route: a gateway of such a volume needs no other
+    /// group, and must not wait for one that cannot answer).
     pub async fn volume_client(&self, name: &str) -> Result<(MetaClient, VolumeInfo), ClientError> {
         let list = self.volume_group_list(true).await?;
         let c = match list.iter().find(|r| r.name == name) {
             Some(r) => self.for_group(r.group),
-            None => self.for_group(DEFAULT_GROUP),
+            None => MetaClient { inner: self.sibling(DEFAULT_GROUP, false) },
         };
         let v = crate::api::MetaApi::volume(&c, name).await?;
         Ok((c, v))

@@ -89,7 +89,7 @@ impl MetaClient {
     /// Whether this client routes: it is a control group client and the cluster has
     /// volumes in groups of their own.
     async fn routes(&self) -> Result<bool, ClientError> {
-        if self.group() != DEFAULT_GROUP {
+        if !self.routing() {
             return Ok(false);
         }
         Ok(!self.volume_group_list(false).await?.is_empty()

@@ -538,10 +538,16 @@ impl Host {
 const GROUPS_EVERY: Duration = Duration::from_millis(200);
 
 /// Starts the group of every volume the control group places on this node, as the node
-/// learns of it from its replica of the control group (at start, the groups it ran before).
+/// learns of it from its replica of the control group (at start, the groups it ran before);
+/// and hands the leadership of a volume's group it leads from outside the volume's home site
+/// to a voter in that site (a group with voters in several sites, `--spread-voters`, elects
+/// whichever voter times out first), so the home site's calls cost one local round trip to
+/// the leader and the leader's one to a quorum, not a WAN round trip more.
 async fn host_volume_groups(host: Arc<Host>, control: NodeHandle) {
     let me = host.cfg.node_id;
     let mut failed: std::collections::HashSet<GroupId> = std::collections::HashSet::new();
+    let mut handed: std::collections::HashMap<GroupId, tokio::time::Instant> =
+        std::collections::HashMap::new();
     loop {
         if let Some(Ok(elea_fsm::Reply::Groups(recs))) = control.query_applied(&elea_fsm::Query::Groups) {
             for rec in recs.iter().filter(|r| r.has_member(me) && !host.groups.contains(r.group)) {
@@ -551,7 +557,37 @@ async fn host_volume_groups(host: Arc<Host>, control: NodeHandle) {
                     tracing::error!(group = rec.group, volume = %rec.name, "cannot run the volume's raft group: {e}");
                 }
             }
+            let sites = match control.query_applied(&elea_fsm::Query::Sites) {
+                Some(Ok(elea_fsm::Reply::Sites(m))) => m,
+                _ => elea_fsm::SiteMap::default(),
+            };
+            for rec in recs.iter().filter(|r| r.home != host.cfg.site) {
+                let recent = handed.get(&rec.group).is_some_and(|t| t.elapsed() < HAND_HOME_EVERY);
+                let Some(h) = host.groups.get(rec.group).filter(|_| !recent) else { continue };
+                let Ok(st) = h.node.status().await else { continue };
+                if st.role != "leader" {
+                    continue;
+                }
+                let home = |id: u64| sites.meta_site(id) == Some(rec.home.as_str());
+                let Some(to) =
+                    st.members.iter().find(|m| !m.learner && m.id != me && home(m.id)).map(|m| m.id)
+                else {
+                    continue;
+                };
+                handed.insert(rec.group, tokio::time::Instant::now());
+                match h.node.transfer_leader(to).await {
+                    Ok(()) => {
+                        tracing::info!(group = rec.group, to, home = %rec.home, "handing the volume's group to its home site")
+                    }
+                    Err(e) => {
+                        tracing::debug!(group = rec.group, to, error = %e, "could not hand the group to its home site")
+                    }
+                }
+            }
         }
         tokio::time::sleep(GROUPS_EVERY).await;
     }
 }
+
+/// How often a leader outside a volume's home site tries to hand the group over.
+const HAND_HOME_EVERY: Duration = Duration::from_secs(5);
