@@ -398,6 +398,27 @@ pub enum VolumeCmd {
         #[arg(long)]
         no_probe: bool,
     },
+    /// Add a metadata node to a volume's Raft group (a volume created with --home-site): it
+    /// starts the group empty and catches up from the leader. Add voters in another site, then
+    /// remove the old ones, to move the group there.
+    AddMember {
+        volume: String,
+        #[arg(long)]
+        node_id: u64,
+        /// A learner (a copy that votes in nothing) instead of a voter.
+        #[arg(long)]
+        learner: bool,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+    /// Remove a metadata node from a volume's Raft group (it stops running the group).
+    RemoveMember {
+        volume: String,
+        #[arg(long)]
+        node_id: u64,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
     /// List volumes.
     List {
         #[command(flatten)]

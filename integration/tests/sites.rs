@@ -14,6 +14,8 @@ use elea_integration::wan::LinkConfig;
 use elea_integration::{MetaProc, MountProc, elea_cli, fuse_available, network_available};
 
 const META_PORT: u16 = 7001;
+/// A second metadata node's port in a site.
+const EXTRA_META_PORT: u16 = 7003;
 const CACHE_PORTS: [u16; 2] = [7101, 7102];
 const MIB: usize = 1 << 20;
 
@@ -284,7 +286,7 @@ async fn volumes_homed_in_each_site_commit_there_and_outlive_a_cut_link() {
     if !fuse_available("volume_groups") || !network_available("volume_groups") {
         return;
     }
-    let ports: Vec<u16> = std::iter::once(META_PORT).chain(CACHE_PORTS).collect();
+    let ports: Vec<u16> = [META_PORT, EXTRA_META_PORT].into_iter().chain(CACHE_PORTS).collect();
     let bed = SiteBed::create(&["a", "b"], LinkConfig::rtt(Duration::from_millis(20), None), &ports)
         .expect("site bed");
     let dir = tempfile::tempdir().unwrap();
@@ -467,7 +469,70 @@ async fn volumes_homed_in_each_site_commit_there_and_outlive_a_cut_link() {
             read_file(m.mountpoint.join("during-big")).await == elea_common::pattern::pattern(seed, 2 * MIB)
         );
     }
-    drop((xa, xb, ma, mb, caches, m1, m2));
+
+    // va's group moves to b online, with a member that joins it empty: node 5 (a new
+    // metadata node in a) and b's node 2 (a learner until now) become voters, node 1 (the
+    // leader) leaves. The mount of va in a goes on writing throughout.
+    let meta_5 = a.addr(EXTRA_META_PORT);
+    add_learner(&meta_a, 5, &meta_5).await;
+    let m5 = MetaProc::start_wrapped(
+        "meta",
+        5,
+        &meta_5,
+        &dir.path().join("meta5"),
+        &args(&["--join", &meta_a, "--site", "a"]),
+        &a.command_prefix(),
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = args(&["site", "list", "--json", "--meta", &meta_a]);
+        let (_, out, _) =
+            blocking(move || elea_cli(&st.iter().map(String::as_str).collect::<Vec<_>>())).await;
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let metas_a = s["sites"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["name"] == "a"))
+            .map(|x| x["meta_nodes"].clone());
+        if metas_a == Some(serde_json::json!([1, 5])) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 5 did not register: {s}\n{}", m5.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let writer = {
+        let root = ma.mountpoint.clone();
+        tokio::task::spawn_blocking(move || {
+            let d = root.join("moving");
+            std::fs::create_dir(&d).expect("mkdir");
+            let mut n = 0u64;
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(6) {
+                std::fs::write(d.join(format!("f{n}")), elea_common::pattern::pattern(100 + n, 8192))
+                    .unwrap_or_else(|e| panic!("write {n} while the group moved: {e}"));
+                n += 1;
+            }
+            n
+        })
+    };
+    cli(args(&["volume", "add-member", "va", "--node-id", "5", "--meta", &meta_a])).await;
+    cli(args(&["volume", "add-member", "va", "--node-id", "2", "--meta", &meta_a])).await;
+    cli(args(&["volume", "remove-member", "va", "--node-id", "1", "--meta", &meta_a])).await;
+    let written = writer.await.expect("writer");
+    assert!(written > 0);
+    for i in 0..written {
+        let got = read_file(ma.mountpoint.join("moving").join(format!("f{i}"))).await;
+        assert!(got == elea_common::pattern::pattern(100 + i, 8192), "moving/f{i} differs");
+    }
+    assert!(read_file(ma.mountpoint.join("before")).await == before.0);
+    let st = cli(args(&["status", "--json", "--meta", &meta_a])).await;
+    let va = st["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "va").expect("va").clone();
+    assert!(va["leader_node"] == 2 || va["leader_node"] == 5, "{st}");
+    eprintln!(
+        "va's group moved with {written} files written through it meanwhile; leader now {}",
+        va["leader_node"]
+    );
+    drop((xa, xb, ma, mb, caches, m1, m2, m5));
 }
 
 /// Adds metadata node `id` at `addr` to the control group as a learner (retried until the

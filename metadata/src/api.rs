@@ -793,6 +793,35 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         }
     }
 
+    /// Records that metadata node `id` runs volume `vol`'s group (control group only).
+    fn add_group_member(
+        &self,
+        vol: VolumeId,
+        id: u64,
+        learner: bool,
+    ) -> impl Future<Output = Result<GroupRecord, ClientError>> + Send {
+        async move {
+            match self.op(Op::AddGroupMember { vol, id, learner }).await? {
+                Reply::Group(g) => Ok(*g),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Records that metadata node `id` left volume `vol`'s group (control group only).
+    fn remove_group_member(
+        &self,
+        vol: VolumeId,
+        id: u64,
+    ) -> impl Future<Output = Result<GroupRecord, ClientError>> + Send {
+        async move {
+            match self.op(Op::RemoveGroupMember { vol, id }).await? {
+                Reply::Group(g) => Ok(*g),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
     /// The volumes in groups of their own (asked of the control group), or this group's own
     /// record (asked of a volume's group).
     fn volume_groups(&self) -> impl Future<Output = Result<Vec<GroupRecord>, ClientError>> + Send {

@@ -37,6 +37,8 @@ impl Need {
             | Op::AddSite { .. }
             | Op::AddStore { .. }
             | Op::CreateVolumeGroup { .. }
+            | Op::AddGroupMember { .. }
+            | Op::RemoveGroupMember { .. }
             | Op::RegisterMetaNode { .. } => Need::Admin,
             Op::Mknod { vol, .. }
             | Op::Mkdir { vol, .. }

@@ -506,11 +506,13 @@ impl Host {
     }
 
     /// Starts the group of volume record `rec`, from its storage when this node ran it
-    /// before, else from the record (the first state every first member starts from).
+    /// before; else, for a first member, from the record (the first state every first member
+    /// starts from), and for a member added later, empty (its leader sends it a snapshot).
     fn start_volume_group(&self, rec: &elea_fsm::GroupRecord) -> Result<(), ServeError> {
         let mut storage = GroupStorage::open(self.store.clone(), rec.group)
             .map_err(|e| ServeError::Storage(e.to_string()))?;
-        if storage.is_fresh() {
+        let transport = self.transport(rec.group)?;
+        if storage.is_fresh() && rec.is_first_member(self.cfg.node_id) {
             let members: Vec<Member> = rec
                 .voters
                 .iter()
@@ -526,11 +528,38 @@ impl Host {
             })?;
             GroupCore::bootstrap_with(&mut storage, &members, &state)
                 .map_err(|e| ServeError::Storage(e.to_string()))?;
+        } else if storage.is_fresh() {
+            // Added later: the members' addresses let it answer the leader before the
+            // leader's snapshot brings the member book.
+            for (id, addr, _) in rec.members() {
+                if id != self.cfg.node_id {
+                    transport.learn(id, &addr);
+                }
+            }
         }
-        let transport = self.transport(rec.group)?;
         self.start(rec.group, storage, transport)?;
         tracing::info!(group = rec.group, volume = %rec.name, home = %rec.home, "serving the volume's raft group");
         Ok(())
+    }
+
+    /// Stops running group `group` (this node left it). Its storage stays until the data
+    /// directory is cleaned; joining the group again starts from it.
+    fn stop_group(&self, group: GroupId) {
+        self.groups.remove(group);
+        self.router.remove(group);
+        let stopped = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let i = running.iter().position(|r| r.transport.group() == group);
+            i.map(|i| running.swap_remove(i))
+        };
+        if let Some(r) = stopped {
+            r.transport.shutdown();
+            r.handle.stop();
+            std::thread::spawn(move || {
+                let _ = r.join.join();
+            });
+            tracing::info!(group, "left the volume's raft group: stopped it");
+        }
     }
 }
 
@@ -556,6 +585,9 @@ async fn host_volume_groups(host: Arc<Host>, control: NodeHandle) {
                 {
                     tracing::error!(group = rec.group, volume = %rec.name, "cannot run the volume's raft group: {e}");
                 }
+            }
+            for rec in recs.iter().filter(|r| !r.has_member(me) && host.groups.contains(r.group)) {
+                host.stop_group(rec.group);
             }
             let sites = match control.query_applied(&elea_fsm::Query::Sites) {
                 Some(Ok(elea_fsm::Reply::Sites(m))) => m,

@@ -4,6 +4,7 @@ use anyhow::{Context as _, bail};
 use elea_common::Errno;
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientError, MetaClient};
+use elea_metadata::proto::change_membership_request::Kind;
 use serde_json::json;
 
 use crate::cli::{VolumeCmd, client};
@@ -127,6 +128,62 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                 after.config.stores.len()
             );
         }
+        VolumeCmd::AddMember { volume, node_id, learner, meta } => {
+            let c = client(&meta)?;
+            let rec = group_of(&c, &volume).await?;
+            if !rec.has_member(node_id) {
+                c.add_group_member(rec.vol, node_id, learner).await.map_err(|e| match e {
+                    ClientError::Fs(Errno::ENOENT) => {
+                        anyhow::anyhow!("metadata node {node_id} has not registered (start it first)")
+                    }
+                    e => {
+                        anyhow::Error::new(e).context(format!("adding node {node_id} to {volume:?}'s group"))
+                    }
+                })?;
+            }
+            let map = c.sites().await.context("reading the site map")?;
+            let addr = map
+                .meta_nodes
+                .iter()
+                .find(|(id, _, _)| *id == node_id)
+                .map(|(_, _, a)| a.clone())
+                .context("the node is not in the site map")?;
+            let kind = if learner { Kind::AddLearner } else { Kind::AddVoter };
+            let members = c
+                .for_group(rec.group)
+                .change_membership(kind, node_id, &addr)
+                .await
+                .with_context(|| format!("adding node {node_id} to raft group {}", rec.group))?;
+            println!(
+                "volume {volume:?}: node {node_id} joined raft group {} as a {} ({} members)",
+                rec.group,
+                if learner { "learner" } else { "voter" },
+                members.len()
+            );
+        }
+        VolumeCmd::RemoveMember { volume, node_id, meta } => {
+            let c = client(&meta)?;
+            let rec = group_of(&c, &volume).await?;
+            let g = c.for_group(rec.group);
+            hand_over_if_leader(&g, &rec, node_id).await?;
+            let members = g
+                .change_membership(Kind::Remove, node_id, "")
+                .await
+                .with_context(|| format!("removing node {node_id} from raft group {}", rec.group))?;
+            if rec.has_member(node_id) {
+                c.remove_group_member(rec.vol, node_id).await.map_err(|e| match e {
+                    ClientError::Fs(Errno::EBUSY) => {
+                        anyhow::anyhow!("node {node_id} is the group's last member")
+                    }
+                    e => anyhow::Error::new(e).context(format!("recording that node {node_id} left")),
+                })?;
+            }
+            println!(
+                "volume {volume:?}: node {node_id} left raft group {} ({} members)",
+                rec.group,
+                members.len()
+            );
+        }
         VolumeCmd::List { meta, json: as_json } => {
             let vols = client(&meta)?.list_volumes().await?;
             if as_json {
@@ -175,6 +232,56 @@ fn meta_sites(map: &elea_fsm::SiteMap) -> Vec<String> {
 
 /// The home site of a new volume: the one named, which must exist; else the cluster's only
 /// site, or the only site with metadata nodes.
+/// The record of volume `name`'s own group (an error for a volume of the control group).
+async fn group_of(c: &MetaClient, name: &str) -> anyhow::Result<elea_fsm::GroupRecord> {
+    let list = c.volume_group_list(true).await.context("reading the volume groups")?;
+    match list.iter().find(|r| r.name == name) {
+        Some(r) => Ok(r.clone()),
+        None => bail!(
+            "volume {name:?} has no raft group of its own (it lives in the control group: \
+             `elea cluster add/remove` change that one)"
+        ),
+    }
+}
+
+/// When node `id` leads `rec`'s group, hands the leadership to another voter first (and waits
+/// for it, up to 10 s): a leader that removes itself would go on leading a group it is not in.
+async fn hand_over_if_leader(g: &MetaClient, rec: &elea_fsm::GroupRecord, id: u64) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut known = None;
+        for (_, addr, _) in rec.members() {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), g.status_of(&addr)).await
+                && s.leader_id != 0
+            {
+                known = Some(s);
+                break;
+            }
+        }
+        let Some(s) = known else {
+            if std::time::Instant::now() > deadline {
+                bail!("raft group {} has no leader to change its members", rec.group);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
+        };
+        if s.leader_id != id {
+            return Ok(());
+        }
+        let Some(to) = s.members.iter().find(|m| !m.learner && m.node_id != id).map(|m| m.node_id) else {
+            bail!("node {id} is raft group {}'s only voter: add another voter first", rec.group);
+        };
+        g.transfer_leader(to)
+            .await
+            .with_context(|| format!("handing raft group {} to node {to}", rec.group))?;
+        if std::time::Instant::now() > deadline {
+            bail!("node {id} still leads raft group {} after 10 s", rec.group);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits (up to 30 s) until volume `name`'s new group answers.
 async fn wait_for_group(c: &MetaClient, name: &str) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

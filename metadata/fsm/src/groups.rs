@@ -116,10 +116,44 @@ impl State {
             created: now,
             identity: self.identity,
             sites: self.sites.sites.iter().cloned().collect(),
+            added: Vec::new(),
         };
         self.sites.homes.insert(vol, home.to_string());
         self.groups.volumes.insert(vol, rec.clone());
         Ok(Reply::Group(Box::new(rec)))
+    }
+
+    pub(crate) fn add_group_member(&mut self, vol: VolumeId, id: u64, learner: bool) -> OpResult {
+        if self.groups.own.is_some() {
+            return Err(Errno::EPERM);
+        }
+        let addr = self.sites.meta_nodes.get(&id).map(|(_, a)| a.clone()).ok_or(Errno::ENOENT)?;
+        let rec = self.groups.volumes.get_mut(&vol).ok_or(Errno::ENOENT)?;
+        if rec.has_member(id) {
+            return Err(Errno::EEXIST);
+        }
+        if rec.members().len() >= limits::META_NODES_MAX {
+            return Err(Errno::ENOSPC);
+        }
+        rec.added.push((id, addr, learner));
+        Ok(Reply::Group(Box::new(rec.clone())))
+    }
+
+    pub(crate) fn remove_group_member(&mut self, vol: VolumeId, id: u64) -> OpResult {
+        if self.groups.own.is_some() {
+            return Err(Errno::EPERM);
+        }
+        let rec = self.groups.volumes.get_mut(&vol).ok_or(Errno::ENOENT)?;
+        if !rec.has_member(id) {
+            return Err(Errno::ENOENT);
+        }
+        if rec.members().len() == 1 {
+            return Err(Errno::EBUSY);
+        }
+        rec.voters.retain(|(n, _)| *n != id);
+        rec.learners.retain(|(n, _)| *n != id);
+        rec.added.retain(|(n, _, _)| *n != id);
+        Ok(Reply::Group(Box::new(rec.clone())))
     }
 
     /// Up to `want` metadata nodes: of `home` by id, or with `spread` one of each site in

@@ -208,6 +208,8 @@ impl StateMachine {
             Op::CreateVolumeGroup { name, config, home, voters, spread } => {
                 st.create_volume_group(name, config, home, *voters, *spread, now)
             }
+            Op::AddGroupMember { vol, id, learner } => st.add_group_member(*vol, *id, *learner),
+            Op::RemoveGroupMember { vol, id } => st.remove_group_member(*vol, *id),
             // The check refuses every op `As` does not carry, a nested `As` included, so this
             // recursion is one level deep.
             Op::As { caller, op } => {

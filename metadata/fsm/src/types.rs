@@ -717,6 +717,22 @@ pub enum Op {
         voters: u8,
         spread: bool,
     },
+    /// Metadata node `id` joins volume `vol`'s group (control group only; the node then starts
+    /// the group empty and catches up from its leader, once a membership change adds it there).
+    /// `ENOENT` for a volume not in a group of its own or an unknown node, `EEXIST` for a
+    /// member. Replies [`Reply::Group`].
+    AddGroupMember {
+        vol: VolumeId,
+        id: u64,
+        learner: bool,
+    },
+    /// Metadata node `id` leaves volume `vol`'s group (after a membership change removed it
+    /// there): it stops running the group. `ENOENT` when it is not a member, `EBUSY` for the
+    /// last one. Replies [`Reply::Group`].
+    RemoveGroupMember {
+        vol: VolumeId,
+        id: u64,
+    },
 }
 
 /// Decodes the op inside an [`Op::As`], refusing another `As` in it: `Op` is recursive only
@@ -923,12 +939,28 @@ pub struct GroupRecord {
     pub identity: Option<DataIdentity>,
     /// The sites known when the group was made.
     pub sites: Vec<String>,
+    /// (node id, address, learner) of the members added after the first ones: they start
+    /// the group empty and catch up from its leader.
+    pub added: Vec<(u64, String, bool)>,
 }
 
 impl GroupRecord {
-    /// Whether metadata node `id` is one of the first members.
+    /// Whether metadata node `id` runs the group (a first member or an added one).
     pub fn has_member(&self, id: u64) -> bool {
+        self.is_first_member(id) || self.added.iter().any(|(n, _, _)| *n == id)
+    }
+
+    /// Whether metadata node `id` is one of the first members (they start the group from this
+    /// record's first state).
+    pub fn is_first_member(&self, id: u64) -> bool {
         self.voters.iter().chain(&self.learners).any(|(n, _)| *n == id)
+    }
+
+    /// Every member: (id, address, learner).
+    pub fn members(&self) -> Vec<(u64, String, bool)> {
+        let first = self.voters.iter().map(|(id, a)| (*id, a.clone(), false));
+        let learners = self.learners.iter().map(|(id, a)| (*id, a.clone(), true));
+        first.chain(learners).chain(self.added.iter().cloned()).collect()
     }
 }
 

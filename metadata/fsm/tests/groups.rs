@@ -156,3 +156,32 @@ fn format_6_snapshots_restore_with_no_volume_groups() {
     assert_eq!(back.fingerprint(), h.sm.fingerprint());
     assert_eq!(back.query(&Query::Groups), Ok(Reply::Groups(vec![])));
 }
+
+#[test]
+fn members_join_and_leave_a_volume_group() {
+    let mut h = control();
+    let rec = create(&mut h, "orders", "b", 0, false);
+    assert_eq!(h.err(Op::AddGroupMember { vol: rec.vol, id: 21, learner: false }), Errno::EEXIST);
+    assert_eq!(h.err(Op::AddGroupMember { vol: rec.vol, id: 99, learner: false }), Errno::ENOENT);
+    assert_eq!(
+        h.err(Op::AddGroupMember { vol: h.vol, id: 21, learner: false }),
+        Errno::ENOENT,
+        "not a group's"
+    );
+    h.ok(Op::RegisterMetaNode { id: 23, site: "b".into(), addr: "10.0.0.23:7000".into() });
+    let Reply::Group(r) = h.ok(Op::AddGroupMember { vol: rec.vol, id: 23, learner: false }) else { panic!() };
+    assert!(r.has_member(23) && !r.is_first_member(23));
+    assert_eq!(r.added, [(23, "10.0.0.23:7000".to_string(), false)]);
+    assert_eq!(r.members().len(), 7);
+    let Reply::Group(r) = h.ok(Op::RemoveGroupMember { vol: rec.vol, id: 21 }) else { panic!() };
+    assert!(!r.has_member(21));
+    assert_eq!(ids(&r.voters), [22]);
+    assert_eq!(h.err(Op::RemoveGroupMember { vol: rec.vol, id: 21 }), Errno::ENOENT);
+    for id in [22, 11, 12, 13, 31] {
+        h.ok(Op::RemoveGroupMember { vol: rec.vol, id });
+    }
+    assert_eq!(h.err(Op::RemoveGroupMember { vol: rec.vol, id: 23 }), Errno::EBUSY, "the last member");
+    // Only the control group keeps members.
+    let mut g = H { sm: StateMachine::for_group(&rec).unwrap(), t: h.t + 1, vol: rec.vol };
+    assert_eq!(g.err(Op::AddGroupMember { vol: rec.vol, id: 21, learner: true }), Errno::EPERM);
+}
