@@ -31,6 +31,9 @@ impl VolumeEntry {
     }
 }
 
+/// How long the cluster's data identity is waited for from one group.
+const IDENTITY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// See the module docs.
 #[derive(Clone)]
 pub struct Volumes {
@@ -51,7 +54,29 @@ impl Volumes {
         if let Some(i) = *self.identity.lock().unwrap_or_else(|p| p.into_inner()) {
             return Ok(Some(i));
         }
-        let i = self.meta.data_identity().await?;
+        let i = match tokio::time::timeout(IDENTITY_WAIT, self.meta.data_identity()).await {
+            Ok(Ok(i)) => i,
+            failed => {
+                // The control group cannot answer (its site lost): every volume's own group
+                // holds the same identity, copied when it was made.
+                let mut found = None;
+                for g in self.meta.all_groups_cached().into_iter().skip(1) {
+                    if let Ok(Ok(Some(i))) = tokio::time::timeout(IDENTITY_WAIT, g.data_identity()).await {
+                        found = Some(i);
+                        break;
+                    }
+                }
+                match (found, failed) {
+                    (Some(i), _) => Some(i),
+                    (None, Ok(Err(e))) => return Err(e.into()),
+                    (None, _) => {
+                        return Err(CacheError::Meta(elea_metadata::client::ClientError::Unavailable(
+                            "the cluster's data identity: no group answered in time".into(),
+                        )));
+                    }
+                }
+            }
+        };
         *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = i;
         Ok(i)
     }

@@ -557,7 +557,9 @@ async fn add_learner(meta: &str, id: u64, addr: &str) {
 /// lost (its processes killed, its link cut): the volume homed in a and the spread one go on
 /// serving writes and reads in a; the one homed in c cannot be mounted, with an error that
 /// says the metadata service is unavailable; when c returns, everything written before and
-/// during the loss is there, in every site.
+/// during the loss is there, in every site. Then site a is lost, and with it the control
+/// group: c's volume goes on in c and the spread one in b, for longer than a cache node's
+/// liveness timeout, and all is there when a returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
     if !fuse_available("site_loss") || !network_available("site_loss") {
@@ -726,5 +728,43 @@ async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
         assert!(read_file(m.mountpoint.join("before")).await == data(seed));
         assert!(read_file(m.mountpoint.join("during")).await == data(seed + 10));
     }
+
+    // Site a is lost: the control group's voter and va's with it. The volume homed in c goes
+    // on in c, and the spread one in b (its voters in b and c are a quorum).
+    let (mut ma, mut ms) = (ma, ms);
+    ma.kill9();
+    ms.kill9();
+    for p in procs.iter_mut().take(2) {
+        p.kill9();
+    }
+    bed.set_site_cut("a", true);
+    let t = Instant::now();
+    for (m, seed) in [(&mc, 23), (&vs_b, 22)] {
+        write_file(m.mountpoint.join("without-a"), data(seed)).await;
+        assert!(read_file(m.mountpoint.join("without-a")).await == data(seed));
+    }
+    eprintln!(
+        "c's volume and the spread one served {:?} after a (the control group's site) was lost",
+        t.elapsed()
+    );
+    // Long enough for every cache node of b and c to have been declared dead had their
+    // heartbeats waited for the control group: writes still find them.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    for (m, seed) in [(&mc, 33), (&vs_b, 32)] {
+        write_file(m.mountpoint.join("still-without-a"), data(seed)).await;
+        assert!(read_file(m.mountpoint.join("still-without-a")).await == data(seed));
+    }
+
+    // a returns: its volumes and what the others wrote meanwhile are there.
+    bed.set_site_cut("a", false);
+    for p in procs.iter_mut().take(2) {
+        p.restart();
+    }
+    ma.restart();
+    ms.restart();
+    assert!(read_file(ma.mountpoint.join("during")).await == data(11));
+    assert!(read_file(ms.mountpoint.join("without-a")).await == data(22));
+    assert!(read_file(ms.mountpoint.join("still-without-a")).await == data(32));
+    assert!(read_file(va_c.mountpoint.join("during")).await == data(11));
     drop((va_c, vs_b, ma, ms, mc, procs));
 }

@@ -412,6 +412,15 @@ impl MetaClient {
         Ok(out)
     }
 
+    /// [`MetaClient::all_groups`] as last listed, without asking the control group (empty
+    /// of volume groups before the first list).
+    pub fn all_groups_cached(&self) -> Vec<MetaClient> {
+        let list = self.inner.directory.records.lock().unwrap_or_else(|p| p.into_inner()).0.clone();
+        let mut out = vec![self.for_group(DEFAULT_GROUP)];
+        out.extend(list.iter().map(|r| self.for_group(r.group)));
+        out
+    }
+
     /// Volume `vol`, asked of its own group only (a control group client's volume list
     /// would ask every group, and fail while any of them cannot answer).
     pub async fn volume_info(&self, vol: VolumeId) -> Result<VolumeInfo, ClientError> {

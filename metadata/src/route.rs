@@ -102,12 +102,16 @@ impl MetaClient {
     }
 
     pub(crate) async fn route_op(&self, op: &Op) -> Result<Route, ClientError> {
-        if !self.routes().await? {
+        if !self.routing() {
             return Ok(Route::Here);
         }
         if let Some(vol) = op_volume(op) {
+            if !self.routes().await? {
+                return Ok(Route::Here);
+            }
             return Ok(Route::To(self.group_of(vol).await?));
         }
+        // By slice id alone, whatever the list of groups says (it may be a moment old).
         let split = |parts: Vec<(GroupId, Op)>| match parts.as_slice() {
             [] => Route::Here,
             [(g, _)] => Route::To(*g),
@@ -139,7 +143,16 @@ impl MetaClient {
     /// Answers `q` across groups when it must be; `None` when this client's group answers it
     /// alone.
     pub(crate) async fn route_query(&self, q: &Query) -> Result<Option<Reply>, ClientError> {
-        if !self.routes().await? {
+        if !self.routing() {
+            return Ok(None);
+        }
+        // By slice id alone, whatever the list of groups says (it may be a moment old).
+        let by_slice = |ids: &[SliceId]| ids.iter().any(|id| group_of_slice(*id) != DEFAULT_GROUP);
+        let slice_query = match q {
+            Query::SliceLocs { ids } | Query::SliceData { ids } => by_slice(ids),
+            _ => false,
+        };
+        if !slice_query && !self.routes().await? {
             return Ok(None);
         }
         if let Some(vol) = query_volume(q) {

@@ -2215,7 +2215,10 @@ fn leader_transfer_moves_leadership() {
         let to = sim.rng.pick(&others);
         assert!(matches!(sim.core_mut(from).unwrap().transfer_leader(99), Err(CoreError::Invalid(_))));
         assert!(matches!(sim.core_mut(to).unwrap().transfer_leader(from), Err(CoreError::NotLeader { .. })));
-        sim.core_mut(from).unwrap().transfer_leader(to).unwrap();
+        // Refused while the leader has not heard from the target in the last election timeout
+        // (the faults may delay it): a transfer to it would only stall proposals.
+        let first = sim.core_mut(from).unwrap().transfer_leader(to);
+        assert!(matches!(first, Ok(()) | Err(CoreError::Busy(_))), "seed {seed}: {first:?}");
         // raft-rs gives up a transfer after an election timeout, and the target's campaign waits
         // for its disk (and its voters' disks) in async mode: ask again, as an operator would.
         for step in 1..=300 {
@@ -2239,6 +2242,37 @@ fn leader_transfer_moves_leadership() {
         let members = sim.ids();
         sim.settle(&members, &mut wl);
         assert_eq!(sim.leader(), Some(to), "seed {seed}");
+        wl.check_acked(&sim, &members);
+    }
+}
+
+/// A transfer to a voter the leader has not heard from for an election timeout is refused
+/// (it would only stop the leader taking proposals until the transfer timed out), and the
+/// leader goes on committing.
+#[test]
+fn no_leader_transfer_to_a_silent_voter() {
+    for (seed, mode) in runs(10) {
+        let _run = RunGuard(seed, mode);
+        let mut sim = Sim::new(seed, mode, 5, 20_000, 0);
+        await_leader(&mut sim);
+        Workload::create_volume(&mut sim);
+        let mut wl = Workload::new(&mut sim, 2, Mix::Distinct, usize::MAX, 3);
+        sim.run(30, &mut wl);
+        let leader = sim.leader().unwrap();
+        let silent = sim.ids().into_iter().find(|&i| i != leader).unwrap();
+        sim.crash(silent);
+        // Two election timeouts: check-quorum has marked it inactive.
+        sim.run(60, &mut wl);
+        let Some(leader) = sim.leader() else { continue };
+        if leader == silent {
+            continue;
+        }
+        let r = sim.core_mut(leader).unwrap().transfer_leader(silent);
+        assert!(matches!(r, Err(CoreError::Busy(_))), "seed {seed}: {r:?}");
+        sim.run(30, &mut wl);
+        wl.drain(&mut sim);
+        let members: Vec<NodeId> = sim.ids().into_iter().filter(|&i| i != silent).collect();
+        sim.settle(&members, &mut wl);
         wl.check_acked(&sim, &members);
     }
 }

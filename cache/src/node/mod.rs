@@ -179,6 +179,10 @@ impl Drop for FetchGuard<'_> {
     }
 }
 
+/// How long a heartbeat round waits for the control group's list of volume groups before it
+/// uses the list as last read.
+const LIST_GROUPS_WAIT: Duration = Duration::from_millis(500);
+
 /// How long a node uses the site map it read before reading it again.
 const SITE_MAP_TTL: Duration = Duration::from_secs(5);
 
@@ -364,27 +368,36 @@ impl Node {
     /// registry of the cache nodes that stage its blocks; one that does not answer does not
     /// hold up the others.
     async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let wait = self.cfg.heartbeat.max(Duration::from_millis(500)) * 3;
+        let wait = self.cfg.heartbeat.max(Duration::from_millis(500)) * 2;
         loop {
-            let groups = match self.meta.all_groups().await {
-                Ok(g) => g,
-                Err(e) => {
+            // The list as last read when the control group does not answer at once (its site
+            // lost): the volume groups must still hear from this node in time.
+            let groups = match tokio::time::timeout(LIST_GROUPS_WAIT, self.meta.all_groups()).await {
+                Ok(Ok(g)) => g,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "listing the volume groups");
-                    vec![self.meta.clone()]
+                    self.meta.all_groups_cached()
                 }
+                Err(_) => self.meta.all_groups_cached(),
             };
-            let beats = groups.iter().map(|c| tokio::time::timeout(wait, self.heartbeat_in(c)));
-            for (c, r) in groups.iter().zip(futures::future::join_all(beats).await) {
+            let beats = futures::future::join_all(
+                groups.iter().map(|c| tokio::time::timeout(wait, self.heartbeat_in(c))),
+            );
+            let regs =
+                futures::future::join_all(groups.iter().map(|c| tokio::time::timeout(wait, c.cache_nodes())));
+            let (beats, regs) = tokio::join!(beats, regs);
+            for (c, r) in groups.iter().zip(beats) {
                 if r.is_err() {
                     tracing::warn!(group = c.group(), "heartbeat not answered in {wait:?}");
                 }
             }
-            // The registry as the control group has it, or as the first group that answers
-            // has it when the control group does not.
-            for c in &groups {
-                match tokio::time::timeout(wait, c.cache_nodes()).await {
+            // The registry as the control group has it, or as the first group that answered
+            // has it when the control group did not.
+            let mut registry = None;
+            for (c, r) in groups.iter().zip(regs) {
+                match r {
                     Ok(Ok(n)) => {
-                        *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = n;
+                        registry = Some(n);
                         break;
                     }
                     Ok(Err(e)) => {
@@ -392,6 +405,9 @@ impl Node {
                     }
                     Err(_) => tracing::warn!(group = c.group(), "reading the cache node registry timed out"),
                 }
+            }
+            if let Some(n) = registry {
+                *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = n;
             }
             if sleep_or_stop(&mut stop, self.cfg.heartbeat).await {
                 return;

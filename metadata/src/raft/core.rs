@@ -645,6 +645,11 @@ impl GroupCore {
         if !self.raw.raft.prs().conf().to_conf_state().voters.contains(&to) {
             return Err(CoreError::Invalid(format!("node {to} is not a voter")));
         }
+        // A leader in transfer takes no proposals until the target takes over or an election
+        // timeout passes: to a node it has not heard from lately, that is only a stall.
+        if to != self.cfg.node_id && !self.raw.raft.prs().get(to).is_some_and(|p| p.recent_active) {
+            return Err(CoreError::Busy(format!("node {to} has not answered lately; leadership stays")));
+        }
         self.transfer_term = self.raw.raft.term;
         self.raw.transfer_leader(to);
         Ok(())

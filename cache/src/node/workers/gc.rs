@@ -46,12 +46,49 @@ impl Worker for Gc {
         let delay = u64::try_from(node.cfg.gc_delay.as_millis()).unwrap_or(u64::MAX);
         let base = u64::try_from(node.cfg.gc_interval.as_millis()).unwrap_or(u64::MAX);
         let now = now_ms();
-        let mut after = 0;
         let mut forgotten = 0;
         // Slices with a retry schedule still on the deleted list.
         let mut backing_off = HashSet::new();
+        // Each group's list on its own: one that cannot answer leaves the others collected.
+        let groups = node.group_clients().await?;
+        let mut first_err = None;
+        for meta in &groups {
+            match self.collect_group(meta, delay, base, now, &mut backing_off).await {
+                Ok(n) => forgotten += n,
+                Err(e) => {
+                    tracing::warn!(group = meta.group(), error = %e, "collecting a group's deleted slices");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if forgotten == 0 => Err(e),
+            _ => {
+                if first_err.is_none() {
+                    self.backoff.retain(&backing_off);
+                }
+                Ok(forgotten)
+            }
+        }
+    }
+}
+
+impl Gc {
+    /// One group's deleted slices older than the delay: their blocks deleted everywhere, then
+    /// forgotten. Returns how many were forgotten.
+    async fn collect_group(
+        &mut self,
+        meta: &elea_metadata::client::MetaClient,
+        delay: u64,
+        base: u64,
+        now: u64,
+        backing_off: &mut HashSet<u64>,
+    ) -> Result<usize, CacheError> {
+        let node = self.node.clone();
+        let mut after = 0;
+        let mut forgotten = 0;
         loop {
-            let (page, more) = node.meta.pending_deletes(after, 256).await?;
+            let (page, more) = meta.pending_deletes(after, 256).await?;
             let mut forget = Vec::new();
             for (id, t, loc) in page {
                 after = id;
@@ -110,14 +147,13 @@ impl Worker for Gc {
             }
             if !forget.is_empty() {
                 forgotten += forget.len();
-                node.meta.forget_slices(forget.clone()).await?;
+                meta.forget_slices(forget.clone()).await?;
                 for id in forget {
                     self.backoff.done(id);
                     backing_off.remove(&id);
                 }
             }
             if !more {
-                self.backoff.retain(&backing_off);
                 return Ok(forgotten);
             }
         }

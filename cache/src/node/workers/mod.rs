@@ -199,6 +199,37 @@ impl Node {
         self.registry().into_iter().filter(|n| n.alive).map(|n| n.id).collect()
     }
 
+    /// The metadata client of every Raft group: the control group's and each volume group's
+    /// (as last listed when the control group cannot answer).
+    pub(crate) async fn group_clients(&self) -> Result<Vec<elea_metadata::client::MetaClient>, CacheError> {
+        Ok(self.meta.all_groups().await?)
+    }
+
+    /// The staged blocks of every group that answers (one that does not is logged and left
+    /// for the next round: its blocks are not acted upon, nothing else waits for it); an
+    /// error only when none answers.
+    async fn staged_blocks_all(&self) -> Result<Vec<StagedBlock>, CacheError> {
+        let mut out = Vec::new();
+        let mut first_err = None;
+        let mut answered = false;
+        for meta in self.group_clients().await? {
+            match meta.staged_blocks().await {
+                Ok(b) => {
+                    answered = true;
+                    out.extend(b);
+                }
+                Err(e) => {
+                    tracing::warn!(group = meta.group(), error = %e, "listing a group's staged blocks");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if !answered => Err(e.into()),
+            _ => Ok(out),
+        }
+    }
+
     /// A staged block's bytes: from here, or from another holder.
     async fn staged_bytes(&self, b: &StagedBlock) -> Result<Vec<u8>, CacheError> {
         if let Ok(Some((_, d))) = self.staging.get((b.slice, b.index)).await {

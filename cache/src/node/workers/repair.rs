@@ -64,7 +64,7 @@ impl Worker for Repair {
             return Ok(0);
         }
         let alive = node.alive_set();
-        let blocks = node.meta.staged_blocks().await?;
+        let blocks = node.staged_blocks_all().await?;
         let mut repaired = 0;
         let mut failed = None;
         for b in blocks {

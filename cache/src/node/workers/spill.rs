@@ -90,35 +90,46 @@ impl Worker for Spill {
         let all: Vec<u64> = reg.iter().filter(|n| n.alive).map(|n| n.id).collect();
         let site: Vec<u64> =
             reg.iter().filter(|n| n.alive && n.site == node.cfg.site).map(|n| n.id).collect();
-        let (mut after, mut done, mut failed) = (0, 0, None);
-        loop {
-            let (page, more) = node.meta.inline_slices(after, SPILL_PAGE).await?;
-            if let Some(s) = page.last() {
-                after = s.slice;
-            }
-            let mine = page.into_iter().filter(|s| rank(s.slice, 0, &all).first() == Some(&me));
-            let site = &site;
-            let results: Vec<(u64, Result<Vec<u64>, CacheError>)> = futures::stream::iter(mine)
-                .map(|s| async move { (s.slice, stage(node, &s, site).await) })
-                .buffer_unordered(SPILL_CONCURRENCY)
-                .collect()
-                .await;
-            let mut ok = Vec::with_capacity(results.len());
-            for (slice, r) in results {
-                match r {
-                    Ok(nodes) => ok.push((slice, nodes)),
+        let (mut done, mut failed) = (0, None);
+        // Each group's inline slices on their own: one that cannot answer leaves the others.
+        for meta in node.group_clients().await? {
+            let mut after = 0;
+            loop {
+                let (page, more) = match meta.inline_slices(after, SPILL_PAGE).await {
+                    Ok(p) => p,
                     Err(e) => {
-                        tracing::warn!(slice, error = %e, "spilling an inline slice failed; retried next round");
-                        failed.get_or_insert(e);
+                        tracing::warn!(group = meta.group(), error = %e, "listing a group's inline slices");
+                        failed.get_or_insert(e.into());
+                        break;
+                    }
+                };
+                if let Some(s) = page.last() {
+                    after = s.slice;
+                }
+                let mine = page.into_iter().filter(|s| rank(s.slice, 0, &all).first() == Some(&me));
+                let site = &site;
+                let results: Vec<(u64, Result<Vec<u64>, CacheError>)> = futures::stream::iter(mine)
+                    .map(|s| async move { (s.slice, stage(node, &s, site).await) })
+                    .buffer_unordered(SPILL_CONCURRENCY)
+                    .collect()
+                    .await;
+                let mut ok = Vec::with_capacity(results.len());
+                for (slice, r) in results {
+                    match r {
+                        Ok(nodes) => ok.push((slice, nodes)),
+                        Err(e) => {
+                            tracing::warn!(slice, error = %e, "spilling an inline slice failed; retried next round");
+                            failed.get_or_insert(e);
+                        }
                     }
                 }
-            }
-            if !ok.is_empty() {
-                done += ok.len();
-                node.meta.spill_inline(ok).await?;
-            }
-            if !more {
-                break;
+                if !ok.is_empty() {
+                    done += ok.len();
+                    meta.spill_inline(ok).await?;
+                }
+                if !more {
+                    break;
+                }
             }
         }
         match failed {

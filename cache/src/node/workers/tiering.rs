@@ -61,7 +61,7 @@ async fn tier_round(node: Arc<Node>) -> Result<usize, CacheError> {
     if !alive.contains(&me) {
         return Ok(0);
     }
-    let blocks = node.meta.staged_blocks().await?;
+    let blocks = node.staged_blocks_all().await?;
     let forced = node.tier_now.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let over = node.staging.fill() > node.cfg.high_watermark;
     let now = now_ms();
