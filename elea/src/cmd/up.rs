@@ -174,7 +174,9 @@ pub(crate) async fn run_up(a: UpArgs) -> anyhow::Result<()> {
             Some(mp) => {
                 std::fs::create_dir_all(mp).with_context(|| format!("creating {}", mp.display()))?;
                 let opts = super::mount::MountOpts::new("local", &a.ttls);
-                super::mount::serve_mount(c.clone(), &vol, mp, &opts, shutdown_signal()).await
+                // The client of the volume's group, which sends everything there.
+                let (vc, vol) = c.volume_client(&vol.name).await.context("opening the default volume")?;
+                super::mount::serve_mount(vc, &vol, mp, &opts, shutdown_signal()).await
             }
             None => {
                 println!("elea up: no mount point given, serving without a mount");

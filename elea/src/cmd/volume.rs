@@ -185,7 +185,10 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
             );
         }
         VolumeCmd::List { meta, json: as_json } => {
-            let vols = client(&meta)?.list_volumes().await?;
+            let c = client(&meta)?;
+            let vols = c.list_volumes().await?;
+            let groups = c.volume_group_list(false).await.map(|l| (*l).clone()).unwrap_or_default();
+            let group = |id: u64| elea_fsm::group_of_volume(&groups, id);
             if as_json {
                 let list: Vec<_> = vols
                     .iter()
@@ -193,7 +196,7 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                         json!({"id": v.id, "name": v.name, "inodes": v.inodes, "used_bytes": v.used_bytes,
                                     "change_seq": v.change_seq, "created": v.created.sec,
                                     "stores": v.config.stores, "replicas": v.config.replicas,
-                                    "tier_after_ms": v.config.tier_after_ms,
+                                    "tier_after_ms": v.config.tier_after_ms, "group": group(v.id),
                                     "compression": codec_name(v.config.compression)})
                     })
                     .collect();
