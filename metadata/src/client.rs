@@ -111,6 +111,25 @@ struct Inner {
     routing: bool,
 }
 
+impl Inner {
+    fn new(cfg: ClientConfig, addrs: Vec<String>, directory: Arc<Directory>, routing: bool) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            addrs,
+            leader: Mutex::new(None),
+            suspects: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            client_id: random_u64(),
+            next_seq: AtomicU64::new(1),
+            inflight: Mutex::new(BTreeSet::new()),
+            writes: OnceLock::new(),
+            reads: OnceLock::new(),
+            directory,
+            routing,
+        })
+    }
+}
+
 /// Which group each volume lives in, and a client per group, shared by a control group
 /// client and the clients it made for other groups.
 #[derive(Default)]
@@ -287,22 +306,7 @@ impl MetaClient {
         for a in addrs {
             validate_addr(a).map_err(|e| ClientError::Rejected(e.to_string()))?;
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                cfg,
-                addrs: addrs.to_vec(),
-                leader: Mutex::new(None),
-                suspects: Mutex::new(HashMap::new()),
-                conns: Mutex::new(HashMap::new()),
-                client_id: random_u64(),
-                next_seq: AtomicU64::new(1),
-                inflight: Mutex::new(BTreeSet::new()),
-                writes: OnceLock::new(),
-                reads: OnceLock::new(),
-                directory: Arc::default(),
-                routing: true,
-            }),
-        })
+        Ok(Self { inner: Inner::new(cfg, addrs.to_vec(), Arc::default(), true) })
     }
 
     /// Whether this client sends requests about other groups' volumes to them.
@@ -316,27 +320,15 @@ impl MetaClient {
         let mut addrs: Vec<String> = records
             .iter()
             .find(|r| r.group == group)
-            .map(|r| r.voters.iter().chain(&r.learners).map(|(_, a)| a.clone()).collect())
+            .map(|r| r.members().into_iter().map(|(_, a, _)| a).collect())
             .unwrap_or_default();
         for a in &self.inner.addrs {
             if !addrs.contains(a) {
                 addrs.push(a.clone());
             }
         }
-        Arc::new(Inner {
-            cfg: ClientConfig { group, ..self.inner.cfg.clone() },
-            addrs,
-            leader: Mutex::new(None),
-            suspects: Mutex::new(HashMap::new()),
-            conns: Mutex::new(HashMap::new()),
-            client_id: random_u64(),
-            next_seq: AtomicU64::new(1),
-            inflight: Mutex::new(BTreeSet::new()),
-            writes: OnceLock::new(),
-            reads: OnceLock::new(),
-            directory: self.inner.directory.clone(),
-            routing,
-        })
+        let cfg = ClientConfig { group, ..self.inner.cfg.clone() };
+        Inner::new(cfg, addrs, self.inner.directory.clone(), routing)
     }
 
     /// The Raft group this client sends to.

@@ -218,8 +218,8 @@ pub(crate) async fn print_status(
 /// The leader of a volume's own group, as the first of its members that answers knows it.
 async fn group_leader(c: &MetaClient, rec: &elea_fsm::GroupRecord) -> Option<u64> {
     let gc = c.for_group(rec.group);
-    for (_, addr) in rec.voters.iter().chain(&rec.learners) {
-        let asked = tokio::time::timeout(std::time::Duration::from_secs(2), gc.status_of(addr)).await;
+    for (_, addr, _) in rec.members() {
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(2), gc.status_of(&addr)).await;
         if let Ok(Ok(s)) = asked
             && s.leader_id != 0
         {
