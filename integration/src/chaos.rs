@@ -43,7 +43,8 @@ pub struct Events {
 }
 
 impl Events {
-    fn new(path: &Path) -> Self {
+    /// Starts the clock; every line logged is also appended to the file at `path`.
+    pub fn new(path: &Path) -> Self {
         let file = File::create(path).expect("events log");
         Self { start: Instant::now(), lines: Mutex::new(Vec::new()), file: Mutex::new(file) }
     }
@@ -1097,6 +1098,48 @@ pub struct Report {
 }
 
 impl Report {
+    /// Prints the summary and the first failed calls, then fails the test (with `logs()`
+    /// appended) on any violation or lost acknowledged operation, on a load too light to have
+    /// shown anything, or on a waiting lock request that leaked the kernel's restart code.
+    pub fn assert_clean(&self, name: &str, logs: impl FnOnce() -> String) {
+        println!("{name}: {}", self.summary());
+        for e in self.errors.iter().take(20) {
+            println!(
+                "  {} {} failed after {:?} at {:?}: {:?}",
+                e.who,
+                e.op,
+                e.end - e.start,
+                e.start,
+                e.error
+            );
+        }
+        assert!(
+            self.violations.is_empty() && self.lost == 0,
+            "{name}: {} violations, {} lost:\n{}\n{}",
+            self.violations.len(),
+            self.lost,
+            self.violations.iter().take(30).cloned().collect::<Vec<_>>().join("\n"),
+            logs()
+        );
+        assert!(
+            self.acked.values().sum::<u64>() > 20,
+            "{name}: too little was acknowledged: {:?}",
+            self.acked
+        );
+        assert!(self.reads_checked > 10, "{name}: too few reads were checked ({})", self.reads_checked);
+        assert!(
+            self.records_appended > 5,
+            "{name}: too few records were appended ({})",
+            self.records_appended
+        );
+        assert_eq!(self.lock_errno_512, 0, "{name}: F_SETLKW failed with errno 512");
+    }
+
+    /// Acknowledged calls that ended after `t`: service went on.
+    pub fn acked_after(&self, t: Duration) -> usize {
+        self.all_calls.iter().filter(|c| c.error.is_none() && c.end > t).count()
+    }
+
     pub fn summary(&self) -> String {
         let mut slow: Vec<&Call> = self.all_calls.iter().collect();
         slow.sort_by_key(|c| std::cmp::Reverse(c.end - c.start));
@@ -1158,8 +1201,21 @@ impl Workload {
     /// `readers` readers (on the mounts after their writers'), file sizes up to `max_len`, and
     /// one appender per mount on the shared append log.
     pub fn start(t: &Topology, writers: usize, readers: usize, max_len: usize) -> Self {
-        let mounts = t.mount_points();
-        let events = t.events.clone();
+        Self::on_mounts(t.mount_points(), t.events.clone(), t.mount_gen.clone(), writers, readers, max_len)
+    }
+
+    /// [`Workload::start`] on mounts of one volume that a harness other than [`Topology`]
+    /// started. `mount_gen[m]` is odd while mount `m` is being restarted (a reader that
+    /// failed meanwhile is not counted as a failure of the file system).
+    pub fn on_mounts(
+        mounts: Vec<PathBuf>,
+        events: Arc<Events>,
+        mount_gen: Arc<Vec<AtomicU64>>,
+        writers: usize,
+        readers: usize,
+        max_len: usize,
+    ) -> Self {
+        assert_eq!(mounts.len(), mount_gen.len(), "one generation counter per mount");
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Mutex::new(Shared::default()));
         let mut threads = Vec::new();
@@ -1179,7 +1235,7 @@ impl Workload {
             let m = (r + 1) % mounts.len();
             let mount = mounts[m].clone();
             let (stop, shared, events, gens) =
-                (stop.clone(), shared.clone(), events.clone(), t.mount_gen.clone());
+                (stop.clone(), shared.clone(), events.clone(), mount_gen.clone());
             threads.push(std::thread::spawn(move || {
                 reader(r, &mount, stop, shared, events, move || gens[m].load(Ordering::SeqCst))
             }));

@@ -409,8 +409,9 @@ impl MountProc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let child = elea_command(&self.wrap)
             .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            // The caller's environment may ask for more (or less) logging.
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

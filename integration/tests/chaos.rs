@@ -35,28 +35,7 @@ async fn run_for(d: Duration) {
 }
 
 fn check(name: &str, t: &Topology, r: &Report) {
-    println!("{name}: {}", r.summary());
-    for e in r.errors.iter().take(20) {
-        println!("  {} {} failed after {:?} at {:?}: {:?}", e.who, e.op, e.end - e.start, e.start, e.error);
-    }
-    assert!(
-        r.violations.is_empty() && r.lost == 0,
-        "{name}: {} violations, {} lost:\n{}\n{}",
-        r.violations.len(),
-        r.lost,
-        r.violations.iter().take(30).cloned().collect::<Vec<_>>().join("\n"),
-        t.logs()
-    );
-    assert!(r.acked.values().sum::<u64>() > 20, "{name}: too little was acknowledged: {:?}", r.acked);
-    assert!(r.reads_checked > 10, "{name}: too few reads were checked ({})", r.reads_checked);
-    assert!(r.records_appended > 5, "{name}: too few records were appended ({})", r.records_appended);
-    // A waiting lock request must never leak the kernel's restart code to the application.
-    assert_eq!(r.lock_errno_512, 0, "{name}: F_SETLKW failed with errno 512");
-}
-
-/// Acknowledged calls that ended after `t`: service went on.
-fn acked_after(r: &Report, t: Duration) -> usize {
-    r.all_calls.iter().filter(|c| c.error.is_none() && c.end > t).count()
+    r.assert_clean(name, || t.logs());
 }
 
 fn config(caches: u64, replicas: u8) -> TopologyConfig {
@@ -83,7 +62,7 @@ async fn metadata_leader_kill9_under_load() {
     run_for(phase()).await;
     let r = wl.finish();
     check("metadata leader kill -9", &t, &r);
-    let after = acked_after(&r, killed_at);
+    let after = r.acked_after(killed_at);
     assert!(after > 10, "service did not go on after the kill: {after} calls acknowledged");
 }
 
@@ -104,7 +83,7 @@ async fn metadata_leader_paused_for_ten_seconds() {
     run_for(phase()).await;
     let r = wl.finish();
     check("metadata leader SIGSTOP 10 s", &t, &r);
-    let after = acked_after(&r, paused_at + Duration::from_secs(5));
+    let after = r.acked_after(paused_at + Duration::from_secs(5));
     assert!(after > 10, "service did not go on while the leader was stopped: {after}");
 }
 
@@ -128,7 +107,7 @@ async fn cache_node_kill9_then_rejoins_with_an_empty_disk() {
     run_for(phase()).await;
     let r = wl.finish();
     check("cache node kill -9, rejoin empty", &t, &r);
-    assert!(acked_after(&r, killed_at) > 10, "service did not go on after the cache node died");
+    assert!(r.acked_after(killed_at) > 10, "service did not go on after the cache node died");
     assert!(back.is_some(), "redundancy was not restored\n{}", t.logs());
 }
 
@@ -240,7 +219,7 @@ async fn five_voters_minority_partition_then_a_slow_link() {
         r.all_calls.iter().filter(|c| c.error.is_none() && c.start > cut_at && c.end < slow_at).count();
     assert!(during > 10, "service did not go on while two of five voters were cut off: {during}");
     assert_eq!(after, leader, "the healed minority took leadership away\n{}", t.logs());
-    assert!(acked_after(&r, slow_at) > 10, "service did not go on over the slow link");
+    assert!(r.acked_after(slow_at) > 10, "service did not go on over the slow link");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +247,7 @@ async fn metadata_leader_cut_off_from_the_other_voters() {
     run_for(phase()).await;
     let r = wl.finish();
     check("metadata leader cut off from the other voters", &t, &r);
-    let after = acked_after(&r, cut_at + Duration::from_secs(5));
+    let after = r.acked_after(cut_at + Duration::from_secs(5));
     assert!(after > 10, "service did not go on while the old leader was cut off: {after}");
 }
 

@@ -341,30 +341,7 @@ async fn volumes_homed_in_each_site_commit_there_and_outlive_a_cut_link() {
         }
     }
     // Both metadata nodes have recorded their sites, and every cache node is up.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = args(&["site", "list", "--json", "--meta", &meta_a]);
-        let (_, out, _) =
-            blocking(move || elea_cli(&st.iter().map(String::as_str).collect::<Vec<_>>())).await;
-        let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        let ready = s["sites"].as_array().is_some_and(|sites| {
-            sites.len() == 2
-                && sites.iter().all(|x| {
-                    x["meta_nodes"].as_array().is_some_and(|m| m.len() == 1)
-                        && x["cache_nodes"].as_array().is_some_and(|c| c.len() == 2)
-                })
-        });
-        if ready {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sites did not fill: {s}\n{}\n{}",
-            m1.log_tail(),
-            m2.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_sites_filled(&meta_a, 2, 1, 2, || format!("{}\n{}", m1.log_tail(), m2.log_tail())).await;
     let store = |s: &str| format!("file://{}", dir.path().join(format!("store-{s}")).display());
     for (vol, home) in [("va", "a"), ("vb", "b")] {
         cli(args(&[
@@ -535,6 +512,99 @@ async fn volumes_homed_in_each_site_commit_there_and_outlive_a_cut_link() {
     drop((xa, xb, ma, mb, caches, m1, m2, m5));
 }
 
+/// Waits until `elea site list` shows `sites` sites, each with `metas` metadata nodes and
+/// `caches` cache nodes (`logs` is shown if they never do).
+async fn wait_sites_filled(meta: &str, sites: usize, metas: usize, caches: usize, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = args(&["site", "list", "--json", "--meta", meta]);
+        let (_, out, _) =
+            blocking(move || elea_cli(&st.iter().map(String::as_str).collect::<Vec<_>>())).await;
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let ready = s["sites"].as_array().is_some_and(|l| {
+            l.len() == sites
+                && l.iter().all(|x| {
+                    x["meta_nodes"].as_array().is_some_and(|m| m.len() == metas)
+                        && x["cache_nodes"].as_array().is_some_and(|c| c.len() == caches)
+                })
+        });
+        if ready {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the sites did not fill: {s}\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until each `(volume, site)` of `want` is led from that site, as `elea status` says.
+async fn wait_led_from_home(meta: &str, want: &[(&str, &str)]) {
+    let want: Vec<(String, String)> = want.iter().map(|(v, s)| (v.to_string(), s.to_string())).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = cli(args(&["status", "--json", "--meta", meta])).await;
+        let leaders: Vec<(String, String)> = st["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .map(|v| {
+                (v["name"].as_str().unwrap_or("").into(), v["leader_site"].as_str().unwrap_or("").into())
+            })
+            .filter(|(v, _)| want.iter().any(|(w, _)| w == v))
+            .collect();
+        if leaders == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "volumes not led from their home sites: {leaders:?}\n{st}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Sites a, b and c with a 10 ms round trip between each pair, for a metadata node and a
+/// cache node each.
+fn three_site_bed() -> SiteBed {
+    SiteBed::create(
+        &["a", "b", "c"],
+        LinkConfig::rtt(Duration::from_millis(10), None),
+        &[META_PORT, CACHE_PORTS[0]],
+    )
+    .expect("site bed")
+}
+
+/// Starts a metadata node and a cache node in each site of `bed` (a's metadata node
+/// founds the cluster, the others join its control group as learners) and waits until the
+/// cluster knows them all. Returns the sites, their metadata addresses, and the processes:
+/// site `i`'s metadata node at `2 * i`, its cache node at `2 * i + 1`.
+async fn start_three_sites(
+    bed: &SiteBed,
+    dir: &Path,
+) -> (Vec<elea_integration::sites::Site>, Vec<String>, Vec<MetaProc>) {
+    let cache_port = CACHE_PORTS[0];
+    let sites: Vec<_> = ["a", "b", "c"].iter().map(|s| bed.site(s).clone()).collect();
+    let metas: Vec<String> = sites.iter().map(|s| s.addr(META_PORT)).collect();
+    let all_meta = metas.join(",");
+    let mut procs = Vec::new();
+    for (i, site) in sites.iter().enumerate() {
+        let id = i as u64 + 1;
+        let how = if i == 0 {
+            args(&["--initial-cluster", &format!("1={}", metas[0]), "--site", &site.name])
+        } else {
+            add_learner(&metas[0], id, &metas[i]).await;
+            args(&["--join", &metas[0], "--site", &site.name])
+        };
+        let d = dir.join(format!("meta{id}"));
+        procs.push(MetaProc::start_wrapped("meta", id, &metas[i], &d, &how, &site.command_prefix(), &[]));
+        let extra = args(&["--site", &site.name, "--meta", &all_meta]);
+        let d = dir.join(format!("cache{id}"));
+        let addr = site.addr(cache_port);
+        procs.push(MetaProc::start_wrapped("cache", id, &addr, &d, &extra, &site.command_prefix(), &[]));
+    }
+    wait_sites_filled(&metas[0], 3, 1, 1, || {
+        procs.iter().map(MetaProc::log_tail).collect::<Vec<_>>().join("\n")
+    })
+    .await;
+    (sites, metas, procs)
+}
+
 /// Adds metadata node `id` at `addr` to the control group as a learner (retried until the
 /// group has a leader).
 async fn add_learner(meta: &str, id: u64, addr: &str) {
@@ -565,52 +635,9 @@ async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
     if !fuse_available("site_loss") || !network_available("site_loss") {
         return;
     }
-    let cache_port = CACHE_PORTS[0];
-    let bed = SiteBed::create(
-        &["a", "b", "c"],
-        LinkConfig::rtt(Duration::from_millis(10), None),
-        &[META_PORT, cache_port],
-    )
-    .expect("site bed");
+    let bed = three_site_bed();
     let dir = tempfile::tempdir().unwrap();
-    let sites: Vec<_> = ["a", "b", "c"].iter().map(|s| bed.site(s).clone()).collect();
-    let metas: Vec<String> = sites.iter().map(|s| s.addr(META_PORT)).collect();
-    let all_meta = metas.join(",");
-    let mut procs = Vec::new();
-    for (i, site) in sites.iter().enumerate() {
-        let id = i as u64 + 1;
-        let how = if i == 0 {
-            args(&["--initial-cluster", &format!("1={}", metas[0]), "--site", &site.name])
-        } else {
-            add_learner(&metas[0], id, &metas[i]).await;
-            args(&["--join", &metas[0], "--site", &site.name])
-        };
-        let d = dir.path().join(format!("meta{id}"));
-        procs.push(MetaProc::start_wrapped("meta", id, &metas[i], &d, &how, &site.command_prefix(), &[]));
-        let extra = args(&["--site", &site.name, "--meta", &all_meta]);
-        let d = dir.path().join(format!("cache{id}"));
-        let addr = site.addr(cache_port);
-        procs.push(MetaProc::start_wrapped("cache", id, &addr, &d, &extra, &site.command_prefix(), &[]));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = args(&["site", "list", "--json", "--meta", &metas[0]]);
-        let (_, out, _) =
-            blocking(move || elea_cli(&st.iter().map(String::as_str).collect::<Vec<_>>())).await;
-        let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        let ready = s["sites"].as_array().is_some_and(|l| {
-            l.len() == 3
-                && l.iter().all(|x| {
-                    x["meta_nodes"].as_array().is_some_and(|m| m.len() == 1)
-                        && x["cache_nodes"].as_array().is_some_and(|c| c.len() == 1)
-                })
-        });
-        if ready {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the sites did not fill: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (sites, metas, mut procs) = start_three_sites(&bed, dir.path()).await;
     let store = format!("file://{}", dir.path().join("store").display());
     for (vol, home, spread) in [("va", "a", false), ("vs", "a", true), ("vc", "c", false)] {
         let mut a = args(&[
@@ -634,27 +661,7 @@ async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
     }
     // Every volume's group is led from its home site, the spread one included (whichever
     // voter won its first election hands the leadership to a's).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = cli(args(&["status", "--json", "--meta", &metas[0]])).await;
-        let leaders: Vec<(String, String)> = st["volumes"]
-            .as_array()
-            .expect("volumes")
-            .iter()
-            .map(|v| {
-                (v["name"].as_str().unwrap_or("").into(), v["leader_site"].as_str().unwrap_or("").into())
-            })
-            .collect();
-        let want: Vec<(String, String)> = [("va", "a"), ("vs", "a"), ("vc", "c")]
-            .iter()
-            .map(|(v, s)| (v.to_string(), s.to_string()))
-            .collect();
-        if leaders == want {
-            break;
-        }
-        assert!(Instant::now() < deadline, "volumes not led from their home sites: {leaders:?}\n{st}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_led_from_home(&metas[0], &[("va", "a"), ("vs", "a"), ("vc", "c")]).await;
 
     let mount = |site: usize, vol: &str, name: &str| {
         let mp = dir.path().join(name);
@@ -767,4 +774,167 @@ async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
     assert!(read_file(ms.mountpoint.join("still-without-a")).await == data(32));
     assert!(read_file(va_c.mountpoint.join("during")).await == data(11));
     drop((va_c, vs_b, ma, ms, mc, procs));
+}
+
+/// How long a lost site stays lost in the checked scenario: 6 s, or `CHAOS_SECS` when set
+/// (the long version, run by hand).
+fn outage() -> Duration {
+    Duration::from_secs(std::env::var("CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(6))
+}
+
+/// How long the checked workload runs before the loss and after the return: 3 s, or
+/// `CHAOS_SECS`.
+fn phase() -> Duration {
+    Duration::from_secs(std::env::var("CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3))
+}
+
+/// Every regular file under `root` (relative path → contents).
+fn tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, d: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let e = e.expect("directory entry");
+            if e.file_type().expect("file type").is_dir() {
+                walk(root, &e.path(), out);
+            } else {
+                let rel = e.path().strip_prefix(root).expect("under root").display().to_string();
+                let bytes = std::fs::read(e.path()).unwrap_or_else(|err| panic!("{rel}: {err}"));
+                out.insert(rel, bytes);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The loss of a site under the chaos scenarios' checked workload (writers creating,
+/// replacing, renaming and deleting fsynced files, readers checking every read against every
+/// acknowledged write, appenders on a shared log under `F_SETLKW`), on two volumes at once,
+/// each mounted in sites b and c: one homed in b, one homed in a with `--spread-voters`.
+/// Site a, which holds the control group's only voter and the spread volume's leader, is
+/// lost (every process killed, its links cut) and comes back. Neither workload sees a failed
+/// call, both go on through the loss, nothing acknowledged is lost, and once a is back a
+/// mount of each volume in a reads exactly what b's mount reads. `CHAOS_SECS` stretches the
+/// phases and the loss (the long version, run by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checked_workload_outlives_the_loss_and_return_of_a_site() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    use elea_integration::chaos::{Events, Workload};
+
+    if !fuse_available("site_loss_checked") || !network_available("site_loss_checked") {
+        return;
+    }
+    let bed = three_site_bed();
+    let dir = tempfile::tempdir().unwrap();
+    let (sites, metas, mut procs) = start_three_sites(&bed, dir.path()).await;
+    let store = format!("file://{}", dir.path().join("store").display());
+    for (vol, home, spread) in [("vb", "b", false), ("vs", "a", true)] {
+        let mut a = args(&[
+            "volume",
+            "create",
+            vol,
+            "--meta",
+            &metas[0],
+            "--home-site",
+            home,
+            "--store",
+            &store,
+            "--shared-file-store",
+            "--replicas",
+            "1",
+        ]);
+        if spread {
+            // Its small files are staged in a (its home), on one node: tiered at once, they
+            // stay readable from the store while a is lost.
+            a.extend(args(&["--spread-voters", "--tier-after", "1s"]));
+        }
+        cli(a).await;
+    }
+    wait_led_from_home(&metas[0], &[("vb", "b"), ("vs", "a")]).await;
+
+    let mount = |site: usize, vol: &str| {
+        let name = format!("{vol}-{}", sites[site].name);
+        let mp = dir.path().join(&name);
+        let a = args(&[
+            "mount",
+            "--meta",
+            &metas[site],
+            "--volume",
+            vol,
+            "--site",
+            &sites[site].name,
+            &mp.display().to_string(),
+        ]);
+        MountProc::start_wrapped(
+            &a,
+            &mp,
+            &dir.path().join(format!("{name}.log")),
+            &sites[site].command_prefix(),
+            &[],
+        )
+    };
+    let mounts = [mount(1, "vb"), mount(2, "vb"), mount(1, "vs"), mount(2, "vs")];
+    let events = Arc::new(Events::new(&dir.path().join("events.log")));
+    let start = |vol: usize| {
+        let mps: Vec<PathBuf> = mounts[2 * vol..2 * vol + 2].iter().map(|m| m.mountpoint.clone()).collect();
+        let events = events.clone();
+        blocking(move || {
+            let gens = Arc::new(vec![AtomicU64::new(0), AtomicU64::new(0)]);
+            Workload::on_mounts(mps, events, gens, 2, 1, 64 << 10)
+        })
+    };
+    let (wb, ws) = (start(0).await, start(1).await);
+    tokio::time::sleep(phase()).await;
+
+    // Site a is lost: the control group's voter, the spread volume's leader, a's cache node.
+    for p in procs.iter_mut().take(2) {
+        p.kill9();
+    }
+    bed.set_site_cut("a", true);
+    events.log("site a lost: its metadata and cache node killed, its links cut");
+    let lost_at = events.now();
+    tokio::time::sleep(outage()).await;
+    let back_at = events.now();
+
+    // a returns.
+    bed.set_site_cut("a", false);
+    for p in procs.iter_mut().take(2) {
+        p.restart();
+    }
+    events.log("site a back: links restored, its processes restarted");
+    tokio::time::sleep(phase()).await;
+    let (rb, rs) = blocking(move || (wb.finish(), ws.finish())).await;
+    let logs = || {
+        let mut l: Vec<String> = procs.iter().map(MetaProc::log_tail).collect();
+        l.extend(mounts.iter().map(MountProc::log_tail));
+        l.join("\n")
+    };
+    for (name, r) in [("volume homed in b", &rb), ("spread volume homed in a", &rs)] {
+        let name = format!("loss of site a, {name}");
+        r.assert_clean(&name, logs);
+        assert!(r.errors.is_empty(), "{name}: calls failed: {:?}\n{}", r.errors, logs());
+        let during =
+            r.all_calls.iter().filter(|c| c.error.is_none() && c.start > lost_at && c.end < back_at).count();
+        assert!(during > 10, "{name}: service did not go on while a was lost ({during} calls)");
+    }
+
+    // Everything caught up in a: its mounts of both volumes read what b's read.
+    wait_led_from_home(&metas[0], &[("vb", "b"), ("vs", "a")]).await;
+    for (vol, b_side) in [("vb", &mounts[0]), ("vs", &mounts[2])] {
+        let in_a = mount(0, vol);
+        let (a_mp, b_mp) = (in_a.mountpoint.clone(), b_side.mountpoint.clone());
+        let (ta, tb) = blocking(move || (tree(&a_mp), tree(&b_mp))).await;
+        assert!(tb.len() > 10, "{vol}: only {} files", tb.len());
+        let differ: Vec<&String> = tb.keys().filter(|k| ta.get(*k) != tb.get(*k)).collect();
+        assert!(
+            ta.len() == tb.len() && differ.is_empty(),
+            "{vol}: a sees {} files, b {}; differing: {differ:?}",
+            ta.len(),
+            tb.len()
+        );
+        eprintln!("{vol}: a's mount reads the same {} files as b's", tb.len());
+    }
+    drop((mounts, procs));
 }

@@ -83,7 +83,7 @@ fn entry_of(r: Reply) -> Result<(Attr, bool), ClientError> {
     }
 }
 
-fn unexpected(r: &Reply) -> ClientError {
+pub(crate) fn unexpected(r: &Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {r:?}"))
 }
 

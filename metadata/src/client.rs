@@ -32,6 +32,12 @@ pub struct ClientConfig {
     /// Limit for a call including its retries.
     pub deadline: Duration,
     pub connect_timeout: Duration,
+    /// While a request is in flight, an HTTP/2 ping every `keepalive_interval`; a ping not
+    /// answered within `keepalive_timeout` ends the connection and fails what is in flight
+    /// (retried elsewhere). A node that vanished without a reset (its site cut off, its host
+    /// gone) so costs about the two, not the attempt timeout.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
     /// Coalesce concurrent requests into batch RPCs (at most this many batches in flight;
     /// 0 = one RPC per request).
     pub batch_inflight: usize,
@@ -47,6 +53,8 @@ impl Default for ClientConfig {
             attempt_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(2),
             batch_inflight: 4,
             tls: None,
         }
@@ -444,6 +452,8 @@ impl MetaClient {
         let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ClientError::Rejected(e.to_string()))?
             .connect_timeout(self.inner.cfg.connect_timeout)
+            .http2_keep_alive_interval(self.inner.cfg.keepalive_interval)
+            .keep_alive_timeout(self.inner.cfg.keepalive_timeout)
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
         let channel = match &self.inner.cfg.tls {
@@ -559,6 +569,7 @@ impl MetaClient {
                 }
             };
             let conn = self.conn(&addr)?;
+            let began = tokio::time::Instant::now();
             let attempt = tokio::time::timeout(self.inner.cfg.attempt_timeout, f(conn, addr.clone())).await;
             match attempt {
                 Ok(Attempt::Done(v, leader)) => {
@@ -570,9 +581,13 @@ impl MetaClient {
                 Ok(Attempt::Fail(e)) => return Err(e),
                 Ok(Attempt::Retry(hint, why)) => {
                     last_error = why;
+                    // A failure without a hint that took as long as a keepalive's timeout is
+                    // most likely the keepalive ending the link to a node that stopped
+                    // answering: a suspect, like one that timed out.
+                    let hung = hint.is_none() && began.elapsed() >= self.inner.cfg.keepalive_timeout;
                     // Follow a redirect at once, but not for ever: two nodes that name each
                     // other (a stale view on both) fall through to the backoff and deadline.
-                    self.suspect(&addr, false);
+                    self.suspect(&addr, hung);
                     if let Some(h) = hint
                         && h != addr
                         && validate_addr(&h).is_ok()

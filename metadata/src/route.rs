@@ -13,6 +13,7 @@ use elea_common::ids::DEFAULT_GROUP;
 use elea_common::{GroupId, SliceId, VolumeId};
 use elea_fsm::{Op, Query, Reply, group_of_slice};
 
+use crate::api::unexpected;
 use crate::client::{ClientError, MetaClient};
 
 /// Where an op goes.
@@ -175,88 +176,132 @@ impl MetaClient {
                 for c in self.all_groups().await? {
                     match Box::pin(c.query_here(Query::ListVolumes)).await? {
                         Reply::Volumes(v) => all.extend(v),
-                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+                        other => return Err(unexpected(&other)),
                     }
                 }
                 all.sort_by_key(|v| v.id);
                 Ok(Some(Reply::Volumes(all)))
             }
             Query::SliceLocs { ids } => {
-                let mut out = Vec::new();
-                for (g, ids) in by_group(ids, |id| *id) {
-                    match Box::pin(self.for_group(g).query_here(Query::SliceLocs { ids })).await? {
-                        Reply::SliceLocs(l) => out.extend(l),
-                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-                    }
-                }
-                Ok(Some(Reply::SliceLocs(out)))
+                let locs = self
+                    .split(
+                        ids,
+                        |ids| Query::SliceLocs { ids },
+                        |r| match r {
+                            Reply::SliceLocs(l) => Ok(l),
+                            other => Err(unexpected(&other)),
+                        },
+                    )
+                    .await?;
+                Ok(Some(Reply::SliceLocs(locs)))
             }
             Query::SliceData { ids } => {
-                let mut out = Vec::new();
-                for (g, ids) in by_group(ids, |id| *id) {
-                    match Box::pin(self.for_group(g).query_here(Query::SliceData { ids })).await? {
-                        Reply::SliceData(l) => out.extend(l),
-                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-                    }
-                }
-                Ok(Some(Reply::SliceData(out)))
+                let data = self
+                    .split(
+                        ids,
+                        |ids| Query::SliceData { ids },
+                        |r| match r {
+                            Reply::SliceData(d) => Ok(d),
+                            other => Err(unexpected(&other)),
+                        },
+                    )
+                    .await?;
+                Ok(Some(Reply::SliceData(data)))
             }
             Query::StagedBlocks { after, limit } => {
-                let mut out = Vec::new();
-                let mut after = *after;
-                for g in self.groups_from(group_of_slice(after.0)).await? {
-                    let q = Query::StagedBlocks { after, limit: *limit };
-                    match Box::pin(self.for_group(g).query_here(q)).await? {
-                        Reply::Blocks { blocks, more } => {
-                            out.extend(blocks);
-                            if more || out.len() >= *limit as usize {
-                                return Ok(Some(Reply::Blocks { blocks: out, more: true }));
-                            }
-                        }
-                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-                    }
-                    after = (0, 0);
-                }
-                Ok(Some(Reply::Blocks { blocks: out, more: false }))
+                let (blocks, more) = self
+                    .walk(
+                        *after,
+                        group_of_slice(after.0),
+                        (0, 0),
+                        *limit,
+                        |after| Query::StagedBlocks { after, limit: *limit },
+                        |r| match r {
+                            Reply::Blocks { blocks, more } => Ok((blocks, more)),
+                            other => Err(unexpected(&other)),
+                        },
+                    )
+                    .await?;
+                Ok(Some(Reply::Blocks { blocks, more }))
             }
             Query::PendingDeletes { after, limit } => {
-                let mut out = Vec::new();
-                let mut after = *after;
-                for g in self.groups_from(group_of_slice(after)).await? {
-                    let q = Query::PendingDeletes { after, limit: *limit };
-                    match Box::pin(self.for_group(g).query_here(q)).await? {
-                        Reply::Deletes { slices, more } => {
-                            out.extend(slices);
-                            if more || out.len() >= *limit as usize {
-                                return Ok(Some(Reply::Deletes { slices: out, more: true }));
-                            }
-                        }
-                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-                    }
-                    after = 0;
-                }
-                Ok(Some(Reply::Deletes { slices: out, more: false }))
+                let (slices, more) = self
+                    .walk(
+                        *after,
+                        group_of_slice(*after),
+                        0,
+                        *limit,
+                        |after| Query::PendingDeletes { after, limit: *limit },
+                        |r| match r {
+                            Reply::Deletes { slices, more } => Ok((slices, more)),
+                            other => Err(unexpected(&other)),
+                        },
+                    )
+                    .await?;
+                Ok(Some(Reply::Deletes { slices, more }))
             }
             Query::InlineSlices { after, limit } => {
-                let mut out = Vec::new();
-                let mut after = *after;
-                for g in self.groups_from(group_of_slice(after)).await? {
-                    let q = Query::InlineSlices { after, limit: *limit };
-                    match Box::pin(self.for_group(g).query_here(q)).await? {
-                        Reply::Inline { slices, more } => {
-                            out.extend(slices);
-                            if more || out.len() >= *limit as usize {
-                                return Ok(Some(Reply::Inline { slices: out, more: true }));
-                            }
-                        }
-                        other => return Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-                    }
-                    after = 0;
-                }
-                Ok(Some(Reply::Inline { slices: out, more: false }))
+                let (slices, more) = self
+                    .walk(
+                        *after,
+                        group_of_slice(*after),
+                        0,
+                        *limit,
+                        |after| Query::InlineSlices { after, limit: *limit },
+                        |r| match r {
+                            Reply::Inline { slices, more } => Ok((slices, more)),
+                            other => Err(unexpected(&other)),
+                        },
+                    )
+                    .await?;
+                Ok(Some(Reply::Inline { slices, more }))
             }
             _ => Ok(None),
         }
+    }
+
+    /// A query about slices, split by the group each slice id names; the groups' answers
+    /// (`answer` takes the items out of a reply),
+    /// joined.
+    async fn split<T>(
+        &self,
+        ids: &[SliceId],
+        query: impl Fn(Vec<SliceId>) -> Query,
+        answer: impl Fn(Reply) -> Result<Vec<T>, ClientError>,
+    ) -> Result<Vec<T>, ClientError> {
+        let mut out = Vec::new();
+        for (g, ids) in by_group(ids, |id| *id) {
+            let reply = Box::pin(self.for_group(g).query_here(query(ids))).await?;
+            out.extend(answer(reply)?);
+        }
+        Ok(out)
+    }
+
+    /// One page of a list that every group keeps in slice-id order: from the group the
+    /// cursor `after` is in (`first`), each group's page in turn (later groups from `start`,
+    /// their beginning) until one has more or `limit` items are in. `answer` takes the items
+    /// and the "more" flag out of a reply.
+    async fn walk<T, C: Copy>(
+        &self,
+        after: C,
+        first: GroupId,
+        start: C,
+        limit: u32,
+        query: impl Fn(C) -> Query,
+        answer: impl Fn(Reply) -> Result<(Vec<T>, bool), ClientError>,
+    ) -> Result<(Vec<T>, bool), ClientError> {
+        let mut out = Vec::new();
+        let mut after = after;
+        for g in self.groups_from(first).await? {
+            let reply = Box::pin(self.for_group(g).query_here(query(after))).await?;
+            let (items, more) = answer(reply)?;
+            out.extend(items);
+            if more || out.len() >= limit as usize {
+                return Ok((out, true));
+            }
+            after = start;
+        }
+        Ok((out, false))
     }
 
     /// The control group and every volume group, by id, from `first` on (a paged list's

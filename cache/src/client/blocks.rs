@@ -24,6 +24,12 @@ pub struct BlockClientConfig {
     /// Per call. A put waits on the far side while its staging is full, so this is long.
     pub put_timeout: Duration,
     pub get_timeout: Duration,
+    /// While a call is in flight, an HTTP/2 ping every `keepalive_interval`; one not answered
+    /// within `keepalive_timeout` ends the connection and fails the call, so a node that
+    /// vanished without a reset (its site cut off) costs seconds, not the call's timeout.
+    /// Generous: a ping waits behind the block data queued on a slow WAN link.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
     /// Mutual TLS to the cache nodes (plaintext when none).
     pub tls: Option<elea_auth::tls::Connector>,
 }
@@ -34,6 +40,8 @@ impl Default for BlockClientConfig {
             connect_timeout: Duration::from_secs(3),
             put_timeout: Duration::from_secs(120),
             get_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(5),
             tls: None,
         }
     }
@@ -75,6 +83,8 @@ impl BlockClients {
         let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| CacheError::BadRequest(format!("bad cache node address {addr:?}: {e}")))?
             .connect_timeout(self.cfg.connect_timeout)
+            .http2_keep_alive_interval(self.cfg.keepalive_interval)
+            .keep_alive_timeout(self.cfg.keepalive_timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(BLOCK_WINDOW)
             .initial_connection_window_size(4 * BLOCK_WINDOW)

@@ -2,6 +2,7 @@
 //! the metadata command) on cache nodes like any other slice, and records where, so that
 //! their bytes leave the metadata state within moments of their commit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +22,12 @@ const SPILL_PAGE: u32 = 512;
 /// Slices being staged at once.
 const SPILL_CONCURRENCY: usize = 16;
 
-/// Spills the inline slices this node is first for in placement order among every live
-/// node: each goes to the volume's replica count of nodes of this node's site, in the same
-/// order a gateway's put would use; one metadata proposal records a page of them.
+/// Spills the inline slices this node is first for in placement order among the live nodes
+/// of the slice's volume's home site (every live node when the volume has no home, or its
+/// home has none): each goes to the volume's replica count of nodes of this node's site, in
+/// the same order a gateway's put would use; one metadata proposal records a page of them.
+/// A volume's small files so stay in its home site; spilled anywhere, a site the volume does
+/// not live in would hold them, and its loss would stall the volume's readers elsewhere.
 pub(crate) struct Spill {
     node: Arc<Node>,
 }
@@ -90,6 +94,8 @@ impl Worker for Spill {
         let all: Vec<u64> = reg.iter().filter(|n| n.alive).map(|n| n.id).collect();
         let site: Vec<u64> =
             reg.iter().filter(|n| n.alive && n.site == node.cfg.site).map(|n| n.id).collect();
+        // The nodes that may spill a volume's slices, by volume.
+        let mut spillers: HashMap<u64, Vec<u64>> = HashMap::new();
         let (mut done, mut failed) = (0, None);
         // Each group's inline slices on their own: one that cannot answer leaves the others.
         for meta in node.group_clients().await? {
@@ -106,7 +112,21 @@ impl Worker for Spill {
                 if let Some(s) = page.last() {
                     after = s.slice;
                 }
-                let mine = page.into_iter().filter(|s| rank(s.slice, 0, &all).first() == Some(&me));
+                for v in page.iter().map(|s| s.vol) {
+                    if let std::collections::hash_map::Entry::Vacant(e) = spillers.entry(v) {
+                        let home = node.site_map(v).await.and_then(|m| m.home(v).map(str::to_string));
+                        let there: Vec<u64> = reg
+                            .iter()
+                            .filter(|n| n.alive && home.as_deref() == Some(n.site.as_str()))
+                            .map(|n| n.id)
+                            .collect();
+                        e.insert(if there.is_empty() { all.clone() } else { there });
+                    }
+                }
+                let mine: Vec<InlineSlice> = page
+                    .into_iter()
+                    .filter(|s| rank(s.slice, 0, &spillers[&s.vol]).first() == Some(&me))
+                    .collect();
                 let site = &site;
                 let results: Vec<(u64, Result<Vec<u64>, CacheError>)> = futures::stream::iter(mine)
                     .map(|s| async move { (s.slice, stage(node, &s, site).await) })
