@@ -10,6 +10,7 @@ use elea_fsm::{BlockCodec, DataIdentity, VolumeConfig};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::MetaClient;
 use elea_store::{BlockKey, Compression, Store, StoreConfig};
+use futures::StreamExt as _;
 
 use crate::error::CacheError;
 
@@ -58,14 +59,20 @@ impl Volumes {
             Ok(Ok(i)) => i,
             failed => {
                 // The control group cannot answer (its site lost): every volume's own group
-                // holds the same identity, copied when it was made.
-                let mut found = None;
-                for g in self.meta.all_groups_cached().into_iter().skip(1) {
-                    if let Ok(Ok(Some(i))) = tokio::time::timeout(IDENTITY_WAIT, g.data_identity()).await {
-                        found = Some(i);
-                        break;
+                // holds the same identity, copied when it was made. All are asked at once
+                // (some may have lost their quorum with the site); the first answer counts.
+                let groups = self.meta.all_groups_cached();
+                let mut asks: futures::stream::FuturesUnordered<_> =
+                    groups.iter().skip(1).map(|g| g.data_identity()).collect();
+                let first = async {
+                    while let Some(r) = asks.next().await {
+                        if let Ok(Some(i)) = r {
+                            return Some(i);
+                        }
                     }
-                }
+                    None
+                };
+                let found = tokio::time::timeout(IDENTITY_WAIT, first).await.ok().flatten();
                 match (found, failed) {
                     (Some(i), _) => Some(i),
                     (None, Ok(Err(e))) => return Err(e.into()),

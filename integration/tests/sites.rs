@@ -746,14 +746,18 @@ async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
     }
     bed.set_site_cut("a", true);
     let t = Instant::now();
-    for (m, seed) in [(&mc, 23), (&vs_b, 22)] {
+    for (m, seed, what) in [(&mc, 23, "c's volume"), (&vs_b, 22, "the spread one")] {
+        let w = Instant::now();
         write_file(m.mountpoint.join("without-a"), data(seed)).await;
+        let r = Instant::now();
         assert!(read_file(m.mountpoint.join("without-a")).await == data(seed));
+        eprintln!(
+            "{what} wrote {:?}, read {:?}, {:?} after a (the control group's site) was lost",
+            r - w,
+            r.elapsed(),
+            t.elapsed()
+        );
     }
-    eprintln!(
-        "c's volume and the spread one served {:?} after a (the control group's site) was lost",
-        t.elapsed()
-    );
     // Long enough for every cache node of b and c to have been declared dead had their
     // heartbeats waited for the control group: writes still find them.
     tokio::time::sleep(Duration::from_secs(12)).await;

@@ -209,6 +209,9 @@ fn incarnation(dir: &std::path::Path) -> Result<u64, CacheError> {
     }
 }
 
+/// How long a heartbeat round waits to learn the cluster's data identity, until it knows it.
+const IDENTITY_CHECK_WAIT: Duration = Duration::from_millis(500);
+
 /// The file in a cache node's data directory that names the cluster whose blocks it stages.
 const CLUSTER_FILE: &str = "cluster-id";
 
@@ -408,6 +411,14 @@ impl Node {
             }
             if let Some(n) = registry {
                 *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = n;
+            }
+            // The cluster's data identity as soon as it has one (its first volume), so that
+            // this node's first put does not wait to learn it: it could not, quickly, while
+            // the control group's site is lost.
+            if !self.marked.load(Ordering::Relaxed)
+                && let Ok(Err(e)) = tokio::time::timeout(IDENTITY_CHECK_WAIT, self.check_data_dir()).await
+            {
+                tracing::warn!(error = %e, "checking the data directory's cluster");
             }
             if sleep_or_stop(&mut stop, self.cfg.heartbeat).await {
                 return;
