@@ -605,6 +605,42 @@ async fn start_three_sites(
     (sites, metas, procs)
 }
 
+/// Creates volume `vol` homed in `home` (a Raft group of its own) on the shared `store`, one
+/// copy of each staged block, with `extra` flags.
+async fn create_volume(meta: &str, vol: &str, home: &str, store: &str, extra: &[&str]) {
+    let mut a = args(&[
+        "volume",
+        "create",
+        vol,
+        "--meta",
+        meta,
+        "--home-site",
+        home,
+        "--store",
+        store,
+        "--shared-file-store",
+        "--replicas",
+        "1",
+    ]);
+    a.extend(args(extra));
+    cli(a).await;
+}
+
+/// Mounts `vol` in `site` (through its metadata node at `meta`) at `dir/name`, logging to
+/// `dir/name.log`.
+fn mount_in(
+    dir: &Path,
+    site: &elea_integration::sites::Site,
+    meta: &str,
+    vol: &str,
+    name: &str,
+) -> MountProc {
+    let mp = dir.join(name);
+    let a =
+        args(&["mount", "--meta", meta, "--volume", vol, "--site", &site.name, &mp.display().to_string()]);
+    MountProc::start_wrapped(&a, &mp, &dir.join(format!("{name}.log")), &site.command_prefix(), &[])
+}
+
 /// Adds metadata node `id` at `addr` to the control group as a learner (retried until the
 /// group has a leader).
 async fn add_learner(meta: &str, id: u64, addr: &str) {
@@ -640,49 +676,15 @@ async fn the_loss_of_a_site_stops_only_the_volumes_whose_voters_it_held() {
     let (sites, metas, mut procs) = start_three_sites(&bed, dir.path()).await;
     let store = format!("file://{}", dir.path().join("store").display());
     for (vol, home, spread) in [("va", "a", false), ("vs", "a", true), ("vc", "c", false)] {
-        let mut a = args(&[
-            "volume",
-            "create",
-            vol,
-            "--meta",
-            &metas[0],
-            "--home-site",
-            home,
-            "--store",
-            &store,
-            "--shared-file-store",
-            "--replicas",
-            "1",
-        ]);
-        if spread {
-            a.push("--spread-voters".into());
-        }
-        cli(a).await;
+        let extra: &[&str] = if spread { &["--spread-voters"] } else { &[] };
+        create_volume(&metas[0], vol, home, &store, extra).await;
     }
     // Every volume's group is led from its home site, the spread one included (whichever
     // voter won its first election hands the leadership to a's).
     wait_led_from_home(&metas[0], &[("va", "a"), ("vs", "a"), ("vc", "c")]).await;
 
-    let mount = |site: usize, vol: &str, name: &str| {
-        let mp = dir.path().join(name);
-        let a = args(&[
-            "mount",
-            "--meta",
-            &metas[site],
-            "--volume",
-            vol,
-            "--site",
-            &sites[site].name,
-            &mp.display().to_string(),
-        ]);
-        MountProc::start_wrapped(
-            &a,
-            &mp,
-            &dir.path().join(format!("{name}.log")),
-            &sites[site].command_prefix(),
-            &[],
-        )
-    };
+    let mount =
+        |site: usize, vol: &str, name: &str| mount_in(dir.path(), &sites[site], &metas[site], vol, name);
     let (ma, ms, mut mc) = (mount(0, "va", "va-a"), mount(0, "vs", "vs-a"), mount(2, "vc", "vc-c"));
     let data = |seed| elea_common::pattern::pattern(seed, MIB);
     for (m, seed) in [(&ma, 1), (&ms, 2), (&mc, 3)] {
@@ -834,50 +836,14 @@ async fn a_checked_workload_outlives_the_loss_and_return_of_a_site() {
     let dir = tempfile::tempdir().unwrap();
     let (sites, metas, mut procs) = start_three_sites(&bed, dir.path()).await;
     let store = format!("file://{}", dir.path().join("store").display());
-    for (vol, home, spread) in [("vb", "b", false), ("vs", "a", true)] {
-        let mut a = args(&[
-            "volume",
-            "create",
-            vol,
-            "--meta",
-            &metas[0],
-            "--home-site",
-            home,
-            "--store",
-            &store,
-            "--shared-file-store",
-            "--replicas",
-            "1",
-        ]);
-        if spread {
-            // Its small files are staged in a (its home), on one node: tiered at once, they
-            // stay readable from the store while a is lost.
-            a.extend(args(&["--spread-voters", "--tier-after", "1s"]));
-        }
-        cli(a).await;
-    }
+    create_volume(&metas[0], "vb", "b", &store, &[]).await;
+    // Its small files are staged in a (its home), on one node: tiered at once, they stay
+    // readable from the store while a is lost.
+    create_volume(&metas[0], "vs", "a", &store, &["--spread-voters", "--tier-after", "1s"]).await;
     wait_led_from_home(&metas[0], &[("vb", "b"), ("vs", "a")]).await;
 
     let mount = |site: usize, vol: &str| {
-        let name = format!("{vol}-{}", sites[site].name);
-        let mp = dir.path().join(&name);
-        let a = args(&[
-            "mount",
-            "--meta",
-            &metas[site],
-            "--volume",
-            vol,
-            "--site",
-            &sites[site].name,
-            &mp.display().to_string(),
-        ]);
-        MountProc::start_wrapped(
-            &a,
-            &mp,
-            &dir.path().join(format!("{name}.log")),
-            &sites[site].command_prefix(),
-            &[],
-        )
+        mount_in(dir.path(), &sites[site], &metas[site], vol, &format!("{vol}-{}", sites[site].name))
     };
     let mounts = [mount(1, "vb"), mount(2, "vb"), mount(1, "vs"), mount(2, "vs")];
     let events = Arc::new(Events::new(&dir.path().join("events.log")));

@@ -77,6 +77,8 @@ pub(crate) async fn print_status(
         placed.insert(v.id, (if g == 1 { control } else { g }, l));
     }
     let placed_of = |vol: u64| placed.get(&vol).copied().unwrap_or((control, leader));
+    // The cache node registry, read once for every table below.
+    let registry = if any_up { c.cache_nodes().await.map_err(|e| e.to_string()) } else { Ok(Vec::new()) };
     let site_of = |id: Option<u64>| -> Option<String> { Some(map.as_ref()?.meta_site(id?)?.to_string()) };
     if as_json {
         let nodes: Vec<_> = rows
@@ -98,8 +100,10 @@ pub(crate) async fn print_status(
             .into_iter()
             .map(|(id, a, l)| json!({"node_id": id, "addr": a, "learner": l}))
             .collect();
-        let cache =
-            if any_up { print_cache_nodes(c, peers, true).await.unwrap_or(json!([])) } else { json!([]) };
+        let cache = match &registry {
+            Ok(nodes) => print_cache_nodes(nodes, peers, true).await,
+            Err(_) => json!([]),
+        };
         let volumes: Vec<_> = vols
             .iter()
             .map(|v| {
@@ -109,7 +113,8 @@ pub(crate) async fn print_status(
             })
             .collect();
         let sites = sites_json(map.as_ref(), &book, &cache, &vols);
-        let transfers: Vec<_> = if any_up { transfers(c, peers).await } else { Vec::new() }
+        let transfers: Vec<_> = transfers(registry.as_deref().unwrap_or_default(), peers)
+            .await
             .into_iter()
             .map(
                 |(from, to, bytes, blocks)| json!({"from": from, "to": to, "bytes": bytes, "blocks": blocks}),
@@ -155,13 +160,16 @@ pub(crate) async fn print_status(
                 ),
             }
         }
-        if any_up && let Err(e) = print_cache_nodes(c, peers, false).await {
-            println!("cache nodes: unknown ({e})");
+        match &registry {
+            Ok(nodes) => {
+                print_cache_nodes(nodes, peers, false).await;
+            }
+            Err(e) => println!("cache nodes: unknown ({e})"),
         }
         if let Some(m) = &map {
             println!();
             println!("{:<12} {:>10} {:>12}  volumes homed here", "site", "meta nodes", "cache nodes");
-            let cache = c.cache_nodes().await.unwrap_or_default();
+            let cache = registry.as_deref().unwrap_or_default();
             for site in &m.sites {
                 let metas = m.meta_nodes.iter().filter(|(_, s, _)| s == site).count();
                 let caches = cache.iter().filter(|n| &n.site == site).count();
@@ -175,7 +183,7 @@ pub(crate) async fn print_status(
                     if homed.is_empty() { "-".to_string() } else { homed.join(", ") }
                 );
             }
-            let moved = transfers(c, peers).await;
+            let moved = transfers(cache, peers).await;
             if !moved.is_empty() {
                 println!();
                 println!(
@@ -240,17 +248,16 @@ pub(crate) fn dedup_book(book: &[(u64, String, bool)]) -> Vec<(u64, String, bool
     out
 }
 
-/// Prints the cache node registry; returns it as JSON.
-pub(crate) async fn print_cache_nodes(
-    c: &MetaClient,
+/// Prints the cache node registry `nodes` with each live node's workers; returns it as JSON.
+async fn print_cache_nodes(
+    nodes: &[elea_fsm::CacheNodeInfo],
     peers: &elea_cache::client::BlockClients,
     as_json: bool,
-) -> anyhow::Result<serde_json::Value> {
-    let nodes = c.cache_nodes().await?;
+) -> serde_json::Value {
     // Each live node's workers, asked of the node itself (a node that does not answer shows
     // none).
     let mut workers = Vec::with_capacity(nodes.len());
-    for n in &nodes {
+    for n in nodes {
         let w = if n.alive {
             match tokio::time::timeout(std::time::Duration::from_secs(2), peers.workers(&n.addr)).await {
                 Ok(Ok(w)) => w,
@@ -323,7 +330,7 @@ pub(crate) async fn print_cache_nodes(
             );
         }
     }
-    Ok(json!(list))
+    json!(list)
 }
 
 /// Each site with its metadata nodes (Raft members whose recorded site it is), its cache
@@ -359,10 +366,9 @@ fn sites_json(
 /// Bytes and blocks the live cache nodes fetched across sites since they started, per
 /// (from, to) site pair.
 async fn transfers(
-    c: &MetaClient,
+    nodes: &[elea_fsm::CacheNodeInfo],
     peers: &elea_cache::client::BlockClients,
 ) -> Vec<(String, String, u64, u64)> {
-    let nodes = c.cache_nodes().await.unwrap_or_default();
     let mut pairs: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
     for n in nodes.iter().filter(|n| n.alive) {
         let Ok(Ok(from)) =
