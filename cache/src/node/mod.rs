@@ -504,8 +504,17 @@ impl Node {
                 cache: false,
                 range,
             };
+            let asked = std::time::Instant::now();
             match self.peers.get(peer, r).await {
                 Ok(d) => {
+                    tracing::debug!(
+                        slice = id.0,
+                        index = id.1,
+                        peer = %peer,
+                        bytes = d.len(),
+                        ms = asked.elapsed().as_secs_f64() * 1e3,
+                        "fetched a block from a peer"
+                    );
                     self.count_from(self.site_of_addr(peer).as_deref(), d.len());
                     if range.is_none() {
                         if req.cache {

@@ -270,8 +270,10 @@ fn spawn(place: &SitePlace, args: &[String], log: &Path) -> anyhow::Result<Child
         None => Command::new(&exe),
     };
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    // Every process logs at info, or as `RUST_LOG` asks when it is set.
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     cmd.args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", level)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
