@@ -406,19 +406,22 @@ impl MetaClient {
 
     /// The control group's client and one for each volume group, as last listed.
     pub async fn all_groups(&self) -> Result<Vec<MetaClient>, ClientError> {
-        let list = self.volume_group_list(true).await?;
-        let mut out = vec![self.for_group(DEFAULT_GROUP)];
-        out.extend(list.iter().map(|r| self.for_group(r.group)));
-        Ok(out)
+        Ok(self.clients_of(&self.volume_group_list(true).await?))
+    }
+
+    /// The control group's client and one for each group of `list`.
+    fn clients_of(&self, list: &[GroupRecord]) -> Vec<MetaClient> {
+        std::iter::once(DEFAULT_GROUP)
+            .chain(list.iter().map(|r| r.group))
+            .map(|g| self.for_group(g))
+            .collect()
     }
 
     /// [`MetaClient::all_groups`] as last listed, without asking the control group (empty
     /// of volume groups before the first list).
     pub fn all_groups_cached(&self) -> Vec<MetaClient> {
         let list = self.inner.directory.records.lock().unwrap_or_else(|p| p.into_inner()).0.clone();
-        let mut out = vec![self.for_group(DEFAULT_GROUP)];
-        out.extend(list.iter().map(|r| self.for_group(r.group)));
-        out
+        self.clients_of(&list)
     }
 
     /// Volume `vol`, asked of its own group only (a control group client's volume list

@@ -181,7 +181,7 @@ impl Drop for FetchGuard<'_> {
 
 /// How long a heartbeat round waits for the control group's list of volume groups before it
 /// uses the list as last read.
-const LIST_GROUPS_WAIT: Duration = Duration::from_millis(500);
+pub(crate) const LIST_GROUPS_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a node uses the site map it read before reading it again.
 const SITE_MAP_TTL: Duration = Duration::from_secs(5);
@@ -373,16 +373,7 @@ impl Node {
     async fn heartbeat_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let wait = self.cfg.heartbeat.max(Duration::from_millis(500)) * 2;
         loop {
-            // The list as last read when the control group does not answer at once (its site
-            // lost): the volume groups must still hear from this node in time.
-            let groups = match tokio::time::timeout(LIST_GROUPS_WAIT, self.meta.all_groups()).await {
-                Ok(Ok(g)) => g,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "listing the volume groups");
-                    self.meta.all_groups_cached()
-                }
-                Err(_) => self.meta.all_groups_cached(),
-            };
+            let groups = self.group_clients().await;
             let beats = futures::future::join_all(
                 groups.iter().map(|c| tokio::time::timeout(wait, self.heartbeat_in(c))),
             );

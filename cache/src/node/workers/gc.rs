@@ -50,7 +50,7 @@ impl Worker for Gc {
         // Slices with a retry schedule still on the deleted list.
         let mut backing_off = HashSet::new();
         // Each group's list on its own: one that cannot answer leaves the others collected.
-        let groups = node.group_clients().await?;
+        let groups = node.group_clients().await;
         let mut first_err = None;
         for meta in &groups {
             match self.collect_group(meta, delay, base, now, &mut backing_off).await {

@@ -48,6 +48,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::CacheError;
+use crate::node::LIST_GROUPS_WAIT;
 use crate::node::staging::BlockId;
 use crate::node::{Node, sleep_or_stop};
 use crate::proto::{BlockRef, GetRequest};
@@ -199,10 +200,19 @@ impl Node {
         self.registry().into_iter().filter(|n| n.alive).map(|n| n.id).collect()
     }
 
-    /// The metadata client of every Raft group: the control group's and each volume group's
-    /// (as last listed when the control group cannot answer).
-    pub(crate) async fn group_clients(&self) -> Result<Vec<elea_metadata::client::MetaClient>, CacheError> {
-        Ok(self.meta.all_groups().await?)
+    /// The metadata client of every Raft group: the control group's and each volume group's,
+    /// as last listed when the control group does not answer within [`LIST_GROUPS_WAIT`] or
+    /// fails (its site lost): the volume groups must go on hearing from this node, and its
+    /// workers go on with them.
+    pub(crate) async fn group_clients(&self) -> Vec<elea_metadata::client::MetaClient> {
+        match tokio::time::timeout(LIST_GROUPS_WAIT, self.meta.all_groups()).await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "listing the volume groups");
+                self.meta.all_groups_cached()
+            }
+            Err(_) => self.meta.all_groups_cached(),
+        }
     }
 
     /// The staged blocks of every group that answers (one that does not is logged and left
@@ -212,7 +222,7 @@ impl Node {
         let mut out = Vec::new();
         let mut first_err = None;
         let mut answered = false;
-        for meta in self.group_clients().await? {
+        for meta in self.group_clients().await {
             match meta.staged_blocks().await {
                 Ok(b) => {
                     answered = true;

@@ -98,7 +98,7 @@ impl Worker for Spill {
         let mut spillers: HashMap<u64, Vec<u64>> = HashMap::new();
         let (mut done, mut failed) = (0, None);
         // Each group's inline slices on their own: one that cannot answer leaves the others.
-        for meta in node.group_clients().await? {
+        for meta in node.group_clients().await {
             let mut after = 0;
             loop {
                 let (page, more) = match meta.inline_slices(after, SPILL_PAGE).await {
