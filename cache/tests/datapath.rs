@@ -403,7 +403,7 @@ async fn bad_requests(in_process: bool) {
     let get = |block, len| GetRequest {
         block: Some(block),
         len,
-        tiered_store: None,
+        tiered_stores: vec![],
         peers: vec![],
         cache: false,
         range: None,
@@ -607,7 +607,7 @@ fn ranged(block: BlockRef, len: u32, range: Option<(u32, u32)>) -> elea_cache::p
     elea_cache::proto::GetRequest {
         block: Some(block),
         len,
-        tiered_store: None,
+        tiered_stores: vec![],
         peers: vec![],
         cache: false,
         range: range.map(|(offset, len)| elea_cache::proto::ByteRange { offset, len }),
@@ -678,7 +678,7 @@ async fn range_gets_from_staging_the_read_cache_and_the_store() {
         let b = BlockRef { vol, slice, index };
         assert!(matches!(p.get(&addr, ranged(b, len, Some((0, 10)))).await, Err(CacheError::NotFound(_))));
         let mut r = ranged(b, len, Some((len - 5000, 5000)));
-        r.tiered_store = Some(0);
+        r.tiered_stores = vec![0];
         r.cache = true;
         let got = p.get(&addr, r).await.unwrap();
         assert!(got == block_of(&data, index)[len as usize - 5000..], "tiered block {index}");
@@ -808,7 +808,7 @@ async fn workers_report_their_state() {
     };
     wait_until(Duration::from_secs(20), "every worker ran a round", || async {
         let w = peers.workers(&addr).await.unwrap();
-        names(&w) == ["gc", "lost-copies", "reconcile", "repair", "spill", "stores", "tiering"]
+        names(&w) == ["gc", "lost-copies", "migrate", "reconcile", "repair", "spill", "stores", "tiering"]
             && w.iter().all(|w| w.rounds > 0)
     })
     .await;

@@ -31,7 +31,7 @@ fn clients(tls: Option<&Tls>) -> BlockClients {
 }
 
 fn get(r: BlockRef, len: u32) -> GetRequest {
-    GetRequest { block: Some(r), len, tiered_store: None, peers: vec![], cache: false, range: None }
+    GetRequest { block: Some(r), len, tiered_stores: vec![], peers: vec![], cache: false, range: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

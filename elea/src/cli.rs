@@ -45,6 +45,9 @@ pub enum Command {
     /// Make a cluster's certificate authority and issue its certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Move a volume's objects to another store while it is in use (`elea migrate VOLUME
+    /// --to URL`), or show a migration (`elea migrate status VOLUME`).
+    Migrate(MigrateArgs),
     /// A sandbox of several sites on this machine, joined by WAN links with a delay and a
     /// bandwidth cap (network namespaces as root, loopback otherwise); stops on Ctrl-C.
     Demo(crate::cmd::DemoArgs),
@@ -267,6 +270,68 @@ pub struct TierArgs {
     /// Wait until no block of the volume is staged any more.
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct MigrateArgs {
+    #[command(subcommand)]
+    pub cmd: Option<MigrateCmd>,
+    /// The volume to move.
+    #[arg(required = true)]
+    pub volume: Option<String>,
+    /// The store to move it to (an object store URL, as for `elea volume create --store`).
+    #[arg(long, required = true)]
+    pub to: Option<String>,
+    /// The site whose store of the volume moves (default: the volume's home site); the new
+    /// store becomes that site's.
+    #[arg(long)]
+    pub site: Option<String>,
+    /// Bytes per second the copy may use in all, across every cache node (e.g. 100MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub rate_limit: Option<u64>,
+    /// Delete the old store's objects of the volume this long after the move is done (e.g.
+    /// 24h; the delay is the window to change one's mind). Without it they are kept.
+    #[arg(long, value_parser = parse_duration)]
+    pub delete_source: Option<Duration>,
+    /// Do not probe the new store from here first (a write, a read and a delete).
+    #[arg(long)]
+    pub no_probe: bool,
+    #[command(flatten)]
+    pub watch: WatchArgs,
+    /// Metadata node addresses, HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "ELEA_META", required = true)]
+    pub meta: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MigrateCmd {
+    /// Show a volume's latest migration.
+    Status {
+        volume: String,
+        #[command(flatten)]
+        watch: WatchArgs,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+}
+
+/// How a command that starts or shows a long job reports it.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct WatchArgs {
+    /// Wait until the job is done, showing its progress (a bar on a terminal, a line every
+    /// few seconds otherwise); exit non-zero when it fails.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up (non-zero exit) when the job makes no progress for this long
+    /// while it reports failures or no cache node is alive.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub stall_timeout: Duration,
+    /// Print one JSON object (at the end, with --wait) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

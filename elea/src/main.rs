@@ -4,6 +4,7 @@
 
 mod cli;
 mod cmd;
+mod progress;
 mod units;
 
 use std::process::ExitCode;

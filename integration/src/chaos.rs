@@ -957,7 +957,7 @@ impl Topology {
             let req = elea_cache::proto::GetRequest {
                 block: Some(elea_cache::proto::BlockRef { vol: b.vol, slice: b.slice, index: b.index }),
                 len: b.len,
-                tiered_store: None,
+                tiered_stores: vec![],
                 peers: Vec::new(),
                 cache: false,
                 range: None,

@@ -13,8 +13,8 @@
 use elea_common::{Ino, SessionId, SliceId, Timespec, VolumeId};
 use elea_fsm::{
     Attr, CacheNodeInfo, CacheStats, Caller, DataIdentity, DirEntry, GroupRecord, InlineSlice, LockInfo,
-    LockKind, Op, Query, Reply, SetAttr, SiteMap, Slice, SliceData, SliceLoc, StagedBlock, StatFs,
-    VolumeConfig, VolumeInfo,
+    LockKind, MigrationStatus, Op, Query, Reply, SetAttr, SiteMap, Slice, SliceData, SliceLoc, StagedBlock,
+    StatFs, VolumeConfig, VolumeInfo,
 };
 
 use crate::client::{ClientError, WatchStream};
@@ -914,6 +914,102 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         slices: Vec<(SliceId, Vec<u64>)>,
     ) -> impl Future<Output = Result<(), ClientError>> + Send {
         async move { ok(self.op(Op::SpillInline { slices }).await?) }
+    }
+
+    /// Starts moving volume `vol`'s objects from `site`'s store to `url` ([`Op::StartMigration`]).
+    fn start_migration(
+        &self,
+        vol: VolumeId,
+        site: &str,
+        url: &str,
+        rate_limit: u64,
+        delete_source_after_ms: Option<u64>,
+    ) -> impl Future<Output = Result<MigrationStatus, ClientError>> + Send {
+        let op = Op::StartMigration {
+            vol,
+            site: site.to_string(),
+            url: url.to_string(),
+            rate_limit,
+            delete_source_after_ms,
+        };
+        async move {
+            match self.op(op).await? {
+                Reply::Migration(m) => Ok(*m),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Volume `vol`'s latest migration (`Fs(ENOENT)` when it never had one).
+    fn migration(&self, vol: VolumeId) -> impl Future<Output = Result<MigrationStatus, ClientError>> + Send {
+        async move {
+            match self.query(Query::Migration { vol }).await? {
+                Reply::Migration(m) => Ok(*m),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Every migration (of every group, asked of the control group; of its own, of a volume's
+    /// group).
+    fn migrations(&self) -> impl Future<Output = Result<Vec<MigrationStatus>, ClientError>> + Send {
+        async move {
+            match self.query(Query::Migrations).await? {
+                Reply::Migrations(m) => Ok(m),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// A page of the blocks volume `vol`'s running migration still has to copy
+    /// ([`Query::MigrationBlocks`]).
+    fn migration_blocks(
+        &self,
+        vol: VolumeId,
+        after: (SliceId, u32),
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<StagedBlock>, bool), ClientError>> + Send {
+        async move {
+            match self.query(Query::MigrationBlocks { vol, after, limit }).await? {
+                Reply::Blocks { blocks, more } => Ok((blocks, more)),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Records a copier's progress ([`Op::MigrationProgress`]).
+    fn migration_progress(
+        &self,
+        vol: VolumeId,
+        job: u64,
+        copied: Vec<(SliceId, u32)>,
+        cursor: (SliceId, u32),
+        failed: Vec<(SliceId, u32, String)>,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::MigrationProgress { vol, job, copied, cursor, failed }).await?) }
+    }
+
+    /// The end of a pass ([`Op::MigrationPass`]): the job as it is after it.
+    fn migration_pass(
+        &self,
+        vol: VolumeId,
+        job: u64,
+    ) -> impl Future<Output = Result<MigrationStatus, ClientError>> + Send {
+        async move {
+            match self.op(Op::MigrationPass { vol, job }).await? {
+                Reply::Migration(m) => Ok(*m),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// The source's objects of job `job` are deleted ([`Op::MigrationSourceDeleted`]).
+    fn migration_source_deleted(
+        &self,
+        vol: VolumeId,
+        job: u64,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        async move { ok(self.op(Op::MigrationSourceDeleted { vol, job }).await?) }
     }
 
     /// Blocks now live in store `store` of their volume ([`Op::MarkTiered`]).

@@ -39,6 +39,7 @@ impl Need {
             | Op::CreateVolumeGroup { .. }
             | Op::AddGroupMember { .. }
             | Op::RemoveGroupMember { .. }
+            | Op::StartMigration { .. }
             | Op::RegisterMetaNode { .. } => Need::Admin,
             Op::Mknod { vol, .. }
             | Op::Mkdir { vol, .. }
@@ -70,7 +71,10 @@ impl Need {
             | Op::ReplaceReplica { .. }
             | Op::ForgetSlices { .. }
             | Op::DropReplica { .. }
-            | Op::SpillInline { .. } => Need::Internal,
+            | Op::SpillInline { .. }
+            | Op::MigrationProgress { .. }
+            | Op::MigrationPass { .. }
+            | Op::MigrationSourceDeleted { .. } => Need::Internal,
         }
     }
 
@@ -83,7 +87,9 @@ impl Need {
             | Query::SliceData { .. }
             | Query::DataIdentity
             | Query::Sites
-            | Query::Groups => Need::Any,
+            | Query::Groups
+            | Query::Migration { .. }
+            | Query::Migrations => Need::Any,
             Query::VolumeByName { name } => Need::VolumeNamed(name.clone()),
             Query::Lookup { vol, .. }
             | Query::GetAttr { vol, .. }
@@ -97,7 +103,8 @@ impl Need {
             Query::SessionInfo { .. }
             | Query::StagedBlocks { .. }
             | Query::PendingDeletes { .. }
-            | Query::InlineSlices { .. } => Need::Internal,
+            | Query::InlineSlices { .. }
+            | Query::MigrationBlocks { .. } => Need::Internal,
         }
     }
 }

@@ -47,7 +47,11 @@ fn op_volume(op: &Op) -> Option<VolumeId> {
         | Op::AllocInodes { vol, .. }
         | Op::WriteSlicePieces { vol, .. }
         | Op::WriteInline { vol, .. }
-        | Op::AddStore { vol, .. } => Some(*vol),
+        | Op::AddStore { vol, .. }
+        | Op::StartMigration { vol, .. }
+        | Op::MigrationProgress { vol, .. }
+        | Op::MigrationPass { vol, .. }
+        | Op::MigrationSourceDeleted { vol, .. } => Some(*vol),
         Op::As { op, .. } => op_volume(op),
         _ => None,
     }
@@ -64,7 +68,9 @@ fn query_volume(q: &Query) -> Option<VolumeId> {
         | Query::ListXattr { vol, .. }
         | Query::StatFs { vol }
         | Query::ReadChunk { vol, .. }
-        | Query::GetLk { vol, .. } => Some(*vol),
+        | Query::GetLk { vol, .. }
+        | Query::Migration { vol }
+        | Query::MigrationBlocks { vol, .. } => Some(*vol),
         _ => None,
     }
 }
@@ -181,6 +187,17 @@ impl MetaClient {
                 }
                 all.sort_by_key(|v| v.id);
                 Ok(Some(Reply::Volumes(all)))
+            }
+            Query::Migrations => {
+                let mut all = Vec::new();
+                for c in self.all_groups().await? {
+                    match Box::pin(c.query_here(Query::Migrations)).await? {
+                        Reply::Migrations(m) => all.extend(m),
+                        other => return Err(unexpected(&other)),
+                    }
+                }
+                all.sort_by_key(|m| m.job.vol);
+                Ok(Some(Reply::Migrations(all)))
             }
             Query::SliceLocs { ids } => {
                 let locs = self

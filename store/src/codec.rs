@@ -224,6 +224,37 @@ pub fn decode_header(buf: &[u8]) -> Result<BlockHeader, CodecError> {
     Ok(BlockHeader { codec, raw_len: le_u32(buf, 8), raw_crc: le_u32(buf, 12), payload_crc: le_u32(buf, 16) })
 }
 
+/// Checks an encoded block as stored, without decoding it: the header, the decoded length it
+/// claims (`raw_len`), a raw payload's length and the payload's checksum. What a copy from one
+/// store to another verifies: the bytes it writes are the bytes the encoder wrote.
+pub fn check_encoded(buf: &[u8], raw_len: u32) -> Result<(), CodecError> {
+    let h = decode_header(buf)?;
+    if h.raw_len != raw_len {
+        return Err(CodecError::LengthMismatch {
+            what: "decoded length",
+            expected: raw_len.into(),
+            actual: h.raw_len.into(),
+        });
+    }
+    let payload = &buf[HEADER_LEN..];
+    if h.codec == CODEC_RAW && payload.len() != raw_len as usize {
+        return Err(CodecError::LengthMismatch {
+            what: "raw payload",
+            expected: raw_len.into(),
+            actual: payload.len() as u64,
+        });
+    }
+    let payload_crc = crc32c::crc32c(payload);
+    if payload_crc != h.payload_crc {
+        return Err(CodecError::ChecksumMismatch {
+            what: "payload",
+            stored: h.payload_crc,
+            computed: payload_crc,
+        });
+    }
+    Ok(())
+}
+
 /// Decodes a block written by [`encode_block`], checking the header, both checksums and every
 /// length. Any mismatch is an error, never data.
 pub fn decode_block(buf: &[u8]) -> Result<Vec<u8>, CodecError> {
@@ -321,6 +352,22 @@ mod tests {
         assert_eq!(le_u32(&enc, 12), crc32c::crc32c(b"hello"));
         assert_eq!(le_u32(&enc, 16), crc32c::crc32c(b"hello"));
         assert_eq!(&enc[20..], b"hello");
+    }
+
+    #[test]
+    fn check_encoded_catches_every_change_a_copy_could_make() {
+        let raw: Vec<u8> = (0..20_000u32).map(|i| (i % 7) as u8).collect();
+        for c in [Compression::None, Compression::Zstd(3)] {
+            let enc = encode_block(&raw, c);
+            assert!(check_encoded(&enc, raw.len() as u32).is_ok());
+            assert!(check_encoded(&enc, raw.len() as u32 + 1).is_err(), "wrong length");
+            assert!(check_encoded(&enc[..enc.len() - 1], raw.len() as u32).is_err(), "truncated");
+            for at in [0, 5, HEADER_LEN, enc.len() - 1] {
+                let mut bad = enc.clone();
+                bad[at] ^= 0x40;
+                assert!(check_encoded(&bad, raw.len() as u32).is_err(), "{c} flipped byte {at}");
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod store;
 #[cfg(feature = "test-server")]
 pub mod testing;
 
-pub use codec::{CodecError, Compression, HEADER_LEN, ParseCompressionError, decode_block, encode_block};
+pub use codec::{
+    CodecError, Compression, HEADER_LEN, ParseCompressionError, check_encoded, decode_block, encode_block,
+};
 pub use key::BlockKey;
 pub use store::{OWNER_OBJECT, Store, StoreConfig, StoreError};

@@ -407,6 +407,17 @@ impl Store {
         Ok(raw)
     }
 
+    /// The block at `key` as stored (encoded), checked with [`crate::check_encoded`] but not
+    /// decoded: what a copy to another store writes. A missing object is
+    /// [`StoreError::NotFound`], bytes that fail the check [`StoreError::Corrupt`].
+    pub async fn get_encoded(&self, key: &BlockKey) -> Result<Bytes, StoreError> {
+        let path = key.path();
+        let buf = self.get_raw(&path).await?;
+        crate::codec::check_encoded(&buf, key.len)
+            .map_err(|source| StoreError::Corrupt { key: path, source })?;
+        Ok(buf)
+    }
+
     /// The object's bytes as stored, without decoding.
     pub async fn get_raw(&self, path: &str) -> Result<Bytes, StoreError> {
         let buf = self.op.read(path).await.map_err(|e| StoreError::io("get", path, e))?;

@@ -812,7 +812,8 @@ impl DataClient {
             ids.iter().filter_map(|id| addr(*id)).chain(ids.iter().filter_map(|id| dead(*id))).collect()
         };
         for a in holders(&local) {
-            let req = GetRequest { block, len, tiered_store: None, peers: vec![], cache: false, range: want };
+            let req =
+                GetRequest { block, len, tiered_stores: vec![], peers: vec![], cache: false, range: want };
             match self.inner.blocks.get(&a, req).await {
                 Ok(d) => return Ok(d),
                 Err(e) => last = e,
@@ -824,13 +825,13 @@ impl DataClient {
         let remote = holders(&remote);
         let site: Vec<u64> =
             nodes.iter().filter(|n| n.alive && n.site == self.inner.cfg.site).map(|n| n.id).collect();
-        if b.tiered.is_some() || !remote.is_empty() {
+        if !b.tiered.is_empty() || !remote.is_empty() {
             for id in rank(slice, index, &site).into_iter().take(2) {
                 let Some(a) = addr(id) else { continue };
                 let req = GetRequest {
                     block,
                     len,
-                    tiered_store: b.tiered.map(u32::from),
+                    tiered_stores: b.tiered.iter().map(u32::from).collect(),
                     peers: remote.clone(),
                     cache: true,
                     range: want,
@@ -843,18 +844,34 @@ impl DataClient {
         }
         // This site has no cache node that could: the other sites' holders, then the store.
         for a in remote {
-            let req = GetRequest { block, len, tiered_store: None, peers: vec![], cache: false, range: want };
+            let req =
+                GetRequest { block, len, tiered_stores: vec![], peers: vec![], cache: false, range: want };
             match self.inner.blocks.get(&a, req).await {
                 Ok(d) => return Ok(d),
                 Err(e) => last = e,
             }
         }
-        let Some(store) = b.tiered else { return Err(last) };
+        // Each store that holds it in turn (one may miss the object: a migration's source
+        // whose objects were deleted, a store being restored).
+        if b.tiered.is_empty() {
+            return Err(last);
+        }
         let key = self.inner.vols.key(vol, slice, index, len).await?;
-        let d = match self.inner.vols.store(vol, store).await {
-            Ok(s) => s.get(&key).await.map_err(CacheError::from)?,
-            Err(e) => return Err(if matches!(e, CacheError::NotFound(_)) { last } else { e }),
-        };
+        let mut got = None;
+        for store in b.tiered.iter() {
+            match self.inner.vols.store(vol, store).await {
+                Ok(s) => match s.get(&key).await {
+                    Ok(d) => {
+                        got = Some(d);
+                        break;
+                    }
+                    Err(e) => last = e.into(),
+                },
+                Err(CacheError::NotFound(_)) => {}
+                Err(e) => last = e,
+            }
+        }
+        let Some(d) = got else { return Err(last) };
         let Some((off, n)) = range else { return Ok(d) };
         let (off, n) = (off as usize, n as usize);
         if d.len() < off + n {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use elea_common::ids::BLOCK_SIZE;
-use elea_fsm::{CacheNodeInfo, CacheStats, SiteMap};
+use elea_fsm::{CacheNodeInfo, CacheStats, SiteMap, StoreSet};
 use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientConfig, ClientError, MetaClient};
 use elea_store::StoreConfig;
@@ -295,9 +295,15 @@ impl Node {
     }
 
     /// The store this node tiers volume `vol`'s blocks to: its site's store of the volume,
-    /// else the volume's first.
+    /// else the volume's write store (its first unless a migration moved it).
     pub(crate) async fn tier_store(&self, vol: u64) -> u16 {
-        self.site_map(vol).await.and_then(|m| m.store_of(vol, &self.cfg.site)).unwrap_or(0)
+        self.site_map(vol).await.map_or(0, |m| m.tier_store(vol, &self.cfg.site))
+    }
+
+    /// Forgets the site maps read so far: the next [`Node::site_map`] asks again (a store the
+    /// map named for writes no longer takes them).
+    pub(crate) fn forget_site_maps(&self) {
+        self.sites.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Counts a block of `bytes` that came from site `from` (nothing when it is this one's or
@@ -464,24 +470,36 @@ impl Node {
             return Ok(d);
         }
         let mut last = CacheError::NotFound(format!("block {id:?} is not staged or cached here"));
-        if let Some(store) = req.tiered_store {
-            let idx = u16::try_from(store).map_err(|_| CacheError::BadRequest("bad store index".into()))?;
+        if !req.tiered_stores.is_empty() {
+            let set: StoreSet = req
+                .tiered_stores
+                .iter()
+                .map(|i| u16::try_from(*i).ok().filter(|i| *i < StoreSet::BITS))
+                .collect::<Option<_>>()
+                .ok_or_else(|| CacheError::BadRequest("bad store index".into()))?;
             let key = self.vols.key(b.vol, id.0, id.1, req.len).await?;
+            let map = self.site_map(b.vol).await;
+            let order = match &map {
+                Some(m) => m.read_order(b.vol, &self.cfg.site, set),
+                None => set.iter().collect(),
+            };
             // An object is compressed and checksummed as a unit: fetch and verify all of it,
-            // keep it, and serve the range from it.
-            match self.vols.store(b.vol, idx).await {
-                Ok(s) => match s.get(&key).await {
-                    Ok(d) => {
-                        let map = self.site_map(b.vol).await;
-                        self.count_from(map.as_ref().and_then(|m| m.site_of_store(b.vol, idx)), d.len());
-                        if req.cache {
-                            self.cache.insert(id, &d);
+            // keep it, and serve the range from it. A store that misses it (or fails) is
+            // followed by the next one that holds it.
+            for idx in order {
+                match self.vols.store(b.vol, idx).await {
+                    Ok(s) => match s.get(&key).await {
+                        Ok(d) => {
+                            self.count_from(map.as_ref().and_then(|m| m.site_of_store(b.vol, idx)), d.len());
+                            if req.cache {
+                                self.cache.insert(id, &d);
+                            }
+                            return cut(d, off, n);
                         }
-                        return cut(d, off, n);
-                    }
-                    Err(e) => last = e.into(),
-                },
-                Err(e) => last = e,
+                        Err(e) => last = e.into(),
+                    },
+                    Err(e) => last = e,
+                }
             }
         }
         // A copy wanted in the cache is fetched whole from a peer; otherwise only the range.
@@ -490,7 +508,7 @@ impl Node {
             let r = GetRequest {
                 block: Some(*b),
                 len: req.len,
-                tiered_store: None,
+                tiered_stores: vec![],
                 peers: vec![],
                 cache: false,
                 range,

@@ -8,12 +8,13 @@ mod certs;
 mod cluster;
 mod demo;
 mod meta;
+mod migrate;
 mod mount;
 mod site;
 mod status;
 mod tier;
 mod up;
-mod volume;
+pub(crate) mod volume;
 
 pub use bench_data::{DataBenchArgs, StoreBenchArgs};
 pub use bench_meta::MetaBenchArgs;
@@ -53,5 +54,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCmd::Store(a)) => bench_data::run_store_bench(a).await,
         Command::Certs(c) => certs::certs(c),
         Command::Demo(a) => demo::run_demo(a).await,
+        Command::Migrate(a) => migrate::migrate(a).await,
     }
 }

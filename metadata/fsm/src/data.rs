@@ -13,7 +13,7 @@ use elea_common::{Errno, SliceId, Timespec, VolumeId};
 
 use crate::state::{CacheNode, State};
 use crate::types::{
-    BlockCodec, BlockLoc, CacheNodeInfo, CacheStats, OpResult, Reply, Slice, SliceLoc, StagedBlock,
+    BlockCodec, BlockLoc, CacheNodeInfo, CacheStats, OpResult, Reply, Slice, SliceLoc, StagedBlock, StoreSet,
     VolumeConfig, limits,
 };
 
@@ -80,7 +80,7 @@ impl State {
         if staged.is_empty() || self.slices.locs.contains_key(&slice.id) {
             return;
         }
-        let blocks = staged.iter().map(|n| BlockLoc { nodes: n.clone(), tiered: None }).collect();
+        let blocks = staged.iter().map(|n| BlockLoc { nodes: n.clone(), tiered: StoreSet::EMPTY }).collect();
         self.slices
             .locs
             .insert(slice.id, SliceLoc { vol, len: slice.slice_len, created: now, deleted: None, blocks });
@@ -160,6 +160,11 @@ impl State {
             if usize::from(store) >= stores || *index as usize >= l.blocks.len() {
                 return Err(Errno::EINVAL);
             }
+            // A migration's source (or a detached store) takes no new objects: the node
+            // tiering there read the volume's stores before the migration began.
+            if !self.store_writable(l.vol, store) {
+                return Err(Errno::EROFS);
+            }
         }
         for (id, index) in blocks {
             if self.is_inline(*id) {
@@ -167,7 +172,7 @@ impl State {
                 continue;
             }
             if let Some(b) = self.slices.locs.get_mut(id).and_then(|l| l.blocks.get_mut(*index as usize)) {
-                b.tiered = Some(store);
+                b.tiered.insert(store);
                 b.nodes.clear();
             }
         }
@@ -189,7 +194,7 @@ impl State {
         }
         let Some(l) = self.slices.locs.get_mut(&slice) else { return Ok(Reply::Ok) };
         let Some(b) = l.blocks.get_mut(index as usize) else { return Err(Errno::EINVAL) };
-        if l.deleted.is_some() || b.tiered.is_some() {
+        if l.deleted.is_some() || !b.tiered.is_empty() {
             return Ok(Reply::Ok);
         }
         let has_new = b.nodes.contains(&new);
@@ -210,7 +215,7 @@ impl State {
             return Ok(Reply::Ok);
         }
         if let Some(b) = l.blocks.get_mut(index as usize)
-            && b.tiered.is_none()
+            && b.tiered.is_empty()
         {
             b.nodes.retain(|n| *n != node);
         }
@@ -260,7 +265,7 @@ impl State {
             }
             for (i, b) in l.blocks.iter().enumerate() {
                 let index = i as u32;
-                if (*id, index) <= after || b.tiered.is_some() {
+                if (*id, index) <= after || !b.tiered.is_empty() {
                     continue;
                 }
                 if out.len() == limit {

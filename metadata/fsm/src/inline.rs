@@ -26,7 +26,7 @@ use serde_bytes::ByteBuf;
 use crate::changes::Changes;
 use crate::data::millis_between;
 use crate::state::State;
-use crate::types::{BlockLoc, InlineSlice, OpResult, Reply, Slice, SliceData, SliceLoc, limits};
+use crate::types::{BlockLoc, InlineSlice, OpResult, Reply, Slice, SliceData, SliceLoc, StoreSet, limits};
 
 /// How long the bytes of an inline slice no piece references any more stay readable.
 pub const INLINE_DEAD_MS: u64 = 5_000;
@@ -152,7 +152,7 @@ impl State {
                 len: s.slice_len,
                 created: now,
                 deleted: None,
-                blocks: vec![BlockLoc { nodes: Vec::new(), tiered: None }],
+                blocks: vec![BlockLoc { nodes: Vec::new(), tiered: StoreSet::EMPTY }],
             },
         );
         self.inline.insert(s.id, data);

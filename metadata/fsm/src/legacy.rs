@@ -141,6 +141,7 @@ impl StateV2 {
             inline: InlineTable::default(),
             sites: Default::default(),
             groups: Default::default(),
+            mobility: Default::default(),
         }
     }
 }
@@ -194,6 +195,7 @@ impl StateV4 {
             inline: InlineTable::default(),
             sites: Default::default(),
             groups: Default::default(),
+            mobility: Default::default(),
         }
     }
 }
@@ -248,6 +250,7 @@ impl StateV3 {
             inline: InlineTable::default(),
             sites: Default::default(),
             groups: Default::default(),
+            mobility: Default::default(),
         }
     }
 }

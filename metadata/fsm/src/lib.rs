@@ -14,6 +14,7 @@ mod groups;
 mod inline;
 mod legacy;
 mod locks;
+mod mobility;
 mod namespace;
 pub mod perm;
 mod sessions;
@@ -39,10 +40,10 @@ use state::State;
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"ELEAFSM\0";
-/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 6 (before
-/// volumes in groups of their own), version 5 (before sites), version 4 (before inline slices), version 3 (before [`DataIdentity`]) and version
+/// Snapshot format this build writes. [`StateMachine::restore`] reads it, version 7 (before
+/// migrations), version 6 (before volumes in groups of their own), version 5 (before sites), version 4 (before inline slices), version 3 (before [`DataIdentity`]) and version
 /// 2 (before [`Attr::blocks`]).
-pub const SNAPSHOT_VERSION: u32 = 7;
+pub const SNAPSHOT_VERSION: u32 = 8;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,7 @@ struct SnapshotOut<'a> {
     state: &'a State,
     sites: &'a sites::SiteTable,
     groups: &'a groups::GroupTable,
+    mobility: &'a mobility::MobilityTable,
 }
 
 #[derive(Deserialize)]
@@ -210,6 +212,14 @@ impl StateMachine {
             }
             Op::AddGroupMember { vol, id, learner } => st.add_group_member(*vol, *id, *learner),
             Op::RemoveGroupMember { vol, id } => st.remove_group_member(*vol, *id),
+            Op::StartMigration { vol, site, url, rate_limit, delete_source_after_ms } => {
+                st.start_migration(*vol, site, url, *rate_limit, *delete_source_after_ms, now)
+            }
+            Op::MigrationProgress { vol, job, copied, cursor, failed } => {
+                st.migration_progress(*vol, *job, copied, *cursor, failed, now)
+            }
+            Op::MigrationPass { vol, job } => st.migration_pass(*vol, *job, now),
+            Op::MigrationSourceDeleted { vol, job } => st.migration_source_deleted(*vol, *job, now),
             // The check refuses every op `As` does not carry, a nested `As` included, so this
             // recursion is one level deep.
             Op::As { caller, op } => {
@@ -246,8 +256,11 @@ impl StateMachine {
             Query::DataIdentity => Ok(Reply::Identity(st.identity)),
             Query::SliceData { ids } => st.slice_data(ids),
             Query::InlineSlices { after, limit } => st.inline_slices(*after, *limit),
-            Query::Sites => Ok(Reply::Sites(st.sites.map())),
+            Query::Sites => Ok(Reply::Sites(st.site_map())),
             Query::Groups => Ok(Reply::Groups(st.groups.records())),
+            Query::Migration { vol } => st.migration_status(*vol).map(|m| Reply::Migration(Box::new(m))),
+            Query::Migrations => st.migrations(),
+            Query::MigrationBlocks { vol, after, limit } => st.migration_blocks(*vol, *after, *limit),
         }
     }
 
@@ -269,6 +282,7 @@ impl StateMachine {
             state: &self.st,
             sites: &self.st.sites,
             groups: &self.st.groups,
+            mobility: &self.st.mobility,
         };
         // Serializing plain data into a growable buffer cannot fail.
         postcard::to_stdvec(&out).unwrap_or_default()
@@ -286,6 +300,16 @@ impl StateMachine {
         }
         let mut st = match h.version {
             SNAPSHOT_VERSION => {
+                let (mut st, sites, groups, mobility) =
+                    decode_state::<(State, sites::SiteTable, groups::GroupTable, mobility::MobilityTable)>(
+                        rest,
+                    )?;
+                st.sites = sites;
+                st.groups = groups;
+                st.mobility = mobility;
+                st
+            }
+            7 => {
                 let (mut st, sites, groups) =
                     decode_state::<(State, sites::SiteTable, groups::GroupTable)>(rest)?;
                 st.sites = sites;

@@ -45,15 +45,6 @@ impl SiteTable {
         }
         Ok(())
     }
-
-    pub fn map(&self) -> SiteMap {
-        SiteMap {
-            sites: self.sites.iter().cloned().collect(),
-            meta_nodes: self.meta_nodes.iter().map(|(id, (s, a))| (*id, s.clone(), a.clone())).collect(),
-            homes: self.homes.iter().map(|(v, s)| (*v, s.clone())).collect(),
-            stores: self.stores.iter().map(|((v, i), s)| (*v, *i, s.clone())).collect(),
-        }
-    }
 }
 
 /// A site name: 1..=64 bytes of ASCII letters, digits, `.`, `_` and `-`.
@@ -65,6 +56,18 @@ pub(crate) fn check_site(site: &str) -> R<()> {
 }
 
 impl State {
+    /// The site map, with the store roles of the volumes whose roles are not the default ones.
+    pub(crate) fn site_map(&self) -> SiteMap {
+        let t = &self.sites;
+        SiteMap {
+            sites: t.sites.iter().cloned().collect(),
+            meta_nodes: t.meta_nodes.iter().map(|(id, (s, a))| (*id, s.clone(), a.clone())).collect(),
+            homes: t.homes.iter().map(|(v, s)| (*v, s.clone())).collect(),
+            stores: t.stores.iter().map(|((v, i), s)| (*v, *i, s.clone())).collect(),
+            roles: self.mobility.roles.iter().map(|(v, r)| (*v, *r)).collect(),
+        }
+    }
+
     pub(crate) fn add_site(&mut self, name: &str) -> OpResult {
         check_site(name)?;
         if self.sites.sites.contains(name) {
@@ -118,7 +121,9 @@ impl State {
             return Err(Errno::ENOENT);
         }
         let v = self.volumes.get(&vol).ok_or(Errno::ENOENT)?;
-        let taken = self.sites.stores.iter().any(|((v, _), s)| *v == vol && s == site);
+        // A site's former stores (a migration's source, detached) do not count.
+        let roles = self.mobility.roles(vol);
+        let taken = self.sites.stores.iter().any(|((v, i), s)| *v == vol && s == site && roles.writable(*i));
         if taken || v.config.stores.iter().any(|s| s == url) {
             return Err(Errno::EEXIST);
         }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunks::allocated_blocks;
 use crate::groups::GroupTable;
 use crate::inline::InlineTable;
+use crate::mobility::MobilityTable;
 use crate::sites::SiteTable;
 use crate::types::{
     Attr, CacheStats, DataIdentity, FileType, LockKind, OpResult, Slice, SliceLoc, VolumeConfig, mode,
@@ -54,6 +55,9 @@ pub(crate) struct State {
     /// Volumes in groups of their own (snapshot format 7 on), written after the sites.
     #[serde(skip)]
     pub groups: GroupTable,
+    /// Store roles and migrations (snapshot format 8 on), written after the groups.
+    #[serde(skip)]
+    pub mobility: MobilityTable,
 }
 
 /// A registered cache node.

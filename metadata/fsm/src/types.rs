@@ -79,8 +79,8 @@ pub mod limits {
     pub const READDIR_MAX: u32 = 4096;
     /// Longest volume name.
     pub const VOLUME_NAME_MAX: usize = 128;
-    /// Most object stores one volume may list.
-    pub const STORES_MAX: usize = 8;
+    /// Most object stores one volume may list (a moved volume keeps its former stores, detached).
+    pub const STORES_MAX: usize = 32;
     /// Longest object store URL.
     pub const STORE_URL_MAX: usize = 1024;
     /// Highest replication factor.
@@ -367,8 +367,110 @@ pub struct CacheNodeInfo {
 pub struct BlockLoc {
     /// Cache nodes holding a staged copy (placement order; empty once tiered).
     pub nodes: Vec<u64>,
-    /// Index into the volume's `stores` when the block is in an object store.
-    pub tiered: Option<u16>,
+    /// The volume's stores (indexes into its `stores`) that hold the block's object; empty
+    /// while it is only staged.
+    pub tiered: StoreSet,
+}
+
+/// A set of a volume's store indexes (below [`StoreSet::BITS`], which is above
+/// [`limits::STORES_MAX`]).
+///
+/// Encoded as an `Option<u64>` so that the states and logs written when a block named at most
+/// one store (`Option<u16>`, whose postcard bytes are the same for every value below 2^16)
+/// read as they are: `None` is the empty set, a value below 2^16 the set of that one index,
+/// and a larger value `mask << 16` a set of two or more.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct StoreSet(u64);
+
+impl StoreSet {
+    pub const EMPTY: StoreSet = StoreSet(0);
+    /// Store indexes a set can hold (what its encoding leaves room for).
+    pub const BITS: u16 = 48;
+
+    /// The set of store `i` alone.
+    pub fn one(i: u16) -> Self {
+        let mut s = Self::EMPTY;
+        s.insert(i);
+        s
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    pub fn contains(self, i: u16) -> bool {
+        i < Self::BITS && self.0 & (1 << i) != 0
+    }
+
+    /// Adds store `i` (indexes from [`StoreSet::BITS`] on are past every volume's limit, so
+    /// never given, and ignored).
+    pub fn insert(&mut self, i: u16) {
+        if i < Self::BITS {
+            self.0 |= 1 << i;
+        }
+    }
+
+    pub fn remove(&mut self, i: u16) {
+        if i < Self::BITS {
+            self.0 &= !(1 << i);
+        }
+    }
+
+    /// The lowest index in the set.
+    pub fn first(self) -> Option<u16> {
+        (!self.is_empty()).then(|| self.0.trailing_zeros() as u16)
+    }
+
+    /// The indexes, lowest first.
+    pub fn iter(self) -> impl Iterator<Item = u16> {
+        (0..Self::BITS).filter(move |i| self.contains(*i))
+    }
+}
+
+impl FromIterator<u16> for StoreSet {
+    fn from_iter<T: IntoIterator<Item = u16>>(iter: T) -> Self {
+        let mut s = Self::EMPTY;
+        for i in iter {
+            s.insert(i);
+        }
+        s
+    }
+}
+
+impl Serialize for StoreSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = match self.len() {
+            0 => None,
+            1 => self.first().map(u64::from),
+            _ => Some(self.0 << 16),
+        };
+        v.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Option::<u64>::deserialize(d)? {
+            None => Ok(Self::EMPTY),
+            Some(v) if v < 1 << 16 => {
+                if v >= u64::from(Self::BITS) {
+                    return Err(serde::de::Error::custom(format!("store index {v} out of range")));
+                }
+                Ok(Self::one(v as u16))
+            }
+            Some(v) => {
+                let mask = v >> 16;
+                if mask.count_ones() < 2 || mask >> Self::BITS != 0 || v & 0xffff != 0 {
+                    return Err(serde::de::Error::custom(format!("bad store set {v:#x}")));
+                }
+                Ok(Self(mask))
+            }
+        }
+    }
 }
 
 /// Where a slice's blocks live. Block `i` covers bytes `[i*BLOCK_SIZE, ..)` of the slice.
@@ -733,6 +835,51 @@ pub enum Op {
         vol: VolumeId,
         id: u64,
     },
+    /// Starts moving volume `vol`'s objects from `site`'s store of it (the volume's write
+    /// store when the site has none) to the store at `url`, in one step: `url` is appended to
+    /// the volume's stores (or a detached former store of it is attached again) as `site`'s
+    /// store and the write store in its place, and the old one becomes a read-only source, so
+    /// no object is written there any more and the set to copy is fixed. The cache nodes then
+    /// copy ([`Op::MigrationProgress`]) until a pass finds nothing left
+    /// ([`Op::MigrationPass`]), which detaches the source. `rate_limit` in bytes/s (0: none);
+    /// `delete_source_after_ms`: delete the source's objects of the volume that long after the
+    /// job is done (`None`: keep them). `ENOENT` for an unknown volume or site, `EBUSY` while
+    /// the volume has a job that is not done, `EEXIST` when `url` is one of its stores in use,
+    /// `ENOSPC` past [`limits::STORES_MAX`], `ENODEV` when the volume has no store to move
+    /// from. Replies [`Reply::Migration`].
+    StartMigration {
+        vol: VolumeId,
+        site: String,
+        url: String,
+        rate_limit: u64,
+        delete_source_after_ms: Option<u64>,
+    },
+    /// A copier's progress on job `job` of volume `vol`: `copied` blocks now also live in the
+    /// job's target store, every block of this pass up to `cursor` was tried, and `failed`
+    /// ones were not copied (with why; the next pass tries them again). The cursor never goes
+    /// back within a pass. `ESTALE` when `job` is not the volume's running job.
+    MigrationProgress {
+        vol: VolumeId,
+        job: u64,
+        copied: Vec<(SliceId, u32)>,
+        cursor: (SliceId, u32),
+        failed: Vec<(SliceId, u32, String)>,
+    },
+    /// A copier reached the end of a pass of job `job`: when no live block of the volume is
+    /// still in the source alone (checked here, over every block), the source is detached
+    /// (its index leaves every block's store set; reads stop using it) and the job is done;
+    /// otherwise the next pass starts from the first block. `ESTALE` when `job` is not the
+    /// volume's running job. Replies [`Reply::Migration`].
+    MigrationPass {
+        vol: VolumeId,
+        job: u64,
+    },
+    /// The source's objects of job `job`'s volume were deleted (after the job was done and
+    /// its delay passed). `ESTALE` for another job, `EBUSY` when it was not to be deleted yet.
+    MigrationSourceDeleted {
+        vol: VolumeId,
+        job: u64,
+    },
 }
 
 /// Decodes the op inside an [`Op::As`], refusing another `As` in it: `Op` is recursive only
@@ -853,6 +1000,22 @@ pub enum Query {
     /// The volumes that live in groups of their own (control group), or this group's own
     /// record (a volume's group); replies [`Reply::Groups`].
     Groups,
+    /// Volume `vol`'s latest migration with what is left of it; replies [`Reply::Migration`]
+    /// (`ENOENT` when it never had one).
+    Migration {
+        vol: VolumeId,
+    },
+    /// Every migration this group records, with what is left of each; replies
+    /// [`Reply::Migrations`].
+    Migrations,
+    /// Blocks of volume `vol`'s running migration still to copy: live blocks in the source and
+    /// not in the target, after `(slice, index)` in id order, at most `limit`. Replies
+    /// [`Reply::Blocks`] (the blocks' `nodes` empty).
+    MigrationBlocks {
+        vol: VolumeId,
+        after: (SliceId, u32),
+        limit: u32,
+    },
 }
 
 /// What an [`Op`] or [`Query`] produced.
@@ -920,6 +1083,107 @@ pub enum Reply {
     Sites(SiteMap),
     Group(Box<GroupRecord>),
     Groups(Vec<GroupRecord>),
+    Migration(Box<MigrationStatus>),
+    Migrations(Vec<MigrationStatus>),
+}
+
+/// Whether a migration still copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationState {
+    Copying,
+    /// Every block is in the target; the source is detached.
+    Done,
+}
+
+/// A block a migration could not copy, and why (it is tried again in the next pass).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationFailure {
+    pub slice: SliceId,
+    pub index: u32,
+    pub error: String,
+    pub at: Timespec,
+}
+
+/// One move of a volume's objects from one store to another ([`Op::StartMigration`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationJob {
+    pub id: u64,
+    pub vol: VolumeId,
+    /// The site whose store moves (the target belongs to it).
+    pub site: String,
+    /// Store indexes in the volume's `stores`.
+    pub from: u16,
+    pub to: u16,
+    pub state: MigrationState,
+    /// Passes over the volume's blocks so far (the first is 1; each later one retries what
+    /// failed or was left).
+    pub pass: u32,
+    /// Every block of this pass up to here was tried.
+    pub cursor: (SliceId, u32),
+    /// Blocks (and their bytes, decoded) in the source alone when the job started.
+    pub total_objects: u64,
+    pub total_bytes: u64,
+    /// Blocks copied so far (each counted once).
+    pub done_objects: u64,
+    pub done_bytes: u64,
+    /// Blocks staged and not yet tiered when the job started: they are tiered to the target.
+    pub staged_objects: u64,
+    pub staged_bytes: u64,
+    /// Copies that failed (each try counted), and the latest few with why.
+    pub failed: u64,
+    pub failures: Vec<MigrationFailure>,
+    /// Bytes per second the copiers may move together (0: no limit).
+    pub rate_limit: u64,
+    pub started: Timespec,
+    pub finished: Option<Timespec>,
+    /// Delete the source's objects of the volume this long after the job is done.
+    pub delete_source_after_ms: Option<u64>,
+    pub source_deleted: Option<Timespec>,
+}
+
+/// A migration with what is left of it at the time it was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub job: MigrationJob,
+    pub from_url: String,
+    pub to_url: String,
+    /// Live blocks still in the source alone (0 once done).
+    pub left_objects: u64,
+    pub left_bytes: u64,
+    /// The state's clock when this was read (a deletion of the source is due by it).
+    pub now: Timespec,
+}
+
+impl MigrationStatus {
+    /// Whether the source's objects are to be deleted now.
+    pub fn source_deletion_due(&self) -> bool {
+        let j = &self.job;
+        match (j.state, j.finished, j.delete_source_after_ms, j.source_deleted) {
+            (MigrationState::Done, Some(at), Some(after), None) => {
+                crate::data::millis_between(at, self.now) >= after
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What each of a volume's stores is for, when it is not the first store written and every
+/// store active.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreRoles {
+    /// The store a block is tiered to by a cache node whose site has no store of the volume.
+    pub write: u16,
+    /// Sources of a running migration: read, never written.
+    pub read_only: StoreSet,
+    /// Former stores: neither read nor written.
+    pub detached: StoreSet,
+}
+
+impl StoreRoles {
+    /// Whether blocks may be tiered to store `i`.
+    pub fn writable(&self, i: u16) -> bool {
+        !self.read_only.contains(i) && !self.detached.contains(i)
+    }
 }
 
 /// A volume that lives in a Raft group of its own, as the control group made it: everything
@@ -984,6 +1248,8 @@ pub struct SiteMap {
     pub homes: Vec<(VolumeId, String)>,
     /// The site of each store a site owns: (volume, index in its `stores`, site).
     pub stores: Vec<(VolumeId, u16, String)>,
+    /// The store roles of each volume whose roles are not the default ones.
+    pub roles: Vec<(VolumeId, StoreRoles)>,
 }
 
 impl SiteMap {
@@ -997,9 +1263,31 @@ impl SiteMap {
         self.meta_nodes.iter().find(|(n, _, _)| *n == id).map(|(_, s, _)| s.as_str())
     }
 
-    /// Index of the store of volume `vol` that belongs to `site`.
+    /// Index of the store of volume `vol` that belongs to `site` and takes writes.
     pub fn store_of(&self, vol: VolumeId, site: &str) -> Option<u16> {
-        self.stores.iter().find(|(v, _, s)| *v == vol && s == site).map(|(_, i, _)| *i)
+        let roles = self.roles(vol);
+        self.stores.iter().find(|(v, i, s)| *v == vol && s == site && roles.writable(*i)).map(|(_, i, _)| *i)
+    }
+
+    /// The store roles of volume `vol`.
+    pub fn roles(&self, vol: VolumeId) -> StoreRoles {
+        self.roles.iter().find(|(v, _)| *v == vol).map(|(_, r)| *r).unwrap_or_default()
+    }
+
+    /// The store a cache node of `site` tiers volume `vol`'s blocks to: its site's store of
+    /// the volume, else the volume's write store.
+    pub fn tier_store(&self, vol: VolumeId, site: &str) -> u16 {
+        self.store_of(vol, site).unwrap_or_else(|| self.roles(vol).write)
+    }
+
+    /// The stores of `set` in the order a reader in `site` tries them: its site's, then the
+    /// write store, then the others.
+    pub fn read_order(&self, vol: VolumeId, site: &str, set: StoreSet) -> Vec<u16> {
+        let here = |i: u16| self.site_of_store(vol, i) == Some(site);
+        let write = self.roles(vol).write;
+        let mut order: Vec<u16> = set.iter().collect();
+        order.sort_by_key(|i| (!here(*i), *i != write, *i));
+        order
     }
 
     /// The site a store of volume `vol` belongs to.

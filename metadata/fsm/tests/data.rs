@@ -109,7 +109,7 @@ fn write_records_locations_once() {
     assert_eq!(l[1], None);
     let l = l[0].clone().unwrap();
     assert_eq!((l.vol, l.len, l.created, l.deleted), (vol, 9 * MIB, t0, None));
-    assert_eq!(l.blocks[2], BlockLoc { nodes: vec![3, 1], tiered: None });
+    assert_eq!(l.blocks[2], BlockLoc { nodes: vec![3, 1], tiered: StoreSet::EMPTY });
     let b = staged(&h);
     assert_eq!(
         b.iter().map(|b| (b.slice, b.index, b.len)).collect::<Vec<_>>(),
@@ -157,7 +157,7 @@ fn tiering_and_replica_replacement() {
     // Unknown slices are skipped.
     h.ok(Op::MarkTiered { store: 0, blocks: vec![(5, 0), (99, 0)] });
     let l = locs(&h, &[5])[0].clone().unwrap();
-    assert_eq!(l.blocks[0], BlockLoc { nodes: vec![], tiered: Some(0) });
+    assert_eq!(l.blocks[0], BlockLoc { nodes: vec![], tiered: StoreSet::one(0) });
     assert_eq!(staged(&h).iter().map(|b| b.index).collect::<Vec<_>>(), vec![1]);
     // Replace a dead replica, add one, and a no-op on a tiered block.
     assert_eq!(h.err(Op::ReplaceReplica { slice: 5, index: 1, old: Some(2), new: 9 }), Errno::EINVAL);
@@ -266,7 +266,10 @@ fn a_lost_copy_leaves_the_holder_list() {
     // A tiered block keeps its (empty) list and its store.
     h.ok(Op::MarkTiered { store: 0, blocks: vec![(5, 0)] });
     h.ok(Op::DropReplica { slice: 5, index: 0, node: 1 });
-    assert_eq!(locs(&h, &[5])[0].as_ref().unwrap().blocks[0], BlockLoc { nodes: vec![], tiered: Some(0) });
+    assert_eq!(
+        locs(&h, &[5])[0].as_ref().unwrap().blocks[0],
+        BlockLoc { nodes: vec![], tiered: StoreSet::one(0) }
+    );
     // A deleted slice waiting for GC keeps its holders: GC deletes the copies there.
     h.ok(Op::Unlink { vol, parent: ROOT, name: b"f".to_vec() });
     h.ok(Op::DropReplica { slice: 5, index: 2, node: 3 });

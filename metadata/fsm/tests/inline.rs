@@ -53,7 +53,11 @@ fn an_inline_write_is_read_back_from_metadata_until_it_is_spilled() {
     assert_eq!(d[0].inline.as_deref(), Some(&b"hello"[..]));
     let loc = d[0].loc.clone().unwrap();
     assert_eq!((loc.vol, loc.len, loc.blocks.len()), (vol, 5, 1));
-    assert_eq!(loc.blocks[0], BlockLoc { nodes: vec![], tiered: None }, "no copy anywhere else yet");
+    assert_eq!(
+        loc.blocks[0],
+        BlockLoc { nodes: vec![], tiered: StoreSet::EMPTY },
+        "no copy anywhere else yet"
+    );
     assert_eq!((d[1].loc.is_none(), d[1].inline.is_none()), (true, true));
     // The spill worker sees it; tiering and repair leave it alone (no holder).
     let Ok(Reply::Inline { slices, more: false }) = h.q(Query::InlineSlices { after: 0, limit: 10 }) else {

@@ -109,7 +109,7 @@ impl Gc {
                 for (i, b) in l.blocks.iter().enumerate() {
                     let index = i as u32;
                     let len = elea_fsm::block_len(l.len, index);
-                    if let Some(s) = b.tiered {
+                    for s in b.tiered.iter() {
                         let key = match node.vols.key(l.vol, id, index, len).await {
                             Ok(k) => k,
                             Err(e) => {

@@ -24,6 +24,11 @@
 //!   metadata lists here, committed longer than the same grace ago, must have its staged
 //!   file (of the right size); for one that does not, this node leaves the block's holder
 //!   list (`DropReplica`) so repair restores the missing copy.
+//! - [`Migrate`]: copies the objects of the migrations this node is first for (by job id,
+//!   among the live nodes of the job's site) from the source store to the target, verified,
+//!   paced to the job's rate limit; records each batch with the cursor it reached; ends each
+//!   pass by asking metadata to finish (nothing left in the source alone detaches it); deletes
+//!   a detached source's objects once the job's delay is over, when it asked for that.
 //! - [`StoreProbe`]: every volume's object stores must take a write, a read and a delete
 //!   from this node, at start and every few minutes; a failing one shows on the board.
 //! - [`LostCopies`]: a copy staging discards as torn or corrupt (at open or on a read) is
@@ -31,6 +36,7 @@
 //!   that fails).
 
 mod gc;
+mod migrate;
 mod reconcile;
 mod repair;
 mod spill;
@@ -54,6 +60,7 @@ use crate::node::{Node, sleep_or_stop};
 use crate::proto::{BlockRef, GetRequest};
 
 pub(crate) use gc::Gc;
+pub(crate) use migrate::Migrate;
 pub(crate) use reconcile::{LostCopies, Reconcile};
 pub(crate) use repair::Repair;
 pub(crate) use spill::Spill;
@@ -91,6 +98,7 @@ pub(crate) fn spawn_all(node: &Arc<Node>, stop: &watch::Receiver<bool>) -> Vec<J
         tokio::spawn(run(Reconcile::new(node.clone()), node.clone(), stop.clone())),
         tokio::spawn(run(LostCopies::new(node.clone()), node.clone(), stop.clone())),
         tokio::spawn(run(StoreProbe::new(node.clone()), node.clone(), stop.clone())),
+        tokio::spawn(run(Migrate::new(node.clone()), node.clone(), stop.clone())),
     ]
 }
 
@@ -250,7 +258,7 @@ impl Node {
         let req = GetRequest {
             block: Some(BlockRef { vol: b.vol, slice: b.slice, index: b.index }),
             len: b.len,
-            tiered_store: None,
+            tiered_stores: vec![],
             peers,
             cache: false,
             range: None,

@@ -77,7 +77,7 @@ impl Reconcile {
                 Some(l) => match (l.deleted, l.blocks.get(index as usize)) {
                     (Some(t), _) => now.saturating_sub(ms_of(t)) >= gc_delay,
                     (None, None) => true,
-                    (None, Some(b)) => b.tiered.is_some() || !b.nodes.contains(&me),
+                    (None, Some(b)) => !b.tiered.is_empty() || !b.nodes.contains(&me),
                 },
             };
             if drop {

@@ -45,17 +45,20 @@ impl Worker for StoreProbe {
         }
         let ours = node.vols.identity().await?.map(|i| i.cluster_hex());
         for v in node.meta.list_volumes().await? {
-            let entry = match node.vols.get(v.id).await {
-                Ok(e) => e,
-                Err(e) => {
-                    failed.push(format!("volume {:?}: {e}", v.name));
+            // A store a migration detached is not used any more (it may be gone).
+            let detached = node.site_map(v.id).await.map(|m| m.roles(v.id).detached).unwrap_or_default();
+            for (i, url) in v.config.stores.iter().enumerate() {
+                let i = i as u16;
+                if detached.contains(i) || !seen.insert(url.clone()) {
                     continue;
                 }
-            };
-            for store in &entry.stores {
-                if !seen.insert(store.url().to_string()) {
-                    continue;
-                }
+                let store = match node.vols.store(v.id, i).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        failed.push(format!("volume {:?} store {url}: {e}", v.name));
+                        continue;
+                    }
+                };
                 let checked = async {
                     store.probe(&who).await?;
                     store.check_owner(ours.as_deref()).await?;

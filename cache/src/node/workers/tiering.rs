@@ -9,8 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use elea_common::Errno;
 use elea_fsm::StagedBlock;
 use elea_metadata::MetaApi as _;
+use elea_metadata::client::ClientError;
 use elea_store::{BlockKey, encode_block};
 use futures::StreamExt as _;
 
@@ -142,7 +144,22 @@ async fn tier_round(node: Arc<Node>) -> Result<usize, CacheError> {
         }
         if !ok.is_empty() {
             let blocks = ok.iter().map(|b| (b.slice, b.index)).collect();
-            node.meta.mark_tiered(store, blocks).await?;
+            match node.meta.mark_tiered(store, blocks).await {
+                Ok(()) => {}
+                Err(ClientError::Fs(Errno::EROFS)) => {
+                    // A migration made that store a read-only source after the roles were
+                    // read: read them again and tier these blocks to the new store next round
+                    // (what was uploaded to the old one is left for the source's deletion).
+                    tracing::info!(
+                        store,
+                        "the store no longer takes new blocks; reading the volume's stores again"
+                    );
+                    node.forget_site_maps();
+                    round_err.get_or_insert(CacheError::Meta(ClientError::Fs(Errno::EROFS)));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
             done += ok.len();
             for b in &ok {
                 free_copies(&node, b).await;
