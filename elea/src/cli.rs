@@ -45,6 +45,8 @@ pub enum Command {
     /// Make a cluster's certificate authority and issue its certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Fetch files into a site's cache nodes before they are read there.
+    Warmup(WarmupArgs),
     /// Move a volume's objects to another store while it is in use (`elea migrate VOLUME
     /// --to URL`), or show a migration (`elea migrate status VOLUME`).
     Migrate(MigrateArgs),
@@ -304,6 +306,28 @@ pub struct MigrateArgs {
     pub meta: Option<String>,
     #[command(flatten)]
     pub tls: TlsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct WarmupArgs {
+    /// What to warm: VOLUME:/PATH, or a path under an Elea mount on this host.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// The site whose cache nodes keep the files (required when the cluster has several).
+    #[arg(long)]
+    pub site: Option<String>,
+    /// Warm directories with everything under them.
+    #[arg(long, short)]
+    pub recursive: bool,
+    /// Wait until every block is fetched, showing the progress (a bar on a terminal, a line
+    /// every few seconds otherwise); exit non-zero when any could not be.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub meta: MetaAddr,
 }
 
 #[derive(Subcommand, Debug)]

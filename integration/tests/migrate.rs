@@ -3,7 +3,8 @@
 //! CLI, the copying cache node and the metadata leader are each killed with SIGKILL during the
 //! copy; the migration still finishes with every block in the new store, the old store's
 //! objects are deleted after the asked delay, and with the old server gone and the cache
-//! nodes' read caches dropped, every acknowledged file reads back whole.
+//! nodes' read caches dropped, every acknowledged file reads back whole; after `elea warmup`
+//! it does so with the new server gone too.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -48,7 +49,7 @@ async fn a_migration_outlives_kill9_of_its_cli_its_copier_and_the_metadata_leade
     let meta_addrs = cluster.addrs();
     let dir = cluster.dir.path().to_path_buf();
     let mut src = S3Proc::start(&dir.join("s3-src"), "127.0.0.1", free_port(), &dir.join("s3-src.log"), &[]);
-    let dst = S3Proc::start(&dir.join("s3-dst"), "127.0.0.1", free_port(), &dir.join("s3-dst.log"), &[]);
+    let mut dst = S3Proc::start(&dir.join("s3-dst"), "127.0.0.1", free_port(), &dir.join("s3-dst.log"), &[]);
     let env = S3Proc::env();
     let mut caches: Vec<MetaProc> = (1..=2u64)
         .map(|id| {
@@ -207,6 +208,32 @@ async fn a_migration_outlives_kill9_of_its_cli_its_copier_and_the_metadata_leade
     }
     wait_alive(&meta, &[1, 2]).await;
     data.clear_cache();
+    // `elea warmup` fetches every block into the cache nodes' read caches: after it, the
+    // files read back with the new store gone as well.
+    let warm = |meta: &str| {
+        let (ok, out, err) =
+            elea_cli_env(&["warmup", "v:/", "--recursive", "--wait", "--json", "--meta", meta], &env);
+        assert!(ok, "warmup: {out}{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let w = warm(&meta_addrs);
+    assert_eq!(w["files"].as_u64(), Some(acked.len() as u64), "{w}");
+    assert!(w["blocks"].as_u64() >= Some(acked.len() as u64) && w["failed"] == 0, "{w}");
+    // Present: still staged there (a tiered block's staged copies go within moments).
+    assert_eq!(
+        w["fetched"].as_u64().zip(w["present"].as_u64()).map(|(f, p)| f + p),
+        w["blocks"].as_u64(),
+        "{w}"
+    );
+    let again = warm(&meta_addrs);
+    assert!(again["present"] == w["blocks"] && again["fetched"] == 0, "{again}");
+    assert!(
+        dst.objects() >= acked.len(),
+        "{} objects in the new store for {} files",
+        dst.objects(),
+        acked.len()
+    );
+    dst.kill9();
     for (ino, seed, len) in &acked {
         let got = data.read_file(vol, *ino, 0, *len).await.unwrap_or_else(|e| {
             panic!("reading inode {ino}: {e}\n{}\n{}", caches[0].log_tail(), caches[1].log_tail())

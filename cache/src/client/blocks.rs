@@ -218,6 +218,20 @@ impl BlockClients {
         Ok(())
     }
 
+    /// Has a node fetch these blocks into its read cache (`Warm`); with `wait`, the outcome of
+    /// each, else nothing (the node fetches in the background).
+    pub async fn warm(
+        &self,
+        addr: &str,
+        blocks: Vec<crate::proto::GetRequest>,
+        wait: bool,
+    ) -> Result<Vec<crate::proto::WarmResult>, CacheError> {
+        let mut c = self.conn(addr)?;
+        let r =
+            c.warm(crate::proto::WarmRequest { blocks, wait }).await.map_err(|s| from_status(addr, &s))?;
+        Ok(r.into_inner().results)
+    }
+
     /// The state of a node's background workers.
     pub async fn workers(&self, addr: &str) -> Result<Vec<crate::proto::WorkerState>, CacheError> {
         let mut c = self.conn(addr)?;

@@ -37,7 +37,7 @@ use crate::node::readcache::ReadCache;
 use crate::node::service::Svc;
 use crate::node::staging::{BlockId, Staging, now_ms};
 use crate::proto::block_server::BlockServer;
-use crate::proto::{BlockRef, GetRequest};
+use crate::proto::{BlockRef, GetRequest, WarmResult};
 use crate::volumes::Volumes;
 use crate::wire::{BLOCK_WINDOW, BlockService, FRAME, MAX_MESSAGE};
 
@@ -537,6 +537,36 @@ impl Node {
             }
         }
         Err(last)
+    }
+}
+
+/// Blocks one warm call fetches at once.
+const WARM_CONCURRENCY: usize = 8;
+
+impl Node {
+    /// Fetches each block into the read cache unless it is staged or cached here already
+    /// (`elea warmup`); one result per block, in order.
+    pub async fn warm(&self, blocks: Vec<GetRequest>) -> Vec<WarmResult> {
+        use futures::StreamExt as _;
+        futures::stream::iter(blocks)
+            .map(|mut req| async move {
+                let Some(id) = req.block.as_ref().and_then(|b| check_ref(b).ok()) else {
+                    return WarmResult { ok: false, present: false, error: "missing or bad block".into() };
+                };
+                let here = self.staging.contains(id) || self.cache.contains(id);
+                if here {
+                    return WarmResult { ok: true, present: true, error: String::new() };
+                }
+                req.cache = true;
+                req.range = None;
+                match self.read_block(&req).await {
+                    Ok(_) => WarmResult { ok: true, present: false, error: String::new() },
+                    Err(e) => WarmResult { ok: false, present: false, error: e.to_string() },
+                }
+            })
+            .buffered(WARM_CONCURRENCY)
+            .collect()
+            .await
     }
 }
 

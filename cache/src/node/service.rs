@@ -23,9 +23,12 @@ use crate::node::{Node, check_ref};
 use crate::proto::block_server::Block;
 use crate::proto::{
     BlockRef, DeleteReply, DropCacheReply, DropCacheRequest, GetChunk, GetRequest, HasReply, PutChunk,
-    PutReply, TierReply, TierRequest, WorkerState, WorkersReply, WorkersRequest,
+    PutReply, TierReply, TierRequest, WarmReply, WarmRequest, WorkerState, WorkersReply, WorkersRequest,
 };
 use crate::wire::CHUNK;
+
+/// Most blocks one warm call may name.
+const WARM_MAX: usize = 1024;
 
 pub(crate) struct Svc(pub(crate) Arc<Node>);
 
@@ -145,6 +148,29 @@ impl Block for Svc {
         self.0.tier_now.lock().unwrap_or_else(|p| p.into_inner()).insert(vol, now_ms());
         self.0.tier_wake.notify_one();
         Ok(Response::new(TierReply {}))
+    }
+
+    async fn warm(&self, req: Request<WarmRequest>) -> Result<Response<WarmReply>, Status> {
+        self.internal(&req, "Warm")?;
+        let WarmRequest { blocks, wait } = req.into_inner();
+        if blocks.len() > WARM_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} blocks in one warm call (at most {WARM_MAX})",
+                blocks.len()
+            )));
+        }
+        let node = self.0.clone();
+        if wait {
+            return Ok(Response::new(WarmReply { results: node.warm(blocks).await }));
+        }
+        tokio::spawn(async move {
+            let results = node.warm(blocks).await;
+            let failed = results.iter().filter(|r| !r.ok).count();
+            if failed > 0 {
+                tracing::warn!(failed, "warming blocks in the background: some failed");
+            }
+        });
+        Ok(Response::new(WarmReply { results: vec![] }))
     }
 
     async fn drop_cache(&self, req: Request<DropCacheRequest>) -> Result<Response<DropCacheReply>, Status> {

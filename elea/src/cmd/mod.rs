@@ -15,6 +15,7 @@ mod status;
 mod tier;
 mod up;
 pub(crate) mod volume;
+mod warmup;
 
 pub use bench_data::{DataBenchArgs, StoreBenchArgs};
 pub use bench_meta::MetaBenchArgs;
@@ -55,5 +56,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(c) => certs::certs(c),
         Command::Demo(a) => demo::run_demo(a).await,
         Command::Migrate(a) => migrate::migrate(a).await,
+        Command::Warmup(a) => warmup::warmup(a).await,
     }
 }
