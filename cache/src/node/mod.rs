@@ -240,7 +240,14 @@ impl Node {
             ))),
             (None, Some(o)) => {
                 let tmp = self.cfg.data_dir.join("cluster-id.tmp");
+                // A heartbeat round and a put may both mark the directory at once: one writes,
+                // the other finds it written (both through one temporary file).
+                static MARKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+                let _marking = MARKING.lock().unwrap_or_else(|p| p.into_inner());
                 let write = || -> std::io::Result<()> {
+                    if std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == o) {
+                        return Ok(());
+                    }
                     std::fs::write(&tmp, format!("{o}\n"))?;
                     std::fs::File::open(&tmp)?.sync_all()?;
                     std::fs::rename(&tmp, &path)?;

@@ -41,6 +41,9 @@ pub struct DataBenchArgs {
     /// Skip tiering and the cold read.
     #[arg(long)]
     pub no_cold: bool,
+    /// Keep the file at the end (for what is measured next, a migration say).
+    #[arg(long)]
+    pub keep: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -144,7 +147,9 @@ pub async fn run_data_bench(a: DataBenchArgs) -> anyhow::Result<()> {
         data.clear_cache();
         phases.push(read_all("cached-read").await?);
     }
-    let _ = meta.unlink(vol.id, ROOT_INO, name.as_bytes()).await;
+    if !a.keep {
+        let _ = meta.unlink(vol.id, ROOT_INO, name.as_bytes()).await;
+    }
     let mib = a.size as f64 / (1 << 20) as f64;
     if a.json {
         let list: Vec<_> = phases
@@ -185,6 +190,10 @@ pub struct StoreBenchArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Also copy the objects to this store with plain opendal GETs and PUTs (`--threads` in
+    /// flight): the baseline of `elea migrate` between the same two stores.
+    #[arg(long)]
+    pub copy_to: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -234,6 +243,32 @@ pub async fn run_store_bench(a: StoreBenchArgs) -> anyhow::Result<()> {
         .await;
     gets.into_iter().collect::<anyhow::Result<()>>()?;
     let get_secs = t.elapsed().as_secs_f64();
+    let copy_secs = match &a.copy_to {
+        Some(url) => {
+            let to = elea_store::Store::open(url, &elea_store::StoreConfig::default())?.operator().clone();
+            let t = Instant::now();
+            let copies: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
+                .map(|i| {
+                    let (op, to) = (op.clone(), to.clone());
+                    let p = path(i);
+                    async move {
+                        let b = op.read(&p).await.with_context(|| format!("get {p}"))?;
+                        to.write(&p, b).await.with_context(|| format!("put {p} to the copy"))?;
+                        Ok(())
+                    }
+                })
+                .buffer_unordered(a.threads)
+                .collect()
+                .await;
+            copies.into_iter().collect::<anyhow::Result<()>>()?;
+            let secs = t.elapsed().as_secs_f64();
+            for i in 0..n {
+                let _ = to.delete(&path(i)).await;
+            }
+            Some(secs)
+        }
+        None => None,
+    };
     for i in 0..n {
         let _ = op.delete(&path(i)).await;
     }
@@ -242,12 +277,16 @@ pub async fn run_store_bench(a: StoreBenchArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"store": a.store, "size": n * a.block, "block": a.block, "threads": a.threads,
-                   "put_mib_per_s": mib / put_secs, "get_mib_per_s": mib / get_secs})
+                   "put_mib_per_s": mib / put_secs, "get_mib_per_s": mib / get_secs,
+                   "copy_to": a.copy_to, "copy_mib_per_s": copy_secs.map(|s| mib / s)})
         );
     } else {
         println!("elea bench store: {} objects of {} KiB, {} in flight", n, a.block >> 10, a.threads);
         println!("{:<12} {:>9.1} MiB/s  ({:.2} s)", "put", mib / put_secs, put_secs);
         println!("{:<12} {:>9.1} MiB/s  ({:.2} s)", "get", mib / get_secs, get_secs);
+        if let Some(s) = copy_secs {
+            println!("{:<12} {:>9.1} MiB/s  ({:.2} s)", "copy", mib / s, s);
+        }
     }
     Ok(())
 }

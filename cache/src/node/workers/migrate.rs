@@ -22,7 +22,7 @@ use crate::placement::rank;
 
 /// Time between rounds (a round copies a job's whole pass; this is the pause between passes
 /// and before a new job is picked up).
-const PERIOD: Duration = Duration::from_secs(1);
+const PERIOD: Duration = Duration::from_millis(500);
 /// Blocks asked for per page.
 const PAGE: u32 = 256;
 /// Most blocks recorded per progress proposal.
@@ -149,37 +149,45 @@ async fn copy_pass(node: &Arc<Node>, meta: &MetaClient, m: &MigrationStatus) -> 
     loop {
         let (page, more) = meta.migration_blocks(j.vol, cursor, PAGE).await?;
         let page_len = page.len();
-        // In order (copies still overlap), so that everything before a result was tried.
-        let mut results = futures::stream::iter(page)
-            .map(|b| {
+        let order: Vec<(u64, u32)> = page.iter().map(|b| (b.slice, b.index)).collect();
+        let mut results = futures::stream::iter(page.into_iter().enumerate())
+            .map(|(i, b)| {
                 let key =
                     BlockKey { cluster: key_tag, vol: b.vol, slice: b.slice, index: b.index, len: b.len };
                 let (node, src, dst, pace) = (node.clone(), src.clone(), dst.clone(), pace.clone());
                 async move {
                     let r = copy_block(&node, &key, &src, &dst, &pace, compression).await;
-                    (b, r)
+                    (i, r)
                 }
             })
-            .buffered(CONCURRENCY);
+            .buffer_unordered(CONCURRENCY);
+        // Copies end in any order; the cursor is the last block before the first one still
+        // in flight, so that everything up to it was tried.
+        let mut tried = vec![false; page_len];
+        let mut low = 0;
         let (mut copied, mut failed) = (Vec::new(), Vec::new());
-        let mut end = None;
         let mut recorded = Instant::now();
         loop {
             let next = results.next().await;
-            if let Some((b, r)) = &next {
-                end = Some((b.slice, b.index));
+            if let Some((i, r)) = &next {
+                let (slice, index) = order[*i];
+                tried[*i] = true;
+                while low < page_len && tried[low] {
+                    low += 1;
+                }
                 match r {
-                    Ok(()) => copied.push((b.slice, b.index)),
+                    Ok(()) => copied.push((slice, index)),
                     Err(e) => {
-                        tracing::warn!(slice = b.slice, index = b.index, error = %e, "copying a block failed");
-                        failed.push((b.slice, b.index, e.to_string()));
+                        tracing::warn!(slice, index, error = %e, "copying a block failed");
+                        failed.push((slice, index, e.to_string()));
                     }
                 }
             }
             // Recorded every batch or every second, and at the end of the page.
             let due =
                 copied.len() + failed.len() >= BATCH || recorded.elapsed() >= RECORD_EVERY || next.is_none();
-            if let Some(at) = end.filter(|_| due && !(copied.is_empty() && failed.is_empty())) {
+            if due && !(copied.is_empty() && failed.is_empty()) {
+                let at = if low > 0 { order[low - 1] } else { cursor };
                 copied_total += copied.len();
                 failed_total += failed.len();
                 if let Some((_, _, e)) = failed.last() {
