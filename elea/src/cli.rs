@@ -508,6 +508,35 @@ pub enum VolumeCmd {
         #[command(flatten)]
         meta: MetaAddr,
     },
+    /// Move a volume's home to another site while it is mounted: its Raft group gains voters
+    /// there and its old voters become learners (the leadership moves with them), and the
+    /// old home's store of the volume moves into the new home's (`--store URL`, or the store
+    /// the site has for the volume from `elea volume add-store`), as `elea migrate` does.
+    Move {
+        volume: String,
+        /// The new home site (it needs metadata nodes).
+        #[arg(long)]
+        to_site: String,
+        /// The new home's store for the volume (default: the one it has already).
+        #[arg(long)]
+        store: Option<String>,
+        /// Voters of the group in the new home (default: as many as it has now).
+        #[arg(long)]
+        voters: Option<u8>,
+        /// Bytes per second the store's move may use (e.g. 100MiB).
+        #[arg(long, value_parser = parse_size)]
+        rate_limit: Option<u64>,
+        /// Delete the old store's objects of the volume this long after the move is done.
+        #[arg(long, value_parser = parse_duration)]
+        delete_source: Option<Duration>,
+        /// Do not probe a new store from here first.
+        #[arg(long)]
+        no_probe: bool,
+        #[command(flatten)]
+        watch: WatchArgs,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
     /// List volumes.
     List {
         #[command(flatten)]

@@ -908,3 +908,114 @@ async fn a_checked_workload_outlives_the_loss_and_return_of_a_site() {
     }
     drop((mounts, procs));
 }
+
+/// Three sites, a metadata node and a cache node in each. A volume homed in a, with a store in
+/// a and one in b, holds files tiered to a's store; a checked workload runs on mounts of it in
+/// a and in b while `elea volume move --to-site b --wait` moves it: its group gains b's node as
+/// a voter, a's becomes a learner, the leadership moves to b, and a's store moves into b's.
+/// No call fails and nothing acknowledged is lost; afterwards the volume is led from b, its
+/// home is b, and with a's store gone every file reads back in b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_moves_home_while_a_checked_workload_runs_on_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    use elea_integration::chaos::{Events, Workload};
+
+    if !fuse_available("volume_move") || !network_available("volume_move") {
+        return;
+    }
+    let bed = three_site_bed();
+    let dir = tempfile::tempdir().unwrap();
+    let (sites, metas, procs) = start_three_sites(&bed, dir.path()).await;
+    let store = |s: &str| format!("file://{}", dir.path().join(format!("store-{s}")).display());
+    for s in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(format!("store-{s}"))).unwrap();
+    }
+    create_volume(&metas[0], "vm", "a", &store("a"), &["--tier-after", "1s"]).await;
+    cli(args(&["volume", "add-store", "vm", "--site", "b", &store("b"), "--meta", &metas[0]])).await;
+    wait_led_from_home(&metas[0], &[("vm", "a")]).await;
+    let mount = |site: usize, name: &str| mount_in(dir.path(), &sites[site], &metas[site], "vm", name);
+    let (ma, mb) = (mount(0, "vm-a"), mount(1, "vm-b"));
+    // Files big enough to be tiered to a's store before the move.
+    let big: Vec<(String, Vec<u8>)> = (0..6u64)
+        .map(|i| (format!("big-{i}"), elea_common::pattern::pattern(100 + i, 3 * MIB + 7)))
+        .collect();
+    for (name, data) in &big {
+        write_file(ma.mountpoint.join(name), data.clone()).await;
+    }
+    cli(args(&["tier", "--volume", "vm", "--wait", "--meta", &metas[0]])).await;
+    assert!(files_under(&dir.path().join("store-a")) > big.len(), "the files were not tiered to a's store");
+
+    // What a metadata call costs in b (one create and one unlink of an empty file, fsynced
+    // directory not asked): printed before and after the move, for the record.
+    let creates_in_b = |mp: PathBuf, tag: &'static str| {
+        blocking(move || {
+            let t = Instant::now();
+            for i in 0..50 {
+                let p = mp.join(format!("lat-{tag}-{i}"));
+                std::fs::File::create(&p).expect("create");
+                std::fs::remove_file(&p).expect("unlink");
+            }
+            t.elapsed() / 100
+        })
+    };
+    let before_move = creates_in_b(mb.mountpoint.clone(), "before").await;
+    let events = Arc::new(Events::new(&dir.path().join("events.log")));
+    let mps = vec![ma.mountpoint.clone(), mb.mountpoint.clone()];
+    let ev = events.clone();
+    let work = blocking(move || {
+        let gens = Arc::new(vec![AtomicU64::new(0), AtomicU64::new(0)]);
+        Workload::on_mounts(mps, ev, gens, 2, 1, 64 << 10)
+    })
+    .await;
+    tokio::time::sleep(phase()).await;
+    events.log("moving the volume to b");
+    let moved =
+        cli(args(&["volume", "move", "vm", "--to-site", "b", "--wait", "--json", "--meta", &metas[0]])).await;
+    events.log("the volume moved");
+    tokio::time::sleep(phase()).await;
+    let report = blocking(move || work.finish()).await;
+    let logs = || {
+        let mut l: Vec<String> = procs.iter().map(MetaProc::log_tail).collect();
+        l.extend([ma.log_tail(), mb.log_tail()]);
+        l.join("\n")
+    };
+    report.assert_clean("volume move", logs);
+    assert!(report.errors.is_empty(), "calls failed during the move: {:?}\n{}", report.errors, logs());
+    assert_eq!(moved["state"], "done", "{moved}");
+    assert_eq!(moved["objects_left"], 0, "{moved}");
+    assert!(moved["objects_done"].as_u64() >= Some(big.len() as u64), "{moved}");
+
+    // Led from b, homed in b.
+    wait_led_from_home(&metas[0], &[("vm", "b")]).await;
+    let after_move = creates_in_b(mb.mountpoint.clone(), "after").await;
+    eprintln!(
+        "volume move: {} objects ({} bytes) moved in {:.1} s; a create or unlink in b took {before_move:?} \
+         before the move, {after_move:?} after",
+        moved["objects_done"],
+        moved["bytes_done"],
+        moved["elapsed_secs"].as_f64().unwrap_or(0.0)
+    );
+    let st = cli(args(&["status", "--json", "--meta", &metas[0]])).await;
+    let v = st["volumes"].as_array().and_then(|l| l.iter().find(|v| v["name"] == "vm").cloned()).unwrap();
+    assert_eq!(v["home_site"], "b", "{st}");
+    // What a's node tiers from now on goes to b's store; then a's store goes away, and a new
+    // mount in b reads every file the workload and the big writes left.
+    cli(args(&["tier", "--volume", "vm", "--wait", "--meta", &metas[0]])).await;
+    std::fs::rename(dir.path().join("store-a"), dir.path().join("store-a.gone")).unwrap();
+    let b_mp = mb.mountpoint.clone();
+    let fresh = mount(1, "vm-b2");
+    let f_mp = fresh.mountpoint.clone();
+    let (t_old, t_new) = blocking(move || (tree(&b_mp), tree(&f_mp))).await;
+    for (name, data) in &big {
+        assert!(t_new.get(name) == Some(data), "{name} reads back wrong in b after the move");
+    }
+    assert!(
+        t_new.len() > big.len() + 10 && t_new == t_old,
+        "b's mounts disagree: {} / {}",
+        t_old.len(),
+        t_new.len()
+    );
+    drop((ma, mb, fresh));
+}

@@ -916,7 +916,8 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         async move { ok(self.op(Op::SpillInline { slices }).await?) }
     }
 
-    /// Starts moving volume `vol`'s objects from `site`'s store to `url` ([`Op::StartMigration`]).
+    /// Starts moving volume `vol`'s objects from `site`'s store to `url` (a store of `to_site`,
+    /// by default `site`'s) ([`Op::StartMigration`]).
     fn start_migration(
         &self,
         vol: VolumeId,
@@ -924,6 +925,7 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
         url: &str,
         rate_limit: u64,
         delete_source_after_ms: Option<u64>,
+        to_site: Option<&str>,
     ) -> impl Future<Output = Result<MigrationStatus, ClientError>> + Send {
         let op = Op::StartMigration {
             vol,
@@ -931,6 +933,7 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
             url: url.to_string(),
             rate_limit,
             delete_source_after_ms,
+            to_site: to_site.map(str::to_string),
         };
         async move {
             match self.op(op).await? {
@@ -938,6 +941,17 @@ pub trait MetaApi: Clone + Send + Sync + 'static {
                 other => Err(unexpected(&other)),
             }
         }
+    }
+
+    /// Records volume `vol`'s home site as `site` in this client's group ([`Op::SetVolumeHome`];
+    /// a control group client does not route it to the volume's group).
+    fn set_volume_home(
+        &self,
+        vol: VolumeId,
+        site: &str,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        let op = Op::SetVolumeHome { vol, site: site.to_string() };
+        async move { ok(self.op(op).await?) }
     }
 
     /// Volume `vol`'s latest migration (`Fs(ENOENT)` when it never had one).

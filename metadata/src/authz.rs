@@ -40,6 +40,7 @@ impl Need {
             | Op::AddGroupMember { .. }
             | Op::RemoveGroupMember { .. }
             | Op::StartMigration { .. }
+            | Op::SetVolumeHome { .. }
             | Op::RegisterMetaNode { .. } => Need::Admin,
             Op::Mknod { vol, .. }
             | Op::Mkdir { vol, .. }

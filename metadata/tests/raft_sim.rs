@@ -1997,7 +1997,7 @@ impl Workload {
 fn reflects(members: &[Member], change: MemberChange, id: NodeId) -> bool {
     let m = members.iter().find(|m| m.id == id);
     match change {
-        MemberChange::AddLearner => m.is_some(),
+        MemberChange::AddLearner => m.is_some_and(|m| m.learner),
         MemberChange::AddVoter => m.is_some_and(|m| !m.learner),
         MemberChange::Remove => m.is_none(),
     }
@@ -2119,6 +2119,41 @@ fn single_voter_restarts_from_snapshot() {
         sim.restart(1);
         sim.settle(&[1], &mut wl);
         assert_eq!(wl.check_acked(&sim, &[1]), 50, "seed {seed}");
+    }
+}
+
+/// A voter made a learner (what `elea volume move` does to a group's old voters) leaves the
+/// quorum and goes on applying; a leader made one steps down and another is elected.
+#[test]
+fn a_voter_made_a_learner_keeps_applying_outside_the_quorum() {
+    for (seed, mode) in runs(20) {
+        let _run = RunGuard(seed, mode);
+        let mut sim = Sim::new(seed, mode, 3, 20, seed % 4);
+        let leader = await_leader(&mut sim);
+        Workload::create_volume(&mut sim);
+        sim.faults = Faults::MILD;
+        let mut wl = Workload::new(&mut sim, 2, Mix::Distinct, usize::MAX, 3);
+        sim.run(60, &mut wl);
+        let victim = if seed % 2 == 0 {
+            leader
+        } else {
+            let others: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&i| i != leader).collect();
+            sim.rng.pick(&others)
+        };
+        change_conf(&mut sim, &mut wl, MemberChange::AddLearner, victim);
+        sim.run_until(1000, &mut wl, "a leader among the voters", |s, _| {
+            s.leader().is_some_and(|l| l != victim)
+        });
+        sim.run(100, &mut wl);
+        let l = sim.leader().unwrap();
+        let book = sim.core(l).status().members;
+        assert!(book.iter().any(|m| m.id == victim && m.learner), "seed {seed}: {book:?}");
+        assert_eq!(book.iter().filter(|m| !m.learner).count(), 2, "seed {seed}: {book:?}");
+        wl.drain(&mut sim);
+        let all = sim.ids();
+        sim.settle(&all, &mut wl);
+        let acked = wl.check_acked(&sim, &all);
+        assert!(acked >= 10, "seed {seed}: only {acked} writes acknowledged");
     }
 }
 

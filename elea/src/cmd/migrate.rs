@@ -43,8 +43,10 @@ pub(crate) async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
         check_owners(&c, std::slice::from_ref(&url)).await?;
     }
     let delete_after = a.delete_source.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let m = c.start_migration(vol.id, &site, &url, a.rate_limit.unwrap_or(0), delete_after).await.map_err(
-        |e| match e {
+    let m = c
+        .start_migration(vol.id, &site, &url, a.rate_limit.unwrap_or(0), delete_after, None)
+        .await
+        .map_err(|e| match e {
             ClientError::Fs(Errno::ENOENT) => anyhow::anyhow!("there is no site {site:?} (elea site list)"),
             ClientError::Fs(Errno::EBUSY) => anyhow::anyhow!(
                 "volume {volume:?} is being moved already, or the store it left is still to be deleted \
@@ -57,8 +59,7 @@ pub(crate) async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             ),
             ClientError::Fs(Errno::ENODEV) => anyhow::anyhow!("volume {volume:?} has no store to move from"),
             e => anyhow::Error::new(e).context(format!("starting to move volume {volume:?} to {url}")),
-        },
-    )?;
+        })?;
     if !a.no_probe {
         claim_stores(&c, std::slice::from_ref(&url)).await;
     }
@@ -83,7 +84,7 @@ pub(crate) async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
 }
 
 /// Prints the migration, or with `--wait` follows it to its end.
-async fn follow(
+pub(crate) async fn follow(
     c: &MetaClient,
     vol: &VolumeInfo,
     mut m: MigrationStatus,

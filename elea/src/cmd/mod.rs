@@ -15,6 +15,7 @@ mod status;
 mod tier;
 mod up;
 pub(crate) mod volume;
+mod volume_move;
 mod warmup;
 
 pub use bench_data::{DataBenchArgs, StoreBenchArgs};

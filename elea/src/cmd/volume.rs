@@ -184,6 +184,30 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                 members.len()
             );
         }
+        VolumeCmd::Move {
+            volume,
+            to_site,
+            store,
+            voters,
+            rate_limit,
+            delete_source,
+            no_probe,
+            watch,
+            meta,
+        } => {
+            crate::cmd::volume_move::move_volume(crate::cmd::volume_move::MoveArgs {
+                volume,
+                to_site,
+                store,
+                voters,
+                rate_limit,
+                delete_source,
+                no_probe,
+                watch,
+                meta,
+            })
+            .await?;
+        }
         VolumeCmd::List { meta, json: as_json } => {
             let c = client(&meta)?;
             let vols = c.list_volumes().await?;
@@ -236,7 +260,7 @@ fn meta_sites(map: &elea_fsm::SiteMap) -> Vec<String> {
 /// The home site of a new volume: the one named, which must exist; else the cluster's only
 /// site, or the only site with metadata nodes.
 /// The record of volume `name`'s own group (an error for a volume of the control group).
-async fn group_of(c: &MetaClient, name: &str) -> anyhow::Result<elea_fsm::GroupRecord> {
+pub(crate) async fn group_of(c: &MetaClient, name: &str) -> anyhow::Result<elea_fsm::GroupRecord> {
     let list = c.volume_group_list(true).await.context("reading the volume groups")?;
     match list.iter().find(|r| r.name == name) {
         Some(r) => Ok(r.clone()),

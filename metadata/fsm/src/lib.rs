@@ -212,9 +212,17 @@ impl StateMachine {
             }
             Op::AddGroupMember { vol, id, learner } => st.add_group_member(*vol, *id, *learner),
             Op::RemoveGroupMember { vol, id } => st.remove_group_member(*vol, *id),
-            Op::StartMigration { vol, site, url, rate_limit, delete_source_after_ms } => {
-                st.start_migration(*vol, site, url, *rate_limit, *delete_source_after_ms, now)
-            }
+            Op::StartMigration { vol, site, url, rate_limit, delete_source_after_ms, to_site } => st
+                .start_migration(
+                    *vol,
+                    site,
+                    url,
+                    *rate_limit,
+                    *delete_source_after_ms,
+                    to_site.as_deref(),
+                    now,
+                ),
+            Op::SetVolumeHome { vol, site } => st.set_volume_home(*vol, site),
             Op::MigrationProgress { vol, job, copied, cursor, failed } => {
                 st.migration_progress(*vol, *job, copied, *cursor, failed, now)
             }

@@ -55,6 +55,7 @@ impl State {
         self.mobility.roles(vol).writable(store)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start_migration(
         &mut self,
         vol: VolumeId,
@@ -62,14 +63,18 @@ impl State {
         url: &str,
         rate_limit: u64,
         delete_source_after_ms: Option<u64>,
+        to_site: Option<&str>,
         now: Timespec,
     ) -> OpResult {
-        crate::sites::check_site(site)?;
+        let to_site = to_site.unwrap_or(site);
+        for s in [site, to_site] {
+            crate::sites::check_site(s)?;
+            if !self.sites.sites.contains(s) {
+                return Err(Errno::ENOENT);
+            }
+        }
         if url.is_empty() || url.len() > limits::STORE_URL_MAX {
             return Err(Errno::EINVAL);
-        }
-        if !self.sites.sites.contains(site) {
-            return Err(Errno::ENOENT);
         }
         let v = self.volumes.get(&vol).ok_or(Errno::ENOENT)?;
         let busy = self.mobility.jobs.get(&vol).is_some_and(|j| {
@@ -96,13 +101,16 @@ impl State {
         if usize::from(from) >= stores.len() {
             return Err(Errno::ENODEV);
         }
-        // The target: a new store, or a former one attached again (its objects left every
-        // block's set when it was detached, so everything is copied to it afresh).
-        let to = match stores.iter().position(|s| s == url) {
-            Some(i) if roles.detached.contains(i as u16) => i as u16,
+        // The target: a new store, a former one attached again (its objects left every
+        // block's set when it was detached, so everything is copied to it afresh), or
+        // another site's store in use (which keeps its site).
+        let (to, in_use) = match stores.iter().position(|s| s == url) {
+            Some(i) if i as u16 == from => return Err(Errno::EEXIST),
+            Some(i) if roles.detached.contains(i as u16) => (i as u16, false),
+            Some(i) if roles.writable(i as u16) && to_site != site => (i as u16, true),
             Some(_) => return Err(Errno::EEXIST),
             None if stores.len() >= limits::STORES_MAX => return Err(Errno::ENOSPC),
-            None => stores.len() as u16,
+            None => (stores.len() as u16, false),
         };
         let (mut total_objects, mut total_bytes, mut staged_objects, mut staged_bytes) = (0, 0, 0, 0);
         for l in self.slices.locs.values().filter(|l| l.vol == vol && l.deleted.is_none()) {
@@ -129,7 +137,9 @@ impl State {
             roles.write = to;
         }
         self.mobility.roles.insert(vol, roles);
-        self.sites.stores.insert((vol, to), site.to_string());
+        if !in_use {
+            self.sites.stores.insert((vol, to), to_site.to_string());
+        }
         self.mobility.jobs_allocated += 1;
         let job = MigrationJob {
             id: self.mobility.jobs_allocated,
@@ -248,6 +258,24 @@ impl State {
             j.finished = Some(now);
         }
         Ok(Reply::Migration(Box::new(self.migration_status(vol)?)))
+    }
+
+    pub(crate) fn set_volume_home(&mut self, vol: VolumeId, site: &str) -> OpResult {
+        crate::sites::check_site(site)?;
+        if !self.sites.sites.contains(site) {
+            return Err(Errno::ENOENT);
+        }
+        if !self.volumes.contains_key(&vol) && !self.groups.volumes.contains_key(&vol) {
+            return Err(Errno::ENOENT);
+        }
+        if let Some(rec) = self.groups.volumes.get_mut(&vol) {
+            rec.home = site.to_string();
+        }
+        if let Some(rec) = self.groups.own.as_mut().filter(|r| r.vol == vol) {
+            rec.home = site.to_string();
+        }
+        self.sites.homes.insert(vol, site.to_string());
+        Ok(Reply::Ok)
     }
 
     pub(crate) fn migration_source_deleted(&mut self, vol: VolumeId, job: u64, now: Timespec) -> OpResult {

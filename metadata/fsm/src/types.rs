@@ -853,6 +853,10 @@ pub enum Op {
         url: String,
         rate_limit: u64,
         delete_source_after_ms: Option<u64>,
+        /// The site a new target store belongs to (`None`: `site`); a target that is another
+        /// site's store of the volume in use keeps its site (a volume moving home takes its
+        /// new home's store as its write store).
+        to_site: Option<String>,
     },
     /// A copier's progress on job `job` of volume `vol`: `copied` blocks now also live in the
     /// job's target store, every block of this pass up to `cursor` was tried, and `failed`
@@ -879,6 +883,13 @@ pub enum Op {
     MigrationSourceDeleted {
         vol: VolumeId,
         job: u64,
+    },
+    /// Volume `vol`'s home site is now `site` (`elea volume move`): in the control group its
+    /// group record's (whose leaders then hand the leadership to a voter of `site`), in the
+    /// volume's group the site map's. `ENOENT` for an unknown volume or site.
+    SetVolumeHome {
+        vol: VolumeId,
+        site: String,
     },
 }
 

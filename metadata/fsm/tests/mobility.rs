@@ -80,6 +80,7 @@ fn start(vol: u64, site: &str, url: &str) -> Op {
         url: url.into(),
         rate_limit: 0,
         delete_source_after_ms: None,
+        to_site: None,
     }
 }
 
@@ -196,6 +197,7 @@ fn a_site_store_moves_without_changing_the_write_store_and_the_source_is_deleted
         url: "s3://b2/".into(),
         rate_limit: 1 << 20,
         delete_source_after_ms: Some(5_000),
+        to_site: None,
     };
     let Reply::Migration(m) = h.ok(op) else { panic!() };
     assert_eq!((m.job.from, m.job.to, m.job.rate_limit, m.job.total_objects), (1, 2, 1 << 20, 1));
@@ -215,6 +217,36 @@ fn a_site_store_moves_without_changing_the_write_store_and_the_source_is_deleted
     assert_eq!(restored.query(&Query::Migration { vol }), h.q(Query::Migration { vol }));
     assert_eq!(restored.query(&Query::Sites), h.q(Query::Sites));
     assert_eq!(restored.snapshot(), h.sm.snapshot());
+}
+
+/// `elea volume move`'s steps in the state: the home changes (control group record and site
+/// map), and the new home's store in use becomes the write store, the old home's a source.
+#[test]
+fn a_volume_moving_home_takes_its_new_homes_store_as_its_write_store() {
+    let (mut h, vol) = setup();
+    h.ok(Op::AddStore { vol, site: "b".into(), url: "s3://b/".into() });
+    write(&mut h, "f", 10, MIB);
+    tier(&mut h, 0, 10, MIB).unwrap();
+    assert_eq!(h.err(Op::SetVolumeHome { vol, site: "nowhere".into() }), Errno::ENOENT);
+    assert_eq!(h.err(Op::SetVolumeHome { vol: vol + 9, site: "b".into() }), Errno::ENOENT);
+    h.ok(Op::SetVolumeHome { vol, site: "b".into() });
+    assert_eq!(site_map(&h).home(vol), Some("b"));
+    // The old home's store moves into the new home's, which keeps its site.
+    let to_b = |url: &str| Op::StartMigration {
+        vol,
+        site: "a".into(),
+        url: url.into(),
+        rate_limit: 0,
+        delete_source_after_ms: None,
+        to_site: Some("b".into()),
+    };
+    assert_eq!(h.err(to_b("s3://old/")), Errno::EEXIST, "the store that moves");
+    let Reply::Migration(m) = h.ok(to_b("s3://b/")) else { panic!() };
+    assert_eq!((m.job.from, m.job.to, m.job.total_objects), (0, 1, 1));
+    let map = site_map(&h);
+    assert_eq!((map.store_of(vol, "a"), map.store_of(vol, "b"), map.roles(vol).write), (None, Some(1), 1));
+    assert_eq!(map.site_of_store(vol, 1), Some("b"));
+    assert_eq!(map.tier_store(vol, "a"), 1, "the old home tiers to the new one's store");
 }
 
 #[test]

@@ -601,8 +601,15 @@ impl GroupCore {
                 ConfChangeType::AddNode
             }
             MemberChange::AddLearner => {
-                if is_voter || is_learner {
-                    return Err(CoreError::Invalid(format!("node {id} is already a member")));
+                // A voter becomes a learner (a volume moving to another site keeps a copy
+                // in its old one); the last voter cannot.
+                if is_learner {
+                    return Err(CoreError::Invalid(format!(
+                        "node {id} is already a learner at another address"
+                    )));
+                }
+                if is_voter && conf.voters.len() == 1 {
+                    return Err(CoreError::Invalid("cannot make the last voter a learner".into()));
                 }
                 ConfChangeType::AddLearnerNode
             }
@@ -1211,6 +1218,15 @@ impl GroupCore {
                 // A new node starts from a snapshot, and raft-rs on it ignores one whose
                 // configuration does not include it: take a fresh one right away.
                 self.snapshot_wanted = true;
+                // A leader made a learner steps down, as a removed one does (raft-rs would
+                // let it go on leading).
+                if cc.get_change_type() == ConfChangeType::AddLearnerNode
+                    && cc.node_id == self.cfg.node_id
+                    && self.raw.raft.state == StateRole::Leader
+                {
+                    let term = self.raw.raft.term;
+                    self.raw.raft.become_follower(term, raft::INVALID_ID);
+                }
             }
             ConfChangeType::RemoveNode => {
                 self.members.remove(&cc.node_id);
