@@ -14,18 +14,7 @@ CLIENTS=${3:-4}
 SECONDS_=${4:-30}
 JOBS=$((CLIENTS < 2 ? CLIENTS : 2))
 
-pgbin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
-if [ -z "$(pgbin)" ] || [ ! -x "$(pgbin)/pgbench" ]; then
-  echo "installing PostgreSQL from Debian's packages" >&2
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
-  # The package may start a default cluster; it is not used here.
-  pg_lsclusters -h 2>/dev/null | while read -r version name _; do
-    pg_ctlcluster "$version" "$name" stop >/dev/null 2>&1 || true
-  done
-fi
-BIN=$(pgbin)
-id postgres >/dev/null 2>&1 || { echo "no postgres user after installing PostgreSQL" >&2; exit 1; }
+BIN=$("$(dirname "$0")/ensure-postgres.sh")
 
 DATA=$DIR/elea-pgbench
 SOCK=$(mktemp -d /tmp/elea-pgbench-sock.XXXXXX)

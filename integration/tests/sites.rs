@@ -1019,3 +1019,228 @@ async fn a_volume_moves_home_while_a_checked_workload_runs_on_it() {
     );
     drop((ma, mb, fresh));
 }
+
+/// PostgreSQL from Debian's packages (installed by `scripts/ensure-postgres.sh` when missing),
+/// run as the `postgres` user on a data directory in `dir`, listening on a socket only.
+struct Postgres {
+    bin: PathBuf,
+    data: PathBuf,
+    sock: tempfile::TempDir,
+    port: u16,
+}
+
+impl Postgres {
+    fn bin() -> PathBuf {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-postgres.sh");
+        let out = std::process::Command::new("bash").arg(&script).output().expect("ensure-postgres.sh");
+        assert!(out.status.success(), "installing PostgreSQL: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    }
+
+    fn as_pg(&self, tool: &str, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(tool))
+            .args(args)
+            .output()
+            .expect("runuser");
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// A new cluster in `data` (made and owned by `postgres`).
+    fn init(bin: PathBuf, data: PathBuf) -> Self {
+        std::fs::create_dir_all(&data).unwrap();
+        std::process::Command::new("chown").arg("postgres").arg(&data).status().unwrap();
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let pg = Self::on(bin, data);
+        let (ok, out) =
+            pg.as_pg("initdb", &["-D", &pg.data.display().to_string(), "-A", "trust", "-U", "postgres"]);
+        assert!(ok, "initdb: {out}");
+        pg
+    }
+
+    /// The cluster in `data` (not started).
+    fn on(bin: PathBuf, data: PathBuf) -> Self {
+        let sock = tempfile::tempdir().unwrap();
+        std::process::Command::new("chown").arg("postgres").arg(sock.path()).status().unwrap();
+        Self { bin, data, sock, port: elea_integration::free_port() }
+    }
+
+    fn start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c fsync=on -c synchronous_commit=on",
+            self.port,
+            self.sock.path().display()
+        );
+        let log = self.sock.path().join("server.log");
+        let (ok, out) = self.as_pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.display().to_string(),
+                "-l",
+                &log.display().to_string(),
+                "-w",
+                "-t",
+                "120",
+                "-o",
+                &opts,
+                "start",
+            ],
+        );
+        assert!(ok, "pg_ctl start: {out}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+
+    /// Stopped as a killed container's server would be: no shutdown checkpoint.
+    fn kill(&self) {
+        let (ok, out) =
+            self.as_pg("pg_ctl", &["-D", &self.data.display().to_string(), "-m", "immediate", "stop"]);
+        assert!(ok, "pg_ctl stop: {out}");
+    }
+
+    fn conn(&self) -> Vec<String> {
+        args(&["-h", &self.sock.path().display().to_string(), "-p", &self.port.to_string()])
+    }
+
+    fn sql(&self, q: &str) -> String {
+        let mut a = self.conn();
+        a.extend(args(&["-At", "-c", q, "postgres"]));
+        let (ok, out) = self.as_pg("psql", &a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "psql {q}: {out}");
+        out.trim().to_string()
+    }
+
+    /// `pgbench` with `extra` flags; returns (transactions processed, TPS).
+    fn pgbench(&self, extra: &[&str]) -> (u64, f64) {
+        let mut a = self.conn();
+        a.extend(args(extra));
+        a.push("postgres".into());
+        let (ok, out) = self.as_pg("pgbench", &a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "pgbench {extra:?}: {out}");
+        let field = |key: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        };
+        let n =
+            field("number of transactions actually processed: ").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let tps = field("tps = ").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        (n, tps)
+    }
+
+    /// What every committed TPC-B transaction leaves: (history rows, sum of their deltas, and
+    /// the sums of the account, teller and branch balances, each equal to that sum).
+    fn ledger(&self) -> (u64, i64, i64, i64, i64) {
+        let row = self.sql(
+            "select (select count(*) from pgbench_history), (select coalesce(sum(delta),0) from pgbench_history), \
+             (select sum(abalance) from pgbench_accounts), (select sum(tbalance) from pgbench_tellers), \
+             (select sum(bbalance) from pgbench_branches)",
+        );
+        let v: Vec<i64> = row.split('|').map(|x| x.parse().unwrap_or(i64::MIN)).collect();
+        assert_eq!(v.len(), 5, "{row}");
+        (v[0] as u64, v[1], v[2], v[3], v[4])
+    }
+}
+
+/// Seconds pgbench runs while the volume moves (`PG_MOVE_SECS`, default 15; the long version
+/// of the test sets more).
+fn pg_move_secs() -> u64 {
+    std::env::var("PG_MOVE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(15)
+}
+
+/// The stateful-container move: PostgreSQL runs pgbench on a mount in site a while `elea
+/// volume move` moves its volume to b; then it is killed in a (as a container's server would
+/// be) and started on a mount of the same volume in b. It recovers with every committed
+/// transaction (the history holds exactly the transactions pgbench counted, and every balance
+/// sums to the history's deltas), and pgbench runs in b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_moves_to_another_site_with_its_volume() {
+    if !fuse_available("postgres_move") || !network_available("postgres_move") {
+        return;
+    }
+    let bin = blocking(Postgres::bin).await;
+    let bed = three_site_bed();
+    let dir = tempfile::tempdir().unwrap();
+    let (sites, metas, procs) = start_three_sites(&bed, dir.path()).await;
+    let store = |s: &str| format!("file://{}", dir.path().join(format!("store-{s}")).display());
+    for s in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(format!("store-{s}"))).unwrap();
+    }
+    create_volume(&metas[0], "pg", "a", &store("a"), &["--tier-after", "2s"]).await;
+    cli(args(&["volume", "add-store", "pg", "--site", "b", &store("b"), "--meta", &metas[0]])).await;
+    wait_led_from_home(&metas[0], &[("pg", "a")]).await;
+    let ma = mount_in(dir.path(), &sites[0], &metas[0], "pg", "pg-a");
+    let mb = mount_in(dir.path(), &sites[1], &metas[1], "pg", "pg-b");
+
+    use std::sync::Arc;
+    let pg_a = {
+        let (bin, data) = (bin.clone(), ma.mountpoint.join("pgdata"));
+        Arc::new(blocking(move || Postgres::init(bin, data)).await)
+    };
+    let on = |pg: &Arc<Postgres>| pg.clone();
+    let p = on(&pg_a);
+    let (first, tps_a) = blocking(move || {
+        p.start();
+        p.pgbench(&["-i", "-s", "2", "-q"]);
+        p.pgbench(&["-n", "-c", "2", "-j", "2", "-T", "5"])
+    })
+    .await;
+
+    // pgbench runs while the volume moves to b.
+    let p = on(&pg_a);
+    let secs = pg_move_secs().to_string();
+    let bench = tokio::task::spawn_blocking(move || p.pgbench(&["-n", "-c", "2", "-j", "2", "-T", &secs]));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let moved =
+        cli(args(&["volume", "move", "pg", "--to-site", "b", "--wait", "--json", "--meta", &metas[0]])).await;
+    let (during, tps_during) = bench.await.expect("pgbench");
+    assert_eq!(moved["state"], "done", "{moved}");
+    wait_led_from_home(&metas[0], &[("pg", "b")]).await;
+    let p = on(&pg_a);
+    let ledger_a = blocking(move || {
+        let l = p.ledger();
+        p.kill();
+        l
+    })
+    .await;
+
+    // The same data directory, through the mount in b.
+    let pg_b = {
+        let (bin, data) = (bin.clone(), mb.mountpoint.join("pgdata"));
+        Arc::new(blocking(move || Postgres::on(bin, data)).await)
+    };
+    let p = on(&pg_b);
+    let (ledger_b, tps_b) = blocking(move || {
+        p.start();
+        let l = p.ledger();
+        let tps = p.pgbench(&["-c", "2", "-j", "2", "-T", "5"]).1;
+        (l, tps)
+    })
+    .await;
+    let logs = || {
+        let mut l: Vec<String> = procs.iter().map(MetaProc::log_tail).collect();
+        l.extend([ma.log_tail(), mb.log_tail()]);
+        l.join("\n")
+    };
+    assert!(during > 0, "pgbench committed nothing during the move\n{}", logs());
+    assert_eq!(ledger_b, ledger_a, "the database in b is not the one a committed\n{}", logs());
+    let (rows, delta, accounts, tellers, branches) = ledger_b;
+    // Each committed transaction left one history row (`-n`: pgbench does not empty the
+    // history before a run): those of the run before the move and of the run during it.
+    assert_eq!(rows, first + during, "{rows} history rows for {first} + {during} committed transactions");
+    assert!(
+        accounts == delta && tellers == delta && branches == delta,
+        "balances do not add up: {ledger_b:?}"
+    );
+    eprintln!(
+        "postgres move: {during} transactions during the move ({tps_during:.0} TPS), {rows} in all; TPS in a \
+         before the move {tps_a:.0}, in b after {tps_b:.0}; the move: {} objects in {:.1} s",
+        moved["objects_done"],
+        moved["elapsed_secs"].as_f64().unwrap_or(0.0)
+    );
+    let p = on(&pg_b);
+    blocking(move || p.kill()).await;
+    drop((procs, ma, mb));
+}
