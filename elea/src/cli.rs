@@ -309,6 +309,34 @@ pub struct MigrateArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct MoveArgs {
+    /// The volume to move.
+    pub volume: String,
+    /// The new home site (it needs metadata nodes).
+    #[arg(long)]
+    pub to_site: String,
+    /// The new home's store for the volume (default: the one it has already).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Voters of the group in the new home (default: as many as it has now).
+    #[arg(long)]
+    pub voters: Option<u8>,
+    /// Bytes per second the store's move may use (e.g. 100MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub rate_limit: Option<u64>,
+    /// Delete the old store's objects of the volume this long after the move is done.
+    #[arg(long, value_parser = parse_duration)]
+    pub delete_source: Option<Duration>,
+    /// Do not probe a new store from here first.
+    #[arg(long)]
+    pub no_probe: bool,
+    #[command(flatten)]
+    pub watch: WatchArgs,
+    #[command(flatten)]
+    pub meta: MetaAddr,
+}
+
+#[derive(Args, Debug)]
 pub struct WarmupArgs {
     /// What to warm: VOLUME:/PATH, or a path under an Elea mount on this host.
     #[arg(required = true)]
@@ -512,31 +540,7 @@ pub enum VolumeCmd {
     /// there and its old voters become learners (the leadership moves with them), and the
     /// old home's store of the volume moves into the new home's (`--store URL`, or the store
     /// the site has for the volume from `elea volume add-store`), as `elea migrate` does.
-    Move {
-        volume: String,
-        /// The new home site (it needs metadata nodes).
-        #[arg(long)]
-        to_site: String,
-        /// The new home's store for the volume (default: the one it has already).
-        #[arg(long)]
-        store: Option<String>,
-        /// Voters of the group in the new home (default: as many as it has now).
-        #[arg(long)]
-        voters: Option<u8>,
-        /// Bytes per second the store's move may use (e.g. 100MiB).
-        #[arg(long, value_parser = parse_size)]
-        rate_limit: Option<u64>,
-        /// Delete the old store's objects of the volume this long after the move is done.
-        #[arg(long, value_parser = parse_duration)]
-        delete_source: Option<Duration>,
-        /// Do not probe a new store from here first.
-        #[arg(long)]
-        no_probe: bool,
-        #[command(flatten)]
-        watch: WatchArgs,
-        #[command(flatten)]
-        meta: MetaAddr,
-    },
+    Move(MoveArgs),
     /// List volumes.
     List {
         #[command(flatten)]

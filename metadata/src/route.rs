@@ -178,24 +178,22 @@ impl MetaClient {
                 }
             }
             Query::ListVolumes => {
-                let mut all = Vec::new();
-                for c in self.all_groups().await? {
-                    match Box::pin(c.query_here(Query::ListVolumes)).await? {
-                        Reply::Volumes(v) => all.extend(v),
-                        other => return Err(unexpected(&other)),
-                    }
-                }
+                let mut all = self
+                    .gather(q, |r| match r {
+                        Reply::Volumes(v) => Ok(v),
+                        other => Err(unexpected(&other)),
+                    })
+                    .await?;
                 all.sort_by_key(|v| v.id);
                 Ok(Some(Reply::Volumes(all)))
             }
             Query::Migrations => {
-                let mut all = Vec::new();
-                for c in self.all_groups().await? {
-                    match Box::pin(c.query_here(Query::Migrations)).await? {
-                        Reply::Migrations(m) => all.extend(m),
-                        other => return Err(unexpected(&other)),
-                    }
-                }
+                let mut all = self
+                    .gather(q, |r| match r {
+                        Reply::Migrations(m) => Ok(m),
+                        other => Err(unexpected(&other)),
+                    })
+                    .await?;
                 all.sort_by_key(|m| m.job.vol);
                 Ok(Some(Reply::Migrations(all)))
             }
@@ -280,6 +278,19 @@ impl MetaClient {
     /// A query about slices, split by the group each slice id names; the groups' answers
     /// (`answer` takes the items out of a reply),
     /// joined.
+    /// `q` asked of every group (the control group first), the answers put together.
+    async fn gather<T>(
+        &self,
+        q: &Query,
+        answer: impl Fn(Reply) -> Result<Vec<T>, ClientError>,
+    ) -> Result<Vec<T>, ClientError> {
+        let mut out = Vec::new();
+        for c in self.all_groups().await? {
+            out.extend(answer(Box::pin(c.query_here(q.clone())).await?)?);
+        }
+        Ok(out)
+    }
+
     async fn split<T>(
         &self,
         ids: &[SliceId],

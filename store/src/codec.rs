@@ -236,11 +236,16 @@ pub fn check_encoded(buf: &[u8], raw_len: u32) -> Result<(), CodecError> {
             actual: h.raw_len.into(),
         });
     }
-    let payload = &buf[HEADER_LEN..];
-    if h.codec == CODEC_RAW && payload.len() != raw_len as usize {
+    check_payload(&h, &buf[HEADER_LEN..])
+}
+
+/// A raw payload's length (cheaper than a checksum, and it catches every truncation), then
+/// the payload's checksum.
+fn check_payload(h: &BlockHeader, payload: &[u8]) -> Result<(), CodecError> {
+    if h.codec == CODEC_RAW && payload.len() != h.raw_len as usize {
         return Err(CodecError::LengthMismatch {
             what: "raw payload",
-            expected: raw_len.into(),
+            expected: h.raw_len.into(),
             actual: payload.len() as u64,
         });
     }
@@ -261,24 +266,7 @@ pub fn decode_block(buf: &[u8]) -> Result<Vec<u8>, CodecError> {
     let h = decode_header(buf)?;
     let payload = &buf[HEADER_LEN..];
     let raw_len = h.raw_len as usize;
-
-    // A raw payload has a known length: check it first, it is cheaper than a checksum and
-    // catches every truncation.
-    if h.codec == CODEC_RAW && payload.len() != raw_len {
-        return Err(CodecError::LengthMismatch {
-            what: "raw payload",
-            expected: h.raw_len.into(),
-            actual: payload.len() as u64,
-        });
-    }
-    let payload_crc = crc32c::crc32c(payload);
-    if payload_crc != h.payload_crc {
-        return Err(CodecError::ChecksumMismatch {
-            what: "payload",
-            stored: h.payload_crc,
-            computed: payload_crc,
-        });
-    }
+    check_payload(&h, payload)?;
 
     let raw = if h.codec == CODEC_RAW {
         payload.to_vec()

@@ -184,30 +184,7 @@ pub(crate) async fn volume(v: VolumeCmd) -> anyhow::Result<()> {
                 members.len()
             );
         }
-        VolumeCmd::Move {
-            volume,
-            to_site,
-            store,
-            voters,
-            rate_limit,
-            delete_source,
-            no_probe,
-            watch,
-            meta,
-        } => {
-            crate::cmd::volume_move::move_volume(crate::cmd::volume_move::MoveArgs {
-                volume,
-                to_site,
-                store,
-                voters,
-                rate_limit,
-                delete_source,
-                no_probe,
-                watch,
-                meta,
-            })
-            .await?;
-        }
+        VolumeCmd::Move(a) => crate::cmd::volume_move::move_volume(a).await?,
         VolumeCmd::List { meta, json: as_json } => {
             let c = client(&meta)?;
             let vols = c.list_volumes().await?;

@@ -8,22 +8,9 @@ use elea_metadata::MetaApi as _;
 use elea_metadata::client::{ClientError, MetaClient};
 use elea_metadata::proto::change_membership_request::Kind;
 
-use crate::cli::{MetaAddr, WatchArgs, client};
+use crate::cli::{MoveArgs, client};
 use crate::cmd::migrate::follow;
 use crate::cmd::volume::{check_owners, check_stores, claim_stores, group_of, probe_stores};
-
-/// What `elea volume move` was asked.
-pub(crate) struct MoveArgs {
-    pub volume: String,
-    pub to_site: String,
-    pub store: Option<String>,
-    pub voters: Option<u8>,
-    pub rate_limit: Option<u64>,
-    pub delete_source: Option<Duration>,
-    pub no_probe: bool,
-    pub watch: WatchArgs,
-    pub meta: MetaAddr,
-}
 
 /// The group's members as its leader reports them: (id, learner), and the leader's id.
 async fn members(g: &MetaClient, rec: &elea_fsm::GroupRecord) -> anyhow::Result<(Vec<(u64, bool)>, u64)> {
