@@ -289,8 +289,16 @@ pub struct MigrateArgs {
     /// store becomes that site's.
     #[arg(long)]
     pub site: Option<String>,
-    #[command(flatten)]
-    pub copy: CopyArgs,
+    /// Bytes per second the copy may use in all, across every cache node (e.g. 100MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub rate_limit: Option<u64>,
+    /// Delete the old store's objects of the volume this long after the move is done (e.g.
+    /// 24h; the delay is the window to change one's mind). Without it they are kept.
+    #[arg(long, value_parser = parse_duration)]
+    pub delete_source: Option<Duration>,
+    /// Do not probe the new store from here first (a write, a read and a delete).
+    #[arg(long)]
+    pub no_probe: bool,
     #[command(flatten)]
     pub watch: WatchArgs,
     /// Metadata node addresses, HOST:PORT[,HOST:PORT...].
@@ -313,8 +321,15 @@ pub struct MoveArgs {
     /// Voters of the group in the new home (default: as many as it has now).
     #[arg(long)]
     pub voters: Option<u8>,
-    #[command(flatten)]
-    pub copy: CopyArgs,
+    /// Bytes per second the store's move may use (e.g. 100MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub rate_limit: Option<u64>,
+    /// Delete the old store's objects of the volume this long after the move is done.
+    #[arg(long, value_parser = parse_duration)]
+    pub delete_source: Option<Duration>,
+    /// Do not probe a new store from here first.
+    #[arg(long)]
+    pub no_probe: bool,
     #[command(flatten)]
     pub watch: WatchArgs,
     #[command(flatten)]
@@ -353,28 +368,6 @@ pub enum MigrateCmd {
         #[command(flatten)]
         meta: MetaAddr,
     },
-}
-
-/// How a command that moves a volume's objects copies them.
-#[derive(Args, Debug, Clone, Copy)]
-pub struct CopyArgs {
-    /// Bytes per second the copy may use in all, across every cache node (e.g. 100MiB).
-    #[arg(long, value_parser = parse_size)]
-    pub rate_limit: Option<u64>,
-    /// Delete the old store's objects of the volume this long after the move is done (e.g.
-    /// 24h; the delay is the window to change one's mind). Without it they are kept.
-    #[arg(long, value_parser = parse_duration)]
-    pub delete_source: Option<Duration>,
-    /// Do not probe the new store from here first (a write, a read and a delete).
-    #[arg(long)]
-    pub no_probe: bool,
-}
-
-impl CopyArgs {
-    /// `--delete-source` in milliseconds.
-    pub fn delete_after_ms(&self) -> Option<u64> {
-        self.delete_source.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
 }
 
 /// How a command that starts or shows a long job reports it.

@@ -38,13 +38,13 @@ pub(crate) async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
         (None, None) => bail!("volume {volume:?} has no home site: name the site whose store moves (--site)"),
     };
     check_stores(std::slice::from_ref(&url), 1, false)?;
-    if !a.copy.no_probe {
+    if !a.no_probe {
         probe_stores(std::slice::from_ref(&url)).await?;
         check_owners(&c, std::slice::from_ref(&url)).await?;
     }
-    let delete_after = a.copy.delete_after_ms();
+    let delete_after = a.delete_source.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let m = c
-        .start_migration(vol.id, &site, &url, a.copy.rate_limit.unwrap_or(0), delete_after, None)
+        .start_migration(vol.id, &site, &url, a.rate_limit.unwrap_or(0), delete_after, None)
         .await
         .map_err(|e| match e {
             ClientError::Fs(Errno::ENOENT) => anyhow::anyhow!("there is no site {site:?} (elea site list)"),
@@ -60,7 +60,7 @@ pub(crate) async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             ClientError::Fs(Errno::ENODEV) => anyhow::anyhow!("volume {volume:?} has no store to move from"),
             e => anyhow::Error::new(e).context(format!("starting to move volume {volume:?} to {url}")),
         })?;
-    if !a.copy.no_probe {
+    if !a.no_probe {
         claim_stores(&c, std::slice::from_ref(&url)).await;
     }
     if !a.watch.json {

@@ -79,16 +79,16 @@ pub(crate) async fn move_volume(a: MoveArgs) -> anyhow::Result<()> {
     };
     if a.store.is_some() {
         check_stores(std::slice::from_ref(&url), 1, false)?;
-        if !a.copy.no_probe {
+        if !a.no_probe {
             probe_stores(std::slice::from_ref(&url)).await?;
             check_owners(&c, std::slice::from_ref(&url)).await?;
         }
     }
     move_group(&a, &c, &g, &rec, &there, &say).await?;
     // Then the objects: the old home's store of the volume (its write store) into the new home's.
-    let delete_after = a.copy.delete_after_ms();
+    let delete_after = a.delete_source.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let m = match g
-        .start_migration(rec.vol, &old_home, &url, a.copy.rate_limit.unwrap_or(0), delete_after, Some(site))
+        .start_migration(rec.vol, &old_home, &url, a.rate_limit.unwrap_or(0), delete_after, Some(site))
         .await
     {
         Ok(m) => m,
@@ -97,7 +97,7 @@ pub(crate) async fn move_volume(a: MoveArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(anyhow::Error::new(e).context("starting to move the volume's objects")),
     };
-    if a.store.is_some() && !a.copy.no_probe {
+    if a.store.is_some() && !a.no_probe {
         claim_stores(&c, std::slice::from_ref(&url)).await;
     }
     say(format!(
